@@ -1,0 +1,84 @@
+"""The state of one chat command: the reply as it grows, its live metrics, and how it ended."""
+import time
+from typing import Any, Dict, Optional
+
+# llama-cpp-python's finish_reason -> our stop_reason
+FINISH_REASONS = {"stop": "completed", "length": "length"}
+
+
+class ChatJob:
+    def __init__(self, command_id: str, model: str) -> None:
+        self.command_id = command_id
+        self.model = model
+        self.reply = ""
+        self.started = time.perf_counter()
+        self.inference_started: Optional[float] = None
+        self.first_token_at: Optional[float] = None
+        self.last_token_at: Optional[float] = None
+        self.finished_at: Optional[float] = None
+        self.prompt_tokens = 0
+        self.cached_tokens = 0
+        self.dropped_turns = 0
+        self.completion_tokens = 0
+        self.stop_reason: Optional[str] = None
+        self.error: Optional[str] = None
+
+    def begin_inference(self, prompt_tokens: int, cached_tokens: int, dropped_turns: int) -> None:
+        self.prompt_tokens, self.cached_tokens, self.dropped_turns = prompt_tokens, cached_tokens, dropped_turns
+        self.inference_started = time.perf_counter()
+
+    def add_token(self, text: str) -> None:
+        now = time.perf_counter()
+        if self.first_token_at is None:
+            self.first_token_at = now
+        self.last_token_at = now
+        self.completion_tokens += 1
+        self.reply += text
+
+    def finish(self, stop_reason: str, error: Optional[str] = None) -> Dict[str, Any]:
+        self.stop_reason, self.error = stop_reason, error
+        self.finished_at = time.perf_counter()
+        return self.result()
+
+    @property
+    def done(self) -> bool:
+        return self.finished_at is not None
+
+    def metrics(self) -> Dict[str, Any]:
+        now = self.finished_at or time.perf_counter()
+        speed = 0.0
+        if self.completion_tokens > 1 and self.last_token_at > self.first_token_at:
+            speed = (self.completion_tokens - 1) / (self.last_token_at - self.first_token_at)
+        return {
+            "model": self.model,
+            "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
+            "completion_tokens": self.completion_tokens,
+            "tokens_per_second": round(speed, 2),
+            "time_to_first_token_ms": None if self.first_token_at is None else _ms(self.first_token_at - self.started),
+            "elapsed_ms": _ms(now - self.started),
+            "dropped_turns": self.dropped_turns,
+        }
+
+    def status(self) -> Dict[str, Any]:
+        """What a poll sees while the chat runs."""
+        return {"success": True, "reply": self.reply, **self.metrics()}
+
+    def result(self) -> Dict[str, Any]:
+        """The command's final output; the SDK merges it into every later get_command_status answer."""
+        end = self.finished_at or time.perf_counter()
+        result = {
+            "success": self.error is None,
+            "reply": self.reply,
+            "stop_reason": self.stop_reason,
+            "processMs": _ms(end - self.started),
+            "inferenceMs": _ms(end - self.inference_started) if self.inference_started else 0,
+            **self.metrics(),
+        }
+        if self.error is not None:
+            result["error"] = self.error
+        return result
+
+
+def _ms(seconds: float) -> int:
+    return int(round(seconds * 1000))

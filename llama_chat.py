@@ -1,0 +1,121 @@
+"""LlamaChat: a thin wrapper over llama-cpp-python's Llama that loads a GGUF chat model and chats with it.
+
+See https://llama-cpp-python.readthedocs.io/ for what create_chat_completion accepts.
+"""
+import os
+from typing import Any, Callable, Dict, Iterator, List, Optional, Union
+
+import llama_cpp
+from llama_cpp import CreateChatCompletionResponse, CreateChatCompletionStreamResponse, Llama
+from llama_cpp.llama_chat_format import chat_formatter_to_chat_completion_handler
+
+from chat_template import choose_template
+
+DEFAULT_SYSTEM_PROMPT = "You're a helpful assistant who answers questions the user asks of you concisely and accurately."
+
+# The tiny model install.sh puts in the models folder when the Hub can't be reached.
+FALLBACK_MODEL_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+Message = Dict[str, str]
+
+
+class ModelLoadError(RuntimeError):
+    """No model could be loaded; the message lists every place that was tried and why it failed."""
+
+
+def _never() -> bool:
+    return False
+
+
+class LlamaChat:
+    def __init__(self, repo_id: str, fileglob: str, filename: str, model_dir: str, n_ctx: int = 4096,
+                 n_threads: Optional[int] = None, n_gpu_layers: int = 0, chat_format: Optional[str] = None,
+                 verbose: bool = False) -> None:
+        options = dict(n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads, n_gpu_layers=n_gpu_layers,
+                       verbose=verbose)
+        tried: List[str] = []
+        self.fallback_reason: Optional[str] = None
+
+        self.llm = self._load_file(os.path.join(model_dir, filename), options, tried) if filename else None
+        if self.llm is None and repo_id:
+            try:
+                # local_dir (not cache_dir) puts the file at model_dir/<name>, so the next start loads it directly.
+                self.llm = Llama.from_pretrained(repo_id=repo_id, filename=fileglob, local_dir=model_dir, **options)
+            except Exception as ex:
+                tried.append(f"downloading '{fileglob}' from Hugging Face repo '{repo_id}': {_reason(ex)}")
+        if self.llm is None:
+            self.llm = self._load_file(os.path.join(model_dir, FALLBACK_MODEL_FILENAME), options, tried)
+            if self.llm is not None:
+                self.fallback_reason = "; ".join(tried)
+        if self.llm is None:
+            raise ModelLoadError("Unable to load a model. Tried " + "; ".join(
+                f"({i}) {attempt}" for i, attempt in enumerate(tried, 1)))
+
+        self.model_path = self.llm.model_path
+        self.model_name = os.path.basename(self.model_path)
+        self.n_ctx = self.llm.n_ctx()
+
+        choice = choose_template(self.llm, chat_format or None)
+        self.template = choice.template
+        self.template_source = choice.source
+        self.system_role = self.template.supports_system_role()
+        self.llm.chat_handler = chat_formatter_to_chat_completion_handler(self.template)
+
+        # One abort callback for the context's lifetime; it asks whatever the current chat says. llama.cpp polls it
+        # between graph nodes, so a cancel also stops the evaluation of a long prompt mid-batch.
+        self._should_abort: Callable[[], bool] = _never
+        self._abort_callback = llama_cpp.ggml_abort_callback(lambda _data: self._should_abort())
+        llama_cpp.llama_set_abort_callback(self.llm.ctx, self._abort_callback, None)
+
+    @staticmethod
+    def _load_file(path: str, options: Dict[str, Any], tried: List[str]) -> Optional[Llama]:
+        if not os.path.isfile(path):
+            tried.append(f"'{path}': no such file")
+            return None
+        try:
+            return Llama(model_path=path, **options)
+        except Exception as ex:
+            tried.append(f"'{path}': {_reason(ex)} (is the file a complete GGUF model?)")
+            return None
+
+    def messages(self, prompt: str, system_prompt: Optional[str] = None,
+                 history: Optional[List[Message]] = None) -> List[Message]:
+        """The conversation as the template will see it: system prompt, earlier turns, then the new prompt."""
+        system_prompt = system_prompt or DEFAULT_SYSTEM_PROMPT
+        turns = list(history or []) + [{"role": "user", "content": prompt}]
+        if self.system_role:
+            return [{"role": "system", "content": system_prompt}] + turns
+        # Templates without a system role (Mistral, Gemma) get it at the head of the first user turn instead.
+        first = turns[0]
+        return [{"role": first["role"], "content": f"{system_prompt}\n\n{first['content']}"}] + turns[1:]
+
+    def tokenize_messages(self, messages: List[Message]) -> List[int]:
+        """The prompt tokens create_chat_completion will evaluate for these messages."""
+        return self.llm.tokenize(self.template.render(messages).encode("utf-8"), add_bos=False, special=True)
+
+    def cached_prefix(self, tokens: List[int]) -> int:
+        """How many of these prompt tokens are already in the KV cache from the previous chat."""
+        cached = Llama.longest_token_prefix(self.llm.input_ids[: self.llm.n_tokens].tolist(), tokens)
+        # llama-cpp-python re-evaluates one token when the whole prompt is cached, to get fresh logits.
+        return min(cached, max(len(tokens) - 1, 0))
+
+    def do_chat(self, prompt: str, system_prompt: Optional[str] = None, history: Optional[List[Message]] = None,
+                should_abort: Optional[Callable[[], bool]] = None, **kwargs: Any
+                ) -> Union[CreateChatCompletionResponse, Iterator[CreateChatCompletionStreamResponse]]:
+        """Generates the reply to a prompt, after the earlier turns in history.
+
+        params:
+            prompt: the user's message; system_prompt: how the assistant should behave (None = default);
+            history: earlier turns, [{"role": "user"|"assistant", "content": str}], oldest first;
+            should_abort: polled while the model computes, True stops it (llama_decode then raises RuntimeError);
+            **kwargs: passed to create_chat_completion (max_tokens, temperature, stream, stop, seed...).
+        """
+        self._should_abort = should_abort or _never
+        return self.llm.create_chat_completion(messages=self.messages(prompt, system_prompt, history), **kwargs)
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+def _reason(ex: Exception) -> str:
+    return f"{type(ex).__name__}: {ex}".strip().splitlines()[0]

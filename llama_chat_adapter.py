@@ -1,0 +1,211 @@
+"""LlamaChat_adapter: connects CodeProject.AI Server's request queue to the LlamaChat wrapper.
+
+A chat is a long process: process() returns self.long_process, which the SDK runs in a worker thread while its
+loop keeps answering get_command_status (command_status) and cancel_command (cancel_command_task).
+"""
+import os
+import time
+from typing import Any, Dict, Optional, Tuple
+
+import llama_cpp
+import psutil
+from codeproject_ai_sdk import JSON, LogMethod, LogVerbosity, ModuleOptions, ModuleRunner, RequestData
+
+from chat_job import FINISH_REASONS, ChatJob
+from chat_request import ChatError, ChatInputs, ChatRequest
+from context_fit import FittedChat, fit_to_context
+from llama_chat import LlamaChat, ModelLoadError
+
+SELFTEST_PROMPT = "How many planets are there in the solar system?"
+
+
+def _env_int(name: str, default: int, low: int) -> int:
+    raw = ModuleOptions.getEnvVariable(name, str(default))
+    try:
+        value = int(str(raw).strip())
+    except ValueError:
+        value = low - 1
+    if value < low:
+        raise ValueError(f"{name} must be a whole number of at least {low}, not {raw!r}")
+    return value
+
+
+def _gpu_library() -> str:
+    """The GPU backend llama.cpp was built with ('' for a CPU-only build), from its own system info."""
+    if not llama_cpp.llama_supports_gpu_offload():
+        return ""
+    info = llama_cpp.llama_print_system_info().decode(errors="replace")
+    backends = [part.split(" : ")[0].strip() for part in info.split("|") if " : " in part]
+    return next((b for b in backends if b != "CPU"), "GPU")
+
+
+class LlamaChat_adapter(ModuleRunner):
+
+    def initialise(self) -> None:
+        self.llama_chat: Optional[LlamaChat] = None
+        self.load_error: Optional[str] = None
+        self.job: Optional[ChatJob] = None
+        # A cancel names its command, so a late cancel can never stop the next chat (upstream bug §4.4-2).
+        self.cancel_id: Optional[str] = None
+        self.inputs = ChatInputs(os.path.dirname(os.path.abspath(__file__)))
+
+        library = _gpu_library() if self.enable_GPU else ""
+        try:
+            self.n_ctx = _env_int("CPAI_MODULE_LLAMA_CONTEXT_SIZE", 4096, 256)
+            threads = _env_int("CPAI_MODULE_LLAMA_THREADS", 0, 0)
+            self.n_threads = threads or psutil.cpu_count(logical=False) or os.cpu_count() or 1
+            self.n_gpu_layers = _env_int("CPAI_MODULE_LLAMA_GPU_LAYERS", -1, -1) if library else 0
+            model_dir = ModuleOptions.getEnvVariable("CPAI_MODULE_LLAMA_MODEL_DIR", "./models")
+            self.llama_chat = LlamaChat(
+                repo_id=ModuleOptions.getEnvVariable("CPAI_MODULE_LLAMA_MODEL_REPO", "TheBloke/Mistral-7B-Instruct-v0.2-GGUF").lstrip("@"),
+                fileglob=ModuleOptions.getEnvVariable("CPAI_MODULE_LLAMA_MODEL_FILEGLOB", "*.Q4_K_M.gguf"),
+                filename=ModuleOptions.getEnvVariable("CPAI_MODULE_LLAMA_MODEL_FILENAME", "mistral-7b-instruct-v0.2.Q4_K_M.gguf"),
+                model_dir=os.path.normpath(os.path.join(self.module_path, model_dir)),
+                n_ctx=self.n_ctx, n_threads=self.n_threads, n_gpu_layers=self.n_gpu_layers,
+                chat_format=ModuleOptions.getEnvVariable("CPAI_MODULE_LLAMA_CHAT_FORMAT", ""),
+                verbose=self.log_verbosity == LogVerbosity.Loud)
+        except (ModelLoadError, ValueError) as ex:
+            self.load_error = str(ex)
+            self._log("error", f"LlamaChat has no model, every chat will fail until this is fixed: {ex}")
+            return
+
+        chat = self.llama_chat
+        self.inference_device = "GPU" if library and self.n_gpu_layers != 0 else "CPU"
+        self.inference_library = library if self.inference_device == "GPU" else ""
+        self.can_use_GPU = bool(library)
+        if chat.fallback_reason:
+            self._log("warning", f"Using the small fallback model '{chat.model_path}' because the configured model "
+                                 f"could not be loaded: {chat.fallback_reason}")
+        self._log("information", f"Using model '{chat.model_path}' ({self.n_ctx}-token context, {self.n_threads} threads, "
+                                 f"{self.inference_device}{' ' + self.inference_library if self.inference_library else ''}) "
+                                 f"with {chat.template_source}"
+                                 f"{'' if chat.system_role else '; the system prompt goes into the first user turn'}")
+
+    def _log(self, level: str, message: str) -> None:
+        method = LogMethod.Error if level == "error" else LogMethod.Info
+        self.log(method | LogMethod.Server, {"message": message, "loglevel": level})
+
+    # --- chats -------------------------------------------------------------------------------------------------
+
+    def _prepare(self, data: RequestData) -> Tuple[ChatRequest, FittedChat]:
+        if self.llama_chat is None:
+            raise ChatError(f"No model is loaded: {self.load_error}")
+        request = self.inputs.parse(data)
+        return request, fit_to_context(self.llama_chat, request)
+
+    def process(self, data: RequestData) -> JSON:
+        # Bad input is refused here, before a command exists. While a chat runs, the SDK refuses the new one itself.
+        running = self.long_running_command_task is not None and not self.long_running_command_task.done()
+        if not running:
+            try:
+                self._prepare(data)
+            except ChatError as ex:
+                return {"success": False, "error": str(ex)}
+        return self.long_process
+
+    def long_process(self, data: RequestData) -> JSON:
+        job = ChatJob(data.request_id, self.llama_chat.model_name if self.llama_chat else "")
+        self.job = job
+        try:
+            request, fitted = self._prepare(data)
+        except ChatError as ex:
+            return self._finished(job.finish("error", str(ex)))
+
+        def cancelled() -> bool:
+            return self.cancel_id == job.command_id
+
+        chat = self.llama_chat
+        job.begin_inference(len(fitted.prompt_tokens), chat.cached_prefix(fitted.prompt_tokens), fitted.dropped_turns)
+        stop_reason, error = "completed", None
+        stream = None
+        try:
+            stream = chat.do_chat(request.prompt, request.system_prompt, fitted.history, should_abort=cancelled,
+                                  stream=True, max_tokens=request.max_tokens, **request.sampling)
+            for chunk in stream:
+                if cancelled():
+                    break
+                choice = chunk["choices"][0]
+                text = choice["delta"].get("content")
+                if text:
+                    job.add_token(text)
+                if choice.get("finish_reason"):
+                    stop_reason = FINISH_REASONS.get(choice["finish_reason"], "completed")
+        except Exception as ex:
+            # A cancel aborts llama_decode, which raises; anything else is a real failure, reported with the text so far.
+            if not cancelled():
+                self.report_error(ex, __file__)
+                stop_reason, error = "error", f"Generation failed after {job.completion_tokens} tokens: {ex}"
+        finally:
+            if stream is not None:
+                stream.close()
+        if cancelled():
+            stop_reason, error = "cancelled", None
+        return self._finished(job.finish(stop_reason, error))
+
+    def _finished(self, result: Dict[str, Any]) -> Dict[str, Any]:
+        # Count the finished chat: the SDK only counts the "running" acknowledgement (see update_statistics).
+        super().update_statistics(result)
+        return result
+
+    def update_statistics(self, response: JSON) -> None:
+        if response.get("commandStatus") != "running":
+            super().update_statistics(response)
+
+    def command_status(self) -> JSON:
+        job = self.job
+        if job is None or job.command_id != self.long_running_command_id:
+            return {"reply": ""}  # the worker thread has not started this command's job yet
+        return job.status()
+
+    def cancel_command_task(self) -> None:
+        # The SDK has checked that the commandId is the current long process before calling this.
+        self.cancel_id = self.long_running_command_id
+        self.force_shutdown = False  # we stop the loop ourselves and keep the partial reply
+
+    # --- status, self-test, shutdown ---------------------------------------------------------------------------
+
+    def module_status(self) -> JSON:
+        chat = self.llama_chat
+        if chat is None:
+            return {"model": None, "loadError": self.load_error}
+        return {"model": chat.model_name, "modelPath": chat.model_path, "fallbackReason": chat.fallback_reason,
+                "chatTemplate": chat.template_source, "contextSize": chat.n_ctx, "threads": self.n_threads,
+                "gpuLayers": self.n_gpu_layers}
+
+    def _get_module_status(self, data: Optional[RequestData] = None) -> JSON:
+        # SDK 0.0.21 calls this with the request for 'status' commands but declares no parameter (TypeError).
+        return super()._get_module_status()
+
+    def selftest(self, data: Optional[RequestData] = None) -> JSON:
+        # Same SDK mismatch as _get_module_status when selftest arrives through the queue.
+        if self.llama_chat is None:
+            print(f"error: Self-test failed: {self.load_error}")
+            return {"success": False, "message": f"Self-test failed: {self.load_error}"}
+        request = RequestData()
+        request.request_id = "selftest"
+        request.add_value("prompt", SELFTEST_PROMPT)
+        request.add_value("max_tokens", "48")
+        request.add_value("temperature", "0")
+        result = self.long_process(request)
+        ok = result["success"] and bool(result["reply"].strip())
+        summary = (f"{result['completion_tokens']} tokens at {result['tokens_per_second']} tokens/s, first token after "
+                   f"{result['time_to_first_token_ms']} ms, model {self.llama_chat.model_name}")
+        print(f"info: Self-test for {self.module_id} {'passed' if ok else 'failed'}: {summary}. Reply: {result['reply']!r}")
+        return {"success": ok, "message": f"Self-test {'passed' if ok else 'failed'}: {summary}", **result}
+
+    def cleanup(self) -> None:
+        # Stop a running chat before freeing the model under it.
+        job, chat = self.job, self.llama_chat
+        if chat is None:
+            return
+        if job is not None and not job.done:
+            self.cancel_id = job.command_id
+            deadline = time.monotonic() + 5
+            while not job.done and time.monotonic() < deadline:
+                time.sleep(0.01)
+        self.llama_chat = None
+        chat.close()
+
+
+if __name__ == "__main__":
+    LlamaChat_adapter().start_loop()
