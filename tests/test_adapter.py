@@ -1,0 +1,226 @@
+"""The adapter on the real SmolLM2 model, driven through the SDK's RequestData and long-process plumbing."""
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from module_harness import cancel, load_adapter, run_chat, start_chat, status, wait_until
+from tests.conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def adapter(smollm2):
+    monkeypatch = pytest.MonkeyPatch()
+    adapter = load_adapter(monkeypatch, smollm2)
+    yield adapter
+    adapter.cleanup()
+    monkeypatch.undo()
+
+
+def test_process_returns_long_process_for_a_good_chat(adapter):
+    from module_harness import request
+    assert adapter.process(request("prompt", prompt="Hello")) == adapter.long_process
+
+
+def test_chat_completes_with_reply_and_metrics(adapter):
+    final = run_chat(adapter, prompt="What is the capital of France?", max_tokens=24, temperature=0)
+    assert final["success"] and final["commandStatus"] == "completed" and final["message"] == "Command has completed"
+    assert "Paris" in final["reply"]
+    assert final["stop_reason"] in ("completed", "length")
+    assert final["model"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert 0 < final["completion_tokens"] <= 24
+    assert final["prompt_tokens"] > 10 and final["time_to_first_token_ms"] > 0 and final["tokens_per_second"] > 0
+    assert final["processMs"] >= final["inferenceMs"] > 0 and final["elapsed_ms"] == final["processMs"]
+
+
+def test_max_tokens_ends_with_length(adapter):
+    final = run_chat(adapter, prompt="Write a long poem about the sea.", max_tokens=8, temperature=0)
+    assert final["stop_reason"] == "length" and final["completion_tokens"] == 8
+
+
+def test_status_shows_the_reply_growing(adapter):
+    ack = start_chat(adapter, prompt="Write a long story about a dragon.", max_tokens=120, temperature=0)
+    seen = []
+    while (s := status(adapter, ack["commandId"]))["commandStatus"] == "running":
+        assert s["success"] and s["message"] == "The long running command is still in progress"
+        if s["reply"] and (not seen or s["reply"] != seen[-1]):
+            assert not seen or s["reply"].startswith(seen[-1])  # it only grows
+            assert s["completion_tokens"] > 0 and s["elapsed_ms"] > 0
+            seen.append(s["reply"])
+    assert len(seen) >= 2, "the reply should be seen growing over several polls"
+    assert s["reply"].startswith(seen[-1])
+
+
+def test_cancel_keeps_the_partial_reply_and_a_late_cancel_does_not_touch_the_next_chat(adapter):
+    ack = start_chat(adapter, prompt="Write a long essay about history.", max_tokens=400, temperature=0)
+    wait_until(lambda: status(adapter, ack["commandId"]).get("completion_tokens", 0) >= 5, what="a few tokens")
+    answer = cancel(adapter, ack["commandId"])
+    assert answer["success"] and answer["commandStatus"] == "cancelled"
+    final = wait_until(lambda: (s := status(adapter, ack["commandId"]))["commandStatus"] == "completed" and s)
+    assert final["stop_reason"] == "cancelled" and final["success"]
+    assert final["reply"].strip() and final["completion_tokens"] < 400
+
+    # A cancel for the finished command arrives late: the next chat must run to its end.
+    cancel(adapter, ack["commandId"])
+    nxt = run_chat(adapter, prompt="What is 1 + 1?", max_tokens=12, temperature=0)
+    assert nxt["stop_reason"] in ("completed", "length") and nxt["reply"].strip()
+
+
+def test_cancel_during_a_long_prompt_stops_within_200_ms_and_the_model_stays_usable(adapter):
+    long_prompt = "Summarise this text. " + " ".join(
+        f"Paragraph {i}: the committee met on a rainy Tuesday to discuss the budget for the new library." for i in range(90))
+    ack = start_chat(adapter, prompt=long_prompt, max_tokens=16, temperature=0)
+    job = wait_until(lambda: (j := adapter.job) and j.command_id == ack["commandId"] and j.inference_started and j)
+    assert job.prompt_tokens >= 1500
+    assert job.first_token_at is None, "still evaluating the prompt"
+    asked = time.perf_counter()
+    cancel(adapter, ack["commandId"])
+    wait_until(lambda: adapter.long_running_command_task.done(), timeout=5)
+    assert time.perf_counter() - asked < 0.2
+    final = status(adapter, ack["commandId"])
+    assert final["stop_reason"] == "cancelled" and final["completion_tokens"] == 0
+
+    nxt = run_chat(adapter, prompt="What is the capital of France?", max_tokens=16, temperature=0)
+    assert "Paris" in nxt["reply"]
+
+
+def test_a_second_chat_while_one_runs_is_refused(adapter):
+    ack = start_chat(adapter, prompt="Write a long story.", max_tokens=200)
+    busy = start_chat(adapter, prompt="Hello?")
+    assert not busy["success"] and "already in progress" in busy["error"]
+    cancel(adapter, ack["commandId"])
+    wait_until(lambda: adapter.long_running_command_task.done())
+
+
+def test_second_turn_reuses_the_cache_of_the_first(adapter):
+    first = run_chat(adapter, prompt="My favourite colour is green. Remember it.", max_tokens=24, temperature=0)
+    history = [{"role": "user", "content": "My favourite colour is green. Remember it."},
+               {"role": "assistant", "content": first["reply"]}]
+    second = run_chat(adapter, prompt="What is my favourite colour?", messages=json.dumps(history),
+                      max_tokens=16, temperature=0)
+    assert second["success"] and second["prompt_tokens"] > first["prompt_tokens"]
+    # Only the new turn is evaluated: the earlier turn and most of the reply come from the KV cache.
+    assert second["cached_tokens"] >= first["prompt_tokens"]
+    assert second["prompt_tokens"] - second["cached_tokens"] < 30
+
+
+def test_same_seed_same_reply(adapter):
+    chat = dict(prompt="Invent a name for a cat.", max_tokens=16, temperature=1.0, seed=1234)
+    assert run_chat(adapter, **chat)["reply"] == run_chat(adapter, **chat)["reply"]
+
+
+def test_stop_strings_end_the_reply(adapter):
+    final = run_chat(adapter, prompt="Count from 1 to 20, separated by commas.", max_tokens=60, temperature=0, stop="7")
+    assert "7" not in final["reply"] and final["stop_reason"] == "completed"
+
+
+@pytest.mark.parametrize("values, field, hint", [
+    ({}, "prompt", "missing or blank"),
+    ({"prompt": "   "}, "prompt", "missing or blank"),
+    ({"prompt": "hi", "max_tokens": "many"}, "max_tokens", "whole number from 0 to 32768"),
+    ({"prompt": "hi", "max_tokens": "-5"}, "max_tokens", "from 0 to 32768"),
+    ({"prompt": "hi", "max_tokens": "2.5"}, "max_tokens", "whole number"),
+    ({"prompt": "hi", "temperature": "hot"}, "temperature", "number from 0.0 to 2.0"),
+    ({"prompt": "hi", "temperature": "3"}, "temperature", "from 0.0 to 2.0"),
+    ({"prompt": "hi", "temperature": "nan"}, "temperature", "from 0.0 to 2.0"),
+    ({"prompt": "hi", "top_p": "1.5"}, "top_p", "from 0.0 to 1.0"),
+    ({"prompt": "hi", "top_k": "-1"}, "top_k", "from 0 to 1000"),
+    ({"prompt": "hi", "seed": "x"}, "seed", "whole number"),
+    ({"prompt": "hi", "messages": "[{"}, "messages", "not valid JSON"),
+    ({"prompt": "hi", "messages": '{"role": "user"}'}, "messages", "JSON array"),
+    ({"prompt": "hi", "messages": '[{"role": "system", "content": "x"}]'}, "messages[0].role", "system_prompt"),
+    ({"prompt": "hi", "messages": '[{"role": "assistant", "content": "x"}]'}, "messages", "start with a 'user' turn"),
+    ({"prompt": "hi", "stop": '["a", "b", "c", "d", "e"]'}, "stop", "1 to 4"),
+    ({"prompt": "hi", "stop": "[1, 2]"}, "stop", "non-empty strings"),
+])
+def test_bad_input_is_refused_with_a_clear_error(adapter, values, field, hint):
+    answer = start_chat(adapter, **values)
+    assert answer["success"] is False and "commandId" not in answer
+    assert answer["error"].startswith(field) and hint in answer["error"]
+
+
+def test_defaults_and_ranges_come_from_modulesettings(adapter):
+    settings = json.loads((ROOT / "modulesettings.json").read_text())
+    inputs = {i["Name"]: i for i in settings["Modules"]["LlamaChat"]["RouteMaps"][0]["Inputs"]}
+    from module_harness import request
+    parsed = adapter.inputs.parse(request("prompt", prompt="hi"))
+    assert parsed.max_tokens == int(inputs["max_tokens"]["DefaultValue"])
+    assert parsed.sampling["temperature"] == float(inputs["temperature"]["DefaultValue"])
+    assert "seed" not in parsed.sampling  # -1: a random seed each time
+
+
+def test_prompt_too_long_for_the_context_gives_the_token_counts(smollm2):
+    monkeypatch = pytest.MonkeyPatch()
+    small = load_adapter(monkeypatch, smollm2, CPAI_MODULE_LLAMA_CONTEXT_SIZE="512")
+    try:
+        answer = start_chat(small, prompt="word " * 600, max_tokens=50)
+        assert not answer["success"]
+        assert "does not fit" in answer["error"] and "context holds 512" in answer["error"]
+        assert "needs 50 more (max_tokens)" in answer["error"] and "lower max_tokens" in answer["error"]
+        tokens = int(answer["error"].split("it takes ")[1].split(" tokens")[0])
+        assert tokens > 600
+
+        # History that overflows loses its oldest whole turns, never the system prompt or the new prompt.
+        history = []
+        for i in range(8):
+            history += [{"role": "user", "content": f"Tell me fact number {i} about the Moon, in detail please."},
+                        {"role": "assistant", "content": "The Moon is Earth's only natural satellite. " * 4}]
+        final = run_chat(small, prompt="Thanks! What is the Moon made of?", messages=json.dumps(history),
+                         max_tokens=40, temperature=0, system_prompt="You are a concise astronomer.")
+        assert final["success"] and final["dropped_turns"] > 0
+        assert final["prompt_tokens"] + 40 <= 512
+    finally:
+        small.cleanup()
+        monkeypatch.undo()
+
+
+def test_no_model_every_chat_fails_clearly(tmp_path, monkeypatch):
+    monkeypatch.setenv("CPAI_MODULE_LLAMA_MODEL_DIR", str(tmp_path))
+    from llama_chat_adapter import LlamaChat_adapter
+    broken = LlamaChat_adapter()
+    broken.initialise()
+    for _ in range(2):
+        answer = start_chat(broken, prompt="Hello")
+        assert answer["success"] is False and answer["error"].startswith("No model is loaded: Unable to load a model")
+    assert broken.selftest()["success"] is False
+    assert broken.module_status()["loadError"]
+
+
+def test_bad_settings_are_reported(smollm2, monkeypatch):
+    broken = load_adapter(monkeypatch, smollm2, CPAI_MODULE_LLAMA_CONTEXT_SIZE="lots")
+    answer = start_chat(broken, prompt="Hello")
+    assert "CPAI_MODULE_LLAMA_CONTEXT_SIZE must be a whole number of at least 256, not 'lots'" in answer["error"]
+
+
+def test_statistics_count_finished_chats_not_acknowledgements(adapter):
+    before = adapter._successful_inferences
+    run_chat(adapter, prompt="Hi", max_tokens=4)
+    adapter.update_statistics({"success": True, "commandStatus": "running"})  # the SDK's call for the ack
+    assert adapter._successful_inferences == before + 1
+
+
+def test_module_status_names_the_model_and_the_device(adapter):
+    status_data = adapter._get_module_status(None)  # as the SDK calls it for a queued 'status' command
+    assert status_data["model"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert status_data["contextSize"] == 4096 and status_data["chatTemplate"] == "the model's own chat template"
+    assert status_data["inferenceDevice"] == "CPU" and status_data["inferenceLibrary"] == ""
+
+
+def run_selftest(**env):
+    import os
+    return subprocess.run([sys.executable, "llama_chat_adapter.py", "--selftest"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, **env})
+
+
+def test_selftest_passes_with_the_small_model(smollm2):
+    done = run_selftest(CPAI_MODULE_LLAMA_MODEL_DIR=str(smollm2.parent), CPAI_MODULE_LLAMA_MODEL_FILENAME=smollm2.name)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Self-test for LlamaChat passed" in done.stdout and "tokens/s" in done.stdout
+
+
+def test_selftest_fails_with_a_missing_model(tmp_path):
+    done = run_selftest(CPAI_MODULE_LLAMA_MODEL_DIR=str(tmp_path))
+    assert done.returncode == 1
+    assert "Self-test failed: Unable to load a model" in done.stdout
