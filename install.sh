@@ -1,0 +1,189 @@
+#!/usr/bin/env bash
+# Installs LlamaChat on Linux and macOS. Two ways in:
+#
+#   bash install.sh [--small]
+#       On its own: makes the virtual environment .venv in the module folder (python3.11, else python3 >= 3.9),
+#       installs requirements.txt into it, then gets the model with fetch_model.py.
+#   source install.sh install
+#       From the CodeProject.AI server's setup, which has made the venv (venvPythonCmdPath) and installs
+#       requirements.txt itself afterwards: only gets the model, keeping a copy in the server's download cache,
+#       and reports a failure in moduleInstallErrors.
+#
+# Re-running skips what is already there. --small, or LLAMACHAT_MODEL=small in the environment, installs the
+# small SmolLM2-135M model rather than the default one (which fetch_model.py also falls back to when the
+# Hugging Face Hub cannot be reached).
+#
+# Sourced, this script shares the server's shell: everything runs in functions with local variables, without
+# `set -e`, `cd` or `exit`, and the functions are removed again at the end.
+
+llamachat_say() {
+    echo "LlamaChat install: $*"
+}
+
+llamachat_apt_install() {
+    # Only as root: sudo would stop an unattended install to ask for a password.
+    if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+        return 1
+    fi
+    llamachat_say "installing with apt-get: $*"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@"
+}
+
+llamachat_find_python() {
+    local candidate
+    for candidate in python3.11 python3; do
+        if command -v "$candidate" >/dev/null 2>&1 \
+            && "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 9))' 2>/dev/null; then
+            echo "$candidate"
+            return 0
+        fi
+    done
+    llamachat_say "ERROR: no Python 3.11 (nor python3 >= 3.9) found. Install it, e.g. on Debian/Ubuntu:" >&2
+    llamachat_say "  apt-get install python3.11 python3.11-venv" >&2
+    return 1
+}
+
+llamachat_make_venv() {
+    local venv="$1" python version
+    python="$(llamachat_find_python)" || return 1
+    version="$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+    llamachat_say "creating the virtual environment $venv with $python ($version)"
+    "$python" -m venv "$venv" && return 0
+    # Debian and Ubuntu ship venv's pip bootstrap (ensurepip) in a separate package.
+    rm -rf "$venv"
+    if llamachat_apt_install "python${version}-venv" && "$python" -m venv "$venv"; then
+        return 0
+    fi
+    rm -rf "$venv"
+    llamachat_say "ERROR: could not create $venv. On Debian/Ubuntu install python${version}-venv (or python3-venv)" \
+        "as root: apt-get install python${version}-venv" >&2
+    return 1
+}
+
+llamachat_ensure_build_tools() {
+    # llama-cpp-python has no Linux wheel on PyPI: pip compiles it, which needs a C/C++ compiler and CMake.
+    local tool missing=""
+    for tool in gcc g++ cmake; do
+        command -v "$tool" >/dev/null 2>&1 || missing="$missing $tool"
+    done
+    [ -z "$missing" ] && return 0
+    llamachat_say "llama-cpp-python is compiled from source and needs:$missing"
+    if llamachat_apt_install build-essential cmake; then
+        return 0
+    fi
+    llamachat_say "ERROR: missing$missing. Install them, then run this script again:" >&2
+    llamachat_say "  Debian/Ubuntu (as root): apt-get install build-essential cmake python3-venv" >&2
+    llamachat_say "  macOS: xcode-select --install && brew install cmake" >&2
+    return 1
+}
+
+llamachat_fetch_model() {
+    # Runs fetch_model.py with the module's Python; its exit code 3 means the small model replaced the default.
+    local python="$1" status
+    shift
+    "$python" "$@"
+    status=$?
+    case "$status" in
+        0) return 0 ;;
+        3) llamachat_say "the Hugging Face Hub could not be reached: LlamaChat will chat with the small" \
+               "SmolLM2-135M model until the install is run again with the Hub in reach."
+           return 0 ;;
+        *) return "$status" ;;
+    esac
+}
+
+llamachat_standalone_install() {
+    local module_dir venv python small="" arg
+    for arg in "$@"; do
+        case "$arg" in
+            --small) small="--small" ;;
+            -h|--help)
+                echo "Usage: bash install.sh [--small]   (LLAMACHAT_MODEL=small works like --small)"
+                return 0 ;;
+            *)
+                llamachat_say "ERROR: unknown option '$arg'. Usage: bash install.sh [--small]" >&2
+                return 2 ;;
+        esac
+    done
+    module_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+    venv="$module_dir/.venv"
+    python="$venv/bin/python"
+
+    if [ -x "$python" ] && "$python" -c 'import sys' 2>/dev/null; then
+        llamachat_say "using the existing virtual environment $venv"
+    elif [ -e "$venv" ]; then
+        llamachat_say "ERROR: $venv exists but its Python does not run; delete it and run this script again." >&2
+        return 1
+    else
+        llamachat_make_venv "$venv" || return 1
+    fi
+
+    if ! "$python" -c 'import llama_cpp' 2>/dev/null; then
+        llamachat_ensure_build_tools || return 1
+        llamachat_say "installing requirements.txt; compiling llama-cpp-python takes a few minutes"
+    else
+        llamachat_say "checking requirements.txt"
+    fi
+    if ! "$python" -m pip install --disable-pip-version-check -r "$module_dir/requirements.txt"; then
+        llamachat_say "ERROR: pip could not install requirements.txt (see its messages above)." >&2
+        return 1
+    fi
+
+    if ! llamachat_fetch_model "$python" "$module_dir/fetch_model.py" $small; then
+        llamachat_say "ERROR: no model could be installed (see the messages above)." >&2
+        return 1
+    fi
+    llamachat_say "done. Python environment: $venv; models: $module_dir/models"
+}
+
+llamachat_server_install() {
+    local python="${venvPythonCmdPath:-}" module_dir="${moduleDirPath:-}" requirement cache_dir="" quiet=""
+    if [ -z "$python" ] || [ -z "$module_dir" ]; then
+        moduleInstallErrors="install.sh install is for the CodeProject.AI server's setup (moduleDirPath and venvPythonCmdPath are not set); run 'bash install.sh' on its own instead"
+        llamachat_say "ERROR: $moduleInstallErrors" >&2
+        return 1
+    fi
+    [ "${verbosity:-}" = "quiet" ] && quiet=1
+
+    # The server installs requirements.txt only after this script, but the download needs huggingface_hub now.
+    if ! "$python" -c 'import huggingface_hub' 2>/dev/null; then
+        requirement="$(grep -i -m 1 '^huggingface[-_]hub' "$module_dir/requirements.txt")"
+        [ -n "$requirement" ] || requirement="huggingface_hub"
+        llamachat_say "installing $requirement to download the model"
+        if ! "$python" -m pip install --disable-pip-version-check ${quiet:+--quiet} "$requirement"; then
+            moduleInstallErrors="Unable to install $requirement, which downloads the LlamaChat model"
+            llamachat_say "ERROR: $moduleInstallErrors" >&2
+            return 1
+        fi
+    fi
+
+    # The server's download cache outlives the module folder, so a reinstall need not download 4 GB again.
+    # One path for both keeping and looking up the model (upstream kept it in one place and looked in another).
+    if [ -n "${downloadDirPath:-}" ]; then
+        cache_dir="$downloadDirPath/${modulesDir:-modules}/${assetsDir:-assets}/${moduleDirName:-$(basename "$module_dir")}"
+    fi
+    # In a subshell, so that turning the progress bar off does not reach the server's shell.
+    if ! ( [ -n "$quiet" ] && export HF_HUB_DISABLE_PROGRESS_BARS=1
+           llamachat_fetch_model "$python" "$module_dir/fetch_model.py" ${cache_dir:+--cache-dir "$cache_dir"} ); then
+        moduleInstallErrors="Unable to install the LlamaChat model (see the messages above)"
+        llamachat_say "ERROR: $moduleInstallErrors" >&2
+        return 1
+    fi
+}
+
+llamachat_install() {
+    local status
+    if [ "${1:-}" = "install" ]; then
+        llamachat_server_install
+    else
+        llamachat_standalone_install "$@"
+    fi
+    status=$?
+    unset -f llamachat_say llamachat_apt_install llamachat_find_python llamachat_make_venv \
+        llamachat_ensure_build_tools llamachat_fetch_model llamachat_standalone_install \
+        llamachat_server_install llamachat_install
+    return "$status"
+}
+
+# The last command's status is the script's: its exit code when run, its return code when sourced.
+llamachat_install "$@"

