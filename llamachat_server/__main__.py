@@ -1,0 +1,99 @@
+"""python -m llamachat_server: serve a CodeProject.AI module folder (LlamaChat by default) on its own.
+
+Prints the Explorer URL once listening; Ctrl+C (or SIGTERM) stops the module and the server.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from pathlib import Path
+
+from .app import ListenError, serve
+from .context import DEFAULT_PORT, DEFAULT_RESPONSE_TIMEOUT, ServerConfig, default_data_dir
+from .server_log import LEVELS
+from .settings import SettingsError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# Printed once the server listens; tests/live_server.py waits for this line.
+READY_PREFIX = "LlamaChat server ready: Explorer at "
+
+
+def _env_assignment(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name, value
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m llamachat_server", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+                        help=f"port to listen on, 0 for a free one (default {DEFAULT_PORT})")
+    parser.add_argument("--module-dir", type=Path, default=REPO_ROOT,
+                        help="the module folder, holding modulesettings.json (default: this repository)")
+    parser.add_argument("--model", type=Path,
+                        help="a GGUF file for the module to load instead of its configured model")
+    parser.add_argument("--python", default=sys.executable,
+                        help="the interpreter that runs the module (default: this one)")
+    parser.add_argument("--env", type=_env_assignment, action="append", default=[], metavar="NAME=VALUE",
+                        help="set an environment variable of the module, over its settings (repeatable)")
+    parser.add_argument("--response-timeout", type=float, default=DEFAULT_RESPONSE_TIMEOUT,
+                        help=f"seconds a client waits for the module's answer (default {DEFAULT_RESPONSE_TIMEOUT:g})")
+    parser.add_argument("--data-dir", type=Path, default=default_data_dir(),
+                        help="where the module writes log files when it cannot reach the server "
+                             "(CPAI_APPROOTPATH; default %(default)s)")
+    parser.add_argument("--log-level", choices=LEVELS, default="information",
+                        help="lowest log level shown on the console (default information)")
+    parser.add_argument("--no-module", action="store_true",
+                        help="do not launch the module: serve only, for a module you start yourself")
+    args = parser.parse_args(argv)
+    if args.model is not None and not args.model.is_file():
+        parser.error(f"--model {args.model}: no such file")
+    if args.response_timeout <= 0:
+        parser.error("--response-timeout must be more than 0 seconds")
+    return args
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    overrides = dict(args.env)
+    if args.model is not None:
+        model = args.model.resolve()
+        overrides["CPAI_MODULE_LLAMA_MODEL_DIR"] = str(model.parent)
+        overrides["CPAI_MODULE_LLAMA_MODEL_FILENAME"] = model.name
+    return ServerConfig(module_dir=args.module_dir, host=args.host, port=args.port, python=args.python,
+                        env_overrides=overrides, response_timeout=args.response_timeout,
+                        data_dir=args.data_dir, log_level=args.log_level, launch_module=not args.no_module)
+
+
+async def _run(config: ServerConfig) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(signum, stop.set)
+        except (NotImplementedError, RuntimeError):  # Windows: Ctrl+C arrives as KeyboardInterrupt instead
+            pass
+    await serve(config, stop, lambda url: print(f"{READY_PREFIX}{url}", flush=True))
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = config_from_args(parse_args(argv))
+    try:
+        asyncio.run(_run(config))
+    except SettingsError as ex:
+        print(f"error: {ex}", file=sys.stderr)
+        return 2
+    except ListenError as ex:
+        print(f"error: {ex}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

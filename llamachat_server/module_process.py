@@ -1,0 +1,186 @@
+"""The module's process: started like the real server starts it, its output sent to the server log, its
+status tracked (Starting → Started → Crashed → Restarting → Started ... → Stopping → Stopped), restarted
+when it dies, and stopped quickly.
+
+Stopping: the SDK never answers `quit` (protocol §1.8), so instead of waiting the real server's 30 s
+we post quit, give the module a moment to leave on its own, then terminate it, then kill it.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Callable
+
+from .server_log import ServerLog, split_level_prefix
+
+# Long lines (a traceback, llama.cpp's model dump) must not break the log reader.
+OUTPUT_LINE_LIMIT = 1 << 20
+
+
+class ModuleStatus(str, Enum):
+    """The real server's ProcessStatusType values this server uses."""
+
+    NOT_STARTED = "NotStarted"
+    STARTING = "Starting"
+    RESTARTING = "Restarting"
+    STARTED = "Started"
+    FAILED_START = "FailedStart"
+    CRASHED = "Crashed"
+    STOPPING = "Stopping"
+    STOPPED = "Stopped"
+
+
+def _utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec (Linux): if the server dies without stopping it, the module is told
+    to end too rather than polling a dead port forever."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def _isolation_options() -> dict:
+    """Ctrl+C in the server's terminal must reach only the server, which then stops the module in order."""
+    if sys.platform == "win32":
+        return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
+    options = {"start_new_session": True}
+    if sys.platform.startswith("linux"):
+        options["preexec_fn"] = _die_with_parent
+    return options
+
+
+class ModuleProcess:
+    def __init__(self, name: str, command: list[str], cwd: str, log: ServerLog,
+                 on_exit: Callable[[str], None], first_restart_delay: float = 1.0,
+                 max_restart_delay: float = 30.0, quit_grace: float = 2.0, terminate_grace: float = 2.0) -> None:
+        self.name = name
+        self.command = command
+        self.cwd = cwd
+        self.env: dict[str, str] = {}
+        self._log = log
+        self._on_exit = on_exit
+        self._first_restart_delay = first_restart_delay
+        self._max_restart_delay = max_restart_delay
+        self._quit_grace = quit_grace
+        self._terminate_grace = terminate_grace
+
+        self.status = ModuleStatus.NOT_STARTED
+        self.started: datetime | None = None
+        self.last_seen: datetime | None = None
+        self.status_data: dict | None = None
+        self.request_count = 0
+        self.restarts = 0
+        self._process: asyncio.subprocess.Process | None = None
+        self._supervisor: asyncio.Task | None = None
+        self._stop_requested = asyncio.Event()
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process and self._process.returncode is None else None
+
+    def start(self, env: dict[str, str]) -> None:
+        """Launches the module with `env` as its whole environment, and keeps it running until stop()."""
+        self.env = env
+        self.status = ModuleStatus.STARTING
+        self._supervisor = asyncio.create_task(self._supervise())
+
+    def seen(self) -> None:
+        """The module polled or answered: it is alive, and once it polls it has finished initialising."""
+        self.last_seen = _utc_now()
+        # NotStarted too: a module launched by hand (--no-module) is Started once it polls.
+        if self.status in (ModuleStatus.NOT_STARTED, ModuleStatus.STARTING, ModuleStatus.RESTARTING):
+            self.status = ModuleStatus.STARTED
+            self._log.add(f"Module {self.name} started", category=self.name)
+
+    def _set_status(self, status: ModuleStatus, message: str, level: str = "information") -> None:
+        self.status = status
+        self._log.add(message, level, category=self.name)
+
+    async def _spawn(self) -> asyncio.subprocess.Process | None:
+        try:
+            return await asyncio.create_subprocess_exec(
+                *self.command, cwd=self.cwd, env=self.env, stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                limit=OUTPUT_LINE_LIMIT, **_isolation_options())
+        except OSError as ex:
+            self._set_status(ModuleStatus.FAILED_START,
+                             f"Cannot start module {self.name} ({' '.join(self.command)}): {ex}", "error")
+            return None
+
+    async def _pipe_to_log(self, stream: asyncio.StreamReader, default_level: str) -> None:
+        async for raw in stream:
+            line = raw.decode("utf-8", errors="replace").rstrip()
+            if line:
+                level, text = split_level_prefix(line, default_level)
+                self._log.add(text, level, category=self.name)
+
+    async def _supervise(self) -> None:
+        failures_in_a_row = 0
+        while not self._stop_requested.is_set():
+            self.started = _utc_now()
+            process = await self._spawn()
+            if process is not None:
+                self._process = process
+                self._log.add(f"Module {self.name} launched (pid {process.pid}): {' '.join(self.command)}",
+                              category=self.name)
+                await asyncio.gather(self._pipe_to_log(process.stdout, "information"),
+                                     self._pipe_to_log(process.stderr, "error"))
+                exit_code = await process.wait()
+                if self._stop_requested.is_set():
+                    break
+                failures_in_a_row = 0 if self.status == ModuleStatus.STARTED else failures_in_a_row + 1
+                self._on_exit(f"The module {self.name} stopped before answering (exit code {exit_code})")
+            else:
+                failures_in_a_row += 1
+            delay = min(self._first_restart_delay * 2 ** max(failures_in_a_row - 1, 0), self._max_restart_delay)
+            if process is not None:
+                self._set_status(ModuleStatus.CRASHED, f"Module {self.name} crashed (exit code "
+                                 f"{process.returncode}); restarting in {delay:g} s", "error")
+            try:
+                await asyncio.wait_for(self._stop_requested.wait(), delay)
+            except asyncio.TimeoutError:
+                self.restarts += 1
+                self.status = ModuleStatus.RESTARTING
+
+    async def _exited_within(self, seconds: float) -> bool:
+        try:
+            await asyncio.wait_for(asyncio.shield(self._process.wait()), seconds)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    async def stop(self, ask_to_quit: Callable[[], None]) -> None:
+        """Stops the module: `ask_to_quit` posts the quit command, then terminate, then kill."""
+        if self._supervisor is None:
+            return
+        self._stop_requested.set()
+        self._set_status(ModuleStatus.STOPPING, f"Stopping module {self.name}")
+        process = self._process
+        if process is not None and process.returncode is None:
+            ask_to_quit()
+            if not await self._exited_within(self._quit_grace):
+                process.terminate()
+                if not await self._exited_within(self._terminate_grace):
+                    process.kill()
+                    await process.wait()
+        # The supervisor ends once the module's last output is logged; a grandchild holding the pipes
+        # open must not hold up the stop.
+        done, _ = await asyncio.wait({self._supervisor}, timeout=self._terminate_grace)
+        if not done:
+            self._supervisor.cancel()
+            await asyncio.gather(self._supervisor, return_exceptions=True)
+        self._set_status(ModuleStatus.STOPPED, f"Module {self.name} stopped")
+
+
+def interpreter_command(python: str, start_file: os.PathLike) -> list[str]:
+    """How the real server runs a Python module: `<python> <module dir>/<FilePath>`."""
+    return [python, os.fspath(start_file)]
