@@ -1,0 +1,75 @@
+"""The module's own model loading (LlamaChat) against the local Hub stand-in, and after an install without the Hub.
+
+LlamaChat runs in a subprocess: huggingface_hub reads HF_ENDPOINT when it is imported.
+"""
+import filecmp
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fetch_model import MODULE_DIR, SMALL_MODEL_FILENAME, read_default_model
+from hf_standin import default_model_hub, hub_env, unreachable_hub_url
+
+DEFAULT = read_default_model()
+FILEGLOB = json.loads((MODULE_DIR / "modulesettings.json").read_text())[
+    "Modules"]["LlamaChat"]["EnvironmentVariables"]["CPAI_MODULE_LLAMA_MODEL_FILEGLOB"]
+
+# Loads the model the way the adapter does, then chats a few tokens; prints what happened as JSON.
+LOAD_AND_CHAT = """
+import json, sys
+from llama_chat import LlamaChat
+chat = LlamaChat(repo_id=sys.argv[1], fileglob=sys.argv[2], filename=sys.argv[3], model_dir=sys.argv[4],
+                 n_ctx=512, n_threads=2)
+reply = chat.do_chat("Say hello.", max_tokens=8, temperature=0.0, seed=1)
+print(json.dumps({"model_path": chat.model_path, "fallback_reason": chat.fallback_reason,
+                  "reply": reply["choices"][0]["message"]["content"],
+                  "completion_tokens": reply["usage"]["completion_tokens"]}))
+"""
+
+
+@pytest.fixture
+def hub(smollm2):
+    with default_model_hub(smollm2) as standin:
+        yield standin
+
+
+def load_and_chat(env: dict, models: Path) -> dict:
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD_AND_CHAT, DEFAULT.repo_id, FILEGLOB, DEFAULT.filename, str(models)],
+        env=env, cwd=MODULE_DIR, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_missing_model_is_downloaded_at_start_then_loaded_from_disk(hub, tmp_path, smollm2):
+    models = tmp_path / "models"
+    first = load_and_chat(hub_env(hub.url, tmp_path), models)
+
+    model_file = models / DEFAULT.filename
+    assert Path(first["model_path"]).resolve() == model_file.resolve()
+    assert model_file.is_file() and filecmp.cmp(model_file, smollm2, shallow=False)
+    assert hub.fetched(DEFAULT.filename)
+    assert not hub.fetched(DEFAULT.filename.replace("Q4_K_M", "Q5_K_M"))  # the glob picked the one file
+    assert first["fallback_reason"] is None
+    assert first["reply"].strip() and first["completion_tokens"] > 0
+
+    # The next start finds the file where the download put it and needs no Hub.
+    second = load_and_chat(hub_env(unreachable_hub_url(), tmp_path), models)
+    assert Path(second["model_path"]).resolve() == model_file.resolve()
+    assert second["fallback_reason"] is None
+
+
+def test_install_without_the_hub_leaves_a_model_the_module_runs_on(tmp_path):
+    env = hub_env(unreachable_hub_url(), tmp_path)
+    models = tmp_path / "models"
+    install = subprocess.run([sys.executable, str(MODULE_DIR / "fetch_model.py"), "--models-dir", str(models)],
+                             env=env, capture_output=True, text=True, timeout=120)
+    assert install.returncode == 3, install.stderr
+
+    loaded = load_and_chat(env, models)
+    assert Path(loaded["model_path"]).name == SMALL_MODEL_FILENAME
+    assert DEFAULT.repo_id in loaded["fallback_reason"]  # the warning says why the default model is not used
+    assert loaded["reply"].strip() and loaded["completion_tokens"] > 0
