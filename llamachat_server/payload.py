@@ -91,7 +91,8 @@ async def build_payload(request: web.Request, command: str, url_segments: list[s
         try:
             body = json.loads(text) if text.strip() else {}
         except json.JSONDecodeError as ex:
-            raise PayloadError(f"The JSON body is not valid JSON ({ex.msg} at character {ex.pos})") from ex
+            raise PayloadError(f"The JSON body is not valid JSON ({ex.msg} at character {ex.pos}): "
+                               f"send {JSON_SHAPE_HINT}") from ex
         values, files = _json_parts(body)
     elif not request.can_read_body or not await request.read():
         values, files = [], []

@@ -65,6 +65,8 @@ def process_status(context: ServerContext) -> dict:
         "statusData": module.status_data,
         "downloadableModels": None,
         "requestCount": module.request_count,
+        # Not in the real ProcessStatus: which process runs the module, and how often it was restarted.
+        "pid": module.pid,
         "restarts": module.restarts,
         "menus": None,
         "installSummary": "",

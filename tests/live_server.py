@@ -1,0 +1,121 @@
+"""A real `python -m llamachat_server` for tests and benchmarks, with the real module on a small model.
+
+    from live_server import running_server, server_status
+
+    with running_server(smollm2_path()) as base_url:          # e.g. "http://127.0.0.1:41234"
+        requests.post(f"{base_url}/v1/text/chat", data={"prompt": "Hi", "max_tokens": "16"})
+
+running_server(model_path, module_dir=ROOT, *, context_size=2048, start_timeout=120, **env)
+  Starts the server on a free loopback port as a subprocess, the module loading `model_path`; extra keyword
+  arguments become the module's environment variables (e.g. CPAI_MODULE_LLAMA_THREADS="2"), over its
+  settings. Yields the base URL once the module's status is Started; stops the server (Ctrl+C, as a person
+  would) on leaving, killing it if it does not end within 15 s. If startup fails, the error shows the
+  server's log. The server's console log is kept at `server_log_path(base_url)` while it runs.
+server_status(base_url) -> dict
+  The module's ProcessStatus from GET /v1/module/list/status (status, pid, restarts, statusData...).
+poll(condition, timeout, what) -> value
+  Calls condition() until it returns something truthy and returns that; AssertionError after `timeout` s.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+ROOT = Path(__file__).resolve().parent.parent
+READY_PREFIX = "LlamaChat server ready: Explorer at "  # printed by llamachat_server/__main__.py
+STOP_TIMEOUT = 15.0
+
+_log_paths: dict[str, Path] = {}
+
+
+def poll(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def server_status(base_url: str) -> dict:
+    with urllib.request.urlopen(f"{base_url}/v1/module/list/status", timeout=10) as response:
+        return json.load(response)["statuses"][0]
+
+
+def server_log_path(base_url: str) -> Path:
+    return _log_paths[base_url]
+
+
+def _log_tail(log_path: Path, lines: int = 40) -> str:
+    text = log_path.read_text(errors="replace").splitlines()
+    return "\n".join(text[-lines:])
+
+
+def _started(process: subprocess.Popen, log_path: Path) -> Callable[[], str | None]:
+    """A poll condition: the base URL once the module is Started; raises if the server has exited."""
+    url: list[str] = []
+
+    def check() -> str | None:
+        if process.poll() is not None:
+            raise RuntimeError(f"llamachat_server exited with code {process.returncode}:\n{_log_tail(log_path)}")
+        if not url:
+            ready = [line for line in log_path.read_text(errors="replace").splitlines()
+                     if line.startswith(READY_PREFIX)]
+            if not ready:
+                return None
+            url.append(ready[0][len(READY_PREFIX):].rstrip("/"))
+        try:
+            return url[0] if server_status(url[0])["status"] == "Started" else None
+        except (urllib.error.URLError, OSError):
+            return None
+
+    return check
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextmanager
+def running_server(model_path: os.PathLike, module_dir: os.PathLike = ROOT, *, context_size: int = 2048,
+                   start_timeout: float = 120.0, **env: str) -> Iterator[str]:
+    module_env = {"CPAI_MODULE_LLAMA_CONTEXT_SIZE": str(context_size), **{k: str(v) for k, v in env.items()}}
+    with tempfile.TemporaryDirectory(prefix="llamachat-server-") as scratch:
+        log_path = Path(scratch) / "server.log"
+        command = [sys.executable, "-m", "llamachat_server", "--host", "127.0.0.1", "--port", "0",
+                   "--module-dir", str(module_dir), "--model", str(model_path), "--data-dir", scratch]
+        for name, value in module_env.items():
+            command += ["--env", f"{name}={value}"]
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            try:
+                base_url = poll(_started(process, log_path), start_timeout, "the module to start", interval=0.1)
+            except AssertionError as ex:
+                raise AssertionError(f"{ex}; the server's log:\n{_log_tail(log_path)}") from None
+            _log_paths[base_url] = log_path
+            try:
+                yield base_url
+            finally:
+                del _log_paths[base_url]
+        finally:
+            _stop(process)
