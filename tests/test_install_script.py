@@ -57,6 +57,18 @@ def test_standalone_install_without_the_hub_ends_with_smollm2(module_dir, tmp_pa
     assert "The small model is already there" in again.stdout
 
 
+def test_standalone_install_in_a_fresh_folder_makes_the_venv_and_stops_clearly_without_packages(module_dir, tmp_path):
+    (module_dir / ".venv").unlink()
+    result = run_bash(f"bash {shlex.quote(str(module_dir / 'install.sh'))}",
+                      hub_env(unreachable_hub_url(), tmp_path), cwd=tmp_path)  # hub_env gives pip no index
+
+    assert result.returncode == 1
+    assert f"creating the virtual environment {module_dir / '.venv'}" in result.stdout
+    assert (module_dir / ".venv" / "bin" / "python").is_file()
+    assert "pip could not install requirements.txt" in result.stderr
+    assert not (module_dir / "models").exists()  # no model step after a failed setup
+
+
 def test_standalone_install_rejects_unknown_options(module_dir, tmp_path):
     result = run_bash(f"bash {shlex.quote(str(module_dir / 'install.sh'))} --tiny",
                       hub_env(unreachable_hub_url(), tmp_path), cwd=tmp_path)
