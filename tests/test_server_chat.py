@@ -1,0 +1,152 @@
+"""Chatting through llamachat_server: real HTTP, the real SDK in the real module process, the real SmolLM2
+model. Response fields are checked against protocol §2.2 field for field."""
+import pytest
+import requests
+
+from live_server import poll, running_server
+
+# What every answer that went through the module carries (the SDK adds the first six, the server the rest).
+ENVELOPE = {"moduleId", "moduleName", "code", "command", "requestId", "inferenceDevice",
+            "analysisRoundTripMs", "processedBy", "timestampUTC"}
+ACK_FIELDS = ENVELOPE | {"success", "message", "commandId", "commandStatus"}
+RUNNING_FIELDS = ACK_FIELDS | {"reply"}
+COMPLETED_FIELDS = RUNNING_FIELDS | {"error", "stop_reason", "processMs", "inferenceMs"}
+CANCEL_FIELDS = ACK_FIELDS
+# LlamaChat's own live metrics, on top of §2.2's fields.
+METRICS = {"model", "prompt_tokens", "cached_tokens", "completion_tokens", "tokens_per_second",
+           "time_to_first_token_ms", "elapsed_ms", "dropped_turns"}
+STORY = "Write a very long story about a dragon who learns to bake bread. Describe every step in detail."
+
+
+@pytest.fixture(scope="module")
+def base_url(smollm2):
+    with running_server(smollm2) as url:
+        yield url
+
+
+def post(base_url, route, **form):
+    response = requests.post(f"{base_url}/v1/{route}", data=form, timeout=40)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def status(base_url, command_id):
+    return post(base_url, "LlamaChat/get_command_status", commandId=command_id)
+
+
+def start_chat(base_url, **form):
+    ack = post(base_url, "text/chat", **form)
+    assert ack["success"] is True, ack
+    return ack
+
+
+def follow(base_url, command_id, timeout=120):
+    """Polls the chat to its end; returns (every running answer seen, the completed answer)."""
+    running = []
+
+    def finished():
+        answer = status(base_url, command_id)
+        assert answer["success"] is True or answer["commandStatus"] == "completed", answer
+        if answer["commandStatus"] == "running":
+            running.append(answer)
+            return None
+        return answer
+
+    final = poll(finished, timeout, f"chat {command_id} to complete", interval=0.01)
+    return running, final
+
+
+def assert_fields(answer, expected):
+    keys = set(answer)
+    assert expected <= keys, f"missing {expected - keys}"
+    assert keys - expected <= METRICS, f"unexpected {keys - expected - METRICS}"
+
+
+def test_form_chat_streams_a_growing_reply_that_completes(base_url):
+    ack = start_chat(base_url, prompt="List the colours of the rainbow.", max_tokens="40", temperature="0")
+    assert set(ack) == ACK_FIELDS
+    assert ack["message"] == "Command is running in the background"
+    assert ack["commandStatus"] == "running" and ack["code"] == 200 and ack["command"] == "prompt"
+    assert ack["commandId"] == ack["requestId"]
+    assert ack["moduleId"] == "LlamaChat" and ack["processedBy"] == "localhost"
+
+    running, final = follow(base_url, ack["commandId"])
+    for answer in running:
+        assert_fields(answer, RUNNING_FIELDS)
+        assert answer["message"] == "The long running command is still in progress"
+        assert answer["command"] == "get_command_status" and answer["requestId"] != ack["commandId"]
+        assert answer["commandId"] == ack["commandId"]
+    partials = [answer["reply"] for answer in running if answer["reply"]]
+    assert len(set(partials)) >= 2, "the reply should be seen growing while it is generated"
+    assert all(final["reply"].startswith(partial) for partial in partials)
+    assert [len(p) for p in partials] == sorted(len(p) for p in partials)
+
+    assert_fields(final, COMPLETED_FIELDS)
+    assert final["success"] is True and final["error"] is None
+    assert final["message"] == "Command has completed" and final["commandStatus"] == "completed"
+    assert final["stop_reason"] in ("completed", "length")
+    assert final["reply"].strip()
+    assert final["completion_tokens"] <= 40
+    assert isinstance(final["processMs"], int) and isinstance(final["inferenceMs"], int)
+
+
+def test_json_request_payload_chat_works_too(base_url):
+    body = {"values": [{"key": "prompt", "value": ["Say hello."]}, {"key": "max_tokens", "value": ["12"]}]}
+    response = requests.post(f"{base_url}/v1/text/chat", json=body, timeout=40)
+    ack = response.json()
+    assert ack["success"] is True and ack["commandStatus"] == "running", ack
+    _, final = follow(base_url, ack["commandId"])
+    assert final["success"] is True and final["reply"].strip()
+    assert final["completion_tokens"] <= 12
+
+
+def test_cancel_mid_reply_keeps_the_partial_reply(base_url):
+    ack = start_chat(base_url, prompt=STORY, max_tokens="400")
+    partial = poll(lambda: status(base_url, ack["commandId"])["reply"], 60, "the first words of the reply",
+                   interval=0.01)
+
+    cancelled = post(base_url, "LlamaChat/cancel_command", commandId=ack["commandId"])
+    assert set(cancelled) == CANCEL_FIELDS
+    assert cancelled["success"] is True and cancelled["message"] == "The command has been cancelled"
+    assert cancelled["commandId"] == ack["commandId"] and cancelled["commandStatus"] == "cancelled"
+    assert cancelled["command"] == "cancel_command" and cancelled["requestId"] != ack["commandId"]
+
+    _, final = follow(base_url, ack["commandId"])
+    assert_fields(final, COMPLETED_FIELDS)
+    assert final["stop_reason"] == "cancelled"
+    assert final["reply"].startswith(partial) and final["reply"].strip()
+    assert final["completion_tokens"] < 400
+
+
+def test_a_second_chat_while_one_runs_is_refused_clearly(base_url):
+    first = start_chat(base_url, prompt=STORY, max_tokens="400")
+    second = post(base_url, "text/chat", prompt="Hello?")
+    assert second["success"] is False
+    assert second["error"] == "A long running command is already in progress"
+    assert second["commandId"] == first["commandId"]  # the SDK names the chat that is running
+    assert second["code"] == 500 and second["requestId"] != first["commandId"]
+    post(base_url, "LlamaChat/cancel_command", commandId=first["commandId"])
+    follow(base_url, first["commandId"])
+
+
+@pytest.mark.parametrize("form, error", [
+    ({"commandId": "no-such-command"}, "does not match the current long running command"),
+    ({}, "No command ID provided"),
+])
+def test_unknown_or_missing_command_id_gets_a_clear_error(base_url, form, error):
+    ack = start_chat(base_url, prompt="Hi", max_tokens="4")
+    follow(base_url, ack["commandId"])
+    for route in ("LlamaChat/get_command_status", "LlamaChat/cancel_command"):
+        answer = post(base_url, route, **form)
+        assert answer["success"] is False and error in answer["error"], answer
+
+
+def test_bad_chat_input_is_refused_before_a_command_starts(base_url):
+    answer = post(base_url, "text/chat", prompt="Hi", max_tokens="lots")
+    assert answer["success"] is False and "max_tokens" in answer["error"]
+    assert "commandId" not in answer
+
+
+def test_unknown_route_is_404(base_url):
+    response = requests.post(f"{base_url}/v1/text/nothing", data={"prompt": "x"}, timeout=10)
+    assert response.status_code == 404 and response.json()["success"] is False

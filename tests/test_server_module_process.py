@@ -1,0 +1,100 @@
+"""The module process under llamachat_server: the environment it really gets, its output in the server log,
+restart after a crash, and a quick clean shutdown. Real server, real module, real SmolLM2."""
+import os
+import signal
+import time
+from urllib.parse import urlparse
+
+import psutil
+import pytest
+import requests
+
+from live_server import ROOT, poll, running_server, server_log_path, server_status
+
+STORY = "Write a very long story about a lighthouse keeper. Describe every day in detail."
+
+
+def chat(base_url, prompt="Say hi.", max_tokens="8"):
+    ack = requests.post(f"{base_url}/v1/text/chat", data={"prompt": prompt, "max_tokens": max_tokens},
+                        timeout=40).json()
+    assert ack["success"] is True, ack
+    return ack["commandId"]
+
+
+def finished(base_url, command_id):
+    def check():
+        answer = requests.post(f"{base_url}/v1/LlamaChat/get_command_status", data={"commandId": command_id},
+                               timeout=40).json()
+        return answer if answer.get("commandStatus") == "completed" else None
+    return poll(check, 60, "the chat to complete")
+
+
+@pytest.fixture(scope="module")
+def base_url(smollm2):
+    with running_server(smollm2, CPAI_MODULE_LLAMA_THREADS="2") as url:
+        yield url
+
+
+def test_module_gets_the_environment_the_real_server_builds(base_url, smollm2):
+    env = psutil.Process(server_status(base_url)["pid"]).environ()
+    assert env["CPAI_PORT"] == str(urlparse(base_url).port)
+    assert env["CPAI_MODULE_ID"] == "LlamaChat" and env["CPAI_MODULE_NAME"] == "LlamaChat"
+    assert env["CPAI_MODULE_QUEUENAME"] == "llamachat_queue"
+    assert env["CPAI_MODULE_SERVER_LAUNCHED"] == "true"
+    assert env["CPAI_LOG_VERBOSITY"] == "Quiet" and env["CPAI_MODULE_PARALLELISM"] == "1"
+    assert env["CPAI_MODULE_ENABLE_GPU"] == "True"
+    assert env["CPAI_MODULE_PATH"] == str(ROOT)
+    assert env["CPAI_MODULE_LLAMA_MODEL_REPO"] == "TheBloke/Mistral-7B-Instruct-v0.2-GGUF"  # '@' stripped
+    # --model and --env win over the module's settings.
+    assert env["CPAI_MODULE_LLAMA_MODEL_DIR"] == str(smollm2.parent)
+    assert env["CPAI_MODULE_LLAMA_MODEL_FILENAME"] == smollm2.name
+    assert env["CPAI_MODULE_LLAMA_CONTEXT_SIZE"] == "2048" and env["CPAI_MODULE_LLAMA_THREADS"] == "2"
+
+
+def test_module_output_and_status_reach_the_server(base_url, smollm2):
+    entries = requests.get(f"{base_url}/v1/log/list", params={"count": 10000}, timeout=10).json()["entries"]
+    module_lines = [e for e in entries if e["category"] == "LlamaChat"]
+    assert any("Using model" in e["entry"] and smollm2.name in e["entry"] for e in module_lines)
+    assert all(e["level"] in ("trace", "debug", "information", "warning", "error", "critical") for e in entries)
+    # The SDK posts its status every 2 s; LlamaChat adds its model to it.
+    status_data = poll(lambda: server_status(base_url)["statusData"], 10, "the module's status data")
+    assert status_data["model"] == smollm2.name and status_data["inferenceDevice"] in ("CPU", "GPU")
+
+    running = requests.get(f"{base_url}/v1/module/list/running", timeout=10).json()["modules"]
+    assert [m["moduleId"] for m in running] == ["LlamaChat"]
+    assert running[0]["launchSettings"]["queue"] == "llamachat_queue"
+    assert running[0]["publishingInfo"]["category"] == "Generative AI"
+    assert set(running[0]["uiElements"]["explorerUI"]) == {"html", "css", "script"}
+
+
+def test_killed_module_is_reported_crashed_then_restarted_and_chats_again(base_url):
+    before = server_status(base_url)
+    os.kill(before["pid"], signal.SIGKILL)
+
+    poll(lambda: server_status(base_url)["status"] == "Crashed", 10, "the status Crashed", interval=0.02)
+    after = poll(lambda: (s := server_status(base_url))["status"] == "Started" and s, 60, "the restart")
+    assert after["pid"] != before["pid"] and after["restarts"] == before["restarts"] + 1
+    log = requests.get(f"{base_url}/v1/log/list", params={"count": 10000}, timeout=10).json()["entries"]
+    assert any("crashed" in e["entry"] and e["level"] == "error" for e in log)
+
+    final = finished(base_url, chat(base_url))
+    assert final["success"] is True and final["reply"].strip()
+
+
+def test_ctrl_c_stops_server_and_module_quickly_even_mid_chat(smollm2):
+    with running_server(smollm2) as base_url:
+        module = psutil.Process(server_status(base_url)["pid"])
+        server = module.parent()
+        log_path = server_log_path(base_url)
+        command_id = chat(base_url, prompt=STORY, max_tokens="400")
+        poll(lambda: requests.post(f"{base_url}/v1/LlamaChat/get_command_status", data={"commandId": command_id},
+                                   timeout=40).json()["reply"], 60, "the reply to begin")
+
+        started = time.monotonic()
+        server.send_signal(signal.SIGINT)
+        gone, alive = psutil.wait_procs([server, module], timeout=15)
+        elapsed = time.monotonic() - started
+        assert not alive, f"still running after 15 s: {alive}"
+        assert elapsed < 8, f"shutdown took {elapsed:.1f} s"
+        assert {p.pid: p.returncode for p in gone}[server.pid] == 0
+        assert "Module LlamaChat stopped" in log_path.read_text()
