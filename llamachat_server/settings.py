@@ -251,6 +251,8 @@ def module_environment(settings: ModuleSettings, *, port: int, python: str, data
         "CPAI_LOG_VERBOSITY": settings.log_verbosity,
         "CPAI_MODULE_PARALLELISM": str(settings.parallelism),
         "CPAI_MODULE_ENABLE_GPU": _dotnet_bool(settings.enable_gpu),
+        # Not set by the real server: without it a Python module's prints reach the log only in blocks.
+        "PYTHONUNBUFFERED": base_env.get("PYTHONUNBUFFERED", "1"),
     }
     required_mb = int(settings.get("LaunchSettings", "RequiredMb", default=0) or 0)
     if required_mb > 0:

@@ -32,7 +32,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
-READY_PREFIX = "LlamaChat server ready: Explorer at "  # printed by llamachat_server/__main__.py
+if str(ROOT) not in sys.path:  # usable outside pytest too (benchmarks run as scripts)
+    sys.path.insert(0, str(ROOT))
+
+from llamachat_server.__main__ import READY_PREFIX  # noqa: E402
+
 STOP_TIMEOUT = 15.0
 
 _log_paths: dict[str, Path] = {}
