@@ -181,6 +181,9 @@ class ModuleProcess:
         if not done:
             self._supervisor.cancel()
             await asyncio.gather(self._supervisor, return_exceptions=True)
+        if self._process is not None and self._process.returncode is None:  # launched as the stop began
+            self._process.kill()
+            await self._process.wait()
         self._set_status(ModuleStatus.STOPPED, f"Module {self.name} stopped")
 
 
