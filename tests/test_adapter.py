@@ -43,12 +43,16 @@ def test_max_tokens_ends_with_length(adapter):
 def test_status_shows_the_reply_growing(adapter):
     ack = start_chat(adapter, prompt="Write a long story about a dragon.", max_tokens=120, temperature=0)
     seen = []
+    deadline = time.monotonic() + 120
     while (s := status(adapter, ack["commandId"]))["commandStatus"] == "running":
         assert s["success"] and s["message"] == "The long running command is still in progress"
         if s["reply"] and (not seen or s["reply"] != seen[-1]):
             assert not seen or s["reply"].startswith(seen[-1])  # it only grows
-            assert s["completion_tokens"] > 0 and s["elapsed_ms"] > 0
+            assert s["completion_tokens"] > 0 and s["elapsed_ms"] >= s["time_to_first_token_ms"] > 0
+            assert s["prompt_tokens"] > 0 and s["model"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
             seen.append(s["reply"])
+        assert time.monotonic() < deadline, "the chat did not end"
+        time.sleep(0.05)  # a client's poll interval; polling flat out would starve the generating thread
     assert len(seen) >= 2, "the reply should be seen growing over several polls"
     assert s["reply"].startswith(seen[-1])
 
