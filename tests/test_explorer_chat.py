@@ -22,6 +22,9 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 EXPLORE_HTML = ROOT / "explore.html"
 REPLY_TIMEOUT_MS = 90_000
+CONTEXT_SIZE = 2048  # the module's context (tokens) in the shared test server
+# At temperature 0 SmolLM2 answers this with the same story every time, running on to the 2000-token limit:
+# a chat that is sure to be still running when a test stops it.
 LONG_PROMPT = "Write a long story about a dragon who learns to bake bread."
 
 
@@ -111,7 +114,7 @@ def browser():
 
 @pytest.fixture(scope="module")
 def server(smollm2):
-    with running_server(smollm2, CPAI_MODULE_LLAMA_THREADS="2") as base_url:
+    with running_server(smollm2, context_size=CONTEXT_SIZE, CPAI_MODULE_LLAMA_THREADS="2") as base_url:
         yield base_url
 
 
@@ -266,7 +269,7 @@ def test_reply_grows_over_polls_then_completes(open_chat, server, smollm2, hoste
 
 def test_stop_mid_reply_keeps_the_partial_reply(open_chat, server):
     chat = open_chat(server)
-    chat.settings(max_tokens="1000")
+    chat.settings(max_tokens="1000", temperature="0")
     chat.send(LONG_PROMPT)
     chat.wait_reply_text(40)
     chat.el("stopBtn").click()
@@ -280,6 +283,8 @@ def test_stop_mid_reply_keeps_the_partial_reply(open_chat, server):
     assert len(final["reply"]) >= 40
     expect(chat.assistant_bubbles.last).to_have_text(final["reply"])
     expect(chat.el("status")).to_have_text("Stopped: the partial reply is kept.")
+    expect(chat.page.locator(f".{chat.prefix}meta").last).to_contain_text(f"{final['completion_tokens']} tokens")
+    expect(chat.page.locator(f".{chat.prefix}meta").last).to_contain_text("stopped")
 
 
 def test_markup_in_a_prompt_is_shown_as_text(open_chat, server):
@@ -352,8 +357,30 @@ def test_multi_turn_chat_sends_the_transcript_as_messages_and_clear_forgets_it(o
     assert "messages" not in chat.calls("chat")[-1][0]
 
 
+def test_turns_left_out_to_fit_the_context_are_reported(open_chat, server):
+    chat = open_chat(server)
+    prompt = "Say hello."
+    chat.settings(max_tokens="32")
+    chat.send(prompt)
+    chat.wait_state("idle")
+    first = chat.calls("get_command_status")[-1][1]
+    # The same prompt again, with room for the reply set so that it fits alone but not after turn 1.
+    chat.settings(max_tokens=str(CONTEXT_SIZE - first["prompt_tokens"] - 4))
+    chat.send(prompt)
+    chat.wait_reply_text(1)
+    chat.el("stopBtn").click()
+    chat.wait_state("idle", timeout=30_000)
+
+    final = chat.calls("get_command_status")[-1][1]
+    assert final["dropped_turns"] == 1 and final["prompt_tokens"] == first["prompt_tokens"]
+    expect(chat.page.locator(f".{chat.prefix}meta").last).to_contain_text(
+        "1 earlier turn left out to fit the model's context")
+    # The page still holds the whole conversation; the server decides each time what fits.
+    assert len(json.loads(chat.calls("chat")[-1][0]["messages"])) == 2
+
+
 def test_busy_model_waits_and_never_follows_someone_else_s_chat(open_chat, server):
-    other = post_form(f"{server}/v1/text/chat", prompt=LONG_PROMPT, max_tokens="2000")
+    other = post_form(f"{server}/v1/text/chat", prompt=LONG_PROMPT, max_tokens="2000", temperature="0")
     assert other["success"]
     chat = open_chat(server)
     chat.settings(max_tokens="16")
@@ -390,7 +417,7 @@ def test_server_stopped_mid_chat_ends_polling_with_an_error(open_chat, smollm2):
     with ExitStack() as server_running:
         base_url = server_running.enter_context(running_server(smollm2, CPAI_MODULE_LLAMA_THREADS="2"))
         chat = open_chat(base_url)
-        chat.settings(max_tokens="2000")
+        chat.settings(max_tokens="2000", temperature="0")
         chat.send(LONG_PROMPT)
         chat.wait_reply_text(20)
     # The server is gone (stopped as a person would, with Ctrl+C).
