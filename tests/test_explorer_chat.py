@@ -10,12 +10,11 @@ import urllib.request
 from contextlib import ExitStack
 from email.parser import BytesParser
 from email.policy import default as email_policy
-from pathlib import Path
 
 import pytest
 from playwright.sync_api import Page, Request, expect, sync_playwright
 
-from live_server import ROOT, poll, running_server
+from live_server import ROOT, running_server
 from llamachat_server.explorer import extract_explorer_ui
 
 CHROMIUM = "/usr/bin/chromium"
