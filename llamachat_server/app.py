@@ -10,6 +10,7 @@ from aiohttp import web
 
 from .client_api import handle_module_route
 from .context import CONTEXT, ServerConfig, ServerContext
+from .cors import allow_any_origin
 from .explorer import add_explorer_routes
 from .module_api import add_module_routes
 from .module_process import ModuleProcess, interpreter_command
@@ -37,7 +38,7 @@ def create_app(config: ServerConfig) -> web.Application:
                            str(settings.module_dir), log,
                            on_exit=lambda reason: queues.fail_taken(settings.queue, reason))
 
-    app = web.Application(client_max_size=MAX_REQUEST_BYTES)
+    app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[allow_any_origin])
     app[CONTEXT] = ServerContext(config, settings, routes, queues, log, module)
     add_status_routes(app)
     add_module_routes(app)

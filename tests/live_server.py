@@ -90,7 +90,7 @@ def _started(process: subprocess.Popen, log_path: Path) -> Callable[[], str | No
 
 def _stop(process: subprocess.Popen) -> None:
     if process.poll() is None:
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signal.SIGTERM)  # handled like Ctrl+C; SIGINT is ignored in background jobs
         try:
             process.wait(STOP_TIMEOUT)
         except subprocess.TimeoutExpired:
@@ -101,7 +101,10 @@ def _stop(process: subprocess.Popen) -> None:
 @contextmanager
 def running_server(model_path: os.PathLike, module_dir: os.PathLike = ROOT, *, context_size: int = 2048,
                    start_timeout: float = 120.0, **env: str) -> Iterator[str]:
-    module_env = {"CPAI_MODULE_LLAMA_CONTEXT_SIZE": str(context_size), **{k: str(v) for k, v in env.items()}}
+    # One thread by default: two llama.cpp threads collapse to a few tokens/s when the browser or anything else
+    # wants a core of this 2-core machine, and tests need steady progress more than speed.
+    module_env = {"CPAI_MODULE_LLAMA_CONTEXT_SIZE": str(context_size), "CPAI_MODULE_LLAMA_THREADS": "1",
+                  **{k: str(v) for k, v in env.items()}}
     with tempfile.TemporaryDirectory(prefix="llamachat-server-") as scratch:
         log_path = Path(scratch) / "server.log"
         command = [sys.executable, "-m", "llamachat_server", "--host", "127.0.0.1", "--port", "0",

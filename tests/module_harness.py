@@ -24,7 +24,8 @@ def request(command: str, **values: Any) -> RequestData:
 def load_adapter(monkeypatch, model_path, **env: str) -> LlamaChat_adapter:
     monkeypatch.setenv("CPAI_MODULE_LLAMA_MODEL_DIR", str(model_path.parent))
     monkeypatch.setenv("CPAI_MODULE_LLAMA_MODEL_FILENAME", model_path.name)
-    monkeypatch.setenv("CPAI_MODULE_LLAMA_THREADS", "2")
+    # One thread: two collapse when anything else wants a core of a 2-core machine (see tests/live_server.py).
+    monkeypatch.setenv("CPAI_MODULE_LLAMA_THREADS", "1")
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     adapter = LlamaChat_adapter()

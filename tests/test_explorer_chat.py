@@ -113,7 +113,7 @@ def browser():
 
 @pytest.fixture(scope="module")
 def server(smollm2):
-    with running_server(smollm2, context_size=CONTEXT_SIZE, CPAI_MODULE_LLAMA_THREADS="2") as base_url:
+    with running_server(smollm2, context_size=CONTEXT_SIZE) as base_url:
         yield base_url
 
 
@@ -229,12 +229,8 @@ def test_explorer_injection_survives_other_modules_names_and_a_restart(open_chat
 
 # ---- Chatting with the real module ---------------------------------------------------------------------
 
-# The file opened on its own calls the server cross-origin (origin "null"): the real server allows any origin.
-NEEDS_CORS = pytest.mark.xfail(
-    strict=True, reason="llamachat_server sends no Access-Control-Allow-Origin header yet; remove this mark once it does")
-
-
-@pytest.mark.parametrize("hosted", [True, pytest.param(False, marks=NEEDS_CORS)], ids=["in-explorer", "standalone"])
+# Opened on its own, the file calls the server cross-origin (origin "null"), which the server allows as the real one does.
+@pytest.mark.parametrize("hosted", [True, False], ids=["in-explorer", "standalone"])
 def test_reply_grows_over_polls_then_completes(open_chat, server, smollm2, hosted):
     chat = open_chat(server, hosted=hosted)
     chat.settings(max_tokens="120", temperature="0")
@@ -414,7 +410,7 @@ def test_busy_model_waits_and_never_follows_someone_else_s_chat(open_chat, serve
 
 def test_server_stopped_mid_chat_ends_polling_with_an_error(open_chat, smollm2):
     with ExitStack() as server_running:
-        base_url = server_running.enter_context(running_server(smollm2, CPAI_MODULE_LLAMA_THREADS="2"))
+        base_url = server_running.enter_context(running_server(smollm2))
         chat = open_chat(base_url)
         chat.settings(max_tokens="2000", temperature="0")
         chat.send(LONG_PROMPT)

@@ -227,3 +227,16 @@ def test_version_and_ping(base_url):
         body = requests.get(f"{base_url}{path}", timeout=10).json()
         assert body["success"] is True and body["message"] == "2.9.6"
         assert (body["version"]["major"], body["version"]["minor"], body["version"]["patch"]) == (2, 9, 6)
+
+
+def test_any_origin_may_call_the_server_as_with_the_real_one(base_url, client):
+    preflight = requests.options(f"{base_url}/v1/text/chat", timeout=5, headers={
+        "Origin": "null", "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"})
+    assert preflight.status_code == 204
+    assert preflight.headers["Access-Control-Allow-Origin"] == "*"
+    assert "POST" in preflight.headers["Access-Control-Allow-Methods"]
+    assert preflight.headers["Access-Control-Allow-Headers"] == "content-type"
+    for response in (requests.get(f"{base_url}/v1/server/status/ping", headers={"Origin": "null"}, timeout=5),
+                     requests.post(f"{base_url}/v1/no/such/route", headers={"Origin": "null"}, timeout=5)):
+        assert response.headers["Access-Control-Allow-Origin"] == "*"
+    assert response.status_code == 404
