@@ -42,8 +42,8 @@ class ChatInputs:
         self.specs = {spec["Name"]: spec for spec in route["Inputs"]}
 
     def parse(self, data: RequestData) -> ChatRequest:
-        prompt = data.get_value("prompt")
-        if prompt is None or not str(prompt).strip():
+        prompt = _text(data.get_value("prompt"))
+        if prompt is None or not prompt.strip():
             raise ChatError("prompt is missing or blank: send the text to answer in the 'prompt' field")
         sampling = {name: self._number(data, name) for name in SAMPLING_INPUTS}
         seed = self._number(data, "seed")
@@ -53,8 +53,8 @@ class ChatInputs:
         if stop:
             sampling["stop"] = stop
         return ChatRequest(
-            prompt=str(prompt),
-            system_prompt=(data.get_value("system_prompt") or "").strip() or None,
+            prompt=prompt,
+            system_prompt=(_text(data.get_value("system_prompt")) or "").strip() or None,
             history=self._history(data.get_value("messages")),
             max_tokens=self._number(data, "max_tokens"),
             sampling=sampling,
@@ -111,7 +111,13 @@ class ChatInputs:
             if turn.get("role") not in ("user", "assistant"):
                 raise ChatError(f"messages[{i}].role must be 'user' or 'assistant' (put the system prompt in "
                                 f"'system_prompt'), not {turn.get('role')!r}")
-            history.append({"role": turn["role"], "content": turn["content"]})
+            history.append({"role": turn["role"], "content": _text(turn["content"])})
         if history and history[0]["role"] != "user":
             raise ChatError("messages must start with a 'user' turn")
         return history
+
+
+def _text(value: Optional[str]) -> Optional[str]:
+    # Browsers send form fields with CRLF line breaks; one form keeps a turn's tokens the same when it comes back
+    # in the next request's history, so the KV cache still matches.
+    return None if value is None else str(value).replace("\r\n", "\n")

@@ -228,3 +228,10 @@ def test_selftest_fails_with_a_missing_model(tmp_path):
     done = run_selftest(CPAI_MODULE_LLAMA_MODEL_DIR=str(tmp_path))
     assert done.returncode == 1
     assert "Self-test failed: Unable to load a model" in done.stdout
+
+
+def test_browser_line_breaks_are_normalised(adapter):
+    from module_harness import request
+    parsed = adapter.inputs.parse(request("prompt", prompt="one\r\ntwo", system_prompt="a\r\nb",
+                                          messages=json.dumps([{"role": "user", "content": "x\r\ny"}])))
+    assert (parsed.prompt, parsed.system_prompt, parsed.history[0]["content"]) == ("one\ntwo", "a\nb", "x\ny")
