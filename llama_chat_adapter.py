@@ -9,7 +9,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import llama_cpp
 import psutil
-from codeproject_ai_sdk import JSON, LogMethod, LogVerbosity, ModuleOptions, ModuleRunner, RequestData
+from codeproject_ai_sdk import JSON, LogVerbosity, ModuleOptions, ModuleRunner, RequestData
 
 from chat_job import FINISH_REASONS, ChatJob
 from chat_request import ChatError, ChatInputs, ChatRequest
@@ -76,14 +76,16 @@ class LlamaChat_adapter(ModuleRunner):
         if chat.fallback_reason:
             self._log("warning", f"Using the small fallback model '{chat.model_path}' because the configured model "
                                  f"could not be loaded: {chat.fallback_reason}")
-        self._log("information", f"Using model '{chat.model_path}' ({self.n_ctx}-token context, {self.n_threads} threads, "
+        self._log("info", f"Using model '{chat.model_path}' ({self.n_ctx}-token context, {self.n_threads} threads, "
                                  f"{self.inference_device}{' ' + self.inference_library if self.inference_library else ''}) "
                                  f"with {chat.template_source}"
                                  f"{'' if chat.system_role else '; the system prompt goes into the first user turn'}")
 
-    def _log(self, level: str, message: str) -> None:
-        method = LogMethod.Error if level == "error" else LogMethod.Info
-        self.log(method | LogMethod.Server, {"message": message, "loglevel": level})
+    @staticmethod
+    def _log(level: str, message: str) -> None:
+        # initialise() runs before the SDK's logging loop, whose log() would print the text without its level; the
+        # server reads the level from a line's prefix.
+        print(f"{level}: {message}", flush=True)
 
     # --- chats -------------------------------------------------------------------------------------------------
 
