@@ -7,9 +7,10 @@ FINISH_REASONS = {"stop": "completed", "length": "length"}
 
 
 class ChatJob:
-    def __init__(self, command_id: str, model: str) -> None:
+    def __init__(self, command_id: str, model: str, model_fallback: bool = False) -> None:
         self.command_id = command_id
         self.model = model
+        self.model_fallback = model_fallback
         self.reply = ""
         self.started = time.perf_counter()
         self.inference_started: Optional[float] = None
@@ -51,6 +52,7 @@ class ChatJob:
             speed = (self.completion_tokens - 1) / (self.last_token_at - self.first_token_at)
         return {
             "model": self.model,
+            "model_fallback": self.model_fallback,
             "prompt_tokens": self.prompt_tokens,
             "cached_tokens": self.cached_tokens,
             "completion_tokens": self.completion_tokens,

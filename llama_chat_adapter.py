@@ -106,7 +106,8 @@ class LlamaChat_adapter(ModuleRunner):
         return self.long_process
 
     def long_process(self, data: RequestData) -> JSON:
-        job = ChatJob(data.request_id, self.llama_chat.model_name if self.llama_chat else "")
+        chat = self.llama_chat
+        job = ChatJob(data.request_id, chat.model_name if chat else "", bool(chat and chat.fallback_reason))
         self.job = job
         try:
             request, fitted = self._prepare(data)
@@ -116,7 +117,6 @@ class LlamaChat_adapter(ModuleRunner):
         def cancelled() -> bool:
             return self.cancel_id == job.command_id
 
-        chat = self.llama_chat
         job.begin_inference(len(fitted.prompt_tokens), chat.cached_prefix(fitted.prompt_tokens), fitted.dropped_turns)
         stop_reason, error = "completed", None
         stream = None

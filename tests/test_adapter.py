@@ -14,9 +14,9 @@ from tests.conftest import ROOT
 def adapter(smollm2):
     monkeypatch = pytest.MonkeyPatch()
     adapter = load_adapter(monkeypatch, smollm2)
+    monkeypatch.undo()  # the settings are read once, by initialise(); other tests get a clean environment
     yield adapter
     adapter.cleanup()
-    monkeypatch.undo()
 
 
 def test_process_returns_long_process_for_a_good_chat(adapter):
@@ -29,7 +29,7 @@ def test_chat_completes_with_reply_and_metrics(adapter):
     assert final["success"] and final["commandStatus"] == "completed" and final["message"] == "Command has completed"
     assert "Paris" in final["reply"]
     assert final["stop_reason"] in ("completed", "length")
-    assert final["model"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert final["model"] == "SmolLM2-135M-Instruct.Q4_1.gguf" and final["model_fallback"] is False
     assert 0 < final["completion_tokens"] <= 24
     assert final["prompt_tokens"] > 10 and final["time_to_first_token_ms"] > 0 and final["tokens_per_second"] > 0
     assert final["processMs"] >= final["inferenceMs"] > 0 and final["elapsed_ms"] == final["processMs"]
@@ -235,3 +235,19 @@ def test_browser_line_breaks_are_normalised(adapter):
     parsed = adapter.inputs.parse(request("prompt", prompt="one\r\ntwo", system_prompt="a\r\nb",
                                           messages=json.dumps([{"role": "user", "content": "x\r\ny"}])))
     assert (parsed.prompt, parsed.system_prompt, parsed.history[0]["content"]) == ("one\ntwo", "a\nb", "x\ny")
+
+
+def test_chats_on_the_fallback_model_say_so(tmp_path, smollm2, monkeypatch):
+    (tmp_path / smollm2.name).symlink_to(smollm2)
+    monkeypatch.setenv("CPAI_MODULE_LLAMA_MODEL_DIR", str(tmp_path))
+    monkeypatch.setenv("CPAI_MODULE_LLAMA_MODEL_FILENAME", "mistral-7b-instruct-v0.2.Q4_K_M.gguf")
+    monkeypatch.setenv("CPAI_MODULE_LLAMA_THREADS", "1")
+    from llama_chat_adapter import LlamaChat_adapter
+    fallback = LlamaChat_adapter()
+    fallback.initialise()
+    try:
+        final = run_chat(fallback, prompt="Hi", max_tokens=4)
+        assert final["model"] == smollm2.name and final["model_fallback"] is True
+        assert "mistral-7b-instruct-v0.2.Q4_K_M.gguf': no such file" in fallback.module_status()["fallbackReason"]
+    finally:
+        fallback.cleanup()
