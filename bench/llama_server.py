@@ -1,0 +1,91 @@
+"""llama.cpp's own llama-server (optional): the C++ reference users compare against, asked the same chats through
+its OpenAI-compatible streaming API."""
+import http.client
+import json
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, List
+
+from .stream_timing import time_stream
+from .workload import N_CTX, SAMPLING, chat_messages
+
+
+class LlamaServerFailed(RuntimeError):
+    """llama-server did not start; the message carries the end of its log."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LlamaServerEngine:
+    """llama-server started on a free loopback port, chatted with over HTTP."""
+
+    def __init__(self, binary: Path, model: Path, threads: int, log_path: Path, start_timeout: float = 120.0) -> None:
+        self.port = _free_port()
+        self.log_path = log_path
+        # One slot with the whole context, the model's own Jinja chat template and no flash attention (as
+        # llama-cpp-python's default): as close to the module's engine as it goes.
+        command = [str(binary), "-m", str(model), "-t", str(threads), "-tb", str(threads), "-c", str(N_CTX),
+                   "-np", "1", "--jinja", "-fa", "off", "--host", "127.0.0.1", "--port", str(self.port)]
+        with open(log_path, "wb") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            self._wait_healthy(start_timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    def _wait_healthy(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise LlamaServerFailed(f"llama-server exited (code {self.process.returncode}):\n{self._log_tail()}")
+            try:
+                connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+                connection.request("GET", "/health")
+                if connection.getresponse().status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise LlamaServerFailed(f"llama-server was not healthy after {timeout:g} s:\n{self._log_tail()}")
+
+    def _log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def _stream(self, body: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+        try:
+            connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            if response.status != 200:
+                raise LlamaServerFailed(f"llama-server answered HTTP {response.status}: {response.read()[:300]!r}")
+            for line in response:  # server-sent events: "data: {chunk}" lines, then "data: [DONE]"
+                data = line.decode("utf-8").strip()
+                if not data.startswith("data:"):
+                    continue
+                data = data[len("data:"):].strip()
+                if data == "[DONE]":
+                    return
+                yield json.loads(data)
+        finally:
+            connection.close()
+
+    def chat(self, prompt: str, history: List[Dict[str, str]], max_tokens: int, fresh: bool) -> Dict[str, Any]:
+        body = {"messages": chat_messages(prompt, history), "stream": True, "max_tokens": max_tokens,
+                "cache_prompt": not fresh, **SAMPLING}
+        return vars(time_stream(lambda: self._stream(body)))
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()

@@ -1,0 +1,47 @@
+"""The benchmark (python -m bench) end to end with tiny settings: every engine runs on the same prompts and the
+three result files come out, with the numbers the README and the targets are built from."""
+import json
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+TINY = ["--repeats", "1", "--generation-tokens", "8", "--conversation-repeats", "1", "--conversation-turns", "2",
+        "--conversation-tokens", "4", "--cancel-repeats", "1", "--long-prompt-tokens", "300", "--memory-chats", "2",
+        "--memory-chat-tokens", "2", "--poll-ms", "20"]
+
+
+def test_bench_measures_every_engine_and_writes_json_markdown_and_chart(smollm2, tmp_path):
+    out = tmp_path / "results"
+    done = subprocess.run([sys.executable, "-m", "bench", "--model", str(smollm2), "--out", str(out), *TINY],
+                          cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert {p.name for p in out.iterdir()} == {"results.json", "results.md", "chart.png"}
+    assert (out / "chart.png").read_bytes().startswith(b"\x89PNG")
+    results = json.loads((out / "results.json").read_text())
+
+    # Greedy decoding of the same prompt: the same reply through every layer, or the comparison would be unfair.
+    replies = {key: results[key]["generation"]["reply"] for key in ("raw", "wrapper", "module")}
+    assert replies["raw"].strip() and len(set(replies.values())) == 1, replies
+    for key in ("raw", "wrapper", "module"):
+        generation = results[key]["generation"]["summary"]
+        assert generation["tokens"]["median"] == 8
+        assert generation["ttft_ms"]["median"] > 0 and generation["tokens_per_second"]["median"] > 0
+        assert len(results[key]["conversation"]["turns"]) == 2
+    module = results["module"]
+    turn2 = module["conversation"]["turns"][1]
+    assert turn2["warm"]["cached_tokens"]["median"] > turn2["cold"]["cached_tokens"]["median"]
+    assert module["cancel_generation"]["all_cancelled"] and module["cancel_prompt"]["all_cancelled"]
+    assert module["long_prompt_tokens"] >= 300
+    assert module["memory"]["rss_after_load_mb"] > 50 and len(module["memory"]["curve"]) == 3
+    assert len(results["raw"]["memory"]["curve"]) == len(results["raw"]["memory_gc_each_chat"]["curve"]) == 3
+    assert results["llama_server"] == {"skipped": "no --llama-server PATH given"}
+    assert [t["limit"] is not None for t in results["targets"]] == [True] * 6
+    assert "| module tokens/s >= 0.97 x raw |" in (out / "results.md").read_text()
+
+
+def test_bench_refuses_a_missing_model_with_what_to_do(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "bench", "--model", str(tmp_path / "none.gguf")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "no model at" in done.stderr and "install.sh --small" in done.stderr
