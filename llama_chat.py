@@ -27,6 +27,9 @@ def _never() -> bool:
     return False
 
 
+_NO_CALLBACK = llama_cpp.ggml_abort_callback(0)  # a NULL function pointer: llama.cpp then never asks
+
+
 class LlamaChat:
     def __init__(self, repo_id: str, fileglob: str, filename: str, model_dir: str, n_ctx: int = 4096,
                  n_threads: Optional[int] = None, n_gpu_layers: int = 0, chat_format: Optional[str] = None,
@@ -61,11 +64,10 @@ class LlamaChat:
         self.system_role = self.template.supports_system_role()
         self.llm.chat_handler = chat_formatter_to_chat_completion_handler(self.template)
 
-        # One abort callback for the context's lifetime; it asks whatever the current chat says. llama.cpp polls it
-        # between graph nodes, so a cancel also stops the evaluation of a long prompt mid-batch.
+        # llama.cpp polls the abort callback between graph nodes, so a cancel also stops the evaluation of a long
+        # prompt mid-batch. It asks whatever the current chat's should_abort says.
         self._should_abort: Callable[[], bool] = _never
         self._abort_callback = llama_cpp.ggml_abort_callback(lambda _data: self._should_abort())
-        llama_cpp.llama_set_abort_callback(self.llm.ctx, self._abort_callback, None)
 
     @staticmethod
     def _load_file(path: str, options: Dict[str, Any], tried: List[str]) -> Optional[Llama]:
@@ -110,8 +112,30 @@ class LlamaChat:
             should_abort: polled while the model computes, True stops it (llama_decode then raises RuntimeError);
             **kwargs: passed to create_chat_completion (max_tokens, temperature, stream, stop, seed...).
         """
+        self._watch(should_abort)
+        result = self.llm.create_chat_completion(messages=self.messages(prompt, system_prompt, history), **kwargs)
+        if should_abort is not None and kwargs.get("stream"):
+            return self._watch_until_first_chunk(result)
+        return result
+
+    def _watch(self, should_abort: Optional[Callable[[], bool]]) -> None:
+        """Lets should_abort stop llama.cpp in the middle of a computation; None stops asking."""
         self._should_abort = should_abort or _never
-        return self.llm.create_chat_completion(messages=self.messages(prompt, system_prompt, history), **kwargs)
+        llama_cpp.llama_set_abort_callback(self.llm.ctx, self._abort_callback if should_abort else _NO_CALLBACK, None)
+
+    def _watch_until_first_chunk(self, stream: Iterator[CreateChatCompletionStreamResponse]
+                                 ) -> Iterator[CreateChatCompletionStreamResponse]:
+        # The callback runs ~600 times per generated token, each time taking the GIL. Once the prompt is evaluated
+        # (the first chunk), the caller's check between chunks already stops a chat within one token.
+        try:
+            first = next(stream, None)
+            self._watch(None)
+            if first is not None:
+                yield first
+                yield from stream
+        finally:
+            self._watch(None)
+            stream.close()
 
     def close(self) -> None:
         self.llm.close()
