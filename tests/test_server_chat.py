@@ -13,7 +13,7 @@ RUNNING_FIELDS = ACK_FIELDS | {"reply"}
 COMPLETED_FIELDS = RUNNING_FIELDS | {"error", "stop_reason", "processMs", "inferenceMs"}
 CANCEL_FIELDS = ACK_FIELDS
 # LlamaChat's own live metrics, on top of §2.2's fields.
-METRICS = {"model", "prompt_tokens", "cached_tokens", "completion_tokens", "tokens_per_second",
+METRICS = {"model", "model_fallback", "prompt_tokens", "cached_tokens", "completion_tokens", "tokens_per_second",
            "time_to_first_token_ms", "elapsed_ms", "dropped_turns"}
 STORY = "Write a very long story about a dragon who learns to bake bread. Describe every step in detail."
 
