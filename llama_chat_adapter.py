@@ -173,6 +173,15 @@ class LlamaChat_adapter(ModuleRunner):
             return {"reply": ""}  # the worker thread has not started this command's job yet
         return job.status()
 
+    def _cancel_command_task(self, data: RequestData) -> JSON:
+        # SDK 0.0.21 forgets a command that has already finished when a cancel for it arrives, so a client whose Stop
+        # crossed the end of the reply could no longer read it; the finished command stays answerable.
+        task, command_id = self.long_running_command_task, self.long_running_command_id
+        answer = super()._cancel_command_task(data)
+        if answer.get("success") and self.long_running_command_task is None:
+            self.long_running_command_task, self.long_running_command_id = task, command_id
+        return answer
+
     def cancel_command_task(self) -> None:
         # The SDK has checked that the commandId is the current long process before calling this.
         self.cancel_id = self.long_running_command_id
