@@ -160,7 +160,7 @@ llamachat_server_install() {
     done
 
     # The server's download cache outlives the module folder, so a reinstall need not download 4 GB again.
-    # One path for both keeping and looking up the model (upstream kept it in one place and looked in another).
+    # One path for both keeping and looking up the model (docs/protocol.md §4.1, item 7).
     if [ -n "${downloadDirPath:-}" ]; then
         cache_dir="$downloadDirPath/${modulesDir:-modules}/${assetsDir:-assets}/${moduleDirName:-$(basename "$module_dir")}"
     fi

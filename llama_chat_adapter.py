@@ -36,7 +36,7 @@ class LlamaChat_adapter(ModuleRunner):
         self.llama_chat: Optional[LlamaChat] = None
         self.load_error: Optional[str] = None
         self.job: Optional[ChatJob] = None
-        # A cancel names its command, so a late cancel can never stop the next chat (upstream bug §4.4-2).
+        # A cancel names its command, so a late cancel can never stop the next chat (docs/protocol.md §4.1, item 2).
         self.cancel_id: Optional[str] = None
         self.inputs = ChatInputs(os.path.dirname(os.path.abspath(__file__)))
         # Every llama.cpp call runs on this one thread. llama.cpp's OpenMP keeps a team of worker threads for each

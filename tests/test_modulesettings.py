@@ -1,9 +1,9 @@
-"""modulesettings.json against the rules the real server applies when it loads a module (protocol notes §3)."""
+"""modulesettings.json against the rules the real server applies when it loads a module (docs/protocol.md §3)."""
 import json
 
 from tests.conftest import ROOT
 
-SERVER_VERSION = (2, 9, 6)  # the server version the protocol notes describe
+SERVER_VERSION = (2, 9, 6)  # the server version docs/protocol.md describes
 
 settings = json.loads((ROOT / "modulesettings.json").read_text())
 module_id, module = next(iter(settings["Modules"].items()))

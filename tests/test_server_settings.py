@@ -1,4 +1,4 @@
-"""How llamachat_server reads modulesettings (per-OS layering, §3) and builds the module's environment (§1.1)."""
+"""How llamachat_server reads modulesettings (docs/protocol.md §3) and builds the module's environment (§1.1)."""
 import json
 
 import pytest
