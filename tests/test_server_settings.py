@@ -5,8 +5,7 @@ import pytest
 
 from conftest import ROOT
 from llamachat_server.routes import Route, RouteMap
-from llamachat_server.settings import (HostPlatform, SettingsError, load_module_settings, merge_layer,
-                                       module_environment)
+from llamachat_server.settings import HostPlatform, SettingsError, load_module_settings, merge_layer, module_environment
 
 LINUX = HostPlatform("linux", "x64")
 WINDOWS = HostPlatform("windows", "x64")
