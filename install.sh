@@ -2,7 +2,7 @@
 # Installs LlamaChat on Linux and macOS. Two ways in:
 #
 #   bash install.sh [--small]
-#       On its own: makes the virtual environment .venv in the module folder (python3.11, else python3 >= 3.9),
+#       On its own: makes the virtual environment .venv in the module folder (python3.11, else python3 >= 3.11),
 #       installs requirements.txt into it, then gets the model with fetch_model.py.
 #   source install.sh install
 #       From the CodeProject.AI server's setup, which has made the venv (venvPythonCmdPath) and installs
@@ -33,12 +33,12 @@ llamachat_find_python() {
     local candidate
     for candidate in python3.11 python3; do
         if command -v "$candidate" >/dev/null 2>&1 \
-            && "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 9))' 2>/dev/null; then
+            && "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
             echo "$candidate"
             return 0
         fi
     done
-    llamachat_say "ERROR: no Python 3.11 (nor python3 >= 3.9) found. Install it, e.g. on Debian/Ubuntu:" >&2
+    llamachat_say "ERROR: no Python 3.11 (nor python3 >= 3.11) found. Install it, e.g. on Debian/Ubuntu:" >&2
     llamachat_say "  apt-get install python3.11 python3.11-venv" >&2
     return 1
 }
@@ -137,7 +137,7 @@ llamachat_standalone_install() {
 }
 
 llamachat_server_install() {
-    local python="${venvPythonCmdPath:-}" module_dir="${moduleDirPath:-}" requirement cache_dir="" quiet=""
+    local python="${venvPythonCmdPath:-}" module_dir="${moduleDirPath:-}" package requirement cache_dir="" quiet=""
     if [ -z "$python" ] || [ -z "$module_dir" ]; then
         moduleInstallErrors="install.sh install is for the CodeProject.AI server's setup (moduleDirPath and venvPythonCmdPath are not set); run 'bash install.sh' on its own instead"
         llamachat_say "ERROR: $moduleInstallErrors" >&2
@@ -145,20 +145,22 @@ llamachat_server_install() {
     fi
     [ "${verbosity:-}" = "quiet" ] && quiet=1
 
-    # The server installs requirements.txt only after this script, but the download needs huggingface_hub now.
-    if ! "$python" -c 'import huggingface_hub' 2>/dev/null; then
-        requirement="$(grep -i -m 1 '^huggingface[-_]hub' "$module_dir/requirements.txt")"
-        [ -n "$requirement" ] || requirement="huggingface_hub"
+    # The server installs requirements.txt only after this script, but fetch_model.py needs two of its packages now:
+    # huggingface_hub downloads the model, commentjson reads modulesettings.json as the server does.
+    for package in huggingface_hub commentjson; do
+        "$python" -c "import $package" 2>/dev/null && continue
+        requirement="$(grep -i -m 1 "^${package//_/[-_]}" "$module_dir/requirements.txt" | sed "s/[[:space:]]*#.*//")"
+        [ -n "$requirement" ] || requirement="$package"
         llamachat_say "installing $requirement to download the model"
         if ! "$python" -m pip install --disable-pip-version-check ${quiet:+--quiet} "$requirement"; then
-            moduleInstallErrors="Unable to install $requirement, which downloads the LlamaChat model"
+            moduleInstallErrors="Unable to install $requirement, which the LlamaChat model download needs"
             llamachat_say "ERROR: $moduleInstallErrors" >&2
             return 1
         fi
-    fi
+    done
 
     # The server's download cache outlives the module folder, so a reinstall need not download 4 GB again.
-    # One path for both keeping and looking up the model (upstream kept it in one place and looked in another).
+    # One path for both keeping and looking up the model (docs/protocol.md §4.1, item 7).
     if [ -n "${downloadDirPath:-}" ]; then
         cache_dir="$downloadDirPath/${modulesDir:-modules}/${assetsDir:-assets}/${moduleDirName:-$(basename "$module_dir")}"
     fi

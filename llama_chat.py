@@ -1,6 +1,6 @@
 """LlamaChat: a thin wrapper over llama-cpp-python's Llama that loads a GGUF chat model and chats with it.
 
-See https://llama-cpp-python.readthedocs.io/ for what create_chat_completion accepts.
+do_chat passes its keyword arguments on to llama-cpp-python's create_chat_completion.
 """
 import os
 from typing import Any, Callable, Dict, Iterator, List, Optional, Union

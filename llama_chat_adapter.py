@@ -10,25 +10,15 @@ from typing import Any, Dict, Optional, Tuple
 
 import llama_cpp
 import psutil
-from codeproject_ai_sdk import JSON, LogVerbosity, ModuleOptions, ModuleRunner, RequestData
+from codeproject_ai_sdk import JSON, LogVerbosity, ModuleRunner, RequestData
 
 from chat_job import FINISH_REASONS, ChatJob
 from chat_request import ChatError, ChatInputs, ChatRequest
 from context_fit import FittedChat, fit_to_context
 from llama_chat import LlamaChat, ModelLoadError
+from llama_settings import LlamaSettings
 
 SELFTEST_PROMPT = "How many planets are there in the solar system?"
-
-
-def _env_int(name: str, default: int, low: int) -> int:
-    raw = ModuleOptions.getEnvVariable(name, str(default))
-    try:
-        value = int(str(raw).strip())
-    except ValueError:
-        value = low - 1
-    if value < low:
-        raise ValueError(f"{name} must be a whole number of at least {low}, not {raw!r}")
-    return value
 
 
 def _gpu_library() -> str:
@@ -46,7 +36,7 @@ class LlamaChat_adapter(ModuleRunner):
         self.llama_chat: Optional[LlamaChat] = None
         self.load_error: Optional[str] = None
         self.job: Optional[ChatJob] = None
-        # A cancel names its command, so a late cancel can never stop the next chat (upstream bug §4.4-2).
+        # A cancel names its command, so a late cancel can never stop the next chat (docs/protocol.md §4.1, item 2).
         self.cancel_id: Optional[str] = None
         self.inputs = ChatInputs(os.path.dirname(os.path.abspath(__file__)))
         # Every llama.cpp call runs on this one thread. llama.cpp's OpenMP keeps a team of worker threads for each
@@ -56,21 +46,17 @@ class LlamaChat_adapter(ModuleRunner):
 
         library = _gpu_library() if self.enable_GPU else ""
         try:
-            self.n_ctx = _env_int("CPAI_MODULE_LLAMA_CONTEXT_SIZE", 4096, 256)
-            threads = _env_int("CPAI_MODULE_LLAMA_THREADS", 0, 0)
+            settings = LlamaSettings.from_env()
+            self.n_ctx = settings.context_size
+            threads = settings.threads
             self.n_threads = threads or psutil.cpu_count(logical=False) or os.cpu_count() or 1
-            self.n_gpu_layers = _env_int("CPAI_MODULE_LLAMA_GPU_LAYERS", -1, -1) if library else 0
-            model_dir = ModuleOptions.getEnvVariable("CPAI_MODULE_LLAMA_MODEL_DIR", "./models")
+            self.n_gpu_layers = settings.gpu_layers if library else 0
             self.llama_chat = self.llama_thread.submit(
-                LlamaChat,
-                repo_id=ModuleOptions.getEnvVariable("CPAI_MODULE_LLAMA_MODEL_REPO", "TheBloke/Mistral-7B-Instruct-v0.2-GGUF").lstrip("@"),
-                fileglob=ModuleOptions.getEnvVariable("CPAI_MODULE_LLAMA_MODEL_FILEGLOB", "*.Q4_K_M.gguf"),
-                filename=ModuleOptions.getEnvVariable("CPAI_MODULE_LLAMA_MODEL_FILENAME", "mistral-7b-instruct-v0.2.Q4_K_M.gguf"),
-                model_dir=os.path.normpath(os.path.join(self.module_path, model_dir)),
+                LlamaChat, repo_id=settings.model_repo, fileglob=settings.model_fileglob,
+                filename=settings.model_filename, model_dir=str(settings.model_dir),
                 n_ctx=self.n_ctx, n_threads=self.n_threads, n_gpu_layers=self.n_gpu_layers,
-                chat_format=ModuleOptions.getEnvVariable("CPAI_MODULE_LLAMA_CHAT_FORMAT", ""),
-                verbose=self.log_verbosity == LogVerbosity.Loud).result()
-        except (ModelLoadError, ValueError) as ex:
+                chat_format=settings.chat_format, verbose=self.log_verbosity == LogVerbosity.Loud).result()
+        except (ModelLoadError, ValueError) as ex:  # ValueError: LlamaSettingsError, an unknown chat format
             self.load_error = str(ex)
             self._log("error", f"LlamaChat has no model, every chat will fail until this is fixed: {ex}")
             return

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from .app import ListenError, serve
-from .context import DEFAULT_PORT, DEFAULT_RESPONSE_TIMEOUT, ServerConfig, default_data_dir
+from .context import ServerConfig
 from .server_log import LEVELS
 from .settings import SettingsError
 
@@ -28,26 +28,27 @@ def _env_assignment(text: str) -> tuple[str, str]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    defaults = ServerConfig(module_dir=REPO_ROOT)  # the one place the defaults are written is ServerConfig
     parser = argparse.ArgumentParser(prog="python -m llamachat_server", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
-                        help=f"port to listen on, 0 for a free one (default {DEFAULT_PORT})")
-    parser.add_argument("--module-dir", type=Path, default=REPO_ROOT,
+    parser.add_argument("--host", default=defaults.host, help="address to listen on (default %(default)s)")
+    parser.add_argument("--port", type=int, default=defaults.port,
+                        help="port to listen on, 0 for a free one (default %(default)s)")
+    parser.add_argument("--module-dir", type=Path, default=defaults.module_dir,
                         help="the module folder, holding modulesettings.json (default: this repository)")
     parser.add_argument("--model", type=Path,
                         help="a GGUF file for the module to load instead of its configured model")
-    parser.add_argument("--python", default=sys.executable,
+    parser.add_argument("--python", default=defaults.python,
                         help="the interpreter that runs the module (default: this one)")
     parser.add_argument("--env", type=_env_assignment, action="append", default=[], metavar="NAME=VALUE",
                         help="set an environment variable of the module, over its settings (repeatable)")
-    parser.add_argument("--response-timeout", type=float, default=DEFAULT_RESPONSE_TIMEOUT,
-                        help=f"seconds a client waits for the module's answer (default {DEFAULT_RESPONSE_TIMEOUT:g})")
-    parser.add_argument("--data-dir", type=Path, default=default_data_dir(),
+    parser.add_argument("--response-timeout", type=float, default=defaults.response_timeout,
+                        help="seconds a client waits for the module's answer (default %(default)g)")
+    parser.add_argument("--data-dir", type=Path, default=defaults.data_dir,
                         help="where the module writes log files when it cannot reach the server "
                              "(CPAI_APPROOTPATH; default %(default)s)")
-    parser.add_argument("--log-level", choices=LEVELS, default="information",
-                        help="lowest log level shown on the console (default information)")
+    parser.add_argument("--log-level", choices=LEVELS, default=defaults.log_level,
+                        help="lowest log level shown on the console (default %(default)s)")
     parser.add_argument("--no-module", action="store_true",
                         help="do not launch the module: serve only, for a module you start yourself")
     args = parser.parse_args(argv)

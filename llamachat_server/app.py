@@ -49,7 +49,7 @@ def create_app(config: ServerConfig) -> web.Application:
 
 
 def quit_payload(module_id: str) -> dict:
-    """The command the real server sends a module to stop it (protocol §1.8)."""
+    """The command the real server sends a module to stop it (docs/protocol.md §1.8)."""
     return {"command": "quit", "values": [{"key": "moduleId", "value": [module_id]}], "files": [],
             "urlSegments": []}
 

@@ -1,4 +1,4 @@
-"""The client side: `POST /v1/<route>` → the module's queue → the module's answer (ProxyController, §2.2)."""
+"""The client side: `POST /v1/<route>` → the module's queue → the module's answer (docs/protocol.md §2.2)."""
 from __future__ import annotations
 
 import time

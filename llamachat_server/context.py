@@ -16,7 +16,7 @@ from .server_log import ServerLog
 from .settings import ModuleSettings
 
 DEFAULT_PORT = 32168
-DEFAULT_RESPONSE_TIMEOUT = 30.0  # the real server's QueueProcessingOptions.ResponseTimeout
+DEFAULT_RESPONSE_TIMEOUT = 30.0  # the real server's response timeout (docs/protocol.md §2.2)
 
 
 def default_data_dir() -> Path:

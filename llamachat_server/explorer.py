@@ -1,10 +1,10 @@
-"""The Explorer: the module's UI cut from its explore.html (protocol §5.1) and the page at `/` that hosts it.
+"""The Explorer: the module's UI cut from its explore.html (docs/protocol.md §5.1) and the page at `/` that hosts it.
 
 The host page (static/) loads the UI the way the real explorer does: it reads
 `uiElements.explorerUI` from `GET /v1/module/list/running`, replaces `_MID_` with `<ModuleId>_`, inserts
 the markup as HTML (so `<script src>` tags inside it do not run, as in the real explorer), and runs the
 script and style as elements of their own. Its helper functions (submitRequest, setResultsHtml,
-showLogOutput, delay...) are our own, with the real helpers' signatures and behaviour (§5.2).
+showLogOutput, delay...) are our own, with the real helpers' signatures and behaviour (docs/protocol.md §5.2).
 """
 from __future__ import annotations
 

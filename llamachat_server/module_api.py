@@ -1,4 +1,4 @@
-"""The module side (QueueController and LogController, protocol §1.2, §1.4–1.6): the module long-polls
+"""The module side (docs/protocol.md §1.2, §1.4–1.6): the module long-polls
 its queue, posts answers, reports its status and sends log entries."""
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ async def get_queue(request: web.Request) -> web.Response:
     if context.is_our_module(request.query.get("moduleId")):
         context.module.seen()
     if not context.queues.has_queue(name):
-        # An empty 200/204 would make the SDK poll again at once, in a tight loop (§1.2); an error
+        # An empty 200/204 would make the SDK poll again at once, in a tight loop (docs/protocol.md §1.2); an error
         # status makes it back off (1 s, doubling, up to 60 s).
         context.log.add(f"A module polled the unknown queue '{name}' (this server serves "
                         f"'{context.settings.queue}'): check CPAI_MODULE_QUEUENAME", "warning")

@@ -2,7 +2,7 @@
 status tracked (Starting → Started → Crashed → Restarting → Started ... → Stopping → Stopped), restarted
 when it dies, and stopped quickly.
 
-Stopping: the SDK never answers `quit` (protocol §1.8), so instead of waiting the real server's 30 s
+Stopping: the SDK never answers `quit` (docs/protocol.md §1.8), so instead of waiting the real server's 30 s
 we post quit, give the module a moment to leave on its own, then terminate it, then kill it.
 """
 from __future__ import annotations

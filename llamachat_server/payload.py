@@ -1,4 +1,4 @@
-"""Turns a client's request into the RequestPayload the module receives (protocol §1.2, §2.2):
+"""Turns a client's request into the RequestPayload the module receives (docs/protocol.md §1.2, §2.2):
 `{command, values: [{key, value: [..]}], files: [{name, filename, contentType, data(base64)}], urlSegments}`.
 
 Accepted bodies: a multipart or urlencoded form, a JSON body in RequestPayload shape, or none. Unlike

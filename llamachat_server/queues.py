@@ -1,4 +1,4 @@
-"""The request queues between clients and modules (the real server's QueueServices, protocol §1.2, §2.2).
+"""The request queues between clients and modules (as in the real server, docs/protocol.md §1.2, §2.2).
 
 A client's request waits here, keyed by a new reqid, until a module takes it with a long poll and posts
 the answer back, or until the response timeout. Requests whose client has given up are dropped rather

@@ -1,4 +1,4 @@
-"""Response shapes of the real server's own endpoints (ServerResponse / ServerErrorResponse, protocol §2.2).
+"""Response shapes of the real server's own endpoints (ServerResponse / ServerErrorResponse, docs/protocol.md §2.2).
 
 Errors come back as HTTP 200 with `success: false`: clients check `success`, not the HTTP status.
 """

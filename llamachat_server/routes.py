@@ -1,4 +1,4 @@
-"""The route map: which module queue and command answer `POST /v1/<route>` (protocol §2.1).
+"""The route map: which module queue and command answer `POST /v1/<route>` (docs/protocol.md §2.1).
 
 Routes compare case-insensitively; a path longer than a route still matches it, the longest route
 winning, and the rest of the path becomes the request's urlSegments (`/v1/text/chat/a/b` → ["a", "b"]).
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from .settings import ModuleSettings, lookup
 
-# Every module also answers these two, for long-running commands (BackendRouteMap.SystemDefaultRouteMaps).
+# Every module also answers these two, for long-running commands (docs/protocol.md §2.1).
 SYSTEM_COMMANDS = ("get_command_status", "cancel_command")
 
 

@@ -14,7 +14,7 @@ from typing import TextIO
 LEVELS = ("trace", "debug", "information", "warning", "error", "critical")
 _ALIASES = {"trce": "trace", "dbug": "debug", "info": "information", "warn": "warning",
             "fail": "error", "crit": "critical"}
-# A stdout line that starts like "warning: ..." or "Info: ..." carries its own level (protocol §1.1 item 5).
+# A stdout line that starts like "warning: ..." or "Info: ..." carries its own level (docs/protocol.md §1.1).
 _LEVEL_PREFIX = re.compile(r"^\s*(" + "|".join(LEVELS + tuple(_ALIASES)) + r"):\s?", re.IGNORECASE)
 _ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
 

@@ -1,9 +1,9 @@
 """A module's settings as the real server reads them, and the environment it starts the module with.
 
-modulesettings.json is layered with its per-OS variants (protocol §3) using .NET configuration rules:
+modulesettings.json is layered with its per-OS variants (docs/protocol.md §3) using .NET configuration rules:
 objects merge key by key (keys compare case-insensitively), arrays merge index by index, scalars
-replace, nothing is ever deleted. The environment follows ModuleProcessServices.BuildBackendEnvironmentVar
-(protocol §1.1): global variables, then the module's EnvironmentVariables (with `@` and macro handling),
+replace, nothing is ever deleted. The environment is built as the real server builds it
+(docs/protocol.md §1.1): global variables, then the module's EnvironmentVariables (with `@` and macro handling),
 then the CPAI_* values the server adds only where the module did not set them.
 """
 from __future__ import annotations
@@ -157,10 +157,6 @@ class ModuleSettings:
     @property
     def route_maps(self) -> list[dict]:
         return list(self.get("RouteMaps", default=[]))
-
-    @property
-    def category(self) -> str:
-        return self.get("PublishingInfo", "Category", default="Other")
 
 
 def _read_settings_file(path: Path) -> dict:

@@ -1,4 +1,4 @@
-"""The server endpoints the Explorer and dashboard read (protocol §2.3): version/ping, module status,
+"""The server endpoints the Explorer and dashboard read (docs/protocol.md §2.3): version/ping, module status,
 running modules with their Explorer UI, and the log."""
 from __future__ import annotations
 

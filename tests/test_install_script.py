@@ -1,4 +1,5 @@
-"""install.sh, both ways in: on its own (`bash install.sh`) and sourced by the server's setup (`source install.sh install`).
+"""install.sh, both ways in: on its own (`bash install.sh`) and sourced by the server's setup
+(`source install.sh install`).
 
 The module folder is copied to a scratch folder for each test. Its `.venv` is a symlink to the project's venv:
 install.sh reuses an existing .venv, as on any re-run, which spares the tests compiling llama-cpp-python.
@@ -15,7 +16,10 @@ from fetch_model import MODULE_DIR, SMALL_MODEL_FILENAME, read_default_model
 from hf_standin import default_model_hub, hub_env, unreachable_hub_url
 
 DEFAULT = read_default_model()
-MODULE_FILES = ("install.sh", "fetch_model.py", "requirements.txt", "modulesettings.json")
+# What install.sh and fetch_model.py use: fetch_model.py reads its settings with llama_settings.py, which reads
+# modulesettings.json with the standalone server's code.
+MODULE_FILES = ("install.sh", "fetch_model.py", "llama_settings.py", "llama_chat_adapter.py", "requirements.txt",
+                "modulesettings.json", "llamachat_server/__init__.py", "llamachat_server/settings.py")
 PROJECT_PYTHON = MODULE_DIR / ".venv" / "bin" / "python"
 
 
@@ -30,6 +34,7 @@ def module_dir(tmp_path) -> Path:
     folder = tmp_path / "LlamaChat"
     folder.mkdir()
     for name in MODULE_FILES:
+        (folder / name).parent.mkdir(exist_ok=True)
         shutil.copy(MODULE_DIR / name, folder / name)
     (folder / ".venv").symlink_to(MODULE_DIR / ".venv", target_is_directory=True)
     return folder
@@ -132,7 +137,8 @@ def test_sourced_failure_sets_module_install_errors_and_returns_to_the_server(hu
 
 
 def test_sourced_without_the_server_variables_says_how_to_run_it(module_dir, tmp_path):
-    script = f"source {shlex.quote(str(module_dir / 'install.sh'))} install\necho \"status=$? errors=[$moduleInstallErrors]\""
+    script = (f"source {shlex.quote(str(module_dir / 'install.sh'))} install\n"
+              "echo \"status=$? errors=[$moduleInstallErrors]\"")
     result = run_bash(script, hub_env(unreachable_hub_url(), tmp_path), cwd=tmp_path)
 
     assert "status=1" in result.stdout

@@ -1,9 +1,9 @@
-"""modulesettings.json against the rules the real server applies when it loads a module (protocol notes §3)."""
+"""modulesettings.json against the rules the real server applies when it loads a module (docs/protocol.md §3)."""
 import json
 
 from tests.conftest import ROOT
 
-SERVER_VERSION = (2, 9, 6)  # the server version the protocol notes describe
+SERVER_VERSION = (2, 9, 6)  # the server version docs/protocol.md describes
 
 settings = json.loads((ROOT / "modulesettings.json").read_text())
 module_id, module = next(iter(settings["Modules"].items()))
@@ -38,7 +38,8 @@ def test_platforms_exclude_only_what_cannot_run_it():
 
 def test_chat_route_as_clients_expect_it():
     route = module["RouteMaps"][0]
-    assert (route["Route"], route["Method"], route["Command"], route["MeshEnabled"]) == ("text/chat", "POST", "prompt", False)
+    assert (route["Route"], route["Method"], route["Command"], route["MeshEnabled"]) == (
+        "text/chat", "POST", "prompt", False)
     assert module["PublishingInfo"]["Category"] == "Generative AI"  # the Explorer tab it appears on
     names = [i["Name"] for i in route["Inputs"]]
     assert names[:1] == ["prompt"] and {"system_prompt", "max_tokens", "temperature", "messages", "top_p", "top_k",

@@ -1,5 +1,5 @@
 """Chatting through llamachat_server: real HTTP, the real SDK in the real module process, the real SmolLM2
-model. Response fields are checked against protocol §2.2 field for field."""
+model. Response fields are checked against docs/protocol.md §2.2 field for field."""
 import pytest
 import requests
 
@@ -12,10 +12,12 @@ ACK_FIELDS = ENVELOPE | {"success", "message", "commandId", "commandStatus"}
 RUNNING_FIELDS = ACK_FIELDS | {"reply"}
 COMPLETED_FIELDS = RUNNING_FIELDS | {"error", "stop_reason", "processMs", "inferenceMs"}
 CANCEL_FIELDS = ACK_FIELDS
-# LlamaChat's own live metrics, on top of §2.2's fields.
+# LlamaChat's own live metrics, on top of the fields of docs/protocol.md §2.2.
 METRICS = {"model", "model_fallback", "prompt_tokens", "cached_tokens", "completion_tokens", "tokens_per_second",
            "time_to_first_token_ms", "elapsed_ms", "dropped_turns"}
 STORY = "Write a very long story about a dragon who learns to bake bread. Describe every step in detail."
+# Tokens for the story: a reply still running when a test looks, however fast the machine (the context is 2048).
+LONG = "1900"
 
 
 @pytest.fixture(scope="module")
@@ -62,25 +64,39 @@ def assert_fields(answer, expected):
     assert keys - expected <= METRICS, f"unexpected {keys - expected - METRICS}"
 
 
-def test_form_chat_streams_a_growing_reply_that_completes(base_url):
-    ack = start_chat(base_url, prompt="List the colours of the rainbow.", max_tokens="40", temperature="0")
+def test_form_chat_streams_a_growing_reply(base_url):
+    ack = start_chat(base_url, prompt=STORY, max_tokens=LONG, temperature="0")
     assert set(ack) == ACK_FIELDS
     assert ack["message"] == "Command is running in the background"
     assert ack["commandStatus"] == "running" and ack["code"] == 200 and ack["command"] == "prompt"
     assert ack["commandId"] == ack["requestId"]
     assert ack["moduleId"] == "LlamaChat" and ack["processedBy"] == "localhost"
 
-    running, final = follow(base_url, ack["commandId"])
+    running = []
+
+    def grown_twice():
+        answer = status(base_url, ack["commandId"])
+        running.append(answer)
+        return len({answer["reply"] for answer in running if answer["reply"]}) >= 2
+
+    poll(grown_twice, 60, "the reply to grow", interval=0.01)
+    post(base_url, "LlamaChat/cancel_command", commandId=ack["commandId"])
+    _, final = follow(base_url, ack["commandId"])
     for answer in running:
         assert_fields(answer, RUNNING_FIELDS)
+        assert answer["success"] is True and answer["commandStatus"] == "running"
         assert answer["message"] == "The long running command is still in progress"
         assert answer["command"] == "get_command_status" and answer["requestId"] != ack["commandId"]
         assert answer["commandId"] == ack["commandId"]
     partials = [answer["reply"] for answer in running if answer["reply"]]
-    assert len(set(partials)) >= 2, "the reply should be seen growing while it is generated"
     assert all(final["reply"].startswith(partial) for partial in partials)
     assert [len(p) for p in partials] == sorted(len(p) for p in partials)
 
+
+def test_form_chat_completes_with_every_field(base_url):
+    ack = start_chat(base_url, prompt="List the colours of the rainbow.", max_tokens="40", temperature="0")
+    running, final = follow(base_url, ack["commandId"])
+    assert all(final["reply"].startswith(answer["reply"]) for answer in running)  # if any was seen: fast or not
     assert_fields(final, COMPLETED_FIELDS)
     assert final["success"] is True and final["error"] is None
     assert final["message"] == "Command has completed" and final["commandStatus"] == "completed"
@@ -101,7 +117,7 @@ def test_json_request_payload_chat_works_too(base_url):
 
 
 def test_cancel_mid_reply_keeps_the_partial_reply(base_url):
-    ack = start_chat(base_url, prompt=STORY, max_tokens="400")
+    ack = start_chat(base_url, prompt=STORY, max_tokens=LONG)
     partial = poll(lambda: status(base_url, ack["commandId"])["reply"], 60, "the first words of the reply",
                    interval=0.01)
 
@@ -115,11 +131,11 @@ def test_cancel_mid_reply_keeps_the_partial_reply(base_url):
     assert_fields(final, COMPLETED_FIELDS)
     assert final["stop_reason"] == "cancelled"
     assert final["reply"].startswith(partial) and final["reply"].strip()
-    assert final["completion_tokens"] < 400
+    assert final["completion_tokens"] < int(LONG)
 
 
 def test_a_second_chat_while_one_runs_is_refused_clearly(base_url):
-    first = start_chat(base_url, prompt=STORY, max_tokens="400")
+    first = start_chat(base_url, prompt=STORY, max_tokens=LONG)
     second = post(base_url, "text/chat", prompt="Hello?")
     assert second["success"] is False
     assert second["error"] == "A long running command is already in progress"
@@ -145,8 +161,3 @@ def test_bad_chat_input_is_refused_before_a_command_starts(base_url):
     answer = post(base_url, "text/chat", prompt="Hi", max_tokens="lots")
     assert answer["success"] is False and "max_tokens" in answer["error"]
     assert "commandId" not in answer
-
-
-def test_unknown_route_is_404(base_url):
-    response = requests.post(f"{base_url}/v1/text/nothing", data={"prompt": "x"}, timeout=10)
-    assert response.status_code == 404 and response.json()["success"] is False

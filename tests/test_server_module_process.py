@@ -10,8 +10,10 @@ import pytest
 import requests
 
 from live_server import ROOT, poll, running_server, server_log_path, server_status
+from llama_chat_adapter import _gpu_library
 
 STORY = "Write a very long story about a lighthouse keeper. Describe every day in detail."
+LONG = "1900"  # tokens: a story still being written when the test stops the server, however fast the machine
 
 
 def chat(base_url, prompt="Say hi.", max_tokens="8"):
@@ -46,25 +48,43 @@ def test_module_gets_the_environment_the_real_server_builds(base_url, smollm2):
     assert env["CPAI_MODULE_PATH"] == str(ROOT)
     assert env["CPAI_MODULE_LLAMA_MODEL_REPO"] == "TheBloke/Mistral-7B-Instruct-v0.2-GGUF"  # '@' stripped
     # --model and --env win over the module's settings.
-    assert env["CPAI_MODULE_LLAMA_MODEL_DIR"] == str(smollm2.parent)
+    assert env["CPAI_MODULE_LLAMA_MODEL_DIR"] == str(smollm2.resolve().parent)
     assert env["CPAI_MODULE_LLAMA_MODEL_FILENAME"] == smollm2.name
     assert env["CPAI_MODULE_LLAMA_CONTEXT_SIZE"] == "2048" and env["CPAI_MODULE_LLAMA_THREADS"] == "2"
 
 
+def log_entries(base_url):
+    return requests.get(f"{base_url}/v1/log/list", params={"count": 10000}, timeout=10).json()["entries"]
+
+
 def test_module_output_and_status_reach_the_server(base_url, smollm2):
-    entries = requests.get(f"{base_url}/v1/log/list", params={"count": 10000}, timeout=10).json()["entries"]
-    module_lines = [e for e in entries if e["category"] == "LlamaChat"]
-    assert any("Using model" in e["entry"] and smollm2.name in e["entry"] for e in module_lines)
-    assert all(e["level"] in ("trace", "debug", "information", "warning", "error", "critical") for e in entries)
-    # The SDK posts its status every 2 s; LlamaChat adds its model to it.
+    module_lines = [e for e in log_entries(base_url) if e["category"] == "LlamaChat"]
+    # The module prints "info: Using model ...": the level is read from the prefix, which leaves the text.
+    (using,) = [e for e in module_lines if "Using model" in e["entry"]]
+    assert using["entry"].startswith("Using model '") and smollm2.name in using["entry"]
+    assert using["level"] == "information"
+    # The SDK posts its status every 2 s; LlamaChat adds its model to it, and the device this llama.cpp build uses.
     status_data = poll(lambda: server_status(base_url)["statusData"], 10, "the module's status data")
-    assert status_data["model"] == smollm2.name and status_data["inferenceDevice"] in ("CPU", "GPU")
+    library = _gpu_library()  # "" for a llama.cpp built for the CPU only
+    assert status_data["model"] == smollm2.name
+    assert (status_data["inferenceDevice"], status_data["inferenceLibrary"]) == (("GPU", library) if library
+                                                                                 else ("CPU", ""))
 
     running = requests.get(f"{base_url}/v1/module/list/running", timeout=10).json()["modules"]
     assert [m["moduleId"] for m in running] == ["LlamaChat"]
     assert running[0]["launchSettings"]["queue"] == "llamachat_queue"
     assert running[0]["publishingInfo"]["category"] == "Generative AI"
     assert set(running[0]["uiElements"]["explorerUI"]) == {"html", "css", "script"}
+
+
+def test_module_error_lines_are_logged_as_errors(smollm2):
+    # A setting the module refuses: it prints "error: ..." and starts without loading a model (so at once).
+    with running_server(smollm2, CPAI_MODULE_LLAMA_CHAT_FORMAT="no-such-format") as url:
+        (error,) = poll(lambda: [e for e in log_entries(url) if "LlamaChat has no model" in e["entry"]], 10,
+                        "the module's error line")
+    assert error["level"] == "error" and error["category"] == "LlamaChat"
+    assert error["entry"].startswith("LlamaChat has no model, every chat will fail until this is fixed: "
+                                     "CPAI_MODULE_LLAMA_CHAT_FORMAT must be one of")
 
 
 def test_killed_module_is_reported_crashed_then_restarted_and_chats_again(base_url):
@@ -74,8 +94,7 @@ def test_killed_module_is_reported_crashed_then_restarted_and_chats_again(base_u
     poll(lambda: server_status(base_url)["status"] == "Crashed", 10, "the status Crashed", interval=0.02)
     after = poll(lambda: (s := server_status(base_url))["status"] == "Started" and s, 60, "the restart")
     assert after["pid"] != before["pid"] and after["restarts"] == before["restarts"] + 1
-    log = requests.get(f"{base_url}/v1/log/list", params={"count": 10000}, timeout=10).json()["entries"]
-    assert any("crashed" in e["entry"] and e["level"] == "error" for e in log)
+    assert any("crashed" in e["entry"] and e["level"] == "error" for e in log_entries(base_url))
 
     final = finished(base_url, chat(base_url))
     assert final["success"] is True and final["reply"].strip()
@@ -86,7 +105,7 @@ def test_ctrl_c_stops_server_and_module_quickly_even_mid_chat(smollm2):
         module = psutil.Process(server_status(base_url)["pid"])
         server = module.parent()
         log_path = server_log_path(base_url)
-        command_id = chat(base_url, prompt=STORY, max_tokens="400")
+        command_id = chat(base_url, prompt=STORY, max_tokens=LONG)
         poll(lambda: requests.post(f"{base_url}/v1/LlamaChat/get_command_status", data={"commandId": command_id},
                                    timeout=40).json()["reply"], 60, "the reply to begin")
 

@@ -1,5 +1,5 @@
 """llamachat_server's wire protocol over real HTTP, with the test itself in the module's seat: it long-polls
-the queue, reads the queued request exactly as a module receives it, and posts answers back (protocol §1, §2).
+the queue, reads the queued request exactly as a module receives it, and posts answers back (docs/protocol.md §1, §2).
 No module process is launched here (--no-module); tests/test_server_chat.py runs the real module."""
 import asyncio
 import base64

@@ -1,12 +1,11 @@
-"""How llamachat_server reads modulesettings (per-OS layering, §3) and builds the module's environment (§1.1)."""
+"""How llamachat_server reads modulesettings (docs/protocol.md §3) and builds the module's environment (§1.1)."""
 import json
 
 import pytest
 
 from conftest import ROOT
 from llamachat_server.routes import Route, RouteMap
-from llamachat_server.settings import (HostPlatform, SettingsError, load_module_settings, merge_layer,
-                                       module_environment)
+from llamachat_server.settings import HostPlatform, SettingsError, load_module_settings, merge_layer, module_environment
 
 LINUX = HostPlatform("linux", "x64")
 WINDOWS = HostPlatform("windows", "x64")
