@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .app import ListenError, serve
 from .context import DEFAULT_PORT, DEFAULT_RESPONSE_TIMEOUT, ServerConfig, default_data_dir
+from .cors import OriginPatternError, parse_origin_patterns
 from .server_log import LEVELS
 from .settings import SettingsError
 
@@ -30,7 +31,8 @@ def _env_assignment(text: str) -> tuple[str, str]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m llamachat_server", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1; any other has no authentication: a warning)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT,
                         help=f"port to listen on, 0 for a free one (default {DEFAULT_PORT})")
     parser.add_argument("--module-dir", type=Path, default=REPO_ROOT,
@@ -49,8 +51,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--log-level", choices=LEVELS, default="information",
                         help="lowest log level shown on the console (default information)")
     parser.add_argument("--no-module", action="store_true",
-                        help="do not launch the module: serve only, for a module you start yourself")
+                        help="do not launch the module: serve only, for a module you start yourself (the module "
+                             "endpoints then accept any process of your user)")
+    parser.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                        help="also let web pages from ORIGIN call the server (repeatable or comma-separated; "
+                             "* for any, null for explore.html opened from a file, https://*.example.com); "
+                             "this machine's origins (localhost, 127.0.0.1, [::1]) always may")
     args = parser.parse_args(argv)
+    try:
+        args.allow_origin = parse_origin_patterns(args.allow_origin)
+    except OriginPatternError as ex:
+        parser.error(f"--allow-origin: {ex}")
     if args.model is not None and not args.model.is_file():
         parser.error(f"--model {args.model}: no such file")
     if args.response_timeout <= 0:
@@ -66,7 +77,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         overrides["CPAI_MODULE_LLAMA_MODEL_FILENAME"] = model.name
     return ServerConfig(module_dir=args.module_dir, host=args.host, port=args.port, python=args.python,
                         env_overrides=overrides, response_timeout=args.response_timeout,
-                        data_dir=args.data_dir, log_level=args.log_level, launch_module=not args.no_module)
+                        data_dir=args.data_dir, log_level=args.log_level, launch_module=not args.no_module,
+                        allowed_origins=args.allow_origin)
 
 
 async def _run(config: ServerConfig) -> None:
