@@ -58,9 +58,9 @@ class HostCheck:
         async def check_host(request: web.Request, handler) -> web.StreamResponse:
             host = request.headers.get("Host")
             if host is not None and not self.allows(host):
-                return error_response(self._hostname, f"Forbidden: Host '{host}' is not a name of this server (a web page "
-                                      f"reached through a re-pointed domain name, DNS rebinding, is refused); use "
-                                      f"localhost or 127.0.0.1", code=403, http_status=403)
+                return error_response(self._hostname, f"Forbidden: Host '{host}' is not a name of this server (a "
+                                      f"web page reached through a re-pointed domain name, DNS rebinding, is "
+                                      f"refused); use localhost or 127.0.0.1", code=403, http_status=403)
             return await handler(request)
         return check_host
 

@@ -8,7 +8,6 @@ resolved (no /proc: macOS, Windows) every process on this machine is accepted, a
 """
 from __future__ import annotations
 
-import ipaddress
 import os
 import weakref
 from typing import Awaitable, Callable
@@ -16,7 +15,7 @@ from typing import Awaitable, Callable
 from aiohttp import web
 
 from .module_process import ModuleProcess
-from .peer import can_resolve_peers, find_peer_socket, owner_among, process_tree
+from .peer import can_resolve_peers, find_peer_socket, normal_ip, owner_among, process_tree
 from .responses import error_response
 from .server_log import ServerLog
 
@@ -60,7 +59,7 @@ class ModuleAccess:
 
     def _judge(self, peer: tuple, ours: tuple) -> tuple[str | None, str]:
         """(refusal or None, who the peer is, for the log)."""
-        if not ipaddress.ip_address(peer[0].split("%")[0]).is_loopback:
+        if not normal_ip(peer[0]).is_loopback:
             return f"the module endpoints serve only the module on this machine, not {peer[0]}", peer[0]
         if not self._resolvable:
             return None, "a local process"

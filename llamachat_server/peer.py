@@ -27,7 +27,7 @@ def can_resolve_peers() -> bool:
     return (PROC / "net" / "tcp").is_file()
 
 
-def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+def normal_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     """An address as Python's sockets give it ('::1', '::ffff:127.0.0.1', 'fe80::1%lo'), IPv4-mapped → IPv4:
     a dual-stack listener sees an IPv4 client as ::ffff:127.0.0.1 while the client's socket is plain IPv4."""
     ip = ipaddress.ip_address(text.split("%")[0])
@@ -38,13 +38,13 @@ def _proc_address(field: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Add
     """'0100007F:D7F0' → (127.0.0.1, 55280): the kernel prints each 32-bit word of the address in host order."""
     host_hex, port_hex = field.split(":")
     raw = b"".join(int(host_hex[i:i + 8], 16).to_bytes(4, sys.byteorder) for i in range(0, len(host_hex), 8))
-    return _ip(str(ipaddress.ip_address(raw))), int(port_hex, 16)
+    return normal_ip(str(ipaddress.ip_address(raw))), int(port_hex, 16)
 
 
 def find_peer_socket(peer: tuple, ours: tuple) -> PeerSocket | None:
     """The socket at the other end of the connection from `peer` to `ours` (sockname tuples, as aiohttp's
     transport gives them), or None when it is not on this machine or already closed."""
-    wanted_local, wanted_remote = (_ip(peer[0]), peer[1]), (_ip(ours[0]), ours[1])
+    wanted_local, wanted_remote = (normal_ip(peer[0]), peer[1]), (normal_ip(ours[0]), ours[1])
     for table in _TABLES:
         try:
             lines = (PROC / "net" / table).read_text().splitlines()[1:]

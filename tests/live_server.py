@@ -8,8 +8,9 @@
 running_server(model_path, module_dir=ROOT, *, context_size=2048, start_timeout=120, server_args=(), **env)
   Starts the server on a free loopback port as a subprocess, the module loading `model_path`; extra keyword
   arguments become the module's environment variables (e.g. CPAI_MODULE_LLAMA_THREADS="2"), over its
-  settings; `server_args` are more command-line options (e.g. ("--allow-origin", "null")). Yields the base URL once the module's status is Started; stops the server (Ctrl+C, as a person
-  would) on leaving, killing it if it does not end within 15 s. If startup fails, the error shows the
+  settings; `server_args` are more command-line options (e.g. ("--allow-origin", "null")). Yields the base
+  URL once the module's status is Started; stops the server (Ctrl+C, as a person would) on leaving, killing it
+  if it does not end within 15 s. If startup fails, the error shows the
   server's log. The server's console log is kept at `server_log_path(base_url)` while it runs.
 server_status(base_url) -> dict
   The module's ProcessStatus from GET /v1/module/list/status (status, pid, restarts, statusData...).

@@ -7,6 +7,7 @@
 - --host other than loopback warns that the API has no authentication."""
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +20,7 @@ import requests
 from live_server import ROOT, poll, running_server, serve_in_thread, server_status
 from llamachat_server.context import ServerConfig
 from llamachat_server.host_check import HostCheck
+from llamachat_server.peer import find_peer_socket, owner_among, process_tree
 
 QUEUE = "llamachat_queue"
 MODULE_ENDPOINTS = [  # (method, path, form) of every endpoint only the module may use
@@ -44,6 +46,52 @@ def chat_to_the_end(base_url, prompt="Say hi.", max_tokens="8"):
                                timeout=40).json()
         return answer if answer.get("commandStatus") == "completed" else None
     return poll(completed, 60, "the chat to complete")
+
+
+# ---- Resolving a connection's peer (peer.py) on real sockets ---------------------------------------------
+
+CHILD_CONNECTS = """
+import socket, sys
+client = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+print(client.getsockname()[1], flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.parametrize("family, address", [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")])
+def test_peer_of_a_connection_is_found_with_its_owner(family, address):
+    with socket.create_server((address, 0), family=family) as listener:
+        with socket.create_connection(listener.getsockname()[:2]) as client:
+            accepted, peer = listener.accept()
+            with accepted:
+                found = find_peer_socket(peer, accepted.getsockname())
+                assert found is not None and found.uid == os.geteuid()
+                assert owner_among(found.inode, [os.getpid()]) == os.getpid()
+                if family == socket.AF_INET:  # as a dual-stack listener sees an IPv4 client
+                    assert find_peer_socket(("::ffff:" + peer[0], peer[1]), accepted.getsockname()) == found
+                # The server's own end of the connection is a different socket.
+                ours = find_peer_socket(accepted.getsockname(), client.getsockname())
+                assert ours is not None and ours.inode != found.inode
+
+
+def test_a_socket_held_by_a_grandchild_belongs_to_the_process_tree():
+    """A module started through a wrapper (a shell running python as its child) is still the module."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        wrapper = subprocess.Popen(["/bin/sh", "-c", f'"{sys.executable}" -c "$0" "$1"; true', CHILD_CONNECTS,
+                                    str(listener.getsockname()[1])], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   text=True)
+        try:
+            wrapper.stdout.readline()
+            accepted, peer = listener.accept()
+            with accepted:
+                found = find_peer_socket(peer, accepted.getsockname())
+                assert found is not None
+                tree = process_tree(wrapper.pid)
+                assert tree[0] == wrapper.pid and len(tree) >= 2
+                assert owner_among(found.inode, [wrapper.pid]) is None  # the shell itself does not hold it
+                assert owner_among(found.inode, tree) in tree[1:]
+        finally:
+            wrapper.communicate("", timeout=10)
 
 
 # ---- The launched module, and a rogue local client -------------------------------------------------------
@@ -125,6 +173,21 @@ def test_no_module_serves_a_module_of_the_same_user(no_module_server):
     entries = log_entries(no_module_server)
     assert any("--no-module: the module endpoints" in e["entry"] and f"uid {os.geteuid()}" in e["entry"]
                for e in entries), "the server should say at startup whom it accepts"
+
+
+def test_a_connection_is_judged_once_however_many_requests_it_carries(no_module_server, monkeypatch):
+    """The SDK keeps its connection open: its polls must not each pay for the /proc lookup (counted by a wrapper
+    around the real lookup)."""
+    import llamachat_server.module_access as module_access
+    lookups = []
+    real_lookup = module_access.find_peer_socket
+    monkeypatch.setattr(module_access, "find_peer_socket", lambda *args: lookups.append(args) or real_lookup(*args))
+    for _ in range(2):
+        with requests.Session() as module:
+            for _ in range(5):
+                assert module.post(f"{no_module_server}/v1/log/", data={"entry": "kept-alive"},
+                                   timeout=5).json() == {"success": True}
+    assert len(lookups) == 2  # one per connection, not ten
 
 
 ROGUE_OF_ANOTHER_USER = """
