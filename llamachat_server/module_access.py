@@ -20,6 +20,8 @@ from .responses import error_response
 from .server_log import ServerLog
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# Refusals are logged once per peer (a user id, or a remote address); past this many peers, no more are logged.
+MAX_LOGGED_PEERS = 1024
 
 
 class ModuleAccess:
@@ -51,7 +53,7 @@ class ModuleAccess:
             peer, ours = transport.get_extra_info("peername"), transport.get_extra_info("sockname")
             verdict, who = self._judge(peer, ours)
             self._verdicts[transport] = verdict
-            if verdict is not None and who not in self._warned:
+            if verdict is not None and who not in self._warned and len(self._warned) < MAX_LOGGED_PEERS:
                 self._warned.add(who)
                 self._log.add(f"Refused {request.method} {request.path} from {who}: {verdict} (further refusals "
                               f"from {who} are not logged)", "warning")
