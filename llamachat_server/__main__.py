@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .app import ListenError, serve
 from .context import ServerConfig
+from .cors import OriginPatternError, parse_origin_patterns
 from .server_log import LEVELS
 from .settings import SettingsError
 
@@ -31,7 +32,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     defaults = ServerConfig(module_dir=REPO_ROOT)  # the one place the defaults are written is ServerConfig
     parser = argparse.ArgumentParser(prog="python -m llamachat_server", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--host", default=defaults.host, help="address to listen on (default %(default)s)")
+    parser.add_argument("--host", default=defaults.host,
+                        help="address to listen on (default %(default)s; any other has no authentication: a warning)")
     parser.add_argument("--port", type=int, default=defaults.port,
                         help="port to listen on, 0 for a free one (default %(default)s)")
     parser.add_argument("--module-dir", type=Path, default=defaults.module_dir,
@@ -50,8 +52,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--log-level", choices=LEVELS, default=defaults.log_level,
                         help="lowest log level shown on the console (default %(default)s)")
     parser.add_argument("--no-module", action="store_true",
-                        help="do not launch the module: serve only, for a module you start yourself")
+                        help="do not launch the module: serve only, for a module you start yourself (the module "
+                             "endpoints then accept any process of your user)")
+    parser.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                        help="also let web pages from ORIGIN call the server (repeatable or comma-separated; "
+                             "* for any, null for explore.html opened from a file, https://*.example.com); "
+                             "this machine's origins (localhost, 127.0.0.1, [::1]) always may")
     args = parser.parse_args(argv)
+    try:
+        args.allow_origin = parse_origin_patterns(args.allow_origin)
+    except OriginPatternError as ex:
+        parser.error(f"--allow-origin: {ex}")
     if args.model is not None and not args.model.is_file():
         parser.error(f"--model {args.model}: no such file")
     if args.response_timeout <= 0:
@@ -67,7 +78,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         overrides["CPAI_MODULE_LLAMA_MODEL_FILENAME"] = model.name
     return ServerConfig(module_dir=args.module_dir, host=args.host, port=args.port, python=args.python,
                         env_overrides=overrides, response_timeout=args.response_timeout,
-                        data_dir=args.data_dir, log_level=args.log_level, launch_module=not args.no_module)
+                        data_dir=args.data_dir, log_level=args.log_level, launch_module=not args.no_module,
+                        allowed_origins=args.allow_origin)
 
 
 async def _run(config: ServerConfig) -> None:

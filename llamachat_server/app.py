@@ -4,14 +4,17 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import sys
 from typing import Callable
 
 from aiohttp import web
 
 from .client_api import handle_module_route
 from .context import CONTEXT, ServerConfig, ServerContext
-from .cors import allow_any_origin
+from .cors import OriginPolicy
 from .explorer import add_explorer_routes
+from .host_check import HostCheck, is_loopback_host
+from .module_access import MODULE_ACCESS, ModuleAccess
 from .module_api import add_module_routes
 from .module_process import ModuleProcess, interpreter_command
 from .queues import RequestQueues
@@ -38,8 +41,13 @@ def create_app(config: ServerConfig) -> web.Application:
                            str(settings.module_dir), log,
                            on_exit=lambda reason: queues.fail_taken(settings.queue, reason))
 
-    app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[allow_any_origin])
-    app[CONTEXT] = ServerContext(config, settings, routes, queues, log, module)
+    context = ServerContext(config, settings, routes, queues, log, module)
+    app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[
+        HostCheck(config.host, context.hostname).middleware(),
+        OriginPolicy(config.allowed_origins, context.hostname).middleware(),
+    ])
+    app[CONTEXT] = context
+    app[MODULE_ACCESS] = ModuleAccess(module, config.launch_module, log, context.hostname)
     add_status_routes(app)
     add_module_routes(app)
     add_explorer_routes(app)
@@ -71,6 +79,14 @@ def bind_sockets(host: str, port: int) -> list[socket.socket]:
     return sockets
 
 
+def no_authentication_warning(host: str) -> str | None:
+    """The warning for a server that other machines may reach, or None for a loopback one."""
+    if is_loopback_host(host):
+        return None
+    return (f"Listening on {host or 'every interface'}: the API has no authentication, so anyone who can reach this "
+            f"address can chat with the model and read the server's log; use it only on a network you trust")
+
+
 def base_url(host: str, port: int) -> str:
     shown = "127.0.0.1" if host in _WILDCARDS else host
     return f"http://[{shown}]:{port}/" if ":" in shown else f"http://{shown}:{port}/"
@@ -81,6 +97,13 @@ async def serve(config: ServerConfig, stop: asyncio.Event, on_ready: Callable[[s
     has been launched. Stopping ends the module first (so its last words are still logged), then HTTP."""
     app = create_app(config)
     context = app[CONTEXT]
+    exposed = no_authentication_warning(config.host)
+    if exposed:
+        print(f"WARNING: {exposed}", file=sys.stderr, flush=True)
+        context.log.add(exposed, "warning")
+    access_notice = app[MODULE_ACCESS].startup_notice()
+    if access_notice:
+        context.log.add(*access_notice)
     runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=2.0)
     await runner.setup()
     try:

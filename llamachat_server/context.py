@@ -36,6 +36,7 @@ class ServerConfig:
     data_dir: Path = field(default_factory=default_data_dir)
     log_level: str = "information"  # the lowest level echoed to the console
     launch_module: bool = True  # False: serve only, for a module started by hand (e.g. in a debugger)
+    allowed_origins: list[str] = field(default_factory=list)  # web origins allowed beyond this machine's (cors.py)
 
 
 @dataclass

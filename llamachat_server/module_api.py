@@ -7,6 +7,7 @@ import json
 from aiohttp import web
 
 from .context import CONTEXT
+from .module_access import MODULE_ACCESS
 
 # A poll returns empty (204) after this long, well inside the SDK's 15 s client timeout, so a request is
 # never handed to a poll the module has already given up on.
@@ -76,8 +77,10 @@ async def add_log(request: web.Request) -> web.Response:
 
 
 def add_module_routes(app: web.Application) -> None:
-    app.router.add_get("/v1/queue/{name}", get_queue)
-    app.router.add_post("/v1/queue/updatemodulestatus/{module_id}", update_module_status)
-    app.router.add_post("/v1/queue/{reqid}", post_response)
-    app.router.add_post("/v1/log/", add_log)
-    app.router.add_post("/v1/log", add_log)
+    """Every one of them for the module alone (module_access.py)."""
+    module_only = app[MODULE_ACCESS].guard
+    app.router.add_get("/v1/queue/{name}", module_only(get_queue))
+    app.router.add_post("/v1/queue/updatemodulestatus/{module_id}", module_only(update_module_status))
+    app.router.add_post("/v1/queue/{reqid}", module_only(post_response))
+    app.router.add_post("/v1/log/", module_only(add_log))
+    app.router.add_post("/v1/log", module_only(add_log))

@@ -5,25 +5,31 @@
     with running_server(smollm2_path()) as base_url:          # e.g. "http://127.0.0.1:41234"
         requests.post(f"{base_url}/v1/text/chat", data={"prompt": "Hi", "max_tokens": "16"})
 
-running_server(model_path, module_dir=ROOT, *, context_size=2048, start_timeout=120, **env)
+running_server(model_path, module_dir=ROOT, *, context_size=2048, start_timeout=120, server_args=(), **env)
   Starts the server on a free loopback port as a subprocess, the module loading `model_path`; extra keyword
   arguments become the module's environment variables (e.g. CPAI_MODULE_LLAMA_THREADS="2"), over its
-  settings. Yields the base URL once the module's status is Started; stops the server (Ctrl+C, as a person
-  would) on leaving, killing it if it does not end within 15 s. If startup fails, the error shows the
+  settings; `server_args` are more command-line options (e.g. ("--allow-origin", "null")). Yields the base
+  URL once the module's status is Started; stops the server (Ctrl+C, as a person would) on leaving, killing it
+  if it does not end within 15 s. If startup fails, the error shows the
   server's log. The server's console log is kept at `server_log_path(base_url)` while it runs.
 server_status(base_url) -> dict
   The module's ProcessStatus from GET /v1/module/list/status (status, pid, restarts, statusData...).
+serve_in_thread(config) -> base URL
+  A context manager: llamachat_server.app.serve(config) in a background thread of this process (a ServerConfig,
+  usually launch_module=False so the test itself plays the module), stopped on leaving.
 poll(condition, timeout, what) -> value
   Calls condition() until it returns something truthy and returns that; AssertionError after `timeout` s.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -36,6 +42,8 @@ if str(ROOT) not in sys.path:  # usable outside pytest too (benchmarks run as sc
     sys.path.insert(0, str(ROOT))
 
 from llamachat_server.__main__ import READY_PREFIX  # noqa: E402
+from llamachat_server.app import serve  # noqa: E402
+from llamachat_server.context import ServerConfig  # noqa: E402
 
 STOP_TIMEOUT = 15.0
 
@@ -100,7 +108,7 @@ def _stop(process: subprocess.Popen) -> None:
 
 @contextmanager
 def running_server(model_path: os.PathLike, module_dir: os.PathLike = ROOT, *, context_size: int = 2048,
-                   start_timeout: float = 120.0, **env: str) -> Iterator[str]:
+                   start_timeout: float = 120.0, server_args: tuple[str, ...] = (), **env: str) -> Iterator[str]:
     # One thread by default: two llama.cpp threads collapse to a few tokens/s when the browser or anything else
     # wants a core of this 2-core machine, and tests need steady progress more than speed.
     module_env = {"CPAI_MODULE_LLAMA_CONTEXT_SIZE": str(context_size), "CPAI_MODULE_LLAMA_THREADS": "1",
@@ -111,6 +119,7 @@ def running_server(model_path: os.PathLike, module_dir: os.PathLike = ROOT, *, c
                    "--module-dir", str(module_dir), "--model", str(model_path), "--data-dir", scratch]
         for name, value in module_env.items():
             command += ["--env", f"{name}={value}"]
+        command += list(server_args)
         with open(log_path, "wb") as log:
             process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -126,3 +135,22 @@ def running_server(model_path: os.PathLike, module_dir: os.PathLike = ROOT, *, c
                 del _log_paths[base_url]
         finally:
             _stop(process)
+
+
+@contextmanager
+def serve_in_thread(config: ServerConfig) -> Iterator[str]:
+    ready, handles = threading.Event(), {}
+
+    async def run():
+        handles["loop"], handles["stop"] = asyncio.get_running_loop(), asyncio.Event()
+        await serve(config, handles["stop"], lambda url: (handles.setdefault("url", url.rstrip("/")), ready.set()))
+
+    thread = threading.Thread(target=asyncio.run, args=(run(),), daemon=True)
+    thread.start()
+    assert ready.wait(15), "the server did not start"
+    try:
+        yield handles["url"]
+    finally:
+        handles["loop"].call_soon_threadsafe(handles["stop"].set)
+        thread.join(15)
+        assert not thread.is_alive(), "the server did not stop"

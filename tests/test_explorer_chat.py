@@ -16,7 +16,8 @@ from email.policy import default as email_policy
 import pytest
 from playwright.sync_api import Page, Request, expect, sync_playwright
 
-from live_server import ROOT, poll, running_server
+from live_server import ROOT, poll, running_server, serve_in_thread
+from llamachat_server.context import ServerConfig
 from llamachat_server.explorer import extract_explorer_ui
 
 CHROMIUM = "/usr/bin/chromium"
@@ -115,7 +116,8 @@ def browser():
 
 @pytest.fixture(scope="module")
 def server(smollm2):
-    with running_server(smollm2, context_size=CONTEXT_SIZE) as base_url:
+    # The page opened from a file has the origin null, which the server refuses unless told otherwise.
+    with running_server(smollm2, context_size=CONTEXT_SIZE, server_args=("--allow-origin", "null")) as base_url:
         yield base_url
 
 
@@ -195,6 +197,18 @@ def test_unreachable_server_gives_the_prompt_back_with_an_error(open_chat):
     assert len(chat.calls("chat")) == 1  # no retry loop on a dead server
 
 
+def test_file_page_is_refused_by_default_and_says_how_to_allow_it(open_chat, tmp_path):
+    config = ServerConfig(module_dir=ROOT, port=0, launch_module=False, data_dir=tmp_path, log_level="critical")
+    with serve_in_thread(config) as base_url:
+        chat = open_chat(base_url, hosted=False)
+        chat.send("Hello?")
+        expect(chat.el("status")).to_contain_text("No answer from the server", timeout=30_000)
+        expect(chat.page.locator("#pageError")).to_contain_text("--allow-origin null")
+        expect(chat.page.locator("#pageError")).to_contain_text(f"open {base_url}/ instead")
+        expect(chat.el("prompt")).to_have_value("Hello?")
+        assert len(chat.calls("chat")) == 1
+
+
 def test_explorer_injection_survives_other_modules_names_and_a_restart(open_chat):
     """Inject the UI as the real Explorer does (docs/protocol.md §5.1) beside a module declaring the top-level names
     upstream's page collided on (§4.3), next to a second copy under another prefix, then again after a restart."""
@@ -232,8 +246,8 @@ def test_explorer_injection_survives_other_modules_names_and_a_restart(open_chat
 
 # ---- Chatting with the real module ---------------------------------------------------------------------
 
-# Opened on its own, the file calls the server cross-origin (origin "null"), which the server allows as the real one
-# does.
+# Opened on its own, the file calls the server cross-origin (origin "null"), which the server allows when started
+# with --allow-origin null (the `server` fixture) and refuses by default (test_file_page_is_refused_by_default...).
 @pytest.mark.parametrize("hosted", [True, False], ids=["in-explorer", "standalone"])
 def test_reply_grows_over_polls_with_live_figures(open_chat, server, smollm2, hosted):
     chat = open_chat(server, hosted=hosted)

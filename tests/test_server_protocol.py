@@ -1,11 +1,9 @@
 """llamachat_server's wire protocol over real HTTP, with the test itself in the module's seat: it long-polls
 the queue, reads the queued request exactly as a module receives it, and posts answers back (docs/protocol.md §1, §2).
 No module process is launched here (--no-module); tests/test_server_chat.py runs the real module."""
-import asyncio
 import base64
 import json
 import re
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -13,7 +11,7 @@ import pytest
 import requests
 
 from conftest import ROOT
-from llamachat_server.app import serve
+from live_server import serve_in_thread
 from llamachat_server.context import ServerConfig
 
 QUEUE = "llamachat_queue"
@@ -23,22 +21,12 @@ RFC1123 = re.compile(r"^[A-Z][a-z]{2}, \d{2} [A-Z][a-z]{2} \d{4} \d{2}:\d{2}:\d{
 
 @pytest.fixture(scope="module")
 def base_url(tmp_path_factory):
-    """The server on a free port in a background thread, serving the repository's module folder."""
+    """The server on a free port in a background thread, serving the repository's module folder. With --no-module
+    its module endpoints accept any process of this user, so the test can play the module."""
     config = ServerConfig(module_dir=ROOT, port=0, response_timeout=RESPONSE_TIMEOUT, launch_module=False,
                           data_dir=tmp_path_factory.mktemp("data"), log_level="critical")
-    ready, handles = threading.Event(), {}
-
-    async def run():
-        handles["loop"], handles["stop"] = asyncio.get_running_loop(), asyncio.Event()
-        await serve(config, handles["stop"], lambda url: (handles.setdefault("url", url.rstrip("/")), ready.set()))
-
-    thread = threading.Thread(target=asyncio.run, args=(run(),), daemon=True)
-    thread.start()
-    assert ready.wait(15), "the server did not start"
-    yield handles["url"]
-    handles["loop"].call_soon_threadsafe(handles["stop"].set)
-    thread.join(15)
-    assert not thread.is_alive(), "the server did not stop"
+    with serve_in_thread(config) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -227,16 +215,3 @@ def test_version_and_ping(base_url):
         body = requests.get(f"{base_url}{path}", timeout=10).json()
         assert body["success"] is True and body["message"] == "2.9.6"
         assert (body["version"]["major"], body["version"]["minor"], body["version"]["patch"]) == (2, 9, 6)
-
-
-def test_any_origin_may_call_the_server_as_with_the_real_one(base_url, client):
-    preflight = requests.options(f"{base_url}/v1/text/chat", timeout=5, headers={
-        "Origin": "null", "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"})
-    assert preflight.status_code == 204
-    assert preflight.headers["Access-Control-Allow-Origin"] == "*"
-    assert "POST" in preflight.headers["Access-Control-Allow-Methods"]
-    assert preflight.headers["Access-Control-Allow-Headers"] == "content-type"
-    for response in (requests.get(f"{base_url}/v1/server/status/ping", headers={"Origin": "null"}, timeout=5),
-                     requests.post(f"{base_url}/v1/no/such/route", headers={"Origin": "null"}, timeout=5)):
-        assert response.headers["Access-Control-Allow-Origin"] == "*"
-    assert response.status_code == 404
