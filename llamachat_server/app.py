@@ -9,8 +9,10 @@ from typing import Callable
 from aiohttp import web
 
 from .client_api import handle_module_route
+from .commands import CommandTracker
 from .context import CONTEXT, ServerConfig, ServerContext
 from .cors import allow_any_origin
+from .errors import json_errors
 from .explorer import add_explorer_routes
 from .module_api import add_module_routes
 from .module_process import ModuleProcess, interpreter_command
@@ -34,12 +36,17 @@ def create_app(config: ServerConfig) -> web.Application:
     routes.register_module(settings)
     queues = RequestQueues(config.response_timeout)
     queues.ensure_queue(settings.queue)
-    module = ModuleProcess(settings.name, interpreter_command(config.python, settings.start_file),
-                           str(settings.module_dir), log,
-                           on_exit=lambda reason: queues.fail_taken(settings.queue, reason))
+    commands = CommandTracker()
 
-    app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[allow_any_origin])
-    app[CONTEXT] = ServerContext(config, settings, routes, queues, log, module)
+    def module_exited(reason: str) -> None:
+        queues.fail_taken(settings.queue, f"The {reason} before answering")
+        commands.module_stopped(reason)
+
+    module = ModuleProcess(settings.name, interpreter_command(config.python, settings.start_file),
+                           str(settings.module_dir), log, on_exit=module_exited)
+
+    app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[allow_any_origin, json_errors])
+    app[CONTEXT] = ServerContext(config, settings, routes, queues, log, module, commands)
     add_status_routes(app)
     add_module_routes(app)
     add_explorer_routes(app)
@@ -98,4 +105,5 @@ async def serve(config: ServerConfig, stop: asyncio.Event, on_ready: Callable[[s
     finally:
         await context.module.stop(lambda: context.queues.post(context.settings.queue,
                                                               quit_payload(context.settings.module_id)))
+        context.queues.fail_all("The server is shutting down")  # clients still waiting hear why, at once
         await runner.cleanup()
