@@ -12,6 +12,11 @@ from .responses import error_response
 from .server_log import truncated
 
 
+def not_utf8_message(ex: UnicodeDecodeError, where: str = "The request body") -> str:
+    return (f"{where} is not valid UTF-8 (byte 0x{ex.object[ex.start]:02x} where text was expected): "
+            f"send text as UTF-8")
+
+
 def _http_error_text(request: web.Request, ex: web.HTTPException) -> str:
     if ex.status == 404:
         return f"No endpoint {request.method} {request.path}"
@@ -34,6 +39,8 @@ async def json_errors(request: web.Request, handler) -> web.StreamResponse:
         if "Allow" in ex.headers:
             response.headers["Allow"] = ex.headers["Allow"]
         return response
+    except UnicodeDecodeError as ex:  # a client's bytes, read by an endpoint that expects text
+        return error_response(context.hostname, not_utf8_message(ex), code=400, http_status=400)
     except Exception as ex:  # noqa: BLE001 - the point: nothing unexpected may end as a plain-text 500
         context.log.add(f"{request.method} {request.path} failed: {traceback.format_exc()}", "error")
         return error_response(context.hostname, f"The server failed on {request.method} {request.path} "

@@ -16,6 +16,7 @@ from typing import Any, Iterable
 
 from aiohttp import web
 
+from .errors import not_utf8_message
 from .settings import lookup
 
 # Far deeper than any real value (`messages` is 2 levels), far below what Python's parser survives (~1000).
@@ -36,11 +37,6 @@ def group_values(pairs: Iterable[tuple[str, str]]) -> list[dict]:
     for key, value in pairs:
         grouped.setdefault(key, []).append(value)
     return [{"key": key, "value": values} for key, values in grouped.items()]
-
-
-def _not_utf8(ex: UnicodeDecodeError, where: str) -> PayloadError:
-    return PayloadError(f"{where} is not valid UTF-8 (byte 0x{ex.object[ex.start]:02x} where text was expected): "
-                        f"send text as UTF-8")
 
 
 def json_depth(value: Any) -> int:
@@ -67,15 +63,15 @@ def _check_json_depth(key: str, text: str) -> None:
     except json.JSONDecodeError:  # not JSON after all: the module judges it as text
         return
     if too_deep:
-        raise PayloadError(f"'{key}' holds JSON nested more than {MAX_JSON_DEPTH} levels deep; send it flatter "
-                           f"(e.g. messages as [{{\"role\": \"user\", \"content\": \"Hi\"}}, ...])")
+        raise PayloadError(f"'{key}' holds JSON nested more than {MAX_JSON_DEPTH} levels deep, far more than any "
+                           f"request needs: send it flatter")
 
 
 async def _form_parts(request: web.Request) -> tuple[list[dict], list[dict]]:
     try:
         form = await request.post()
     except UnicodeDecodeError as ex:
-        raise _not_utf8(ex, "The form") from None
+        raise PayloadError(not_utf8_message(ex, "The form")) from None
     except ValueError as ex:  # aiohttp's parser on a broken multipart body
         raise PayloadError(f"The form body is malformed ({ex}): send a complete multipart/form-data or "
                            f"application/x-www-form-urlencoded body") from None
@@ -134,7 +130,7 @@ async def build_payload(request: web.Request, command: str, url_segments: list[s
         try:
             text = await request.text()
         except UnicodeDecodeError as ex:
-            raise _not_utf8(ex, "The JSON body") from None
+            raise PayloadError(not_utf8_message(ex, "The JSON body")) from None
         try:
             body = json.loads(text) if text.strip() else {}
         except json.JSONDecodeError as ex:
