@@ -74,10 +74,7 @@ class RequestQueues:
         waiting = self._queues[queue.lower()]
         return len(waiting.requests), waiting.bytes
 
-    def _enqueue(self, queue: str, payload: dict) -> str:
-        waiting = self._queues[queue.lower()]
-        reqid = str(uuid.uuid4())
-        size = payload_size(payload)
+    def _check_room(self, queue: str, waiting: _Queue, size: int, reqid: str) -> None:
         if len(waiting.requests) >= self._max_queue_length:
             raise QueueFull(f"Request queue '{queue}' is full: {len(waiting.requests)} requests wait for the "
                             f"module (at most {self._max_queue_length}); try again later (#reqid {reqid})")
@@ -85,6 +82,13 @@ class RequestQueues:
             raise QueueFull(f"Request queue '{queue}' is full: {waiting.bytes / 1e6:.1f} MB of requests wait for the "
                             f"module and this one adds {size / 1e6:.1f} MB (at most "
                             f"{self._max_queue_bytes / 1e6:.0f} MB in all); try again later (#reqid {reqid})")
+
+    def _enqueue(self, queue: str, payload: dict, bounded: bool = True) -> str:
+        waiting = self._queues[queue.lower()]
+        reqid = str(uuid.uuid4())
+        size = payload_size(payload)
+        if bounded:
+            self._check_room(queue, waiting, size, reqid)
         waiting.requests[reqid] = ({"reqid": reqid, "reqtype": payload["command"], "payload": payload}, size)
         waiting.bytes += size
         waiting.arrived.set()
@@ -115,8 +119,9 @@ class RequestQueues:
         return answer
 
     def post(self, queue: str, payload: dict) -> str:
-        """Queues `payload` for a module with nobody waiting for an answer (e.g. quit); returns its reqid."""
-        return self._enqueue(queue, payload)
+        """Queues `payload` for a module with nobody waiting for an answer (quit, which must get through even to a
+        full queue); returns its reqid."""
+        return self._enqueue(queue, payload, bounded=False)
 
     async def take(self, queue: str, wait: float) -> dict | None:
         """The next request on `queue`, or None when none came within `wait` seconds."""

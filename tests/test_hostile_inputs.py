@@ -28,7 +28,7 @@ SECRETS = ("root:x:0", "def create_app", "[pytest]")  # /etc/passwd, a server so
 class Case:
     method: str
     path: str
-    status: int  # the HTTP status
+    status: int | tuple  # the HTTP status (or the statuses that are each right)
     error: str | None  # text the error must contain; None: a success answer
     code: int | None = None  # the answer's `code`, where the server sets one
     body: bytes = b""
@@ -53,6 +53,8 @@ def multipart(field_name: str, value: bytes) -> bytes:
 
 
 MULTIPART = "multipart/form-data; boundary=XyZ"
+# A module endpoint called by a process that is not the module: refused as bad input, or as not the module's (403).
+NOT_FOR_US = (400, 403)
 PAIRS = json.dumps([{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "ok"}] * 3)
 
 CASES = {
@@ -111,7 +113,7 @@ CASES = {
                               multipart("prompt", b"caf\xc3("), MULTIPART),
     "non-utf8-json": raw("POST", CHAT, 200, "The JSON body is not valid UTF-8 (byte 0xff", 400,
                          b'{"values": [{"key": "prompt", "value": ["\xff"]}]}', "application/json"),
-    "non-utf8-module-log": raw("POST", "/v1/log/", 400, "", None, b"entry=\xff\xfe", FORM),
+    "non-utf8-module-log": raw("POST", "/v1/log/", NOT_FOR_US, "", None, b"entry=\xff\xfe", FORM),
     "json-deep-100000": raw("POST", CHAT, 200, "The JSON body is nested too deeply", 400, DEEP.encode(),
                             "application/json"),
     "json-deep-values": raw("POST", CHAT, 200, "'prompt' holds JSON nested more than 100 levels", 400,
@@ -131,10 +133,10 @@ CASES = {
     "unknown-v1-route": raw("POST", "/v1/vision/detection", 404, "Routes: POST /v1/text/chat", 404),
     "route-typo": raw("POST", "/v1/text/chats", 404, "No module answers POST /v1/text/chats", 404),
     "unknown-page": raw("GET", "/admin", 404, "No endpoint GET /admin", 404),
-    # Module endpoints, from a process that is not the module with nothing to answer: refused either way.
+    # Module endpoints, from a process that is not the module, with nothing to answer: refused either way.
     "module-answer-unknown-reqid": raw("POST", "/v1/queue/00000000-0000-0000-0000-000000000000?moduleId=LlamaChat",
-                                       400, "", None, b'{"success": true}', "text/plain"),
-    "module-status-other-module": raw("POST", "/v1/queue/updatemodulestatus/Other", 404, "", None,
+                                       NOT_FOR_US, "", None, b'{"success": true}', "text/plain"),
+    "module-status-other-module": raw("POST", "/v1/queue/updatemodulestatus/Other", NOT_FOR_US + (404,), "", None,
                                       b"statusData=%7B%7D", FORM),
 }
 
@@ -184,7 +186,7 @@ def is_running(answer: dict) -> bool:
 def test_hostile_input_gets_a_clear_answer_and_the_server_carries_on(base_url, case):
     status, headers, body = send(base_url, case)
 
-    assert status == case.status, body[:300]
+    assert status in (case.status if isinstance(case.status, tuple) else (case.status,)), body[:300]
     assert not any(secret.encode() in body for secret in SECRETS)
     if headers.get("Content-Type", "").startswith("application/json"):
         answer = json.loads(body)

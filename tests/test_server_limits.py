@@ -96,10 +96,13 @@ def test_the_queue_is_bounded_in_bytes_and_in_requests_with_a_clear_error():
             raise AssertionError("a fourth request fitted in a queue of 3")
         except QueueFull as ex:
             assert "3 requests wait" in str(ex) and "at most 3" in str(ex)
+        queues.post(QUEUE, {"command": "quit", "values": [], "files": [], "urlSegments": []})  # stopping gets through
+        assert (await queues.take(QUEUE, 1))["reqtype"] == "prompt"  # oldest first; the quit waits its turn
 
-        for task in (first, second, small):  # the clients go: the queue empties
+        for task in (first, second, small):  # the clients go: their requests leave, the quit stays
             task.cancel()
         await asyncio.gather(first, second, small, return_exceptions=True)
+        assert queues.pending(QUEUE)[0] == 1 and (await queues.take(QUEUE, 1))["reqtype"] == "quit"
         assert queues.pending(QUEUE) == (0, 0)
     asyncio.run(scenario())
 
