@@ -42,7 +42,8 @@ async def json_errors(request: web.Request, handler) -> web.StreamResponse:
     except UnicodeDecodeError as ex:  # a client's bytes, read by an endpoint that expects text
         return error_response(context.hostname, not_utf8_message(ex), code=400, http_status=400)
     except Exception as ex:  # noqa: BLE001 - the point: nothing unexpected may end as a plain-text 500
-        context.log.add(f"{request.method} {request.path} failed: {traceback.format_exc()}", "error")
-        return error_response(context.hostname, f"The server failed on {request.method} {request.path} "
-                              f"({type(ex).__name__}: {truncated(str(ex), 300)}); this is a bug: the server log has the details",
-                              code=500, http_status=500)
+        failure = f"{type(ex).__name__}: {truncated(str(ex), 300)}"
+        # The failure first: a long traceback is cut at the log's entry limit, from the end.
+        context.log.add(f"{request.method} {request.path} failed ({failure}): {traceback.format_exc()}", "error")
+        return error_response(context.hostname, f"The server failed on {request.method} {request.path} ({failure}); "
+                              f"this is a bug: the server log has the details", code=500, http_status=500)
