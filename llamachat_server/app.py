@@ -10,8 +10,10 @@ from typing import Callable
 from aiohttp import web
 
 from .client_api import handle_module_route
+from .commands import CommandTracker
 from .context import CONTEXT, ServerConfig, ServerContext
 from .cors import OriginPolicy
+from .errors import json_errors
 from .explorer import add_explorer_routes
 from .host_check import HostCheck, is_loopback_host
 from .module_access import MODULE_ACCESS, ModuleAccess
@@ -37,14 +39,21 @@ def create_app(config: ServerConfig) -> web.Application:
     routes.register_module(settings)
     queues = RequestQueues(config.response_timeout)
     queues.ensure_queue(settings.queue)
-    module = ModuleProcess(settings.name, interpreter_command(config.python, settings.start_file),
-                           str(settings.module_dir), log,
-                           on_exit=lambda reason: queues.fail_taken(settings.queue, reason))
+    commands = CommandTracker()
 
-    context = ServerContext(config, settings, routes, queues, log, module)
+    def module_exited(reason: str) -> None:
+        queues.fail_taken(settings.queue, f"The {reason} before answering")
+        commands.module_stopped(reason)
+
+    module = ModuleProcess(settings.name, interpreter_command(config.python, settings.start_file),
+                           str(settings.module_dir), log, on_exit=module_exited)
+
+    context = ServerContext(config, settings, routes, queues, log, module, commands)
+    # json_errors sits inside the origin policy, so error answers carry the CORS headers a page needs to read them.
     app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[
         HostCheck(config.host, context.hostname).middleware(),
         OriginPolicy(config.allowed_origins, context.hostname).middleware(),
+        json_errors,
     ])
     app[CONTEXT] = context
     app[MODULE_ACCESS] = ModuleAccess(module, config.launch_module, log, context.hostname)
@@ -121,4 +130,5 @@ async def serve(config: ServerConfig, stop: asyncio.Event, on_ready: Callable[[s
     finally:
         await context.module.stop(lambda: context.queues.post(context.settings.queue,
                                                               quit_payload(context.settings.module_id)))
+        context.queues.fail_all("The server is shutting down")  # clients still waiting hear why, at once
         await runner.cleanup()

@@ -10,6 +10,7 @@ from .module_process import ModuleStatus
 from .payload import PayloadError, build_payload
 from .queues import QueueError, RequestTimedOut
 from .responses import error_response, utc_timestamp
+from .routes import SYSTEM_COMMANDS, Route
 
 _NOT_RUNNING = (ModuleStatus.STOPPING, ModuleStatus.STOPPED)
 
@@ -22,6 +23,39 @@ def _why_no_answer(context: ServerContext) -> str:
     if module.status == ModuleStatus.STARTED:
         return f"module {module.name} did not answer within {context.queues.response_timeout:g} s"
     return f"module {module.name} is {module.status.value}"
+
+
+def _command_id(payload: dict) -> str | None:
+    return next((item["value"][0] for item in payload["values"] if item["key"] == "commandId" and item["value"]),
+                None)
+
+
+def _lost_answer(context: ServerContext, command: str, command_id: str, reason: str) -> dict:
+    """The answer for a command the module lost when it stopped, instead of the restarted module's "not started"."""
+    what = "Nothing to cancel: the" if command == "cancel_command" else "The"
+    return {"success": False, "code": 500, "moduleId": context.settings.module_id, "command": command,
+            "commandId": command_id, "commandStatus": "failed",
+            "error": f"{what} chat was lost because the {reason} while it ran; start a new chat"}
+
+
+async def _answer(context: ServerContext, route: Route, payload: dict) -> dict:
+    """The module's answer; for a command the module lost when it stopped, the server's own. QueueError if none."""
+    command_id = _command_id(payload) if route.command in SYSTEM_COMMANDS else None
+    answer, failure = None, None
+    if not context.commands.lost(command_id):
+        try:
+            answer = await context.queues.send_request(route.queue, payload)
+            context.commands.saw_answer(answer)
+        except RequestTimedOut as ex:
+            failure = QueueError(f"{ex}: {_why_no_answer(context)}")
+        except QueueError as ex:
+            failure = ex
+    lost_reason = context.commands.lost(command_id)  # asked again: the module may have stopped meanwhile
+    if lost_reason and not (answer and answer.get("success")):
+        return _lost_answer(context, route.command, command_id, lost_reason)
+    if failure is not None:
+        raise failure
+    return answer
 
 
 async def handle_module_route(request: web.Request) -> web.Response:
@@ -42,9 +76,7 @@ async def handle_module_route(request: web.Request) -> web.Response:
 
     started = time.perf_counter()
     try:
-        answer = await context.queues.send_request(match.route.queue, payload)
-    except RequestTimedOut as ex:
-        return error_response(context.hostname, f"{ex}: {_why_no_answer(context)}")
+        answer = await _answer(context, match.route, payload)
     except QueueError as ex:
         return error_response(context.hostname, str(ex))
     answer["analysisRoundTripMs"] = round((time.perf_counter() - started) * 1000)

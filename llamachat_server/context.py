@@ -9,6 +9,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from .commands import CommandTracker
 from .module_process import ModuleProcess
 from .queues import RequestQueues
 from .routes import RouteMap
@@ -47,6 +48,7 @@ class ServerContext:
     queues: RequestQueues
     log: ServerLog
     module: ModuleProcess
+    commands: CommandTracker
     hostname: str = field(default_factory=socket.gethostname)
 
     def is_our_module(self, module_id: str | None) -> bool:

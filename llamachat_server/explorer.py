@@ -43,7 +43,18 @@ async def host_page(request: web.Request) -> web.FileResponse:
     return web.FileResponse(STATIC_DIR / "explorer.html", headers={"Cache-Control": "no-cache"})
 
 
+_ASSETS = frozenset(path.name for path in STATIC_DIR.iterdir() if path.is_file())
+
+
+async def asset(request: web.Request) -> web.FileResponse:
+    """One of the host page's own files, by exact name: anything else, a traversal attempt included, is a 404."""
+    name = request.match_info["name"]
+    if name not in _ASSETS:
+        raise web.HTTPNotFound()
+    return web.FileResponse(STATIC_DIR / name, headers={"Cache-Control": "no-cache"})
+
+
 def add_explorer_routes(app: web.Application) -> None:
     app.router.add_get("/", host_page)
     app.router.add_get("/explorer.html", host_page)
-    app.router.add_static("/assets/", STATIC_DIR)
+    app.router.add_get("/assets/{name}", asset)

@@ -14,12 +14,13 @@ import subprocess
 import sys
 from datetime import datetime, timezone
 from enum import Enum
-from typing import Callable
+from typing import AsyncIterator, Callable
 
-from .server_log import ServerLog, split_level_prefix
+from .server_log import MAX_ENTRY_CHARS, ServerLog, split_level_prefix
 
-# Long lines (a traceback, llama.cpp's model dump) must not break the log reader.
-OUTPUT_LINE_LIMIT = 1 << 20
+# How much of an output line is buffered; the log keeps less (MAX_ENTRY_CHARS), and the rest of a longer line
+# is read and dropped, so no line, however long, ends the supervisor.
+OUTPUT_LINE_LIMIT = 64 * 1024
 
 
 class ModuleStatus(str, Enum):
@@ -62,6 +63,9 @@ def _isolation_options() -> dict:
 
 
 class ModuleProcess:
+    """`on_exit(reason)` is called each time the module ends on its own, reason "module <name> stopped (exit
+    code <n>)"."""
+
     def __init__(self, name: str, command: list[str], cwd: str, log: ServerLog,
                  on_exit: Callable[[str], None], first_restart_delay: float = 1.0,
                  max_restart_delay: float = 30.0, quit_grace: float = 2.0, terminate_grace: float = 2.0) -> None:
@@ -120,7 +124,7 @@ class ModuleProcess:
             return None
 
     async def _pipe_to_log(self, stream: asyncio.StreamReader, default_level: str) -> None:
-        async for raw in stream:
+        async for raw in output_lines(stream):
             line = raw.decode("utf-8", errors="replace").rstrip()
             if line:
                 level, text = split_level_prefix(line, default_level)
@@ -141,7 +145,7 @@ class ModuleProcess:
                 if self._stop_requested.is_set():
                     break
                 failures_in_a_row = 0 if self.status == ModuleStatus.STARTED else failures_in_a_row + 1
-                self._on_exit(f"The module {self.name} stopped before answering (exit code {exit_code})")
+                self._on_exit(f"module {self.name} stopped (exit code {exit_code})")
             else:
                 failures_in_a_row += 1
             delay = min(self._first_restart_delay * 2 ** max(failures_in_a_row - 1, 0), self._max_restart_delay)
@@ -185,6 +189,35 @@ class ModuleProcess:
             self._process.kill()
             await self._process.wait()
         self._set_status(ModuleStatus.STOPPED, f"Module {self.name} stopped")
+
+
+async def output_lines(stream: asyncio.StreamReader) -> AsyncIterator[bytes]:
+    """The stream's lines; a line longer than the stream's buffer limit comes as its first part plus a marker
+    (StreamReader's own line iterator raises instead, which would end the reader)."""
+    while True:
+        try:
+            yield await stream.readuntil(b"\n")
+        except asyncio.IncompleteReadError as ex:  # end of stream
+            if ex.partial:
+                yield ex.partial
+            return
+        except asyncio.LimitOverrunError as ex:
+            head = await stream.readexactly(ex.consumed)
+            cut = await _skip_line(stream)
+            kept = MAX_ENTRY_CHARS - 100  # room for the marker, so the log does not cut the line again
+            yield head[:kept] + f" [... {len(head) - kept + cut} more bytes cut]".encode()
+
+
+async def _skip_line(stream: asyncio.StreamReader) -> int:
+    """Reads and drops the rest of the current line; returns how many bytes that was."""
+    skipped = 0
+    while True:
+        try:
+            return skipped + len(await stream.readuntil(b"\n"))
+        except asyncio.IncompleteReadError as ex:
+            return skipped + len(ex.partial)
+        except asyncio.LimitOverrunError as ex:
+            skipped += len(await stream.readexactly(ex.consumed))
 
 
 def interpreter_command(python: str, start_file: os.PathLike) -> list[str]:

@@ -4,6 +4,9 @@
 Accepted bodies: a multipart or urlencoded form, a JSON body in RequestPayload shape, or none. Unlike
 the real server, query-string parameters are never dropped: they come first in `values` whatever the
 body (the real server loses them for JSON and body-less requests).
+
+Text that is not UTF-8, malformed forms, and JSON nested deeper than MAX_JSON_DEPTH (in the body, or in a
+value such as `messages`, which a module parses as JSON and could not) are refused with what to fix.
 """
 from __future__ import annotations
 
@@ -13,8 +16,11 @@ from typing import Any, Iterable
 
 from aiohttp import web
 
+from .errors import not_utf8_message
 from .settings import lookup
 
+# Far deeper than any real value (`messages` is 2 levels), far below what Python's parser survives (~1000).
+MAX_JSON_DEPTH = 100
 FORM_CONTENT_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 JSON_SHAPE_HINT = ('{"values": [{"key": "prompt", "value": ["Hello"]}]} '
                    "(the RequestPayload shape), or send the fields as a form")
@@ -33,8 +39,42 @@ def group_values(pairs: Iterable[tuple[str, str]]) -> list[dict]:
     return [{"key": key, "value": values} for key, values in grouped.items()]
 
 
+def json_depth(value: Any) -> int:
+    """How deeply lists and objects nest in a parsed JSON value (a plain value: 0), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is not None:
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def _check_json_depth(key: str, text: str) -> None:
+    """Refuses a value that is JSON nested deeper than MAX_JSON_DEPTH. Cheap for ordinary values: only text that
+    starts like JSON and holds more brackets than the limit is parsed."""
+    if text.lstrip()[:1] not in ("[", "{") or text.count("[") + text.count("{") <= MAX_JSON_DEPTH:
+        return
+    try:
+        too_deep = json_depth(json.loads(text)) > MAX_JSON_DEPTH
+    except RecursionError:
+        too_deep = True
+    except json.JSONDecodeError:  # not JSON after all: the module judges it as text
+        return
+    if too_deep:
+        raise PayloadError(f"'{key}' holds JSON nested more than {MAX_JSON_DEPTH} levels deep, far more than any "
+                           f"request needs: send it flatter")
+
+
 async def _form_parts(request: web.Request) -> tuple[list[dict], list[dict]]:
-    form = await request.post()
+    try:
+        form = await request.post()
+    except UnicodeDecodeError as ex:
+        raise PayloadError(not_utf8_message(ex, "The form")) from None
+    except ValueError as ex:  # aiohttp's parser on a broken multipart body
+        raise PayloadError(f"The form body is malformed ({ex}): send a complete multipart/form-data or "
+                           f"application/x-www-form-urlencoded body") from None
     fields, files = [], []
     for key, value in form.items():
         if isinstance(value, web.FileField):
@@ -87,16 +127,25 @@ async def build_payload(request: web.Request, command: str, url_segments: list[s
     if request.content_type in FORM_CONTENT_TYPES:
         values, files = await _form_parts(request)
     elif request.content_type == "application/json" and request.can_read_body:
-        text = await request.text()
+        try:
+            text = await request.text()
+        except UnicodeDecodeError as ex:
+            raise PayloadError(not_utf8_message(ex, "The JSON body")) from None
         try:
             body = json.loads(text) if text.strip() else {}
         except json.JSONDecodeError as ex:
             raise PayloadError(f"The JSON body is not valid JSON ({ex.msg} at character {ex.pos}): "
                                f"send {JSON_SHAPE_HINT}") from ex
+        except RecursionError:
+            raise PayloadError(f"The JSON body is nested too deeply to read: send {JSON_SHAPE_HINT}") from None
         values, files = _json_parts(body)
     elif not request.can_read_body or not await request.read():
         values, files = [], []
     else:
         raise PayloadError(f"Unsupported Content-Type '{request.content_type}': send multipart/form-data, "
                            "application/x-www-form-urlencoded or a JSON RequestPayload")
-    return {"command": command, "values": query_values + values, "files": files, "urlSegments": url_segments}
+    values = query_values + values
+    for item in values:
+        for text in item["value"]:
+            _check_json_depth(item["key"], text)
+    return {"command": command, "values": values, "files": files, "urlSegments": url_segments}

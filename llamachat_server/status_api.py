@@ -65,9 +65,11 @@ def process_status(context: ServerContext) -> dict:
         "statusData": module.status_data,
         "downloadableModels": None,
         "requestCount": module.request_count,
-        # Not in the real ProcessStatus: which process runs the module, and how often it was restarted.
+        # Not in the real ProcessStatus: which process runs the module, how often it was restarted, and how many
+        # requests wait in its queue.
         "pid": module.pid,
         "restarts": module.restarts,
+        "queued": context.queues.pending(settings.queue)[0],
         "menus": None,
         "installSummary": "",
         "startupSummary": " ".join(module.command),

@@ -1,0 +1,49 @@
+"""Every failure answers in JSON: HTTP errors (unknown path, wrong method, body too large) and any exception a
+handler did not expect become `success: false` answers saying what happened, so a client never gets aiohttp's
+plain-text "500 Server got itself in trouble". Unexpected exceptions are logged with their traceback."""
+from __future__ import annotations
+
+import traceback
+
+from aiohttp import web
+
+from .context import CONTEXT
+from .responses import error_response
+from .server_log import truncated
+
+
+def not_utf8_message(ex: UnicodeDecodeError, where: str = "The request body") -> str:
+    return (f"{where} is not valid UTF-8 (byte 0x{ex.object[ex.start]:02x} where text was expected): "
+            f"send text as UTF-8")
+
+
+def _http_error_text(request: web.Request, ex: web.HTTPException) -> str:
+    if ex.status == 404:
+        return f"No endpoint {request.method} {request.path}"
+    if ex.status == 405:
+        return (f"{request.path} does not answer {request.method}; it answers "
+                f"{ex.headers.get('Allow', 'other methods')}")
+    return ex.text or ex.reason
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler) -> web.StreamResponse:
+    context = request.app[CONTEXT]
+    try:
+        return await handler(request)
+    except web.HTTPException as ex:
+        if ex.status < 400:  # redirects and the like are answers, not errors
+            raise
+        response = error_response(context.hostname, _http_error_text(request, ex), code=ex.status,
+                                  http_status=ex.status)
+        if "Allow" in ex.headers:
+            response.headers["Allow"] = ex.headers["Allow"]
+        return response
+    except UnicodeDecodeError as ex:  # a client's bytes, read by an endpoint that expects text
+        return error_response(context.hostname, not_utf8_message(ex), code=400, http_status=400)
+    except Exception as ex:  # noqa: BLE001 - the point: nothing unexpected may end as a plain-text 500
+        failure = f"{type(ex).__name__}: {truncated(str(ex), 300)}"
+        # The failure first: a long traceback is cut at the log's entry limit, from the end.
+        context.log.add(f"{request.method} {request.path} failed ({failure}): {traceback.format_exc()}", "error")
+        return error_response(context.hostname, f"The server failed on {request.method} {request.path} ({failure}); "
+                              f"this is a bug: the server log has the details", code=500, http_status=500)
