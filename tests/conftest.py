@@ -1,3 +1,8 @@
+"""Shared fixtures, and the test layers: `model` tests load a GGUF model, `browser` tests drive chromium.
+
+    pytest -m "not model and not browser"   # the fast, model-free layer (seconds)
+    pytest                                   # everything (what .ci/run runs)
+"""
 import os
 import sys
 from pathlib import Path
@@ -13,7 +18,20 @@ sys.path.insert(0, str(ROOT / "tests"))
 # Tests of the download path point HF_ENDPOINT at their local stand-in instead.
 os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
 
+from hf_standin import default_model_hub  # noqa: E402
 from models import gemma3_path, smollm2_path  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's chromium: never a downloaded browser
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+# A test that uses any of these fixtures, directly or through another fixture, belongs to that layer.
+LAYER_FIXTURES = {"model": {"smollm2", "gemma3"}, "browser": {"browser"}}
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        for marker, fixtures in LAYER_FIXTURES.items():
+            if fixtures & set(getattr(item, "fixturenames", ())):
+                item.add_marker(marker)
 
 
 @pytest.fixture(scope="session")
@@ -24,3 +42,20 @@ def smollm2() -> Path:
 @pytest.fixture(scope="session")
 def gemma3() -> Path:
     return gemma3_path()
+
+
+@pytest.fixture(scope="session")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def hub(smollm2):
+    """A local stand-in for the Hugging Face Hub serving the default model's repository (SmolLM2's bytes)."""
+    with default_model_hub(smollm2) as standin:
+        yield standin

@@ -14,14 +14,12 @@ from email.parser import BytesParser
 from email.policy import default as email_policy
 
 import pytest
-from playwright.sync_api import Page, Request, expect, sync_playwright
+from playwright.sync_api import Page, Request, expect
 
 from live_server import ROOT, poll, running_server, serve_in_thread
 from llamachat_server.context import ServerConfig
 from llamachat_server.explorer import extract_explorer_ui
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 EXPLORE_HTML = ROOT / "explore.html"
 REPLY_TIMEOUT_MS = 90_000
 CONTEXT_SIZE = 2048  # the module's context (tokens) in the shared test server
@@ -104,14 +102,6 @@ class ChatPage:
 
     def seen(self) -> dict:
         return self.page.evaluate("window.__seen")
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture(scope="module")

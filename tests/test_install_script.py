@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from fetch_model import MODULE_DIR, SMALL_MODEL_FILENAME, read_default_model
-from hf_standin import default_model_hub, hub_env, unreachable_hub_url
+from hf_standin import hub_env, unreachable_hub_url
 
 DEFAULT = read_default_model()
 # What install.sh and fetch_model.py use: fetch_model.py reads its settings with llama_settings.py, which reads
@@ -21,12 +21,6 @@ DEFAULT = read_default_model()
 MODULE_FILES = ("install.sh", "fetch_model.py", "llama_settings.py", "llama_chat_adapter.py", "requirements.txt",
                 "modulesettings.json", "llamachat_server/__init__.py", "llamachat_server/settings.py")
 PROJECT_PYTHON = MODULE_DIR / ".venv" / "bin" / "python"
-
-
-@pytest.fixture
-def hub(smollm2):
-    with default_model_hub(smollm2) as standin:
-        yield standin
 
 
 @pytest.fixture

@@ -7,12 +7,8 @@ import re
 
 import pytest
 import requests
-from playwright.sync_api import sync_playwright
-
 from live_server import ROOT, running_server
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 
 STYLE = "._MID_card { color: rgb(1, 2, 3); }"
 MARKUP = """<div class="_MID_card" id="_MID_panel">
@@ -83,31 +79,27 @@ def test_host_page_is_self_contained(base_url):
         assert not re.search(r"https?://", text), "the Explorer must load nothing from outside (no CDN)"
 
 
-def test_explorer_page_runs_the_module_ui_and_chats_through_the_helpers(base_url):
+def test_explorer_page_runs_the_module_ui_and_chats_through_the_helpers(base_url, browser):
     requested = []
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page()
-            page.on("request", lambda request: requested.append(request.url))
-            page.goto(f"{base_url}/")
-            page.wait_for_selector("#LlamaChat_panel", timeout=30_000)
+    with browser.new_context() as context:
+        page = context.new_page()
+        page.on("request", lambda request: requested.append(request.url))
+        page.goto(f"{base_url}/")
+        page.wait_for_selector("#LlamaChat_panel", timeout=30_000)
 
-            assert "_MID_" not in page.content()
-            assert page.eval_on_selector(".LlamaChat_card", "e => getComputedStyle(e).color") == "rgb(1, 2, 3)"
-            # Markup goes in as HTML, so a <script> inside it does not run (as in the real Explorer).
-            assert page.evaluate("window.markupScriptRan") is None
-            assert page.locator("#standalone-only").count() == 0
-            page.wait_for_function("document.getElementById('moduleStatus').textContent === 'LlamaChat: Started'")
+        assert "_MID_" not in page.content()
+        assert page.eval_on_selector(".LlamaChat_card", "e => getComputedStyle(e).color") == "rgb(1, 2, 3)"
+        # Markup goes in as HTML, so a <script> inside it does not run (as in the real Explorer).
+        assert page.evaluate("window.markupScriptRan") is None
+        assert page.locator("#standalone-only").count() == 0
+        page.wait_for_function("document.getElementById('moduleStatus').textContent === 'LlamaChat: Started'")
 
-            page.click("#LlamaChat_send")
-            page.wait_for_function("(document.getElementById('status').textContent || '').startsWith('done: ')",
-                                   timeout=60_000)
-            assert page.inner_text("#LlamaChat_reply").strip()
-            assert page.inner_text("#status") in ("done: completed", "done: length")
-            assert page.locator("#status .text-success").count() == 1
-        finally:
-            browser.close()
+        page.click("#LlamaChat_send")
+        page.wait_for_function("(document.getElementById('status').textContent || '').startsWith('done: ')",
+                               timeout=60_000)
+        assert page.inner_text("#LlamaChat_reply").strip()
+        assert page.inner_text("#status") in ("done: completed", "done: length")
+        assert page.locator("#status .text-success").count() == 1
     assert requested and all(url.startswith(base_url) for url in requested)
     assert f"{base_url}/v1/text/chat" in requested
     assert f"{base_url}/v1/LlamaChat/get_command_status" in requested
