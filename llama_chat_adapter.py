@@ -9,13 +9,13 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, Optional, Tuple
 
 import llama_cpp
-import psutil
 from codeproject_ai_sdk import JSON, LogVerbosity, ModuleOptions, ModuleRunner, RequestData
 
 from chat_job import FINISH_REASONS, ChatJob
 from chat_request import ChatError, ChatInputs, ChatRequest
 from context_fit import FittedChat, fit_to_context
 from llama_chat import LlamaChat, ModelLoadError
+from thread_policy import ThreadPolicy
 
 SELFTEST_PROMPT = "How many planets are there in the solar system?"
 
@@ -57,8 +57,7 @@ class LlamaChat_adapter(ModuleRunner):
         library = _gpu_library() if self.enable_GPU else ""
         try:
             self.n_ctx = _env_int("CPAI_MODULE_LLAMA_CONTEXT_SIZE", 4096, 256)
-            threads = _env_int("CPAI_MODULE_LLAMA_THREADS", 0, 0)
-            self.n_threads = threads or psutil.cpu_count(logical=False) or os.cpu_count() or 1
+            self.threads = ThreadPolicy(pinned=_env_int("CPAI_MODULE_LLAMA_THREADS", 0, 0))  # 0: adaptive
             self.n_gpu_layers = _env_int("CPAI_MODULE_LLAMA_GPU_LAYERS", -1, -1) if library else 0
             model_dir = ModuleOptions.getEnvVariable("CPAI_MODULE_LLAMA_MODEL_DIR", "./models")
             self.llama_chat = self.llama_thread.submit(
@@ -67,7 +66,7 @@ class LlamaChat_adapter(ModuleRunner):
                 fileglob=ModuleOptions.getEnvVariable("CPAI_MODULE_LLAMA_MODEL_FILEGLOB", "*.Q4_K_M.gguf"),
                 filename=ModuleOptions.getEnvVariable("CPAI_MODULE_LLAMA_MODEL_FILENAME", "mistral-7b-instruct-v0.2.Q4_K_M.gguf"),
                 model_dir=os.path.normpath(os.path.join(self.module_path, model_dir)),
-                n_ctx=self.n_ctx, n_threads=self.n_threads, n_gpu_layers=self.n_gpu_layers,
+                n_ctx=self.n_ctx, n_threads=self.threads.threads, n_gpu_layers=self.n_gpu_layers,
                 chat_format=ModuleOptions.getEnvVariable("CPAI_MODULE_LLAMA_CHAT_FORMAT", ""),
                 verbose=self.log_verbosity == LogVerbosity.Loud).result()
         except (ModelLoadError, ValueError) as ex:
@@ -82,7 +81,8 @@ class LlamaChat_adapter(ModuleRunner):
         if chat.fallback_reason:
             self._log("warning", f"Using the small fallback model '{chat.model_path}' because the configured model "
                                  f"could not be loaded: {chat.fallback_reason}")
-        self._log("info", f"Using model '{chat.model_path}' ({self.n_ctx}-token context, {self.n_threads} threads, "
+        self._log("info", f"Using model '{chat.model_path}' ({self.n_ctx}-token context, {self.threads.mode} threads "
+                                 f"(up to {self.threads.max_threads}), "
                                  f"{self.inference_device}{' ' + self.inference_library if self.inference_library else ''}) "
                                  f"with {chat.template_source}"
                                  f"{'' if chat.system_role else '; the system prompt goes into the first user turn'}")
@@ -131,6 +131,7 @@ class LlamaChat_adapter(ModuleRunner):
         def cancelled() -> bool:
             return self.cancel_id == job.command_id
 
+        job.threads = self.threads.update(chat.set_threads, force=True)
         job.begin_inference(len(fitted.prompt_tokens), chat.cached_prefix(fitted.prompt_tokens), fitted.dropped_turns)
         stop_reason, error = "completed", None
         stream = None
@@ -140,6 +141,7 @@ class LlamaChat_adapter(ModuleRunner):
             for chunk in stream:
                 if cancelled():
                     break
+                job.threads = self.threads.update(chat.set_threads)  # the load may change during a long reply
                 choice = chunk["choices"][0]
                 text = choice["delta"].get("content")
                 if text:
@@ -194,7 +196,8 @@ class LlamaChat_adapter(ModuleRunner):
         if chat is None:
             return {"model": None, "loadError": self.load_error}
         return {"model": chat.model_name, "modelPath": chat.model_path, "fallbackReason": chat.fallback_reason,
-                "chatTemplate": chat.template_source, "contextSize": chat.n_ctx, "threads": self.n_threads,
+                "chatTemplate": chat.template_source, "contextSize": chat.n_ctx, "threads": self.threads.threads,
+                "threadMode": self.threads.mode,
                 "gpuLayers": self.n_gpu_layers}
 
     def _get_module_status(self, data: Optional[RequestData] = None) -> JSON:
@@ -228,6 +231,7 @@ class LlamaChat_adapter(ModuleRunner):
         if job is not None:
             self.cancel_id = job.command_id
         self.llama_thread.submit(chat.close).result()
+        self.threads.close()
 
 
 if __name__ == "__main__":
