@@ -6,7 +6,7 @@ spins for its whole time slice waiting for one that is not running, at every bar
 as another process group wants a core: the scheduler shares the CPU fairly between sessions (autogroup) or cgroups
 (systemd services, containers) first and between threads second, so a module in a session of its own gets ONE core
 for its two threads when one process elsewhere keeps the other core busy. Measured on the 2-core test machine with
-SmolLM2 (bench/threads.py, README "Threads"): 2 threads fell from ~165 to ~1 token/s; 1 thread kept ~135.
+SmolLM2 (bench/threads.py, README "Threads"): 2 threads fell from ~135 to ~1.5 tokens/s; 1 thread kept ~130.
 Fewer threads than the free cores never collapse; so each chat takes the cores the others leave free.
 """
 from __future__ import annotations
@@ -19,9 +19,10 @@ from typing import Callable, Optional
 
 import psutil
 
-# Others may use this much of a core before the module gives up a thread: a thread that must wait for a core now and
-# then still helps, one that waits a quarter of the time already costs more at the barriers than it adds.
-TOLERATED_CORE_SHARE = 0.2
+# Others may use this much of a core before the module gives up a thread (our own server answering polls, say).
+# Measured with 2 threads beside a process in another session using part of a core: 0.15 of a core already cost
+# generation 10 % against 1 thread (126 vs 141 tokens/s), 0.3 cost 25 %, 0.5 cost 45 %.
+TOLERATED_CORE_SHARE = 0.1
 SAMPLE_INTERVAL_S = 0.5  # how often the load is read, and how often a running reply may change its count
 
 

@@ -11,6 +11,7 @@ import datetime
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List
@@ -114,6 +115,23 @@ def load(kind: str, model: Path, cores: int) -> Iterator[None]:
         process.wait()
 
 
+def start_servers(stack: ExitStack, model: Path, modules: Dict[str, Dict[str, str]]) -> Dict[str, str]:
+    """One server per module environment, started side by side; each stopped when the stack closes."""
+    servers = {key: running_server(model, context_size=N_CTX, **env) for key, env in modules.items()}
+    with ThreadPoolExecutor(len(servers)) as pool:
+        starting = {key: pool.submit(server.__enter__) for key, server in servers.items()}
+    urls, failure = {}, None
+    for key, future in starting.items():
+        try:
+            urls[key] = future.result()
+            stack.push(servers[key])  # its __exit__ stops it
+        except Exception as ex:
+            failure = failure or ex
+    if failure is not None:
+        raise failure
+    return urls
+
+
 def measure(engines: Dict[str, Any], args: argparse.Namespace, loads: List[str]) -> Dict[str, Any]:
     for engine in engines.values():  # one-time costs (buffers, template compilation) are not measured
         engine.chat(SYSTEM_PROMPT, 8, args.time_box)
@@ -126,6 +144,7 @@ def measure(engines: Dict[str, Any], args: argparse.Namespace, loads: List[str])
                 # Its own system prompt per load and repeat (the same for every engine): nothing of it is cached.
                 system_prompt = f"{SYSTEM_PROMPT} ({kind}, run {repeat + 1})"
                 for key, engine in engines.items():
+                    time.sleep(args.pause)
                     runs[key].append(engine.chat(system_prompt, args.tokens, args.time_box))
         results[kind] = {key: {"summary": summarise(r), "runs": r} for key, r in runs.items()}
     return results
@@ -138,17 +157,22 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results", help="where the results go")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=128, help="tokens per reply")
-    parser.add_argument("--time-box", type=float, default=8.0, metavar="SECONDS",
+    parser.add_argument("--time-box", type=float, default=6.0, metavar="SECONDS",
                         help="a reply still running after this long is cut off (collapsed engines)")
     parser.add_argument("--poll-ms", type=float, default=100, help="the client's pause between status polls")
+    parser.add_argument("--pause", type=float, default=1.0, metavar="SECONDS",
+                        help="before each reply, so that the module's load monitor sees the load under test rather "
+                             "than the engine that took its turn just before (a person's next message comes seconds "
+                             "after the last reply, not at once)")
     parser.add_argument("--loads", nargs="+", choices=LOADS, default=LOADS)
     parser.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
                         help="wait up to this long for the 1-minute load average to fall below 0.5 first")
     args = parser.parse_args(argv)
     if not args.model.is_file():
         parser.error(f"no model at {args.model}: run `bash install.sh --small` for SmolLM2-135M, or pass --model PATH")
-    if args.repeats < 1 or args.tokens < 2 or args.time_box <= 0 or args.poll_ms <= 0:
-        parser.error("--repeats must be at least 1, --tokens at least 2, --time-box and --poll-ms more than 0")
+    if args.repeats < 1 or args.tokens < 2 or args.time_box <= 0 or args.poll_ms <= 0 or args.pause < 0:
+        parser.error("--repeats must be at least 1, --tokens at least 2, --time-box and --poll-ms more than 0, "
+                     "--pause at least 0")
 
     cores = default_max_threads()
     started = time.monotonic()
@@ -156,7 +180,7 @@ def main(argv=None) -> int:
         "started_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "model": args.model.name, "llama_cpp_python": llama_cpp.__version__, "machine": machine.describe(),
         "settings": {"repeats": args.repeats, "tokens": args.tokens, "time_box_s": args.time_box,
-                     "poll_interval_s": args.poll_ms / 1000, "all_cores": cores, "n_ctx": N_CTX},
+                     "poll_interval_s": args.poll_ms / 1000, "pause_s": args.pause, "all_cores": cores, "n_ctx": N_CTX},
         "load_start": machine.wait_until_idle(args.wait_idle, say),
     }
     say(f"model {args.model}, {cores} cores; results go to {args.out}")
@@ -170,9 +194,8 @@ def main(argv=None) -> int:
         llm = Llama(model_path=str(args.model), n_ctx=N_CTX, n_threads=cores, n_threads_batch=cores, verbose=False)
         stack.callback(llm.close)
         engines: Dict[str, Callable] = {"raw_all": RawFixed(llm, cores), "raw_one": RawFixed(llm, 1)}
-        for key, env in modules.items():
-            say(f"starting python -m llamachat_server for {key}")
-            base_url = stack.enter_context(running_server(args.model, context_size=N_CTX, **env))
+        say(f"starting python -m llamachat_server for {', '.join(modules)}")
+        for key, base_url in start_servers(stack, args.model, modules).items():
             engines[key] = ModuleClient(base_url, args.poll_ms / 1000)
             stack.callback(engines[key].close)
         results.update(measure(engines, args, args.loads))

@@ -14,8 +14,8 @@ from thread_policy import OtherLoad, ThreadPolicy, threads_for
 
 @pytest.mark.parametrize("others, cpus, max_threads, expected", [
     (0.0, 2, 2, 2),    # idle: every core
-    (0.15, 2, 2, 2),   # a little background work (our server answering polls) costs no thread
-    (0.3, 2, 2, 1),    # a third of a core taken: the second thread would wait at every barrier
+    (0.05, 2, 2, 2),   # a little background work (our server answering polls) costs no thread
+    (0.15, 2, 2, 1),   # a sixth of a core taken: the second thread already waits at too many barriers
     (1.0, 2, 2, 1),    # one core busy
     (2.0, 2, 2, 1),    # everything busy: still one thread, never none
     (5.0, 2, 2, 1),    # more demand than cores
