@@ -91,7 +91,8 @@ def chart(results: Dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(14, 5))
     fig.suptitle(f"Threads under load: {results['model']}, {results['settings']['all_cores']} cores (median)")
     width = 0.8 / len(ENGINES)
-    for ax, metric, unit in [(axes[0], "tokens_per_second", "tokens/s"), (axes[1], "ttft_ms", "time to first token, ms")]:
+    for ax, metric, unit in [(axes[0], "tokens_per_second", "tokens/s"),
+                             (axes[1], "ttft_ms", "time to first token, ms")]:
         for i, (key, label) in enumerate(ENGINES):
             values = [_median(results, load, key, metric) or 0 for load in loads]
             x = [j + (i - (len(ENGINES) - 1) / 2) * width for j in range(len(loads))]
@@ -100,8 +101,8 @@ def chart(results: Dict[str, Any], path: Path) -> None:
         ax.set_ylabel(unit)
         if metric == "ttft_ms":
             ax.set_yscale("log")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=8)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -58,12 +58,14 @@ def test_threads_bench_measures_every_thread_choice_and_writes_its_files(smollm2
     assert (out / "threads.png").read_bytes().startswith(b"\x89PNG")
     results = json.loads((out / "threads.json").read_text())
     cores = results["settings"]["all_cores"]
-    expected_threads = {"raw_all": cores, "raw_one": 1, "module_all": cores, "module_one": 1, "module_all_passive": cores}
+    expected_threads = {"raw_all": cores, "raw_one": 1, "module_all": cores, "module_one": 1,
+                        "module_all_passive": cores}
     for key, threads in expected_threads.items():
         summary = results["idle"][key]["summary"]
         assert summary["threads"]["median"] == threads, key  # a pinned count is what the module computed with
         # All cores collapse when other work takes a core (the tests share the machine): a reply may be cut off.
         assert summary["tokens"]["median"] <= 8
     assert 1 <= results["idle"]["module_adaptive"]["summary"]["threads"]["median"] <= cores
-    assert [g["goal"].split(":")[0] for g in results["goals"]] == ["one core busy", "idle", "beside a 2nd llama.cpp process"]
+    assert [g["goal"].split(":")[0] for g in results["goals"]] == ["one core busy", "idle",
+                                                                   "beside a 2nd llama.cpp process"]
     assert "| module, adaptive (the default) |" in (out / "threads.md").read_text()
