@@ -1,6 +1,5 @@
 """The thread policy: its decisions (model-free, with a named stand-in for the machine's load) and its load reading
 on real processes. The adaptive mode on the real model is tested in test_adapter.py and test_server_chat.py."""
-import subprocess
 import sys
 import threading
 import time
