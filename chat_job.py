@@ -23,6 +23,7 @@ class ChatJob:
         self.completion_tokens = 0
         self.stop_reason: Optional[str] = None
         self.error: Optional[str] = None
+        self.threads: Optional[int] = None  # llama.cpp's CPU threads now (the adaptive mode may change it mid-reply)
 
     def begin_inference(self, prompt_tokens: int, cached_tokens: int, dropped_turns: int) -> None:
         self.prompt_tokens, self.cached_tokens, self.dropped_turns = prompt_tokens, cached_tokens, dropped_turns
@@ -60,6 +61,7 @@ class ChatJob:
             "time_to_first_token_ms": None if self.first_token_at is None else _ms(self.first_token_at - self.started),
             "elapsed_ms": _ms(now - self.started),
             "dropped_turns": self.dropped_turns,
+            "threads": self.threads,
         }
 
     def status(self) -> Dict[str, Any]:

@@ -137,6 +137,10 @@ class LlamaChat:
             self._watch(None)
             stream.close()
 
+    def set_threads(self, threads: int) -> None:
+        """The CPU threads llama.cpp computes with from now on, for the prompt and for generation (cheap)."""
+        llama_cpp.llama_set_n_threads(self.llm.ctx, threads, threads)
+
     def close(self) -> None:
         self.llm.close()
 

@@ -9,7 +9,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, Optional, Tuple
 
 import llama_cpp
-import psutil
 from codeproject_ai_sdk import JSON, LogVerbosity, ModuleRunner, RequestData
 
 from chat_job import FINISH_REASONS, ChatJob
@@ -17,6 +16,7 @@ from chat_request import ChatError, ChatInputs, ChatRequest
 from context_fit import FittedChat, fit_to_context
 from llama_chat import LlamaChat, ModelLoadError
 from llama_settings import LlamaSettings
+from thread_policy import ThreadPolicy
 
 SELFTEST_PROMPT = "How many planets are there in the solar system?"
 
@@ -48,13 +48,12 @@ class LlamaChat_adapter(ModuleRunner):
         try:
             settings = LlamaSettings.from_env()
             self.n_ctx = settings.context_size
-            threads = settings.threads
-            self.n_threads = threads or psutil.cpu_count(logical=False) or os.cpu_count() or 1
+            self.threads = ThreadPolicy(pinned=settings.threads)  # 0: adaptive
             self.n_gpu_layers = settings.gpu_layers if library else 0
             self.llama_chat = self.llama_thread.submit(
                 LlamaChat, repo_id=settings.model_repo, fileglob=settings.model_fileglob,
                 filename=settings.model_filename, model_dir=str(settings.model_dir),
-                n_ctx=self.n_ctx, n_threads=self.n_threads, n_gpu_layers=self.n_gpu_layers,
+                n_ctx=self.n_ctx, n_threads=self.threads.threads, n_gpu_layers=self.n_gpu_layers,
                 chat_format=settings.chat_format, verbose=self.log_verbosity == LogVerbosity.Loud).result()
         except (ModelLoadError, ValueError) as ex:  # ValueError: LlamaSettingsError, an unknown chat format
             self.load_error = str(ex)
@@ -68,7 +67,8 @@ class LlamaChat_adapter(ModuleRunner):
         if chat.fallback_reason:
             self._log("warning", f"Using the small fallback model '{chat.model_path}' because the configured model "
                                  f"could not be loaded: {chat.fallback_reason}")
-        self._log("info", f"Using model '{chat.model_path}' ({self.n_ctx}-token context, {self.n_threads} threads, "
+        self._log("info", f"Using model '{chat.model_path}' ({self.n_ctx}-token context, {self.threads.mode} threads "
+                                 f"(up to {self.threads.max_threads}), "
                                  f"{self.inference_device}{' ' + self.inference_library if self.inference_library else ''}) "
                                  f"with {chat.template_source}"
                                  f"{'' if chat.system_role else '; the system prompt goes into the first user turn'}")
@@ -117,6 +117,7 @@ class LlamaChat_adapter(ModuleRunner):
         def cancelled() -> bool:
             return self.cancel_id == job.command_id
 
+        job.threads = self.threads.update(chat.set_threads, force=True)
         job.begin_inference(len(fitted.prompt_tokens), chat.cached_prefix(fitted.prompt_tokens), fitted.dropped_turns)
         stop_reason, error = "completed", None
         stream = None
@@ -126,6 +127,7 @@ class LlamaChat_adapter(ModuleRunner):
             for chunk in stream:
                 if cancelled():
                     break
+                job.threads = self.threads.update(chat.set_threads)  # the load may change during a long reply
                 choice = chunk["choices"][0]
                 text = choice["delta"].get("content")
                 if text:
@@ -180,7 +182,8 @@ class LlamaChat_adapter(ModuleRunner):
         if chat is None:
             return {"model": None, "loadError": self.load_error}
         return {"model": chat.model_name, "modelPath": chat.model_path, "fallbackReason": chat.fallback_reason,
-                "chatTemplate": chat.template_source, "contextSize": chat.n_ctx, "threads": self.n_threads,
+                "chatTemplate": chat.template_source, "contextSize": chat.n_ctx, "threads": self.threads.threads,
+                "threadMode": self.threads.mode,
                 "gpuLayers": self.n_gpu_layers}
 
     def _get_module_status(self, data: Optional[RequestData] = None) -> JSON:
@@ -214,6 +217,7 @@ class LlamaChat_adapter(ModuleRunner):
         if job is not None:
             self.cancel_id = job.command_id
         self.llama_thread.submit(chat.close).result()
+        self.threads.close()
 
 
 if __name__ == "__main__":

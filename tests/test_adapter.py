@@ -252,3 +252,34 @@ def test_chats_on_the_fallback_model_say_so(tmp_path, smollm2, monkeypatch):
         assert "mistral-7b-instruct-v0.2.Q4_K_M.gguf': no such file" in fallback.module_status()["fallbackReason"]
     finally:
         fallback.cleanup()
+
+
+def test_a_pinned_thread_count_is_used_and_shown(adapter):
+    # The fixture pins CPAI_MODULE_LLAMA_THREADS=1 (module_harness).
+    final = run_chat(adapter, prompt="What is 2 + 2?", max_tokens=4, temperature=0)
+    assert final["threads"] == 1
+    status_data = adapter.module_status()
+    assert status_data["threads"] == 1 and status_data["threadMode"] == "fixed"
+
+
+def test_adaptive_threads_leave_a_busy_core_to_the_process_using_it(smollm2):
+    from thread_policy import usable_cpus
+    if usable_cpus() < 2:
+        pytest.skip("one CPU: there is no core to leave")
+    monkeypatch = pytest.MonkeyPatch()
+    adaptive = load_adapter(monkeypatch, smollm2, CPAI_MODULE_LLAMA_THREADS="0")
+    monkeypatch.undo()
+    # Another service's busy process, in a session of its own as it would be.
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
+    try:
+        assert adaptive.module_status()["threadMode"] == "adaptive"
+        assert adaptive.threads.max_threads >= 1
+        wait_until(lambda: adaptive.threads._load.cores() >= 0.8, what="the load monitor to see the busy process")
+        final = run_chat(adaptive, prompt="Write a long story about a dragon.", max_tokens=24, temperature=0)
+        assert final["success"] and final["completion_tokens"] > 0
+        assert 1 <= final["threads"] <= usable_cpus() - 1
+        assert adaptive.module_status()["threads"] == final["threads"]
+    finally:
+        busy.kill()
+        busy.wait()
+        adaptive.cleanup()

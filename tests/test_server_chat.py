@@ -14,7 +14,7 @@ COMPLETED_FIELDS = RUNNING_FIELDS | {"error", "stop_reason", "processMs", "infer
 CANCEL_FIELDS = ACK_FIELDS
 # LlamaChat's own live metrics, on top of the fields of docs/protocol.md §2.2.
 METRICS = {"model", "model_fallback", "prompt_tokens", "cached_tokens", "completion_tokens", "tokens_per_second",
-           "time_to_first_token_ms", "elapsed_ms", "dropped_turns"}
+           "time_to_first_token_ms", "elapsed_ms", "dropped_turns", "threads"}
 STORY = "Write a very long story about a dragon who learns to bake bread. Describe every step in detail."
 # Tokens for the story: a reply still running when a test looks, however fast the machine (the context is 2048).
 LONG = "1900"
@@ -161,3 +161,18 @@ def test_bad_chat_input_is_refused_before_a_command_starts(base_url):
     answer = post(base_url, "text/chat", prompt="Hi", max_tokens="lots")
     assert answer["success"] is False and "max_tokens" in answer["error"]
     assert "commandId" not in answer
+
+
+def test_the_adaptive_default_shows_its_thread_count_in_the_status_and_the_log(smollm2):
+    from live_server import server_log_path, server_status
+    from thread_policy import default_max_threads
+
+    with running_server(smollm2, CPAI_MODULE_LLAMA_THREADS="0") as url:
+        assert "adaptive threads (up to" in server_log_path(url).read_text()
+        status_data = poll(lambda: server_status(url)["statusData"], 10, "the module's status data")
+        assert status_data["threadMode"] == "adaptive" and 1 <= status_data["threads"] <= default_max_threads()
+        ack = start_chat(url, prompt=STORY, max_tokens="24", temperature="0")
+        running, final = follow(url, ack["commandId"])
+        for answer in running + [final]:
+            assert answer["threads"] is None or 1 <= answer["threads"] <= default_max_threads()
+        assert final["success"] and 1 <= final["threads"] <= default_max_threads()
