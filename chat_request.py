@@ -106,8 +106,8 @@ class ChatInputs:
                '[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]')
         size = len(raw.encode("utf-8"))
         if size > MAX_HISTORY_BYTES:
-            raise ChatError(f"messages may hold at most {MAX_HISTORY_BYTES} bytes of JSON (MAX_HISTORY_BYTES), not {size}: "
-                            "send only the turns the model needs")
+            raise ChatError(f"messages may hold at most {MAX_HISTORY_BYTES} bytes of JSON (MAX_HISTORY_BYTES), "
+                            f"not {size}: send only the turns the model needs")
         try:
             turns = json.loads(raw)
         except json.JSONDecodeError as ex:

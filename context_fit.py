@@ -106,9 +106,10 @@ class ContextFitter:
 
         alone = render(len(turns))
         if len(alone) > limit:
+            why = "max_tokens" if request.max_tokens else "the minimum kept for a reply"
             raise ChatError(
                 f"The prompt does not fit the model's context: it takes {len(alone)} tokens (system prompt included) "
-                f"and the reply needs {room} more ({'max_tokens' if request.max_tokens else 'the minimum kept for a reply'}), "
+                f"and the reply needs {room} more ({why}), "
                 f"but the context holds {self.chat.n_ctx}. Shorten the prompt"
                 + (" or lower max_tokens." if request.max_tokens else ".")
             )
@@ -127,17 +128,18 @@ class ContextFitter:
                                                     for m in turns[i])
             return estimate[k]
 
-        # Bracket the answer: turns[fits:] is known to fit, turns[too_long:] known not to (-1: none known yet).
-        fits, fitting_tokens, too_long, error = len(turns), alone, -1, 0
-        for attempt in range(len(turns)):
-            k = fits
+        # Bracket the answer: turns[fits:] is known to fit, turns[too_long:] known not to (-1: the whole history).
+        # It ends closed, so no turn is dropped that would have fitted.
+        fits, fitting_tokens, too_long, error, attempt = len(turns), alone, -1, 0, 0
+        while fits - too_long > 1:
             if attempt < GUIDED_RENDERS:
+                k = fits
                 while k - 1 > too_long and estimated(k - 1) + error <= limit:
                     k -= 1
+                k = min(k, fits - 1)  # the estimate says nothing more fits: check the next older turn
             else:
-                k = (too_long + fits + 1) // 2 if fits - too_long > 1 else fits
-            if k == fits:
-                break
+                k = (too_long + fits + 1) // 2
+            attempt += 1
             tokens = render(k)
             error = len(tokens) - estimated(k)
             if len(tokens) <= limit:

@@ -58,7 +58,8 @@ class LlamaChat:
         if self.llm is None and repo_id:
             try:
                 # local_dir (not cache_dir) puts the file at model_dir/<name>, so the next start loads it directly.
-                self.llm = _CountingLlama.from_pretrained(repo_id=repo_id, filename=fileglob, local_dir=model_dir, **options)
+                self.llm = _CountingLlama.from_pretrained(repo_id=repo_id, filename=fileglob, local_dir=model_dir,
+                                                          **options)
             except Exception as ex:
                 tried.append(f"downloading '{fileglob}' from Hugging Face repo '{repo_id}': {_reason(ex)}")
         if self.llm is None:

@@ -163,7 +163,7 @@ class LlamaChat_adapter(ModuleRunner):
                 if choice.get("finish_reason"):
                     stop_reason = FINISH_REASONS.get(choice["finish_reason"], "completed")
         except Exception as ex:
-            # A cancel aborts llama_decode, which raises; anything else is a real failure, reported with the text so far.
+            # A cancel aborts llama_decode, which raises; anything else is a real failure, reported with the text so far
             if not cancelled():
                 self.report_error(ex, __file__)
                 stop_reason, error = "error", f"Generation failed after {chat.generated_tokens} tokens: {ex}"

@@ -42,7 +42,8 @@ def test_max_tokens_ends_with_length_and_counts_every_token(adapter):
 
 def test_completion_tokens_are_the_model_s_tokens_not_streamed_pieces(adapter):
     # An emoji takes several tokens, which llama-cpp-python streams as one piece once the character is complete.
-    history = [{"role": "user", "content": "Send me some party emoji."}, {"role": "assistant", "content": "🎉🥳🎂🎈🎁"}]
+    history = [{"role": "user", "content": "Send me some party emoji."},
+               {"role": "assistant", "content": "🎉🥳🎂🎈🎁"}]
     prompt = "Say it again, exactly."
     final = run_chat(adapter, prompt=prompt, messages=json.dumps(history), temperature=0, max_tokens=24)
     assert sum(ord(c) > 0xFFFF for c in final["reply"]) >= 3, final["reply"]

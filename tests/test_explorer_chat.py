@@ -402,7 +402,7 @@ def test_busy_model_waits_and_never_follows_someone_else_s_chat(open_chat, serve
     assert chat.assistant_bubbles.last.text_content()
 
     refusals = [answer for _, answer in chat.calls("chat") if not answer["success"]]
-    assert len(refusals) >= 2 and all(answer["commandId"] == other["commandId"] for answer in refusals)
+    assert len(refusals) >= 2 and all("commandId" not in answer for answer in refusals)
     used_ids = {fields.get("commandId") for name in ("get_command_status", "cancel_command")
                 for fields, _ in chat.calls(name)}
     assert other["commandId"] not in used_ids
