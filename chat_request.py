@@ -14,9 +14,10 @@ from codeproject_ai_sdk import RequestData
 CHAT_ROUTE = "text/chat"
 MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 200  # each stop string is looked for in the reply after every token
-# Caps on the earlier turns a client may send: the JSON is parsed on the SDK's request loop, before the chat starts.
-# Both are far beyond what any model's context holds (a million tokens), so they only refuse abuse.
-MAX_HISTORY_BYTES = 4 * 1024 * 1024
+# Caps on the earlier turns a client may send: the JSON is parsed on the SDK's request loop, before the chat starts,
+# where 2 MiB take ~30 ms (bench/fit_time.py). Both are far beyond what a model's context holds (2 MiB of text is
+# ~500k tokens), so they refuse only abuse.
+MAX_HISTORY_BYTES = 2 * 1024 * 1024
 MAX_HISTORY_MESSAGES = 10_000
 # Inputs passed straight to create_chat_completion under the same name.
 SAMPLING_INPUTS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty")

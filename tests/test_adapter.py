@@ -158,7 +158,7 @@ def test_stop_strings_end_the_reply(adapter):
     ({"prompt": "hi", "messages": json.dumps([{"role": "user", "content": "a"}] * 10_001)}, "messages",
      "at most 10000 turns (MAX_HISTORY_MESSAGES), not 10001"),
     ({"prompt": "hi", "messages": json.dumps([{"role": "user", "content": "a" * 5_000_000}])}, "messages",
-     "at most 4194304 bytes of JSON (MAX_HISTORY_BYTES), not 5000033"),
+     "at most 2097152 bytes of JSON (MAX_HISTORY_BYTES), not 5000033"),
 ])
 def test_bad_input_is_refused_with_a_clear_error(adapter, values, field, hint):
     answer = start_chat(adapter, **values)
