@@ -54,7 +54,7 @@ def test_a_cancelled_computation_logs_no_warning_or_error(smol, capsys, loud):
 
 def test_server_log_has_no_llama_cpp_errors_after_chats_and_a_cancel(smollm2):
     long_prompt = "Summarise this text. " + " ".join(
-        f"Paragraph {i}: the committee met on a rainy Tuesday to discuss the budget for the new library." for i in range(60))
+        f"Paragraph {i}: the committee met on a rainy Tuesday to discuss the library's budget." for i in range(60))
     with running_server(smollm2) as base_url:
         def status(command_id):
             return requests.post(f"{base_url}/v1/LlamaChat/get_command_status", data={"commandId": command_id},
