@@ -242,13 +242,17 @@ def markdown(results: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def default_model() -> Path:
+    """The model `install.sh --small` installs, else the test model."""
+    if DEFAULT_MODEL.is_file():
+        return DEFAULT_MODEL
+    from models import smollm2_path
+    return smollm2_path()
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.fit_time", description=__doc__)
-    default_model = DEFAULT_MODEL
-    if not default_model.is_file():
-        from models import smollm2_path  # the test model, when install.sh --small has not been run
-        default_model = smollm2_path()
-    parser.add_argument("--model", type=Path, default=default_model)
+    parser.add_argument("--model", type=Path, default=default_model())
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
