@@ -354,7 +354,7 @@ def test_multi_turn_chat_sends_the_transcript_as_messages_and_clear_forgets_it(o
 
 def test_turns_left_out_to_fit_the_context_are_reported(open_chat, server):
     chat = open_chat(server)
-    prompt = "Say hello."
+    prompt = "Write a long story about a dragon who learns to paint."  # a reply still running when Stop is clicked
     chat.settings(max_tokens="32")
     chat.send(prompt)
     chat.wait_state("idle")
