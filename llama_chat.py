@@ -146,7 +146,7 @@ class LlamaChat:
 
     def _aborting(self) -> bool:
         abort = self._should_abort()
-        if abort:  # llama.cpp now logs the computation it stops as an error, which it is not
+        if abort:  # llama.cpp now logs stopping the computation as a warning and an error, which it is not
             LLAMA_LOG.aborting = True
         return abort
 
