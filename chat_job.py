@@ -14,8 +14,11 @@ class ChatJob:
         self.reply = ""
         self.started = time.perf_counter()
         self.inference_started: Optional[float] = None
+        # When the reply's first and latest tokens were seen, and the token counts then (for tokens_per_second).
         self.first_token_at: Optional[float] = None
         self.last_token_at: Optional[float] = None
+        self._tokens_at_first = 0
+        self._tokens_at_last = 0
         self.finished_at: Optional[float] = None
         self.prompt_tokens = 0
         self.cached_tokens = 0
@@ -29,13 +32,19 @@ class ChatJob:
         self.prompt_tokens, self.cached_tokens, self.dropped_turns = prompt_tokens, cached_tokens, dropped_turns
         self.inference_started = time.perf_counter()
 
-    def add_token(self, text: str) -> None:
-        now = time.perf_counter()
-        if self.first_token_at is None:
-            self.first_token_at = now
-        self.last_token_at = now
-        self.completion_tokens += 1
+    def add_text(self, text: str, completion_tokens: int) -> None:
+        """A streamed piece of the reply, and how many tokens the model has generated so far (a piece may hold
+        several tokens, or none yet of a character still incomplete)."""
+        if completion_tokens > self.completion_tokens:
+            now = time.perf_counter()
+            if self.first_token_at is None:
+                self.first_token_at, self._tokens_at_first = now, completion_tokens
+            self.last_token_at, self._tokens_at_last = now, completion_tokens
+        self.count_tokens(completion_tokens)
         self.reply += text
+
+    def count_tokens(self, completion_tokens: int) -> None:
+        self.completion_tokens = max(self.completion_tokens, completion_tokens)
 
     def finish(self, stop_reason: str, error: Optional[str] = None) -> Dict[str, Any]:
         self.stop_reason, self.error = stop_reason, error
@@ -49,8 +58,8 @@ class ChatJob:
     def metrics(self) -> Dict[str, Any]:
         now = self.finished_at or time.perf_counter()
         speed = 0.0
-        if self.completion_tokens > 1 and self.last_token_at > self.first_token_at:
-            speed = (self.completion_tokens - 1) / (self.last_token_at - self.first_token_at)
+        if self.first_token_at is not None and self.last_token_at > self.first_token_at:
+            speed = (self._tokens_at_last - self._tokens_at_first) / (self.last_token_at - self.first_token_at)
         return {
             "model": self.model,
             "model_fallback": self.model_fallback,

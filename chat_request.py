@@ -13,6 +13,12 @@ from codeproject_ai_sdk import RequestData
 
 CHAT_ROUTE = "text/chat"
 MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 200  # each stop string is looked for in the reply after every token
+# Caps on the earlier turns a client may send: the JSON is parsed on the SDK's request loop, before the chat starts,
+# where 2 MiB take ~30 ms (bench/fit_time.py). Both are far beyond what a model's context holds (2 MiB of text is
+# ~500k tokens), so they refuse only abuse.
+MAX_HISTORY_BYTES = 2 * 1024 * 1024
+MAX_HISTORY_MESSAGES = 10_000
 # Inputs passed straight to create_chat_completion under the same name.
 SAMPLING_INPUTS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty")
 
@@ -81,15 +87,16 @@ class ChatInputs:
     def _stop(raw: Optional[str]) -> List[str]:
         if raw is None or raw == "":
             return []
-        stops = [raw]
-        if raw.lstrip().startswith("["):
-            try:
-                stops = json.loads(raw)
-            except json.JSONDecodeError:
-                raise ChatError("stop must be one string or a JSON array of strings, e.g. [\"\\n\\n\", \"User:\"]") from None
-        if (not isinstance(stops, list) or not 1 <= len(stops) <= MAX_STOP_STRINGS
-                or not all(isinstance(s, str) and s for s in stops)):
-            raise ChatError(f"stop must be one string or a JSON array of 1 to {MAX_STOP_STRINGS} non-empty strings")
+        stops = _json_array(raw) if raw.lstrip().startswith("[") else None
+        # Anything that is not a JSON array of strings, "[/INST]" for one, is a single stop string.
+        if stops is None or not all(isinstance(s, str) for s in stops):
+            stops = [raw]
+        if not 1 <= len(stops) <= MAX_STOP_STRINGS or not all(stops):
+            raise ChatError(f"stop must be one string or a JSON array of 1 to {MAX_STOP_STRINGS} non-empty strings, "
+                            'e.g. ["\\n\\n", "User:"]')
+        longest = max(len(s) for s in stops)
+        if longest > MAX_STOP_CHARS:
+            raise ChatError(f"stop strings may be at most {MAX_STOP_CHARS} characters long, not {longest}")
         return stops
 
     @staticmethod
@@ -98,12 +105,21 @@ class ChatInputs:
             return []
         how = ('messages must be a JSON array of earlier turns, oldest first, like '
                '[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]')
+        size = len(raw.encode("utf-8"))
+        if size > MAX_HISTORY_BYTES:
+            raise ChatError(f"messages may hold at most {MAX_HISTORY_BYTES} bytes of JSON (MAX_HISTORY_BYTES), "
+                            f"not {size}: send only the turns the model needs")
         try:
             turns = json.loads(raw)
         except json.JSONDecodeError as ex:
             raise ChatError(f"{how}; it is not valid JSON ({ex.msg} at character {ex.pos})") from None
+        except RecursionError:
+            raise ChatError(f"{how}; it is nested too deeply") from None
         if not isinstance(turns, list):
             raise ChatError(how)
+        if len(turns) > MAX_HISTORY_MESSAGES:
+            raise ChatError(f"messages may hold at most {MAX_HISTORY_MESSAGES} turns (MAX_HISTORY_MESSAGES), "
+                            f"not {len(turns)}: send only the turns the model needs")
         history = []
         for i, turn in enumerate(turns):
             if not isinstance(turn, dict) or not isinstance(turn.get("content"), str):
@@ -115,6 +131,15 @@ class ChatInputs:
         if history and history[0]["role"] != "user":
             raise ChatError("messages must start with a 'user' turn")
         return history
+
+
+def _json_array(raw: str) -> Optional[list]:
+    """raw parsed as a JSON array, or None if it is not one."""
+    try:
+        value = json.loads(raw)
+    except (json.JSONDecodeError, RecursionError):
+        return None
+    return value if isinstance(value, list) else None
 
 
 def _text(value: Optional[str]) -> Optional[str]:

@@ -1,7 +1,9 @@
 """LlamaChat_adapter: connects CodeProject.AI Server's request queue to the LlamaChat wrapper.
 
 A chat is a long process: process() returns self.long_process, which the SDK runs in a worker thread while its
-loop keeps answering get_command_status (command_status) and cancel_command (cancel_command_task).
+loop keeps answering get_command_status (command_status) and cancel_command (cancel_command_task). The SDK's loop
+waits for process(), so process() only reads the request (bounded by the caps in chat_request.py); fitting the
+conversation to the context, which grows with it, runs in the long process, where a cancel can stop it.
 """
 import gc
 import os
@@ -13,12 +15,17 @@ from codeproject_ai_sdk import JSON, LogVerbosity, ModuleRunner, RequestData
 
 from chat_job import FINISH_REASONS, ChatJob
 from chat_request import ChatError, ChatInputs, ChatRequest
-from context_fit import FittedChat, fit_to_context
+from context_fit import ContextFitter, FitCancelled
 from llama_chat import LlamaChat, ModelLoadError
+from llama_log import LLAMA_LOG
 from llama_settings import LlamaSettings
 from thread_policy import ThreadPolicy
 
 SELFTEST_PROMPT = "How many planets are there in the solar system?"
+# Our answer to a chat sent while another runs. The SDK's own would hand out the running chat's commandId, with which
+# anyone could read or cancel someone else's chat; clients recognise a busy model by "already in progress".
+BUSY_ERROR = ("The model is busy with another chat (a long running command is already in progress); "
+              "try again when it has finished")
 
 
 def _gpu_library() -> str:
@@ -36,6 +43,9 @@ class LlamaChat_adapter(ModuleRunner):
         self.llama_chat: Optional[LlamaChat] = None
         self.load_error: Optional[str] = None
         self.job: Optional[ChatJob] = None
+        self.fitter: Optional[ContextFitter] = None
+        # The request process() has read, handed to the long process it starts: (request id, request).
+        self.accepted: Optional[Tuple[str, ChatRequest]] = None
         # A cancel names its command, so a late cancel can never stop the next chat (docs/protocol.md §4.1, item 2).
         self.cancel_id: Optional[str] = None
         self.inputs = ChatInputs(os.path.dirname(os.path.abspath(__file__)))
@@ -44,6 +54,7 @@ class LlamaChat_adapter(ModuleRunner):
         # cores and halved generation speed (measured in bench/).
         self.llama_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
 
+        LLAMA_LOG.install(loud=self.log_verbosity == LogVerbosity.Loud)
         library = _gpu_library() if self.enable_GPU else ""
         try:
             settings = LlamaSettings.from_env()
@@ -61,6 +72,7 @@ class LlamaChat_adapter(ModuleRunner):
             return
 
         chat = self.llama_chat
+        self.fitter = ContextFitter(chat)
         self.inference_device = "GPU" if library and self.n_gpu_layers != 0 else "CPU"
         self.inference_library = library if self.inference_device == "GPU" else ""
         self.can_use_GPU = bool(library)
@@ -81,20 +93,19 @@ class LlamaChat_adapter(ModuleRunner):
 
     # --- chats -------------------------------------------------------------------------------------------------
 
-    def _prepare(self, data: RequestData) -> Tuple[ChatRequest, FittedChat]:
+    def _read(self, data: RequestData) -> ChatRequest:
         if self.llama_chat is None:
             raise ChatError(f"No model is loaded: {self.load_error}")
-        request = self.inputs.parse(data)
-        return request, fit_to_context(self.llama_chat, request)
+        return self.inputs.parse(data)
 
     def process(self, data: RequestData) -> JSON:
-        # Bad input is refused here, before a command exists. While a chat runs, the SDK refuses the new one itself.
-        running = self.long_running_command_task is not None and not self.long_running_command_task.done()
-        if not running:
-            try:
-                self._prepare(data)
-            except ChatError as ex:
-                return {"success": False, "error": str(ex)}
+        # Bad input is refused here, before a command exists; a fit that fails ends the command with its error.
+        if self.long_running_command_task is not None and not self.long_running_command_task.done():
+            return {"success": False, "error": BUSY_ERROR}
+        try:
+            self.accepted = (data.request_id, self._read(data))
+        except ChatError as ex:
+            return {"success": False, "error": str(ex)}
         return self.long_process
 
     def long_process(self, data: RequestData) -> JSON:
@@ -109,13 +120,20 @@ class LlamaChat_adapter(ModuleRunner):
         chat = self.llama_chat
         job = ChatJob(data.request_id, chat.model_name if chat else "", bool(chat and chat.fallback_reason))
         self.job = job
-        try:
-            request, fitted = self._prepare(data)
-        except ChatError as ex:
-            return self._finished(job.finish("error", str(ex)))
 
         def cancelled() -> bool:
             return self.cancel_id == job.command_id
+
+        accepted, self.accepted = self.accepted, None
+        try:
+            request = accepted[1] if accepted and accepted[0] == data.request_id else self._read(data)
+            if chat is None:  # cleanup() closed the model before this chat reached the llama thread
+                raise ChatError("The module is shutting down; the chat did not start")
+            fitted = self.fitter.fit(request, cancelled)
+        except ChatError as ex:
+            return self._finished(job.finish("error", str(ex)))
+        except FitCancelled:
+            return self._finished(job.finish("cancelled"))
 
         job.threads = self.threads.update(chat.set_threads, force=True)
         job.begin_inference(len(fitted.prompt_tokens), chat.cached_prefix(fitted.prompt_tokens), fitted.dropped_turns)
@@ -129,19 +147,18 @@ class LlamaChat_adapter(ModuleRunner):
                     break
                 job.threads = self.threads.update(chat.set_threads)  # the load may change during a long reply
                 choice = chunk["choices"][0]
-                text = choice["delta"].get("content")
-                if text:
-                    job.add_token(text)
+                job.add_text(choice["delta"].get("content") or "", chat.generated_tokens)
                 if choice.get("finish_reason"):
                     stop_reason = FINISH_REASONS.get(choice["finish_reason"], "completed")
         except Exception as ex:
-            # A cancel aborts llama_decode, which raises; anything else is a real failure, reported with the text so far.
+            # A cancel aborts llama_decode, which raises; anything else is a real failure, reported with the text so far
             if not cancelled():
                 self.report_error(ex, __file__)
-                stop_reason, error = "error", f"Generation failed after {job.completion_tokens} tokens: {ex}"
+                stop_reason, error = "error", f"Generation failed after {chat.generated_tokens} tokens: {ex}"
         finally:
             if stream is not None:
                 stream.close()
+        job.count_tokens(chat.generated_tokens)
         if cancelled():
             stop_reason, error = "cancelled", None
         return self._finished(job.finish(stop_reason, error))

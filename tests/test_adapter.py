@@ -35,9 +35,21 @@ def test_chat_completes_with_reply_and_metrics(adapter):
     assert final["processMs"] >= final["inferenceMs"] > 0 and final["elapsed_ms"] == final["processMs"]
 
 
-def test_max_tokens_ends_with_length(adapter):
-    final = run_chat(adapter, prompt="Write a long poem about the sea.", max_tokens=8, temperature=0)
-    assert final["stop_reason"] == "length" and final["completion_tokens"] == 8
+def test_max_tokens_ends_with_length_and_counts_every_token(adapter):
+    final = run_chat(adapter, prompt="Write a long poem about the sea.", max_tokens=16, temperature=0)
+    assert final["stop_reason"] == "length" and final["completion_tokens"] == 16
+
+
+def test_completion_tokens_are_the_model_s_tokens_not_streamed_pieces(adapter):
+    # An emoji takes several tokens, which llama-cpp-python streams as one piece once the character is complete.
+    history = [{"role": "user", "content": "Send me some party emoji."},
+               {"role": "assistant", "content": "🎉🥳🎂🎈🎁"}]
+    prompt = "Say it again, exactly."
+    final = run_chat(adapter, prompt=prompt, messages=json.dumps(history), temperature=0, max_tokens=24)
+    assert sum(ord(c) > 0xFFFF for c in final["reply"]) >= 3, final["reply"]
+    usage = adapter.llama_thread.submit(
+        lambda: adapter.llama_chat.do_chat(prompt, None, history, temperature=0, max_tokens=24)).result()["usage"]
+    assert final["completion_tokens"] == usage["completion_tokens"] > len(final["reply"])
 
 
 def test_status_shows_the_reply_growing(adapter):
@@ -94,7 +106,9 @@ def test_cancel_during_a_long_prompt_stops_within_200_ms_and_the_model_stays_usa
 def test_a_second_chat_while_one_runs_is_refused(adapter):
     ack = start_chat(adapter, prompt="Write a long story.", max_tokens=200)
     busy = start_chat(adapter, prompt="Hello?")
-    assert not busy["success"] and "already in progress" in busy["error"]
+    assert not busy["success"] and "already in progress" in busy["error"] and "busy" in busy["error"]
+    # Nobody learns the running chat's commandId, with which they could read or cancel it.
+    assert "commandId" not in busy and ack["commandId"] not in json.dumps(busy)
     cancel(adapter, ack["commandId"])
     wait_until(lambda: adapter.long_running_command_task.done())
 
@@ -138,12 +152,29 @@ def test_stop_strings_end_the_reply(adapter):
     ({"prompt": "hi", "messages": '[{"role": "system", "content": "x"}]'}, "messages[0].role", "system_prompt"),
     ({"prompt": "hi", "messages": '[{"role": "assistant", "content": "x"}]'}, "messages", "start with a 'user' turn"),
     ({"prompt": "hi", "stop": '["a", "b", "c", "d", "e"]'}, "stop", "1 to 4"),
-    ({"prompt": "hi", "stop": "[1, 2]"}, "stop", "non-empty strings"),
+    ({"prompt": "hi", "stop": '["a", ""]'}, "stop", "non-empty strings"),
+    ({"prompt": "hi", "stop": "x" * 201}, "stop", "at most 200 characters long, not 201"),
+    ({"prompt": "hi", "messages": "[" * 100_000}, "messages", "nested too deeply"),
+    ({"prompt": "hi", "messages": json.dumps([{"role": "user", "content": "a"}] * 10_001)}, "messages",
+     "at most 10000 turns (MAX_HISTORY_MESSAGES), not 10001"),
+    ({"prompt": "hi", "messages": json.dumps([{"role": "user", "content": "a" * 5_000_000}])}, "messages",
+     "at most 2097152 bytes of JSON (MAX_HISTORY_BYTES), not 5000033"),
 ])
 def test_bad_input_is_refused_with_a_clear_error(adapter, values, field, hint):
     answer = start_chat(adapter, **values)
     assert answer["success"] is False and "commandId" not in answer
     assert answer["error"].startswith(field) and hint in answer["error"]
+
+
+@pytest.mark.parametrize("stop, stops", [
+    ("[/INST]", ["[/INST]"]),  # not JSON: one stop string
+    ("[1, 2]", ["[1, 2]"]),  # JSON, but not an array of strings
+    ('["\\n\\n", "User:"]', ["\n\n", "User:"]),
+    ("User:", ["User:"]),
+])
+def test_stop_is_a_json_array_of_strings_or_else_one_string(adapter, stop, stops):
+    from module_harness import request
+    assert adapter.inputs.parse(request("prompt", prompt="hi", stop=stop)).sampling["stop"] == stops
 
 
 def test_defaults_and_ranges_come_from_modulesettings(adapter):
@@ -160,8 +191,9 @@ def test_prompt_too_long_for_the_context_gives_the_token_counts(smollm2):
     monkeypatch = pytest.MonkeyPatch()
     small = load_adapter(monkeypatch, smollm2, CPAI_MODULE_LLAMA_CONTEXT_SIZE="512")
     try:
-        answer = start_chat(small, prompt="word " * 600, max_tokens=50)
-        assert not answer["success"]
+        # Fitting grows with the conversation, so it happens in the command, which ends with the error.
+        answer = run_chat(small, prompt="word " * 600, max_tokens=50)
+        assert not answer["success"] and answer["stop_reason"] == "error" and answer["reply"] == ""
         assert "does not fit" in answer["error"] and "context holds 512" in answer["error"]
         assert "needs 50 more (max_tokens)" in answer["error"] and "lower max_tokens" in answer["error"]
         tokens = int(answer["error"].split("it takes ")[1].split(" tokens")[0])

@@ -423,7 +423,7 @@ def test_busy_model_waits_and_never_follows_someone_else_s_chat(open_chat, serve
     assert chat.assistant_bubbles.last.text_content()
 
     refusals = [answer for _, answer in chat.calls("chat") if not answer["success"]]
-    assert len(refusals) >= 2 and {answer["commandId"] for answer in refusals} == {first_other, second_other}
+    assert len(refusals) >= 2 and all("commandId" not in answer for answer in refusals)
     used_ids = {fields.get("commandId") for name in ("get_command_status", "cancel_command")
                 for fields, _ in chat.calls(name)}
     assert not used_ids & {first_other, second_other}
