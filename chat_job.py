@@ -1,6 +1,9 @@
 """The state of one chat command: the reply as it grows, its live metrics, and how it ended."""
+
+from __future__ import annotations
+
 import time
-from typing import Any, Dict, Optional
+from typing import Any
 
 # llama-cpp-python's finish_reason -> our stop_reason
 FINISH_REASONS = {"stop": "completed", "length": "length"}
@@ -13,20 +16,20 @@ class ChatJob:
         self.model_fallback = model_fallback
         self.reply = ""
         self.started = time.perf_counter()
-        self.inference_started: Optional[float] = None
+        self.inference_started: float | None = None
         # When the reply's first and latest tokens were seen, and the token counts then (for tokens_per_second).
-        self.first_token_at: Optional[float] = None
-        self.last_token_at: Optional[float] = None
+        self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
         self._tokens_at_first = 0
         self._tokens_at_last = 0
-        self.finished_at: Optional[float] = None
+        self.finished_at: float | None = None
         self.prompt_tokens = 0
         self.cached_tokens = 0
         self.dropped_turns = 0
         self.completion_tokens = 0
-        self.stop_reason: Optional[str] = None
-        self.error: Optional[str] = None
-        self.threads: Optional[int] = None  # llama.cpp's CPU threads now (the adaptive mode may change it mid-reply)
+        self.stop_reason: str | None = None
+        self.error: str | None = None
+        self.threads: int | None = None  # llama.cpp's CPU threads now (the adaptive mode may change it mid-reply)
 
     def begin_inference(self, prompt_tokens: int, cached_tokens: int, dropped_turns: int) -> None:
         self.prompt_tokens, self.cached_tokens, self.dropped_turns = prompt_tokens, cached_tokens, dropped_turns
@@ -46,7 +49,7 @@ class ChatJob:
     def count_tokens(self, completion_tokens: int) -> None:
         self.completion_tokens = max(self.completion_tokens, completion_tokens)
 
-    def finish(self, stop_reason: str, error: Optional[str] = None) -> Dict[str, Any]:
+    def finish(self, stop_reason: str, error: str | None = None) -> dict[str, Any]:
         self.stop_reason, self.error = stop_reason, error
         self.finished_at = time.perf_counter()
         return self.result()
@@ -55,7 +58,7 @@ class ChatJob:
     def done(self) -> bool:
         return self.finished_at is not None
 
-    def metrics(self) -> Dict[str, Any]:
+    def metrics(self) -> dict[str, Any]:
         now = self.finished_at or time.perf_counter()
         speed = 0.0
         if self.first_token_at is not None and self.last_token_at > self.first_token_at:
@@ -73,11 +76,11 @@ class ChatJob:
             "threads": self.threads,
         }
 
-    def status(self) -> Dict[str, Any]:
+    def status(self) -> dict[str, Any]:
         """What a poll sees while the chat runs."""
         return {"success": True, "reply": self.reply, **self.metrics()}
 
-    def result(self) -> Dict[str, Any]:
+    def result(self) -> dict[str, Any]:
         """The command's final output; the SDK merges it into every later get_command_status answer."""
         end = self.finished_at or time.perf_counter()
         result = {

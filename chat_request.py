@@ -3,11 +3,14 @@
 The route's Inputs (DefaultValue, MinValue, MaxValue) are the one place defaults and ranges are written down, so the
 API docs, the Explorer page and this validation cannot drift apart.
 """
+
+from __future__ import annotations
+
 import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from codeproject_ai_sdk import RequestData
 
@@ -30,11 +33,11 @@ class ChatError(ValueError):
 @dataclass
 class ChatRequest:
     prompt: str
-    system_prompt: Optional[str]
-    history: List[Dict[str, str]]
+    system_prompt: str | None
+    history: list[dict[str, str]]
     max_tokens: int
     # Keyword arguments for create_chat_completion: sampling settings, seed and stop strings.
-    sampling: Dict[str, Any] = field(default_factory=dict)
+    sampling: dict[str, Any] = field(default_factory=dict)
 
 
 class ChatInputs:
@@ -84,7 +87,7 @@ class ChatInputs:
         return value
 
     @staticmethod
-    def _stop(raw: Optional[str]) -> List[str]:
+    def _stop(raw: str | None) -> list[str]:
         if raw is None or raw == "":
             return []
         stops = _json_array(raw) if raw.lstrip().startswith("[") else None
@@ -92,23 +95,29 @@ class ChatInputs:
         if stops is None or not all(isinstance(s, str) for s in stops):
             stops = [raw]
         if not 1 <= len(stops) <= MAX_STOP_STRINGS or not all(stops):
-            raise ChatError(f"stop must be one string or a JSON array of 1 to {MAX_STOP_STRINGS} non-empty strings, "
-                            'e.g. ["\\n\\n", "User:"]')
+            raise ChatError(
+                f"stop must be one string or a JSON array of 1 to {MAX_STOP_STRINGS} non-empty strings, "
+                'e.g. ["\\n\\n", "User:"]'
+            )
         longest = max(len(s) for s in stops)
         if longest > MAX_STOP_CHARS:
             raise ChatError(f"stop strings may be at most {MAX_STOP_CHARS} characters long, not {longest}")
         return stops
 
     @staticmethod
-    def _history(raw: Optional[str]) -> List[Dict[str, str]]:
+    def _history(raw: str | None) -> list[dict[str, str]]:
         if raw is None or not raw.strip():
             return []
-        how = ('messages must be a JSON array of earlier turns, oldest first, like '
-               '[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]')
+        how = (
+            "messages must be a JSON array of earlier turns, oldest first, like "
+            '[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]'
+        )
         size = len(raw.encode("utf-8"))
         if size > MAX_HISTORY_BYTES:
-            raise ChatError(f"messages may hold at most {MAX_HISTORY_BYTES} bytes of JSON (MAX_HISTORY_BYTES), "
-                            f"not {size}: send only the turns the model needs")
+            raise ChatError(
+                f"messages may hold at most {MAX_HISTORY_BYTES} bytes of JSON (MAX_HISTORY_BYTES), "
+                f"not {size}: send only the turns the model needs"
+            )
         try:
             turns = json.loads(raw)
         except json.JSONDecodeError as ex:
@@ -118,22 +127,26 @@ class ChatInputs:
         if not isinstance(turns, list):
             raise ChatError(how)
         if len(turns) > MAX_HISTORY_MESSAGES:
-            raise ChatError(f"messages may hold at most {MAX_HISTORY_MESSAGES} turns (MAX_HISTORY_MESSAGES), "
-                            f"not {len(turns)}: send only the turns the model needs")
+            raise ChatError(
+                f"messages may hold at most {MAX_HISTORY_MESSAGES} turns (MAX_HISTORY_MESSAGES), "
+                f"not {len(turns)}: send only the turns the model needs"
+            )
         history = []
         for i, turn in enumerate(turns):
             if not isinstance(turn, dict) or not isinstance(turn.get("content"), str):
                 raise ChatError(f"{how}; item {i} has no text 'content'")
             if turn.get("role") not in ("user", "assistant"):
-                raise ChatError(f"messages[{i}].role must be 'user' or 'assistant' (put the system prompt in "
-                                f"'system_prompt'), not {turn.get('role')!r}")
+                raise ChatError(
+                    f"messages[{i}].role must be 'user' or 'assistant' (put the system prompt in "
+                    f"'system_prompt'), not {turn.get('role')!r}"
+                )
             history.append({"role": turn["role"], "content": _text(turn["content"])})
         if history and history[0]["role"] != "user":
             raise ChatError("messages must start with a 'user' turn")
         return history
 
 
-def _json_array(raw: str) -> Optional[list]:
+def _json_array(raw: str) -> list | None:
     """raw parsed as a JSON array, or None if it is not one."""
     try:
         value = json.loads(raw)
@@ -142,7 +155,7 @@ def _json_array(raw: str) -> Optional[list]:
     return value if isinstance(value, list) else None
 
 
-def _text(value: Optional[str]) -> Optional[str]:
+def _text(value: str | None) -> str | None:
     # Browsers send form fields with CRLF line breaks; one form keeps a turn's tokens the same when it comes back
     # in the next request's history, so the KV cache still matches.
     return None if value is None else str(value).replace("\r\n", "\n")

@@ -3,8 +3,11 @@
 The GGUF's own template always wins. A GGUF without one gets the template of its architecture's family
 (llama-cpp-python would silently fall back to Llama-2's, which is wrong for almost every model today).
 """
+
+from __future__ import annotations
+
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from llama_cpp import Llama, llama_chat_format
 
@@ -31,8 +34,15 @@ TEMPLATES = {
 
 # general.architecture -> template, for architectures whose chat format is unambiguous.
 ARCHITECTURE_TEMPLATES = {
-    "gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma", "gemma3n": "gemma",
-    "qwen": "chatml", "qwen2": "chatml", "qwen2moe": "chatml", "qwen3": "chatml", "qwen3moe": "chatml",
+    "gemma": "gemma",
+    "gemma2": "gemma",
+    "gemma3": "gemma",
+    "gemma3n": "gemma",
+    "qwen": "chatml",
+    "qwen2": "chatml",
+    "qwen2moe": "chatml",
+    "qwen3": "chatml",
+    "qwen3moe": "chatml",
     "phi3": "phi3",
 }
 DEFAULT_TEMPLATE = "chatml"
@@ -43,19 +53,19 @@ _MARKER = "\x1fsystem-prompt-probe\x1f"
 class ChatTemplate:
     """A llama-cpp-python chat formatter that also adds the template's end-of-turn markers as stop strings."""
 
-    def __init__(self, template: str, eos_token: str, bos_token: str, eos_token_id: int, extra_stops: List[str]):
+    def __init__(self, template: str, eos_token: str, bos_token: str, eos_token_id: int, extra_stops: list[str]):
         self._jinja = llama_chat_format.Jinja2ChatFormatter(
             template=template, eos_token=eos_token, bos_token=bos_token, stop_token_ids=[eos_token_id]
         )
         self._extra_stops = extra_stops
 
-    def __call__(self, *, messages: List[Dict[str, Any]], **kwargs: Any) -> llama_chat_format.ChatFormatterResponse:
+    def __call__(self, *, messages: list[dict[str, Any]], **kwargs: Any) -> llama_chat_format.ChatFormatterResponse:
         response = self._jinja(messages=messages, **kwargs)
         stops = response.stop if isinstance(response.stop, list) else [response.stop]
         response.stop = [s for s in stops + self._extra_stops if s]
         return response
 
-    def render(self, messages: List[Dict[str, Any]]) -> str:
+    def render(self, messages: list[dict[str, Any]]) -> str:
         return self(messages=messages).prompt
 
     def supports_system_role(self) -> bool:
@@ -73,14 +83,14 @@ class TemplateChoice:
     source: str  # what a person reads in the log: where the template came from
 
 
-def choose_template(llm: Llama, override: Optional[str] = None) -> TemplateChoice:
+def choose_template(llm: Llama, override: str | None = None) -> TemplateChoice:
     """The GGUF's template, else the override, else the architecture's, else ChatML (said out loud)."""
     metadata = llm.metadata
     eos_id, bos_id = llm.token_eos(), llm.token_bos()
     eos = llm._model.token_get_text(eos_id) if eos_id != -1 else ""
     bos = llm._model.token_get_text(bos_id) if bos_id != -1 else ""
 
-    def build(template: str, stops: List[str], source: str) -> TemplateChoice:
+    def build(template: str, stops: list[str], source: str) -> TemplateChoice:
         return TemplateChoice(ChatTemplate(template, eos, bos, eos_id, stops), source)
 
     if override:
@@ -95,9 +105,11 @@ def choose_template(llm: Llama, override: Optional[str] = None) -> TemplateChoic
     architecture = metadata.get("general.architecture", "unknown")
     name = ARCHITECTURE_TEMPLATES.get(architecture)
     if name:
-        return build(*TEMPLATES[name], f"the '{name}' template for its '{architecture}' architecture (the GGUF has none)")
+        return build(
+            *TEMPLATES[name], f"the '{name}' template for its '{architecture}' architecture (the GGUF has none)"
+        )
     return build(
         *TEMPLATES[DEFAULT_TEMPLATE],
-        f"the '{DEFAULT_TEMPLATE}' template: the GGUF has no chat template and its '{architecture}' architecture has no "
-        "known format; set CPAI_MODULE_LLAMA_CHAT_FORMAT if replies look wrong",
+        f"the '{DEFAULT_TEMPLATE}' template: the GGUF has no chat template and its '{architecture}' architecture "
+        "has no known format; set CPAI_MODULE_LLAMA_CHAT_FORMAT if replies look wrong",
     )

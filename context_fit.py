@@ -7,10 +7,13 @@ running sums of those counts plus the template's per-message overhead, and only 
 rendered and tokenized, to check it. The check corrects the estimate when it was off (a token merged across a turn
 boundary, a template that trims).
 """
+
+from __future__ import annotations
+
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable
 
 from chat_request import ChatError, ChatRequest
 
@@ -22,7 +25,7 @@ COUNT_CACHE_SIZE = 4096
 GUIDED_RENDERS = 3
 _PROBE = "x"
 
-Message = Dict[str, str]
+Message = dict[str, str]
 
 
 class FitCancelled(Exception):
@@ -31,8 +34,8 @@ class FitCancelled(Exception):
 
 @dataclass
 class FittedChat:
-    history: List[Message]
-    prompt_tokens: List[int]
+    history: list[Message]
+    prompt_tokens: list[int]
     dropped_turns: int
 
 
@@ -40,9 +43,9 @@ def reply_room(request: ChatRequest, n_ctx: int) -> int:
     return request.max_tokens if request.max_tokens > 0 else min(MIN_REPLY_ROOM, n_ctx // 4)
 
 
-def split_turns(history: List[Message]) -> List[List[Message]]:
+def split_turns(history: list[Message]) -> list[list[Message]]:
     """A turn is a user message and the assistant replies that follow it."""
-    turns: List[List[Message]] = []
+    turns: list[list[Message]] = []
     for message in history:
         if message["role"] == "user" or not turns:
             turns.append([])
@@ -60,8 +63,8 @@ class ContextFitter:
 
     def __init__(self, chat) -> None:
         self.chat = chat
-        self._counts: "OrderedDict[bytes, int]" = OrderedDict()
-        self._overhead: Optional[Dict[str, int]] = None
+        self._counts: OrderedDict[bytes, int] = OrderedDict()
+        self._overhead: dict[str, int] | None = None
 
     def count(self, text: str) -> int:
         """The tokens of a message's text on its own, remembered."""
@@ -75,17 +78,20 @@ class ContextFitter:
             self._counts.move_to_end(key)
         return n
 
-    def overhead(self) -> Dict[str, int]:
+    def overhead(self) -> dict[str, int]:
         """Tokens the template adds around one message's text, by role: measured once on a probe conversation."""
         if self._overhead is None:
             alone = len(self._tokens(_PROBE, None, []))
-            pair = len(self._tokens(_PROBE, None, [{"role": "user", "content": _PROBE},
-                                                   {"role": "assistant", "content": _PROBE}]))
+            pair = len(
+                self._tokens(
+                    _PROBE, None, [{"role": "user", "content": _PROBE}, {"role": "assistant", "content": _PROBE}]
+                )
+            )
             extra = pair - alone - 2 * self.count(_PROBE)
             self._overhead = {"user": (extra + 1) // 2, "assistant": extra // 2}
         return self._overhead
 
-    def _tokens(self, prompt: str, system_prompt: Optional[str], history: List[Message]) -> List[int]:
+    def _tokens(self, prompt: str, system_prompt: str | None, history: list[Message]) -> list[int]:
         try:
             return self.chat.tokenize_messages(self.chat.messages(prompt, system_prompt, history))
         except Exception as ex:  # the template's own checks, e.g. roles that must alternate
@@ -98,7 +104,7 @@ class ContextFitter:
         limit = self.chat.n_ctx - room
         turns = split_turns(request.history)
 
-        def render(keep_from: int) -> List[int]:
+        def render(keep_from: int) -> list[int]:
             if cancelled():
                 raise FitCancelled()
             kept = [message for turn in turns[keep_from:] for message in turn]
@@ -124,8 +130,9 @@ class ContextFitter:
             for i in range(min(estimate) - 1, k - 1, -1):
                 if cancelled():
                     raise FitCancelled()
-                estimate[i] = estimate[i + 1] + sum(overhead.get(m["role"], 0) + self.count(m["content"])
-                                                    for m in turns[i])
+                estimate[i] = estimate[i + 1] + sum(
+                    overhead.get(m["role"], 0) + self.count(m["content"]) for m in turns[i]
+                )
             return estimate[k]
 
         # Bracket the answer: turns[fits:] is known to fit, turns[too_long:] known not to (-1: the whole history).

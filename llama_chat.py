@@ -2,8 +2,12 @@
 
 do_chat passes its keyword arguments on to llama-cpp-python's create_chat_completion.
 """
+
+from __future__ import annotations
+
 import os
-from typing import Any, Callable, Dict, Iterator, List, Optional, Union
+from collections.abc import Iterator
+from typing import Any, Callable
 
 import llama_cpp
 from llama_cpp import CreateChatCompletionResponse, CreateChatCompletionStreamResponse, Llama
@@ -12,12 +16,14 @@ from llama_cpp.llama_chat_format import chat_formatter_to_chat_completion_handle
 from chat_template import choose_template
 from llama_log import LLAMA_LOG
 
-DEFAULT_SYSTEM_PROMPT = "You're a helpful assistant who answers questions the user asks of you concisely and accurately."
+DEFAULT_SYSTEM_PROMPT = (
+    "You're a helpful assistant who answers questions the user asks of you concisely and accurately."
+)
 
 # The tiny model install.sh puts in the models folder when the Hub can't be reached.
 FALLBACK_MODEL_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-Message = Dict[str, str]
+Message = dict[str, str]
 
 
 class ModelLoadError(RuntimeError):
@@ -46,20 +52,31 @@ class _CountingLlama(Llama):
 
 
 class LlamaChat:
-    def __init__(self, repo_id: str, fileglob: str, filename: str, model_dir: str, n_ctx: int = 4096,
-                 n_threads: Optional[int] = None, n_gpu_layers: int = 0, chat_format: Optional[str] = None,
-                 verbose: bool = False) -> None:
-        options = dict(n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads, n_gpu_layers=n_gpu_layers,
-                       verbose=verbose)
-        tried: List[str] = []
-        self.fallback_reason: Optional[str] = None
+    def __init__(
+        self,
+        repo_id: str,
+        fileglob: str,
+        filename: str,
+        model_dir: str,
+        n_ctx: int = 4096,
+        n_threads: int | None = None,
+        n_gpu_layers: int = 0,
+        chat_format: str | None = None,
+        verbose: bool = False,
+    ) -> None:
+        options = dict(
+            n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads, n_gpu_layers=n_gpu_layers, verbose=verbose
+        )
+        tried: list[str] = []
+        self.fallback_reason: str | None = None
 
         self.llm = self._load_file(os.path.join(model_dir, filename), options, tried) if filename else None
         if self.llm is None and repo_id:
             try:
                 # local_dir (not cache_dir) puts the file at model_dir/<name>, so the next start loads it directly.
-                self.llm = _CountingLlama.from_pretrained(repo_id=repo_id, filename=fileglob, local_dir=model_dir,
-                                                          **options)
+                self.llm = _CountingLlama.from_pretrained(
+                    repo_id=repo_id, filename=fileglob, local_dir=model_dir, **options
+                )
             except Exception as ex:
                 tried.append(f"downloading '{fileglob}' from Hugging Face repo '{repo_id}': {_reason(ex)}")
         if self.llm is None:
@@ -67,8 +84,9 @@ class LlamaChat:
             if self.llm is not None:
                 self.fallback_reason = "; ".join(tried)
         if self.llm is None:
-            raise ModelLoadError("Unable to load a model. Tried " + "; ".join(
-                f"({i}) {attempt}" for i, attempt in enumerate(tried, 1)))
+            raise ModelLoadError(
+                "Unable to load a model. Tried " + "; ".join(f"({i}) {attempt}" for i, attempt in enumerate(tried, 1))
+            )
 
         self.model_path = self.llm.model_path
         self.model_name = os.path.basename(self.model_path)
@@ -86,7 +104,7 @@ class LlamaChat:
         self._abort_callback = llama_cpp.ggml_abort_callback(lambda _data: self._aborting())
 
     @staticmethod
-    def _load_file(path: str, options: Dict[str, Any], tried: List[str]) -> Optional[Llama]:
+    def _load_file(path: str, options: dict[str, Any], tried: list[str]) -> Llama | None:
         if not os.path.isfile(path):
             tried.append(f"'{path}': no such file")
             return None
@@ -96,8 +114,9 @@ class LlamaChat:
             tried.append(f"'{path}': {_reason(ex)} (is the file a complete GGUF model?)")
             return None
 
-    def messages(self, prompt: str, system_prompt: Optional[str] = None,
-                 history: Optional[List[Message]] = None) -> List[Message]:
+    def messages(
+        self, prompt: str, system_prompt: str | None = None, history: list[Message] | None = None
+    ) -> list[Message]:
         """The conversation as the template will see it: system prompt, earlier turns, then the new prompt."""
         system_prompt = system_prompt or DEFAULT_SYSTEM_PROMPT
         turns = list(history or []) + [{"role": "user", "content": prompt}]
@@ -107,7 +126,7 @@ class LlamaChat:
         first = turns[0]
         return [{"role": first["role"], "content": f"{system_prompt}\n\n{first['content']}"}] + turns[1:]
 
-    def tokenize_messages(self, messages: List[Message]) -> List[int]:
+    def tokenize_messages(self, messages: list[Message]) -> list[int]:
         """The prompt tokens create_chat_completion will evaluate for these messages."""
         return self.llm.tokenize(self.template.render(messages).encode("utf-8"), add_bos=False, special=True)
 
@@ -120,15 +139,20 @@ class LlamaChat:
         """Tokens generated by the current (or last) do_chat, the end-of-generation token not counted."""
         return self.llm.generated_tokens
 
-    def cached_prefix(self, tokens: List[int]) -> int:
+    def cached_prefix(self, tokens: list[int]) -> int:
         """How many of these prompt tokens are already in the KV cache from the previous chat."""
         cached = Llama.longest_token_prefix(self.llm.input_ids[: self.llm.n_tokens].tolist(), tokens)
         # llama-cpp-python re-evaluates one token when the whole prompt is cached, to get fresh logits.
         return min(cached, max(len(tokens) - 1, 0))
 
-    def do_chat(self, prompt: str, system_prompt: Optional[str] = None, history: Optional[List[Message]] = None,
-                should_abort: Optional[Callable[[], bool]] = None, **kwargs: Any
-                ) -> Union[CreateChatCompletionResponse, Iterator[CreateChatCompletionStreamResponse]]:
+    def do_chat(
+        self,
+        prompt: str,
+        system_prompt: str | None = None,
+        history: list[Message] | None = None,
+        should_abort: Callable[[], bool] | None = None,
+        **kwargs: Any,
+    ) -> CreateChatCompletionResponse | Iterator[CreateChatCompletionStreamResponse]:
         """Generates the reply to a prompt, after the earlier turns in history.
 
         params:
@@ -150,14 +174,15 @@ class LlamaChat:
             LLAMA_LOG.aborting = True
         return abort
 
-    def _watch(self, should_abort: Optional[Callable[[], bool]]) -> None:
+    def _watch(self, should_abort: Callable[[], bool] | None) -> None:
         """Lets should_abort stop llama.cpp in the middle of a computation; None stops asking."""
         LLAMA_LOG.aborting = False
         self._should_abort = should_abort or _never
         llama_cpp.llama_set_abort_callback(self.llm.ctx, self._abort_callback if should_abort else _NO_CALLBACK, None)
 
-    def _watch_until_first_chunk(self, stream: Iterator[CreateChatCompletionStreamResponse]
-                                 ) -> Iterator[CreateChatCompletionStreamResponse]:
+    def _watch_until_first_chunk(
+        self, stream: Iterator[CreateChatCompletionStreamResponse]
+    ) -> Iterator[CreateChatCompletionStreamResponse]:
         # The callback runs ~600 times per generated token, each time taking the GIL. Once the prompt is evaluated
         # (the first chunk), the caller's check between chunks already stops a chat within one token.
         try:

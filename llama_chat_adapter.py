@@ -5,10 +5,13 @@ loop keeps answering get_command_status (command_status) and cancel_command (can
 waits for process(), so process() only reads the request (bounded by the caps in chat_request.py); fitting the
 conversation to the context, which grows with it, runs in the long process, where a cancel can stop it.
 """
+
+from __future__ import annotations
+
 import gc
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Dict, Optional, Tuple
+from typing import Any
 
 import llama_cpp
 from codeproject_ai_sdk import JSON, LogVerbosity, ModuleRunner, RequestData
@@ -24,8 +27,10 @@ from thread_policy import ThreadPolicy
 SELFTEST_PROMPT = "How many planets are there in the solar system?"
 # Our answer to a chat sent while another runs. The SDK's own would hand out the running chat's commandId, with which
 # anyone could read or cancel someone else's chat; clients recognise a busy model by "already in progress".
-BUSY_ERROR = ("The model is busy with another chat (a long running command is already in progress); "
-              "try again when it has finished")
+BUSY_ERROR = (
+    "The model is busy with another chat (a long running command is already in progress); "
+    "try again when it has finished"
+)
 
 
 def _gpu_library() -> str:
@@ -38,16 +43,15 @@ def _gpu_library() -> str:
 
 
 class LlamaChat_adapter(ModuleRunner):
-
     def initialise(self) -> None:
-        self.llama_chat: Optional[LlamaChat] = None
-        self.load_error: Optional[str] = None
-        self.job: Optional[ChatJob] = None
-        self.fitter: Optional[ContextFitter] = None
+        self.llama_chat: LlamaChat | None = None
+        self.load_error: str | None = None
+        self.job: ChatJob | None = None
+        self.fitter: ContextFitter | None = None
         # The request process() has read, handed to the long process it starts: (request id, request).
-        self.accepted: Optional[Tuple[str, ChatRequest]] = None
+        self.accepted: tuple[str, ChatRequest] | None = None
         # A cancel names its command, so a late cancel can never stop the next chat (docs/protocol.md §4.1, item 2).
-        self.cancel_id: Optional[str] = None
+        self.cancel_id: str | None = None
         self.inputs = ChatInputs(os.path.dirname(os.path.abspath(__file__)))
         # Every llama.cpp call runs on this one thread. llama.cpp's OpenMP keeps a team of worker threads for each
         # thread that calls it: chats on the SDK's changing executor threads piled up teams that fought over the
@@ -62,10 +66,17 @@ class LlamaChat_adapter(ModuleRunner):
             self.threads = ThreadPolicy(pinned=settings.threads)  # 0: adaptive
             self.n_gpu_layers = settings.gpu_layers if library else 0
             self.llama_chat = self.llama_thread.submit(
-                LlamaChat, repo_id=settings.model_repo, fileglob=settings.model_fileglob,
-                filename=settings.model_filename, model_dir=str(settings.model_dir),
-                n_ctx=self.n_ctx, n_threads=self.threads.threads, n_gpu_layers=self.n_gpu_layers,
-                chat_format=settings.chat_format, verbose=self.log_verbosity == LogVerbosity.Loud).result()
+                LlamaChat,
+                repo_id=settings.model_repo,
+                fileglob=settings.model_fileglob,
+                filename=settings.model_filename,
+                model_dir=str(settings.model_dir),
+                n_ctx=self.n_ctx,
+                n_threads=self.threads.threads,
+                n_gpu_layers=self.n_gpu_layers,
+                chat_format=settings.chat_format,
+                verbose=self.log_verbosity == LogVerbosity.Loud,
+            ).result()
         except (ModelLoadError, ValueError) as ex:  # ValueError: LlamaSettingsError, an unknown chat format
             self.load_error = str(ex)
             self._log("error", f"LlamaChat has no model, every chat will fail until this is fixed: {ex}")
@@ -77,13 +88,19 @@ class LlamaChat_adapter(ModuleRunner):
         self.inference_library = library if self.inference_device == "GPU" else ""
         self.can_use_GPU = bool(library)
         if chat.fallback_reason:
-            self._log("warning", f"Using the small fallback model '{chat.model_path}' because the configured model "
-                                 f"could not be loaded: {chat.fallback_reason}")
-        self._log("info", f"Using model '{chat.model_path}' ({self.n_ctx}-token context, {self.threads.mode} threads "
-                                 f"(up to {self.threads.max_threads}), "
-                                 f"{self.inference_device}{' ' + self.inference_library if self.inference_library else ''}) "
-                                 f"with {chat.template_source}"
-                                 f"{'' if chat.system_role else '; the system prompt goes into the first user turn'}")
+            self._log(
+                "warning",
+                f"Using the small fallback model '{chat.model_path}' because the configured model "
+                f"could not be loaded: {chat.fallback_reason}",
+            )
+        self._log(
+            "info",
+            f"Using model '{chat.model_path}' ({self.n_ctx}-token context, {self.threads.mode} threads "
+            f"(up to {self.threads.max_threads}), "
+            f"{self.inference_device}{' ' + self.inference_library if self.inference_library else ''}) "
+            f"with {chat.template_source}"
+            f"{'' if chat.system_role else '; the system prompt goes into the first user turn'}",
+        )
 
     @staticmethod
     def _log(level: str, message: str) -> None:
@@ -140,8 +157,15 @@ class LlamaChat_adapter(ModuleRunner):
         stop_reason, error = "completed", None
         stream = None
         try:
-            stream = chat.do_chat(request.prompt, request.system_prompt, fitted.history, should_abort=cancelled,
-                                  stream=True, max_tokens=request.max_tokens, **request.sampling)
+            stream = chat.do_chat(
+                request.prompt,
+                request.system_prompt,
+                fitted.history,
+                should_abort=cancelled,
+                stream=True,
+                max_tokens=request.max_tokens,
+                **request.sampling,
+            )
             for chunk in stream:
                 if cancelled():
                     break
@@ -163,7 +187,7 @@ class LlamaChat_adapter(ModuleRunner):
             stop_reason, error = "cancelled", None
         return self._finished(job.finish(stop_reason, error))
 
-    def _finished(self, result: Dict[str, Any]) -> Dict[str, Any]:
+    def _finished(self, result: dict[str, Any]) -> dict[str, Any]:
         # Count the finished chat: the SDK only counts the "running" acknowledgement (see update_statistics).
         super().update_statistics(result)
         return result
@@ -198,16 +222,22 @@ class LlamaChat_adapter(ModuleRunner):
         chat = self.llama_chat
         if chat is None:
             return {"model": None, "loadError": self.load_error}
-        return {"model": chat.model_name, "modelPath": chat.model_path, "fallbackReason": chat.fallback_reason,
-                "chatTemplate": chat.template_source, "contextSize": chat.n_ctx, "threads": self.threads.threads,
-                "threadMode": self.threads.mode,
-                "gpuLayers": self.n_gpu_layers}
+        return {
+            "model": chat.model_name,
+            "modelPath": chat.model_path,
+            "fallbackReason": chat.fallback_reason,
+            "chatTemplate": chat.template_source,
+            "contextSize": chat.n_ctx,
+            "threads": self.threads.threads,
+            "threadMode": self.threads.mode,
+            "gpuLayers": self.n_gpu_layers,
+        }
 
-    def _get_module_status(self, data: Optional[RequestData] = None) -> JSON:
+    def _get_module_status(self, data: RequestData | None = None) -> JSON:
         # SDK 0.0.21 calls this with the request for 'status' commands but declares no parameter (TypeError).
         return super()._get_module_status()
 
-    def selftest(self, data: Optional[RequestData] = None) -> JSON:
+    def selftest(self, data: RequestData | None = None) -> JSON:
         # Same SDK mismatch as _get_module_status when selftest arrives through the queue.
         if self.llama_chat is None:
             print(f"error: Self-test failed: {self.load_error}")
@@ -219,10 +249,13 @@ class LlamaChat_adapter(ModuleRunner):
         request.add_value("temperature", "0")
         result = self.long_process(request)
         ok = result["success"] and bool(result["reply"].strip())
-        summary = (f"{result['completion_tokens']} tokens at {result['tokens_per_second']} tokens/s, first token after "
-                   f"{result['time_to_first_token_ms']} ms, model {self.llama_chat.model_name}")
-        print(f"info: Self-test for {self.module_id} {'passed' if ok else 'failed'}: {summary}. Reply: {result['reply']!r}")
-        return {"success": ok, "message": f"Self-test {'passed' if ok else 'failed'}: {summary}", **result}
+        summary = (
+            f"{result['completion_tokens']} tokens at {result['tokens_per_second']} tokens/s, first token after "
+            f"{result['time_to_first_token_ms']} ms, model {self.llama_chat.model_name}"
+        )
+        verdict = "passed" if ok else "failed"
+        print(f"info: Self-test for {self.module_id} {verdict}: {summary}. Reply: {result['reply']!r}")
+        return {"success": ok, "message": f"Self-test {verdict}: {summary}", **result}
 
     def cleanup(self) -> None:
         # The SDK calls this once per main_loop task. Stop a running chat, then free the model on its own thread,

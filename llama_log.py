@@ -5,6 +5,7 @@ as an error. This callback prints each line to stdout with the level prefix the 
 keeps debug and info lines out unless the log is loud, and reports as debug the warnings and errors llama.cpp logs
 while it stops a computation that a cancel aborted ("decode: removing memory module entries ..."): those are routine.
 """
+
 import ctypes
 
 import llama_cpp

@@ -6,6 +6,7 @@ standalone server's code, per-OS layers included, and a default is treated as th
 passing it on ('@' keeps a value verbatim, slashes turn the platform's way). An empty variable means its default,
 as with the SDK's ModuleOptions.getEnvVariable.
 """
+
 from __future__ import annotations
 
 import os
@@ -40,8 +41,9 @@ class LlamaSettings:
     chat_format: str  # CPAI_MODULE_LLAMA_CHAT_FORMAT: one of CHAT_FORMATS; "" = the model's own template
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, module_dir: Path = MODULE_DIR,
-                 host: HostPlatform | None = None) -> LlamaSettings:
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, module_dir: Path = MODULE_DIR, host: HostPlatform | None = None
+    ) -> LlamaSettings:
         """The settings from `environ` (default: this process's environment), else modulesettings.json in
         `module_dir` as laid out for `host` (default: this machine). Raises LlamaSettingsError."""
         module_dir = Path(module_dir).resolve()
@@ -58,8 +60,10 @@ class LlamaSettings:
             if given != "":
                 return given.strip()
             if name not in defaults:
-                raise LlamaSettingsError(f"{name} is not set, and the EnvironmentVariables of "
-                                         f"{module_dir / 'modulesettings.json'} give it no default: add one there")
+                raise LlamaSettingsError(
+                    f"{name} is not set, and the EnvironmentVariables of "
+                    f"{module_dir / 'modulesettings.json'} give it no default: add one there"
+                )
             return expand_option(defaults[name], {}, host).strip()
 
         def whole_number(name: str, low: int, meaning: str) -> int:
@@ -77,27 +81,34 @@ class LlamaSettings:
             model_filename=_model_filename(value("CPAI_MODULE_LLAMA_MODEL_FILENAME")),
             model_repo=_model_repo(value("CPAI_MODULE_LLAMA_MODEL_REPO")),
             model_fileglob=_model_fileglob(value("CPAI_MODULE_LLAMA_MODEL_FILEGLOB")),
-            context_size=whole_number("CPAI_MODULE_LLAMA_CONTEXT_SIZE", 256,
-                                      "the tokens the model sees at once, e.g. 4096"),
-            threads=whole_number("CPAI_MODULE_LLAMA_THREADS", 0,
-                                 "CPU threads for the model; 0 chooses them automatically"),
-            gpu_layers=whole_number("CPAI_MODULE_LLAMA_GPU_LAYERS", -1,
-                                    "model layers offloaded to a GPU; -1 = all, 0 = none"),
+            context_size=whole_number(
+                "CPAI_MODULE_LLAMA_CONTEXT_SIZE", 256, "the tokens the model sees at once, e.g. 4096"
+            ),
+            threads=whole_number(
+                "CPAI_MODULE_LLAMA_THREADS", 0, "CPU threads for the model; 0 chooses them automatically"
+            ),
+            gpu_layers=whole_number(
+                "CPAI_MODULE_LLAMA_GPU_LAYERS", -1, "model layers offloaded to a GPU; -1 = all, 0 = none"
+            ),
             chat_format=_chat_format(value("CPAI_MODULE_LLAMA_CHAT_FORMAT")),
         )
 
 
 def _model_dir(raw: str, module_dir: Path) -> Path:
     if not raw:
-        raise LlamaSettingsError("CPAI_MODULE_LLAMA_MODEL_DIR is empty: set it to the folder that holds the model "
-                                 "(a relative folder is relative to the module folder, e.g. ./models)")
+        raise LlamaSettingsError(
+            "CPAI_MODULE_LLAMA_MODEL_DIR is empty: set it to the folder that holds the model "
+            "(a relative folder is relative to the module folder, e.g. ./models)"
+        )
     return (module_dir / raw).resolve()
 
 
 def _model_filename(raw: str) -> str:
     if not raw.lower().endswith(".gguf") or "/" in raw or "\\" in raw:
-        raise LlamaSettingsError(f"CPAI_MODULE_LLAMA_MODEL_FILENAME must be the name of a .gguf file, without a "
-                                 f"folder (that goes in CPAI_MODULE_LLAMA_MODEL_DIR), not {raw!r}")
+        raise LlamaSettingsError(
+            f"CPAI_MODULE_LLAMA_MODEL_FILENAME must be the name of a .gguf file, without a "
+            f"folder (that goes in CPAI_MODULE_LLAMA_MODEL_DIR), not {raw!r}"
+        )
     return raw
 
 
@@ -105,20 +116,26 @@ def _model_repo(raw: str) -> str:
     # The server strips the '@' that keeps a value verbatim; one written by hand in the environment is forgiven.
     repo = raw.lstrip("@")
     if repo and not _REPO_ID.fullmatch(repo):
-        raise LlamaSettingsError(f"CPAI_MODULE_LLAMA_MODEL_REPO must be a Hugging Face repo id like "
-                                 f"'TheBloke/Mistral-7B-Instruct-v0.2-GGUF', or empty for no download, not {raw!r}")
+        raise LlamaSettingsError(
+            f"CPAI_MODULE_LLAMA_MODEL_REPO must be a Hugging Face repo id like "
+            f"'TheBloke/Mistral-7B-Instruct-v0.2-GGUF', or empty for no download, not {raw!r}"
+        )
     return repo
 
 
 def _model_fileglob(raw: str) -> str:
     if not raw:
-        raise LlamaSettingsError("CPAI_MODULE_LLAMA_MODEL_FILEGLOB is empty: set it to the name, or a pattern like "
-                                 "'*.Q4_K_M.gguf', of the file to download from CPAI_MODULE_LLAMA_MODEL_REPO")
+        raise LlamaSettingsError(
+            "CPAI_MODULE_LLAMA_MODEL_FILEGLOB is empty: set it to the name, or a pattern like "
+            "'*.Q4_K_M.gguf', of the file to download from CPAI_MODULE_LLAMA_MODEL_REPO"
+        )
     return raw
 
 
 def _chat_format(raw: str) -> str:
     if raw and raw not in CHAT_FORMATS:
-        raise LlamaSettingsError(f"CPAI_MODULE_LLAMA_CHAT_FORMAT must be one of {', '.join(CHAT_FORMATS)}, or empty "
-                                 f"to use the model's own chat template, not {raw!r}")
+        raise LlamaSettingsError(
+            f"CPAI_MODULE_LLAMA_CHAT_FORMAT must be one of {', '.join(CHAT_FORMATS)}, or empty "
+            f"to use the model's own chat template, not {raw!r}"
+        )
     return raw

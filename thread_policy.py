@@ -9,13 +9,14 @@ for its two threads when one process elsewhere keeps the other core busy. Measur
 SmolLM2 (bench/threads.py, README "Threads"): 2 threads fell from ~135 to ~1.5 tokens/s; 1 thread kept ~130.
 Fewer threads than the free cores never collapse; so each chat takes the cores the others leave free.
 """
+
 from __future__ import annotations
 
 import math
 import os
 import threading
 import time
-from typing import Callable, Optional
+from typing import Callable
 
 import psutil
 
@@ -103,8 +104,14 @@ class ThreadPolicy:
     the model (llama_set_n_threads, for the prompt and for generation alike: both compute with the same barriers).
     """
 
-    def __init__(self, pinned: int = 0, max_threads: Optional[int] = None, load: Optional[OtherLoad] = None,
-                 cpus: Optional[int] = None, log: Callable[[str], None] = print) -> None:
+    def __init__(
+        self,
+        pinned: int = 0,
+        max_threads: int | None = None,
+        load: OtherLoad | None = None,
+        cpus: int | None = None,
+        log: Callable[[str], None] = print,
+    ) -> None:
         self.adaptive = pinned <= 0
         self.max_threads = pinned if pinned > 0 else (max_threads or default_max_threads())
         self.cpus = cpus or usable_cpus()
@@ -126,8 +133,10 @@ class ThreadPolicy:
         threads = threads_for(others, self.cpus, self.max_threads)
         if threads != self.threads:
             set_threads(threads)
-            self._log(f"info: llama.cpp now uses {threads} of {self.max_threads} threads: other processes use "
-                      f"{others:.1f} of {self.cpus} CPUs")
+            self._log(
+                f"info: llama.cpp now uses {threads} of {self.max_threads} threads: other processes use "
+                f"{others:.1f} of {self.cpus} CPUs"
+            )
             self.threads = threads
         return threads
 

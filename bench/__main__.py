@@ -2,6 +2,7 @@
 LlamaChat wrapper, the module through our standalone server as a client sees it, and optionally llama.cpp's
 llama-server; writes results.json, results.md and chart.png into --out.
 """
+
 import argparse
 import datetime
 import sys
@@ -9,7 +10,7 @@ import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any
 
 import llama_cpp
 
@@ -20,8 +21,8 @@ from .cpai_client import CpaiClient
 from .cpai_server import REPO_ROOT, CpaiServer
 from .in_process import RawEngine, WrapperEngine
 from .llama_server import LlamaServerEngine
-from .memory import raw_rss_curve
 from .measure import measure_conversation, measure_generation
+from .memory import raw_rss_curve
 from .module_bench import ModuleEngine, cancel_during_generation, cancel_during_prompt, measure_memory
 from .workload import CONVERSATION, N_CTX, Settings, long_prompt
 
@@ -30,34 +31,62 @@ DEFAULT_MODEL = REPO_ROOT / "models" / FALLBACK_MODEL_FILENAME  # what `bash ins
 
 def parse_args(argv=None) -> argparse.Namespace:
     d = Settings()
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="the GGUF every engine loads")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results", help="where the results go")
     parser.add_argument("--threads", type=int, default=d.threads, help="CPU threads for every engine")
-    parser.add_argument("--poll-ms", type=float, default=d.poll_interval_s * 1000,
-                        help="the client's pause between status polls (the Explorer page's is 250 ms)")
+    parser.add_argument(
+        "--poll-ms",
+        type=float,
+        default=d.poll_interval_s * 1000,
+        help="the client's pause between status polls (the Explorer page's is 250 ms)",
+    )
     parser.add_argument("--repeats", type=int, default=d.repeats, help="repeats of the generation measurement")
     parser.add_argument("--generation-tokens", type=int, default=d.generation_tokens, help="tokens per generation run")
     parser.add_argument("--conversation-repeats", type=int, default=d.conversation_repeats)
-    parser.add_argument("--conversation-turns", type=int, default=d.conversation_turns,
-                        choices=range(1, len(CONVERSATION) + 1), metavar=f"1..{len(CONVERSATION)}")
+    parser.add_argument(
+        "--conversation-turns",
+        type=int,
+        default=d.conversation_turns,
+        choices=range(1, len(CONVERSATION) + 1),
+        metavar=f"1..{len(CONVERSATION)}",
+    )
     parser.add_argument("--conversation-tokens", type=int, default=d.conversation_tokens, help="tokens per reply")
     parser.add_argument("--cancel-repeats", type=int, default=d.cancel_repeats)
-    parser.add_argument("--long-prompt-tokens", type=int, default=d.long_prompt_tokens,
-                        help="size of the prompt cancelled while it is being read")
+    parser.add_argument(
+        "--long-prompt-tokens",
+        type=int,
+        default=d.long_prompt_tokens,
+        help="size of the prompt cancelled while it is being read",
+    )
     parser.add_argument("--memory-chats", type=int, default=d.memory_chats, help="chats between the RSS readings")
     parser.add_argument("--memory-chat-tokens", type=int, default=d.memory_chat_tokens)
     parser.add_argument("--llama-server", type=Path, help="path to llama.cpp's llama-server binary, to compare with")
-    parser.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
-                        help="wait up to this long for the 1-minute load average to fall below 0.5 first")
+    parser.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="wait up to this long for the 1-minute load average to fall below 0.5 first",
+    )
     args = parser.parse_args(argv)
     if not args.model.is_file():
         parser.error(f"no model at {args.model}: run `bash install.sh --small` for SmolLM2-135M, or pass --model PATH")
     if args.llama_server is not None and not args.llama_server.is_file():
         parser.error(f"--llama-server {args.llama_server}: no such file")
-    for name in ("threads", "repeats", "generation_tokens", "conversation_repeats", "conversation_tokens",
-                 "cancel_repeats", "long_prompt_tokens", "memory_chats", "memory_chat_tokens"):
+    for name in (
+        "threads",
+        "repeats",
+        "generation_tokens",
+        "conversation_repeats",
+        "conversation_tokens",
+        "cancel_repeats",
+        "long_prompt_tokens",
+        "memory_chats",
+        "memory_chat_tokens",
+    ):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.poll_ms <= 0:
@@ -66,19 +95,26 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    return Settings(repeats=args.repeats, conversation_repeats=args.conversation_repeats,
-                    conversation_turns=args.conversation_turns, generation_tokens=args.generation_tokens,
-                    conversation_tokens=args.conversation_tokens, long_prompt_tokens=args.long_prompt_tokens,
-                    cancel_repeats=args.cancel_repeats, memory_chats=args.memory_chats,
-                    memory_chat_tokens=args.memory_chat_tokens, poll_interval_s=args.poll_ms / 1000,
-                    threads=args.threads)
+    return Settings(
+        repeats=args.repeats,
+        conversation_repeats=args.conversation_repeats,
+        conversation_turns=args.conversation_turns,
+        generation_tokens=args.generation_tokens,
+        conversation_tokens=args.conversation_tokens,
+        long_prompt_tokens=args.long_prompt_tokens,
+        cancel_repeats=args.cancel_repeats,
+        memory_chats=args.memory_chats,
+        memory_chat_tokens=args.memory_chat_tokens,
+        poll_interval_s=args.poll_ms / 1000,
+        threads=args.threads,
+    )
 
 
 def say(text: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {text}", flush=True)
 
 
-def start_engines(args: argparse.Namespace, settings: Settings, scratch: Path, stack: ExitStack) -> Dict[str, Any]:
+def start_engines(args: argparse.Namespace, settings: Settings, scratch: Path, stack: ExitStack) -> dict[str, Any]:
     """Every engine loaded at once, each stopped when the stack closes; idle ones take no CPU."""
     say("loading raw llama-cpp-python and the LlamaChat wrapper")
     raw = RawEngine(args.model, settings.threads)
@@ -93,8 +129,9 @@ def start_engines(args: argparse.Namespace, settings: Settings, scratch: Path, s
     engines = {"raw": raw, "wrapper": wrapper, "module": ModuleEngine(client, settings, server)}
     if args.llama_server:
         say(f"starting {args.llama_server}")
-        engines["llama_server"] = LlamaServerEngine(args.llama_server, args.model, settings.threads,
-                                                    scratch / "llama-server.log")
+        engines["llama_server"] = LlamaServerEngine(
+            args.llama_server, args.model, settings.threads, scratch / "llama-server.log"
+        )
         stack.callback(engines["llama_server"].close)
     return engines
 
@@ -106,11 +143,15 @@ def main(argv=None) -> int:
     say(f"model {args.model}, {settings.threads} threads; results go to {args.out}")
     load = {"start": machine.wait_until_idle(args.wait_idle, say), "phases": {}}
     phases = load["phases"]
-    results: Dict[str, Any] = {
+    results: dict[str, Any] = {
         "started_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "model": args.model.name, "model_mb": round(args.model.stat().st_size / 2**20, 1), "n_ctx": N_CTX,
-        "llama_cpp_python": llama_cpp.__version__, "machine": machine.describe(),
-        "settings": vars(settings).copy(), "load": load,
+        "model": args.model.name,
+        "model_mb": round(args.model.stat().st_size / 2**20, 1),
+        "n_ctx": N_CTX,
+        "llama_cpp_python": llama_cpp.__version__,
+        "machine": machine.describe(),
+        "settings": vars(settings).copy(),
+        "load": load,
         "llama_server": {"skipped": "no --llama-server PATH given"},
     }
 
@@ -120,14 +161,17 @@ def main(argv=None) -> int:
             results[key] = {}
         module = engines["module"]
         # Counted with the model's own tokenizer, so the prompt really is that long.
-        prompt = long_prompt(settings.long_prompt_tokens,
-                             lambda text: len(engines["raw"].llm.tokenize(text.encode(), add_bos=False)))
+        prompt = long_prompt(
+            settings.long_prompt_tokens, lambda text: len(engines["raw"].llm.tokenize(text.encode(), add_bos=False))
+        )
 
         with machine.phase(phases, "memory"):  # first, so that "after loading" is before any chat
             say(f"module memory over {settings.memory_chats} chats")
             results["module"]["memory"] = measure_memory(module, settings)
-            say("raw llama-cpp-python memory over the same chats, in a process of its own, then again with "
-                "gc.collect() after each chat")
+            say(
+                "raw llama-cpp-python memory over the same chats, in a process of its own, then again with "
+                "gc.collect() after each chat"
+            )
             results["raw"]["memory"] = raw_rss_curve(args.model, settings)
             results["raw"]["memory_gc_each_chat"] = raw_rss_curve(args.model, settings, collect_each_chat=True)
         with machine.phase(phases, "generation"):
@@ -150,8 +194,10 @@ def main(argv=None) -> int:
     results["targets"] = report.evaluate_targets(results)
     paths = report.write(results, args.out)
     for t in results["targets"]:
-        say(f"{'MET   ' if t['met'] else 'MISSED' if t['met'] is False else 'n/a   '} {t['target']}: "
-            f"{t['measured']} (limit {t['limit']})")
+        say(
+            f"{'MET   ' if t['met'] else 'MISSED' if t['met'] is False else 'n/a   '} {t['target']}: "
+            f"{t['measured']} (limit {t['limit']})"
+        )
     say(f"done in {results['duration_s']} s: " + ", ".join(str(p) for p in paths))
     return 0
 

@@ -1,10 +1,13 @@
 """A client of the CodeProject.AI API, timed as the client sees it: it starts a chat, then polls for the growing
 reply the way the Explorer chat page does (a poll, then a pause of one poll interval after each answer)."""
+
+from __future__ import annotations
+
 import http.client
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 CHAT_PATH = "/v1/text/chat"
@@ -27,15 +30,15 @@ class Poll:
 class ChatTrace:
     sent_at: float  # perf_counter() just before the chat was posted
     command_id: str
-    polls: List[Poll] = field(default_factory=list)
-    final: Dict[str, Any] = field(default_factory=dict)
+    polls: list[Poll] = field(default_factory=list)
+    final: dict[str, Any] = field(default_factory=dict)
 
-    def client_ttft_ms(self) -> Optional[float]:
+    def client_ttft_ms(self) -> float | None:
         """When the client first saw text, counted from posting the chat."""
         seen = next((p for p in self.polls if p.reply_chars), None)
         return None if seen is None else (seen.at - self.sent_at) * 1000
 
-    def client_tokens_per_second(self) -> Optional[float]:
+    def client_tokens_per_second(self) -> float | None:
         """How fast the reply grew between the first and the last poll that saw it growing (the final poll,
         which comes some time after the end, is left out)."""
         growing = [p for p in self.polls if p.running and p.reply_chars]
@@ -49,10 +52,10 @@ class CpaiClient:
         parts = urlsplit(base_url)
         self._address = (parts.hostname, parts.port)
         self._timeout = timeout
-        self._connection: Optional[http.client.HTTPConnection] = None
+        self._connection: http.client.HTTPConnection | None = None
         self.module_id = "LlamaChat"
 
-    def post(self, path: str, fields: Dict[str, Any]) -> Tuple[Dict[str, Any], float]:
+    def post(self, path: str, fields: dict[str, Any]) -> tuple[dict[str, Any], float]:
         """POSTs a form on a kept-alive connection, as a browser does; returns the JSON answer and when it came."""
         body = urlencode({k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()})
         headers = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -74,7 +77,7 @@ class CpaiClient:
         except json.JSONDecodeError:
             raise ChatFailed(f"POST {path} answered HTTP {response.status} with no JSON: {data[:200]!r}") from None
 
-    def start_chat(self, fields: Dict[str, Any]) -> ChatTrace:
+    def start_chat(self, fields: dict[str, Any]) -> ChatTrace:
         sent = time.perf_counter()
         ack, _ = self.post(CHAT_PATH, fields)
         if not ack.get("success") or not ack.get("commandId"):
@@ -87,9 +90,13 @@ class CpaiClient:
         running = status.get("commandStatus") == "running"
         if not running and status.get("commandStatus") != "completed":
             raise ChatFailed(f"get_command_status failed: {status.get('error') or status}")
-        poll = Poll(at=at, reply_chars=len(status.get("reply") or ""), running=running,
-                    completion_tokens=status.get("completion_tokens") or 0,
-                    prompt_tokens=status.get("prompt_tokens") or 0)
+        poll = Poll(
+            at=at,
+            reply_chars=len(status.get("reply") or ""),
+            running=running,
+            completion_tokens=status.get("completion_tokens") or 0,
+            prompt_tokens=status.get("prompt_tokens") or 0,
+        )
         trace.polls.append(poll)
         if not running:
             trace.final = status
@@ -101,10 +108,10 @@ class CpaiClient:
             time.sleep(interval_s)
         return trace
 
-    def chat(self, fields: Dict[str, Any], interval_s: float) -> ChatTrace:
+    def chat(self, fields: dict[str, Any], interval_s: float) -> ChatTrace:
         return self.follow(self.start_chat(fields), interval_s)
 
-    def cancel(self, trace: ChatTrace) -> Dict[str, Any]:
+    def cancel(self, trace: ChatTrace) -> dict[str, Any]:
         answer, _ = self.post(f"/v1/{self.module_id}/cancel_command", {"commandId": trace.command_id})
         return answer
 

@@ -1,5 +1,8 @@
 """Our standalone server (python -m llamachat_server) with the module on the benchmark's model, started through
 its command line as a user would, with the module's memory readable from outside."""
+
+from __future__ import annotations
+
 import json
 import os
 import signal
@@ -8,7 +11,6 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Optional
 
 import psutil
 
@@ -26,12 +28,34 @@ class ServerFailed(RuntimeError):
 class CpaiServer:
     def __init__(self, model: Path, threads: int, log_path: Path, start_timeout: float = 180.0) -> None:
         self.log_path = log_path
-        command = [sys.executable, "-m", "llamachat_server", "--host", "127.0.0.1", "--port", "0",
-                   "--model", str(model), "--data-dir", str(log_path.parent), "--log-level", "warning",
-                   "--env", f"CPAI_MODULE_LLAMA_THREADS={threads}", "--env", f"CPAI_MODULE_LLAMA_CONTEXT_SIZE={N_CTX}"]
+        command = [
+            sys.executable,
+            "-m",
+            "llamachat_server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--model",
+            str(model),
+            "--data-dir",
+            str(log_path.parent),
+            "--log-level",
+            "warning",
+            "--env",
+            f"CPAI_MODULE_LLAMA_THREADS={threads}",
+            "--env",
+            f"CPAI_MODULE_LLAMA_CONTEXT_SIZE={N_CTX}",
+        ]
         with open(log_path, "wb") as log:
-            self.process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            self.process = subprocess.Popen(
+                command,
+                cwd=REPO_ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
         try:
             self.base_url = self._wait_for(self._ready_url, start_timeout, "the server to listen")
             self.module_pid: int = self._wait_for(self._started_module_pid, start_timeout, "the module to load")
@@ -43,21 +67,23 @@ class CpaiServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise ServerFailed(f"llamachat_server exited (code {self.process.returncode}) "
-                                   f"while waiting for {what}:\n{self.log_tail()}")
+                raise ServerFailed(
+                    f"llamachat_server exited (code {self.process.returncode}) "
+                    f"while waiting for {what}:\n{self.log_tail()}"
+                )
             value = check()
             if value:
                 return value
             time.sleep(0.1)
         raise ServerFailed(f"timed out after {timeout:g} s waiting for {what}:\n{self.log_tail()}")
 
-    def _ready_url(self) -> Optional[str]:
+    def _ready_url(self) -> str | None:
         for line in self.log_path.read_text(errors="replace").splitlines():
             if line.startswith(READY_PREFIX):
-                return line[len(READY_PREFIX):].strip().rstrip("/")
+                return line[len(READY_PREFIX) :].strip().rstrip("/")
         return None
 
-    def _started_module_pid(self) -> Optional[int]:
+    def _started_module_pid(self) -> int | None:
         with urllib.request.urlopen(f"{self.base_url}/v1/module/list/status", timeout=10) as response:
             status = json.load(response)["statuses"][0]
         return status["pid"] if status["status"] == "Started" else None

@@ -5,6 +5,9 @@ Measures: the issue's 800-pair request (answered, accepted or refused, in < 1 s)
 ~90-token turns (prepared in < 200 ms); another client's get_command_status and cancel_command while chats are being
 prepared (answered in < 100 ms); and the largest history the caps allow. Writes fit_time.json and fit_time.md.
 """
+
+from __future__ import annotations
+
 import argparse
 import datetime
 import json
@@ -13,7 +16,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable
 
 from . import machine
 from .__main__ import DEFAULT_MODEL
@@ -22,37 +25,41 @@ from .cpai_server import REPO_ROOT
 from .stats import summary
 
 sys.path.insert(0, str(REPO_ROOT / "tests"))
-from live_server import running_server  # noqa: E402
-
 from chat_request import MAX_HISTORY_BYTES, MAX_HISTORY_MESSAGES, ChatRequest  # noqa: E402
 from context_fit import ContextFitter  # noqa: E402
+from live_server import running_server  # noqa: E402
 from llama_chat import LlamaChat  # noqa: E402
 
 CONTEXT_SIZE = 4096  # the module's default
 TARGETS = {"answer_800_pairs_ms": 1000, "prepare_200_exchanges_ms": 200, "other_client_answer_ms": 100}
-WORDS = ("the river runs past old mills and quiet farms while people talk about weather markets music books "
-         "trains bridges and the long history of their small town").split()
+WORDS = (
+    "the river runs past old mills and quiet farms while people talk about weather markets music books "
+    "trains bridges and the long history of their small town"
+).split()
 
-Message = Dict[str, str]
+Message = dict[str, str]
 
 
 def say(text: str) -> None:
     print(f"[fit_time {time.strftime('%H:%M:%S')}] {text}", flush=True)
 
 
-def pairs_800(_variant: int) -> List[Message]:
+def pairs_800(_variant: int) -> list[Message]:
     """The issue's reproduction: 800 x (user "hello there", assistant "ok")."""
     return [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "ok"}] * 800
 
 
-def natural(variant: int, exchanges: int = 200, words: int = 70) -> List[Message]:
+def natural(variant: int, exchanges: int = 200, words: int = 70) -> list[Message]:
     """Exchanges of ~90-token turns; each variant has other text, so no count is remembered from an earlier run."""
     rng = random.Random(variant)
-    return [{"role": role, "content": f"({variant}.{i}) " + " ".join(rng.choice(WORDS) for _ in range(words))}
-            for i in range(exchanges) for role in ("user", "assistant")]
+    return [
+        {"role": role, "content": f"({variant}.{i}) " + " ".join(rng.choice(WORDS) for _ in range(words))}
+        for i in range(exchanges)
+        for role in ("user", "assistant")
+    ]
 
 
-def at_the_caps(variant: int) -> List[Message]:
+def at_the_caps(variant: int) -> list[Message]:
     """As many distinct messages as MAX_HISTORY_MESSAGES allows, filling nearly MAX_HISTORY_BYTES."""
     n = MAX_HISTORY_MESSAGES - MAX_HISTORY_MESSAGES % 2
     words = MAX_HISTORY_BYTES // n // 6  # WORDS average ~5 letters and a space
@@ -63,14 +70,18 @@ def at_the_caps(variant: int) -> List[Message]:
         words -= 2
 
 
-HISTORIES: Dict[str, Callable[[int], List[Message]]] = {
-    "800_pairs": pairs_800, "200_natural_exchanges": natural, "at_the_caps": at_the_caps}
+HISTORIES: dict[str, Callable[[int], list[Message]]] = {
+    "800_pairs": pairs_800,
+    "200_natural_exchanges": natural,
+    "at_the_caps": at_the_caps,
+}
 
 
-def measure_in_process(model: Path, repeats: int) -> Dict[str, Any]:
+def measure_in_process(model: Path, repeats: int) -> dict[str, Any]:
     """ContextFitter on the real model: a new fitter (nothing remembered) and the same history sent again."""
-    chat = LlamaChat(repo_id="", fileglob="", filename=model.name, model_dir=str(model.parent), n_ctx=CONTEXT_SIZE,
-                     n_threads=1)
+    chat = LlamaChat(
+        repo_id="", fileglob="", filename=model.name, model_dir=str(model.parent), n_ctx=CONTEXT_SIZE, n_threads=1
+    )
     results = {}
     try:
         for name, history in HISTORIES.items():
@@ -82,11 +93,17 @@ def measure_in_process(model: Path, repeats: int) -> Dict[str, Any]:
                     started = time.perf_counter()
                     fitted = fitter.fit(request)
                     times.append((time.perf_counter() - started) * 1000)
-            results[name] = {"messages": len(request.history), "dropped_turns": fitted.dropped_turns,
-                             "prompt_tokens": len(fitted.prompt_tokens), "fit_ms_new": summary(cold),
-                             "fit_ms_again": summary(warm)}
-            say(f"in process, {name}: {results[name]['fit_ms_new']['median']} ms new, "
-                f"{results[name]['fit_ms_again']['median']} ms again")
+            results[name] = {
+                "messages": len(request.history),
+                "dropped_turns": fitted.dropped_turns,
+                "prompt_tokens": len(fitted.prompt_tokens),
+                "fit_ms_new": summary(cold),
+                "fit_ms_again": summary(warm),
+            }
+            say(
+                f"in process, {name}: {results[name]['fit_ms_new']['median']} ms new, "
+                f"{results[name]['fit_ms_again']['median']} ms again"
+            )
     finally:
         chat.close()
     return results
@@ -99,7 +116,7 @@ class OtherClient:
     def __init__(self, base_url: str) -> None:
         self.client = CpaiClient(base_url)
         self.command_id = "not-yet-known"
-        self.answers: List[Dict[str, Any]] = []
+        self.answers: list[dict[str, Any]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -109,7 +126,7 @@ class OtherClient:
             status, answered = self.client.post("/v1/LlamaChat/get_command_status", {"commandId": self.command_id})
             self.answers.append({"sent": sent, "ms": (answered - sent) * 1000, "status": status})
 
-    def __enter__(self) -> "OtherClient":
+    def __enter__(self) -> OtherClient:
         self._thread.start()
         return self
 
@@ -119,11 +136,11 @@ class OtherClient:
         self.client.close()
 
 
-def preparing(status: Dict[str, Any]) -> bool:
+def preparing(status: dict[str, Any]) -> bool:
     return status.get("commandStatus") != "completed" and not status.get("prompt_tokens")
 
 
-def chat_through_server(base_url: str, history: List[Message], cancel: bool) -> Dict[str, Any]:
+def chat_through_server(base_url: str, history: list[Message], cancel: bool) -> dict[str, Any]:
     """One chat as a client sends it, another client polling meanwhile; with cancel, a third client cancels it as
     soon as it is accepted. Only the preparation is measured: once the model has started, the chat is stopped."""
     client = CpaiClient(base_url)
@@ -152,22 +169,42 @@ def chat_through_server(base_url: str, history: List[Message], cancel: bool) -> 
                     stopped = True
                 time.sleep(0.01)
     client.close()
-    prepared_at = next((a["sent"] for a in other.answers if a["sent"] > sent and a["status"].get("commandId") ==
-                        ack.get("commandId") and not preparing(a["status"])), None)
+    prepared_at = next(
+        (
+            a["sent"]
+            for a in other.answers
+            if a["sent"] > sent and a["status"].get("commandId") == ack.get("commandId") and not preparing(a["status"])
+        ),
+        None,
+    )
     during = [a["ms"] for a in other.answers if a["sent"] >= sent and (prepared_at is None or a["sent"] < prepared_at)]
-    outcome = ("refused" if not run["accepted"] else "failed" if not final.get("success")
-               else "prepared" if final.get("prompt_tokens") else "cancelled while preparing")
-    run.update({"outcome": outcome, "success": final.get("success"), "stop_reason": final.get("stop_reason"),
-                "error": final.get("error") or run["error"], "dropped_turns": final.get("dropped_turns"),
-                "prompt_tokens": final.get("prompt_tokens"),
-                # The module's own clock: from taking the command to starting the model on it.
-                "prepare_ms": (final["processMs"] - final["inferenceMs"]) if final.get("inferenceMs") else None,
-                "other_client_answers_ms": during})
+    outcome = (
+        "refused"
+        if not run["accepted"]
+        else "failed"
+        if not final.get("success")
+        else "prepared"
+        if final.get("prompt_tokens")
+        else "cancelled while preparing"
+    )
+    run.update(
+        {
+            "outcome": outcome,
+            "success": final.get("success"),
+            "stop_reason": final.get("stop_reason"),
+            "error": final.get("error") or run["error"],
+            "dropped_turns": final.get("dropped_turns"),
+            "prompt_tokens": final.get("prompt_tokens"),
+            # The module's own clock: from taking the command to starting the model on it.
+            "prepare_ms": (final["processMs"] - final["inferenceMs"]) if final.get("inferenceMs") else None,
+            "other_client_answers_ms": during,
+        }
+    )
     return run
 
 
-def measure_server(model: Path, repeats: int) -> Dict[str, Any]:
-    results: Dict[str, Any] = {}
+def measure_server(model: Path, repeats: int) -> dict[str, Any]:
+    results: dict[str, Any] = {}
     with running_server(model, context_size=CONTEXT_SIZE) as base_url:
         for name, history in HISTORIES.items():
             for cancel in (False, True):
@@ -175,70 +212,118 @@ def measure_server(model: Path, repeats: int) -> Dict[str, Any]:
                 runs = [chat_through_server(base_url, history(100 + variant), cancel) for variant in range(repeats)]
                 during = [ms for run in runs for ms in run.pop("other_client_answers_ms")]
                 results[key] = {
-                    "runs": runs, "answer_ms": summary(r["answer_ms"] for r in runs),
+                    "runs": runs,
+                    "answer_ms": summary(r["answer_ms"] for r in runs),
                     "prepare_ms": summary(r["prepare_ms"] for r in runs),
                     "other_client_status_ms": summary(during),
                     "cancel_answer_ms": summary(r.get("cancel_answer_ms") for r in runs),
                 }
-                say(f"server, {key}: answered in {results[key]['answer_ms']['max']} ms (max), prepared in "
-                    f"{results[key]['prepare_ms']['median']} ms, other client {results[key]['other_client_status_ms']}")
+                say(
+                    f"server, {key}: answered in {results[key]['answer_ms']['max']} ms (max), prepared in "
+                    f"{results[key]['prepare_ms']['median']} ms, other client {results[key]['other_client_status_ms']}"
+                )
     return results
 
 
-def evaluate(results: Dict[str, Any]) -> List[Dict[str, Any]]:
+def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
     server = results["server"]
     other = [server[k]["other_client_status_ms"]["max"] for k in server if server[k]["other_client_status_ms"]["n"]]
     cancels = [server[k]["cancel_answer_ms"]["max"] for k in server if server[k]["cancel_answer_ms"]["n"]]
     measured = [
-        ("the 800-pair request answered (max)", server["800_pairs"]["answer_ms"]["max"],
-         TARGETS["answer_800_pairs_ms"]),
-        ("a 200-exchange natural history prepared by the module (max)",
-         server["200_natural_exchanges"]["prepare_ms"]["max"], TARGETS["prepare_200_exchanges_ms"]),
-        ("the same fitted in process, nothing remembered (max)",
-         results["in_process"]["200_natural_exchanges"]["fit_ms_new"]["max"], TARGETS["prepare_200_exchanges_ms"]),
-        ("another client's get_command_status while chats are prepared (max)", max(other) if other else None,
-         TARGETS["other_client_answer_ms"]),
-        ("cancel_command while a chat is prepared (max)", max(cancels) if cancels else None,
-         TARGETS["other_client_answer_ms"]),
+        (
+            "the 800-pair request answered (max)",
+            server["800_pairs"]["answer_ms"]["max"],
+            TARGETS["answer_800_pairs_ms"],
+        ),
+        (
+            "a 200-exchange natural history prepared by the module (max)",
+            server["200_natural_exchanges"]["prepare_ms"]["max"],
+            TARGETS["prepare_200_exchanges_ms"],
+        ),
+        (
+            "the same fitted in process, nothing remembered (max)",
+            results["in_process"]["200_natural_exchanges"]["fit_ms_new"]["max"],
+            TARGETS["prepare_200_exchanges_ms"],
+        ),
+        (
+            "another client's get_command_status while chats are prepared (max)",
+            max(other) if other else None,
+            TARGETS["other_client_answer_ms"],
+        ),
+        (
+            "cancel_command while a chat is prepared (max)",
+            max(cancels) if cancels else None,
+            TARGETS["other_client_answer_ms"],
+        ),
     ]
-    return [{"target": what, "measured_ms": None if value is None else round(value, 1), "limit_ms": limit,
-             "met": None if value is None else value < limit} for what, value, limit in measured]
+    return [
+        {
+            "target": what,
+            "measured_ms": None if value is None else round(value, 1),
+            "limit_ms": limit,
+            "met": None if value is None else value < limit,
+        }
+        for what, value, limit in measured
+    ]
 
 
-def _pair(s: Dict[str, Any]) -> str:
+def _pair(s: dict[str, Any]) -> str:
     return f"{s['median']} / {s['max']}" if s["n"] else "-"
 
 
-def markdown(results: Dict[str, Any]) -> str:
-    lines = [f"# Fit time (issue 9, item 1): {results['started_utc']}", "",
-             f"Model {results['model']}, {CONTEXT_SIZE}-token context, {results['repeats']} runs of each; machine: "
-             f"{results['machine']['cpu']}, {results['machine']['logical_cpus']} CPUs; 1-minute load at the start "
-             f"{results['load']['load_1min']}.", "",
-             "| target | measured | limit | met |", "|---|---|---|---|"]
-    lines += [f"| {t['target']} | {t['measured_ms']} ms | < {t['limit_ms']} ms | {'yes' if t['met'] else 'NO'} |"
-              for t in results["targets"]]
-    lines += ["", "## In process (ContextFitter on the model, median / max ms)", "",
-              "| history | messages | dropped turns | prompt tokens | new fitter | same history again |",
-              "|---|---|---|---|---|---|"]
+def markdown(results: dict[str, Any]) -> str:
+    lines = [
+        f"# Fit time (issue 9, item 1): {results['started_utc']}",
+        "",
+        f"Model {results['model']}, {CONTEXT_SIZE}-token context, {results['repeats']} runs of each; machine: "
+        f"{results['machine']['cpu']}, {results['machine']['logical_cpus']} CPUs; 1-minute load at the start "
+        f"{results['load']['load_1min']}.",
+        "",
+        "| target | measured | limit | met |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {t['target']} | {t['measured_ms']} ms | < {t['limit_ms']} ms | {'yes' if t['met'] else 'NO'} |"
+        for t in results["targets"]
+    ]
+    lines += [
+        "",
+        "## In process (ContextFitter on the model, median / max ms)",
+        "",
+        "| history | messages | dropped turns | prompt tokens | new fitter | same history again |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, r in results["in_process"].items():
-        lines.append(f"| {name} | {r['messages']} | {r['dropped_turns']} | {r['prompt_tokens']} | "
-                     f"{r['fit_ms_new']['median']} / {r['fit_ms_new']['max']} | "
-                     f"{r['fit_ms_again']['median']} / {r['fit_ms_again']['max']} |")
-    lines += ["", "## Through the server, as clients see it (median / max ms)", "",
-              "| chat | answered | prepared (module) | other client's status, n | cancel answered | outcome |",
-              "|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {name} | {r['messages']} | {r['dropped_turns']} | {r['prompt_tokens']} | "
+            f"{r['fit_ms_new']['median']} / {r['fit_ms_new']['max']} | "
+            f"{r['fit_ms_again']['median']} / {r['fit_ms_again']['max']} |"
+        )
+    lines += [
+        "",
+        "## Through the server, as clients see it (median / max ms)",
+        "",
+        "| chat | answered | prepared (module) | other client's status, n | cancel answered | outcome |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, r in results["server"].items():
         other, cancel = r["other_client_status_ms"], r["cancel_answer_ms"]
         outcomes = sorted({run["outcome"] for run in r["runs"]})
-        lines.append(f"| {name} | {r['answer_ms']['median']} / {r['answer_ms']['max']} | "
-                     f"{r['prepare_ms']['median']} / {r['prepare_ms']['max']} | "
-                     f"{other['median']} / {other['max']}, {other['n']} | "
-                     f"{_pair(cancel)} | {', '.join(outcomes)} |")
-    lines += ["", "Prepared = the module's processMs - inferenceMs: from taking the command to starting the model "
-              "(each chat is stopped then: only its preparation is measured). "
-              "Other client = get_command_status from a second connection, sent between posting the chat and the "
-              "end of its preparation. Before the fix (issue 9): 400 pairs took 4.6 s to fit, 800 pairs 62 s, and a "
-              "200-exchange history 12.4 s, twice per message, on the SDK's request loop.", ""]
+        lines.append(
+            f"| {name} | {r['answer_ms']['median']} / {r['answer_ms']['max']} | "
+            f"{r['prepare_ms']['median']} / {r['prepare_ms']['max']} | "
+            f"{other['median']} / {other['max']}, {other['n']} | "
+            f"{_pair(cancel)} | {', '.join(outcomes)} |"
+        )
+    lines += [
+        "",
+        "Prepared = the module's processMs - inferenceMs: from taking the command to starting the model "
+        "(each chat is stopped then: only its preparation is measured). "
+        "Other client = get_command_status from a second connection, sent between posting the chat and the "
+        "end of its preparation. Before the fix (issue 9): 400 pairs took 4.6 s to fit, 800 pairs 62 s, and a "
+        "200-exchange history 12.4 s, twice per message, on the SDK's request loop.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -247,24 +332,34 @@ def default_model() -> Path:
     if DEFAULT_MODEL.is_file():
         return DEFAULT_MODEL
     from models import smollm2_path
+
     return smollm2_path()
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.fit_time", description=__doc__)
     parser.add_argument("--model", type=Path, default=default_model())
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
-                        help="wait up to this long for the 1-minute load average to fall below 0.5 first")
+    parser.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="wait up to this long for the 1-minute load average to fall below 0.5 first",
+    )
     args = parser.parse_args(argv)
     if not args.model.is_file():
         parser.error(f"no model at {args.model}")
-    results: Dict[str, Any] = {
+    results: dict[str, Any] = {
         "started_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "model": args.model.name, "context_size": CONTEXT_SIZE, "repeats": args.repeats,
+        "model": args.model.name,
+        "context_size": CONTEXT_SIZE,
+        "repeats": args.repeats,
         "caps": {"MAX_HISTORY_BYTES": MAX_HISTORY_BYTES, "MAX_HISTORY_MESSAGES": MAX_HISTORY_MESSAGES},
-        "machine": machine.describe(), "load": machine.wait_until_idle(args.wait_idle, say)}
+        "machine": machine.describe(),
+        "load": machine.wait_until_idle(args.wait_idle, say),
+    }
     results["in_process"] = measure_in_process(args.model, args.repeats)
     results["server"] = measure_server(args.model, args.repeats)
     results["targets"] = evaluate(results)

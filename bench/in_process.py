@@ -1,6 +1,7 @@
 """The engine itself, streamed in this process: raw llama-cpp-python, and the module's LlamaChat wrapper over it."""
+
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any
 
 from llama_cpp import Llama
 
@@ -16,11 +17,14 @@ class RawEngine:
     def __init__(self, model: Path, threads: int) -> None:
         self.llm = Llama(model_path=str(model), n_ctx=N_CTX, n_threads=threads, n_threads_batch=threads, verbose=False)
 
-    def chat(self, prompt: str, history: List[Dict[str, str]], max_tokens: int, fresh: bool) -> Dict[str, Any]:
+    def chat(self, prompt: str, history: list[dict[str, str]], max_tokens: int, fresh: bool) -> dict[str, Any]:
         if fresh:
             self.llm.reset()  # the next prompt is evaluated from its first token
-        run = time_stream(lambda: self.llm.create_chat_completion(
-            messages=chat_messages(prompt, history), stream=True, max_tokens=max_tokens, **SAMPLING))
+        run = time_stream(
+            lambda: self.llm.create_chat_completion(
+                messages=chat_messages(prompt, history), stream=True, max_tokens=max_tokens, **SAMPLING
+            )
+        )
         return vars(run)
 
     def close(self) -> None:
@@ -31,14 +35,18 @@ class WrapperEngine:
     """LlamaChat.do_chat, the module's own layer over llama-cpp-python, without the SDK or a server."""
 
     def __init__(self, model: Path, threads: int) -> None:
-        self.llama_chat = LlamaChat(repo_id="", fileglob="", filename=model.name, model_dir=str(model.parent),
-                                    n_ctx=N_CTX, n_threads=threads)
+        self.llama_chat = LlamaChat(
+            repo_id="", fileglob="", filename=model.name, model_dir=str(model.parent), n_ctx=N_CTX, n_threads=threads
+        )
 
-    def chat(self, prompt: str, history: List[Dict[str, str]], max_tokens: int, fresh: bool) -> Dict[str, Any]:
+    def chat(self, prompt: str, history: list[dict[str, str]], max_tokens: int, fresh: bool) -> dict[str, Any]:
         if fresh:
             self.llama_chat.llm.reset()
-        run = time_stream(lambda: self.llama_chat.do_chat(
-            prompt, SYSTEM_PROMPT, history, stream=True, max_tokens=max_tokens, **SAMPLING))
+        run = time_stream(
+            lambda: self.llama_chat.do_chat(
+                prompt, SYSTEM_PROMPT, history, stream=True, max_tokens=max_tokens, **SAMPLING
+            )
+        )
         return vars(run)
 
     def close(self) -> None:

@@ -1,12 +1,14 @@
 """llama.cpp's own llama-server (optional): the C++ reference users compare against, asked the same chats through
 its OpenAI-compatible streaming API."""
+
 import http.client
 import json
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Dict, Iterator, List
+from typing import Any
 
 from .stream_timing import time_stream
 from .workload import N_CTX, SAMPLING, chat_messages
@@ -30,8 +32,26 @@ class LlamaServerEngine:
         self.log_path = log_path
         # One slot with the whole context, the model's own Jinja chat template and no flash attention (as
         # llama-cpp-python's default): as close to the module's engine as it goes.
-        command = [str(binary), "-m", str(model), "-t", str(threads), "-tb", str(threads), "-c", str(N_CTX),
-                   "-np", "1", "--jinja", "-fa", "off", "--host", "127.0.0.1", "--port", str(self.port)]
+        command = [
+            str(binary),
+            "-m",
+            str(model),
+            "-t",
+            str(threads),
+            "-tb",
+            str(threads),
+            "-c",
+            str(N_CTX),
+            "-np",
+            "1",
+            "--jinja",
+            "-fa",
+            "off",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+        ]
         with open(log_path, "wb") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         try:
@@ -58,7 +78,7 @@ class LlamaServerEngine:
     def _log_tail(self, lines: int = 30) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
-    def _stream(self, body: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
+    def _stream(self, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
         try:
             connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
@@ -69,16 +89,21 @@ class LlamaServerEngine:
                 data = line.decode("utf-8").strip()
                 if not data.startswith("data:"):
                     continue
-                data = data[len("data:"):].strip()
+                data = data[len("data:") :].strip()
                 if data == "[DONE]":
                     return
                 yield json.loads(data)
         finally:
             connection.close()
 
-    def chat(self, prompt: str, history: List[Dict[str, str]], max_tokens: int, fresh: bool) -> Dict[str, Any]:
-        body = {"messages": chat_messages(prompt, history), "stream": True, "max_tokens": max_tokens,
-                "cache_prompt": not fresh, **SAMPLING}
+    def chat(self, prompt: str, history: list[dict[str, str]], max_tokens: int, fresh: bool) -> dict[str, Any]:
+        body = {
+            "messages": chat_messages(prompt, history),
+            "stream": True,
+            "max_tokens": max_tokens,
+            "cache_prompt": not fresh,
+            **SAMPLING,
+        }
         return vars(time_stream(lambda: self._stream(body)))
 
     def close(self) -> None:

@@ -1,11 +1,13 @@
 """The machine the numbers come from: is it idle, what is it, and how much CPU did other processes take while we
 measured (a 2-core machine shared with other work gives noisy numbers; the results say how noisy)."""
+
 import os
 import platform
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator
+from typing import Any
 
 import psutil
 
@@ -16,28 +18,35 @@ def load_average() -> float:
     return round(os.getloadavg()[0], 2)
 
 
-def wait_until_idle(max_wait_s: float, say=print) -> Dict[str, Any]:
+def wait_until_idle(max_wait_s: float, say=print) -> dict[str, Any]:
     """Waits up to max_wait_s for the 1-minute load to fall below IDLE_LOAD; warns when it did not."""
     started = time.monotonic()
     while load_average() >= IDLE_LOAD and time.monotonic() - started < max_wait_s:
         time.sleep(5)
     load = load_average()
     if load >= IDLE_LOAD:
-        say(f"WARNING: the machine is busy (1-minute load average {load} >= {IDLE_LOAD}): the numbers will be noisy. "
-            f"Close other work, or pass --wait-idle SECONDS to wait for it.")
+        say(
+            f"WARNING: the machine is busy (1-minute load average {load} >= {IDLE_LOAD}): the numbers will be noisy. "
+            f"Close other work, or pass --wait-idle SECONDS to wait for it."
+        )
     return {"load_1min": load, "idle": load < IDLE_LOAD, "waited_s": round(time.monotonic() - started, 1)}
 
 
-def describe() -> Dict[str, Any]:
+def describe() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "physical_cpus": psutil.cpu_count(logical=False),
-            "memory_gb": round(psutil.virtual_memory().total / 2**30, 1), "os": platform.platform(),
-            "python": sys.version.split()[0]}
+    return {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "physical_cpus": psutil.cpu_count(logical=False),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "os": platform.platform(),
+        "python": sys.version.split()[0],
+    }
 
 
 def _busy_cpu_s() -> float:
@@ -59,7 +68,7 @@ def _our_cpu_s() -> float:
 
 
 @contextmanager
-def phase(record: Dict[str, Any], name: str) -> Iterator[None]:
+def phase(record: dict[str, Any], name: str) -> Iterator[None]:
     """Records, for one part of the run, its duration, the load around it, and the CPU other processes used
     (in cores, averaged over the part) -- those compete with the engine for the machine's cores."""
     started, busy, ours, load = time.monotonic(), _busy_cpu_s(), _our_cpu_s(), load_average()
@@ -68,5 +77,9 @@ def phase(record: Dict[str, Any], name: str) -> Iterator[None]:
     finally:
         wall = time.monotonic() - started
         others = (_busy_cpu_s() - busy) - (_our_cpu_s() - ours)
-        record[name] = {"seconds": round(wall, 1), "load_before": load, "load_after": load_average(),
-                        "other_processes_cores": round(max(others, 0.0) / wall, 2) if wall else 0.0}
+        record[name] = {
+            "seconds": round(wall, 1),
+            "load_before": load,
+            "load_after": load_average(),
+            "other_processes_cores": round(max(others, 0.0) / wall, 2) if wall else 0.0,
+        }

@@ -1,5 +1,6 @@
 """A second llama.cpp process that generates without pause, as another AI module on the same machine would:
 `python -m bench.neighbour MODEL THREADS`. It prints READY once the model is loaded, then runs until killed."""
+
 import sys
 
 from llama_cpp import Llama
@@ -14,8 +15,9 @@ def main(model: str, threads: int) -> None:
     print(READY, flush=True)
     while True:
         llm.reset()
-        for _ in llm.create_chat_completion(messages=chat_messages(GENERATION_PROMPT), stream=True, max_tokens=256,
-                                            **SAMPLING):
+        for _ in llm.create_chat_completion(
+            messages=chat_messages(GENERATION_PROMPT), stream=True, max_tokens=256, **SAMPLING
+        ):
             pass
 
 

@@ -7,6 +7,7 @@ Writes soak.json and soak.md into --out.
 RSS is read with psutil (the server: the module's parent process) after the warm-up chats, every 20 chats, and at
 the end; each reading is taken with no chat running (after the previous chat's terminal answer).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,7 +18,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable
 
 import psutil
 import requests
@@ -33,18 +34,27 @@ CHAT = "/v1/text/chat"
 STATUS = "/v1/LlamaChat/get_command_status"
 CANCEL = "/v1/LlamaChat/cancel_command"
 GROWTH_LIMIT_PCT = 5.0
-PROMPTS = ["Say hello.", "Name three colours.", "What is 2 + 2?", "Write a haiku about rain.",
-           "Give me a tip for sleeping well.", "Describe a cat in one sentence."]
+PROMPTS = [
+    "Say hello.",
+    "Name three colours.",
+    "What is 2 + 2?",
+    "Write a haiku about rain.",
+    "Give me a tip for sleeping well.",
+    "Describe a cat in one sentence.",
+]
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 DEEP = "[" * 50_000 + "]" * 50_000
 
 # (name, request keyword arguments for requests.post, text the error must contain)
-BAD_INPUTS: List[Tuple[str, Dict[str, Any], str]] = [
+BAD_INPUTS: list[tuple[str, dict[str, Any], str]] = [
     ("max_tokens-text", {"url": CHAT, "data": {"prompt": "Hi", "max_tokens": "lots"}}, "max_tokens"),
     ("temperature-nan", {"url": CHAT, "data": {"prompt": "Hi", "temperature": "nan"}}, "temperature"),
     ("messages-deep", {"url": CHAT, "data": {"prompt": "Hi", "messages": DEEP}}, "nested more than"),
-    ("messages-bad-role", {"url": CHAT, "data": {"prompt": "Hi", "messages": '[{"role": "system", "content": "x"}]'}},
-     "role"),
+    (
+        "messages-bad-role",
+        {"url": CHAT, "data": {"prompt": "Hi", "messages": '[{"role": "system", "content": "x"}]'}},
+        "role",
+    ),
     ("non-utf8-form", {"url": CHAT, "data": b"prompt=\xff\xfe", "headers": FORM}, "not valid UTF-8"),
     ("json-deep", {"url": CHAT, "data": DEEP, "headers": {"Content-Type": "application/json"}}, "nested too deeply"),
     ("content-type", {"url": CHAT, "data": b"\x00", "headers": {"Content-Type": "image/png"}}, "Unsupported"),
@@ -59,8 +69,16 @@ def rss_mb(pid: int) -> float:
 
 
 class Soak:
-    def __init__(self, base_url: str, rng: random.Random, max_tokens: int, cancel_rate: float, bad_rate: float,
-                 poll_s: float, chat_timeout: float) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        rng: random.Random,
+        max_tokens: int,
+        cancel_rate: float,
+        bad_rate: float,
+        poll_s: float,
+        chat_timeout: float,
+    ) -> None:
         self.base_url = base_url
         self.rng = rng
         self.max_tokens = max_tokens
@@ -71,10 +89,10 @@ class Soak:
         self.session = requests.Session()
         self.endings: Counter = Counter()
         self.bad_inputs: Counter = Counter()
-        self.failures: List[str] = []
-        self.chat_seconds: List[float] = []
+        self.failures: list[str] = []
+        self.chat_seconds: list[float] = []
 
-    def post(self, url: str, **kwargs) -> Dict[str, Any]:
+    def post(self, url: str, **kwargs) -> dict[str, Any]:
         response = self.session.post(f"{self.base_url}{url}", timeout=60, **kwargs)
         return response.json()
 
@@ -87,8 +105,14 @@ class Soak:
 
     def chat(self) -> None:
         started = time.monotonic()
-        ack = self.post(CHAT, data={"prompt": self.rng.choice(PROMPTS), "max_tokens": str(self.max_tokens),
-                                    "temperature": f"{self.rng.uniform(0, 1):.2f}"})
+        ack = self.post(
+            CHAT,
+            data={
+                "prompt": self.rng.choice(PROMPTS),
+                "max_tokens": str(self.max_tokens),
+                "temperature": f"{self.rng.uniform(0, 1):.2f}",
+            },
+        )
         if not ack.get("success"):
             self.failures.append(f"chat refused: {ack}")
             return
@@ -101,8 +125,10 @@ class Soak:
             answer = self.post(STATUS, data={"commandId": command_id})
             polls += 1
             if answer.get("commandStatus") == "completed":
-                self.endings[f"{'cancel sent, ' if cancel_after is not None else ''}"
-                             f"{answer.get('stop_reason') or 'no stop_reason'}"] += 1
+                self.endings[
+                    f"{'cancel sent, ' if cancel_after is not None else ''}"
+                    f"{answer.get('stop_reason') or 'no stop_reason'}"
+                ] += 1
                 if not answer.get("success") and answer.get("stop_reason") != "cancelled":
                     self.failures.append(f"chat failed: {answer.get('error')}")
                 self.chat_seconds.append(time.monotonic() - started)
@@ -114,15 +140,16 @@ class Soak:
         self.failures.append(f"chat {command_id} did not end within {self.chat_timeout:g} s")
 
 
-def run(args: argparse.Namespace, say: Callable[[str], None] = print) -> Dict[str, Any]:
+def run(args: argparse.Namespace, say: Callable[[str], None] = print) -> dict[str, Any]:
     rng = random.Random(args.seed)
     load = machine.load_average()
     with running_server(args.model, CPAI_MODULE_LLAMA_THREADS=str(args.threads)) as base_url:
         status = server_status(base_url)
         module_pid = status["pid"]
         server_pid = psutil.Process(module_pid).parent().pid
-        soak = Soak(base_url, rng, args.max_tokens, args.cancel_rate, args.bad_rate, args.poll_ms / 1000,
-                    args.chat_timeout)
+        soak = Soak(
+            base_url, rng, args.max_tokens, args.cancel_rate, args.bad_rate, args.poll_ms / 1000, args.chat_timeout
+        )
         rss_at_start = {"server_mb": round(rss_mb(server_pid), 1), "module_mb": round(rss_mb(module_pid), 1)}
         curve = []
         started = time.monotonic()
@@ -132,16 +159,22 @@ def run(args: argparse.Namespace, say: Callable[[str], None] = print) -> Dict[st
             soak.chat()
             done = i + 1
             if done == args.warmup or (done > args.warmup and (done % 20 == 0 or done == args.chats)):
-                curve.append({"chats": done, "server_mb": round(rss_mb(server_pid), 1),
-                              "module_mb": round(rss_mb(module_pid), 1)})
+                curve.append(
+                    {
+                        "chats": done,
+                        "server_mb": round(rss_mb(server_pid), 1),
+                        "module_mb": round(rss_mb(module_pid), 1),
+                    }
+                )
                 say(f"{done} chats: server {curve[-1]['server_mb']} MB, module {curve[-1]['module_mb']} MB")
         elapsed = time.monotonic() - started
         final_status = server_status(base_url)
         log_entries = len(requests.get(f"{base_url}/v1/log/list", params={"count": 1000}, timeout=10).json()["entries"])
 
     base, last = curve[0], curve[-1]
-    growth = {who: round(100 * (last[f"{who}_mb"] - base[f"{who}_mb"]) / base[f"{who}_mb"], 2)
-              for who in ("server", "module")}
+    growth = {
+        who: round(100 * (last[f"{who}_mb"] - base[f"{who}_mb"]) / base[f"{who}_mb"], 2) for who in ("server", "module")
+    }
     chats_ended = sum(soak.endings.values())
     checks = {
         "every_chat_ended": chats_ended == args.chats,
@@ -154,47 +187,72 @@ def run(args: argparse.Namespace, say: Callable[[str], None] = print) -> Dict[st
     times = sorted(soak.chat_seconds)
     return {
         "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine.describe(), "load_1min_at_start": load,
+        "machine": machine.describe(),
+        "load_1min_at_start": load,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
-        "chats": args.chats, "chats_ended": chats_ended, "endings": dict(soak.endings),
-        "bad_inputs": dict(soak.bad_inputs), "bad_inputs_sent": sum(soak.bad_inputs.values()),
-        "failures": soak.failures[:20], "failure_count": len(soak.failures),
+        "chats": args.chats,
+        "chats_ended": chats_ended,
+        "endings": dict(soak.endings),
+        "bad_inputs": dict(soak.bad_inputs),
+        "bad_inputs_sent": sum(soak.bad_inputs.values()),
+        "failures": soak.failures[:20],
+        "failure_count": len(soak.failures),
         "elapsed_s": round(elapsed, 1),
         "chat_seconds": {"median": round(times[len(times) // 2], 3), "max": round(times[-1], 3)} if times else None,
-        "rss_at_start": rss_at_start, "rss_curve": curve, "rss_growth_pct": growth,
-        "module_restarts": final_status["restarts"], "log_entries_listed": log_entries,
-        "checks": checks, "passed": all(checks.values()),
+        "rss_at_start": rss_at_start,
+        "rss_curve": curve,
+        "rss_growth_pct": growth,
+        "module_restarts": final_status["restarts"],
+        "log_entries_listed": log_entries,
+        "checks": checks,
+        "passed": all(checks.values()),
     }
 
 
-def markdown(result: Dict[str, Any]) -> str:
+def markdown(result: dict[str, Any]) -> str:
     s = result["settings"]
     lines = [
-        "# Soak: chats through the standalone server with random cancels and bad inputs", "",
+        "# Soak: chats through the standalone server with random cancels and bad inputs",
+        "",
         f"{result['when']}, {result['machine']['cpu']} ({result['machine']['logical_cpus']} logical CPUs), "
         f"1-minute load {result['load_1min_at_start']} at start. Model `{Path(s['model']).name}`, "
         f"{s['threads']} thread(s), max_tokens {s['max_tokens']}, cancel rate {s['cancel_rate']}, bad-input rate "
-        f"{s['bad_rate']}, seed {s['seed']}. Command: `.venv/bin/python -m bench.soak`.", "",
+        f"{s['bad_rate']}, seed {s['seed']}. Command: `.venv/bin/python -m bench.soak`.",
+        "",
         f"**{'PASSED' if result['passed'] else 'FAILED'}**: {result['chats_ended']} of {result['chats']} chats ended "
         f"in a terminal state in {result['elapsed_s']} s; {result['bad_inputs_sent']} bad inputs, each answered "
         f"`success: false` with a clear error; {result['failure_count']} failures; module restarts: "
-        f"{result['module_restarts']}.", "",
-        "| check | result |", "|---|---|",
-        *[f"| {name.replace('_', ' ')} | {'yes' if ok else 'NO'} |" for name, ok in result["checks"].items()], "",
-        "## Memory (RSS, MB)", "",
+        f"{result['module_restarts']}.",
+        "",
+        "| check | result |",
+        "|---|---|",
+        *[f"| {name.replace('_', ' ')} | {'yes' if ok else 'NO'} |" for name, ok in result["checks"].items()],
+        "",
+        "## Memory (RSS, MB)",
+        "",
         f"Growth is measured from the end of the {s['warmup']}-chat warm-up (first row) to the end (last row), each "
         f"reading taken between chats. At start (before any chat): server {result['rss_at_start']['server_mb']}, "
-        f"module {result['rss_at_start']['module_mb']}.", "",
-        "| chats | server | module |", "|---|---|---|",
-        *[f"| {row['chats']} | {row['server_mb']} | {row['module_mb']} |" for row in result["rss_curve"]], "",
+        f"module {result['rss_at_start']['module_mb']}.",
+        "",
+        "| chats | server | module |",
+        "|---|---|---|",
+        *[f"| {row['chats']} | {row['server_mb']} | {row['module_mb']} |" for row in result["rss_curve"]],
+        "",
         f"Growth after warm-up: server {result['rss_growth_pct']['server']:+.2f} %, module "
-        f"{result['rss_growth_pct']['module']:+.2f} % (limit {GROWTH_LIMIT_PCT:g} %).", "",
-        "## How the chats ended", "",
-        "| ending | chats |", "|---|---|",
-        *[f"| {name} | {count} |" for name, count in sorted(result["endings"].items())], "",
-        "## Bad inputs mixed in", "",
-        "| input | sent |", "|---|---|",
-        *[f"| {name} | {count} |" for name, count in sorted(result["bad_inputs"].items())], "",
+        f"{result['rss_growth_pct']['module']:+.2f} % (limit {GROWTH_LIMIT_PCT:g} %).",
+        "",
+        "## How the chats ended",
+        "",
+        "| ending | chats |",
+        "|---|---|",
+        *[f"| {name} | {count} |" for name, count in sorted(result["endings"].items())],
+        "",
+        "## Bad inputs mixed in",
+        "",
+        "| input | sent |",
+        "|---|---|",
+        *[f"| {name} | {count} |" for name, count in sorted(result["bad_inputs"].items())],
+        "",
     ]
     if result["failures"]:
         lines += ["## Failures (first 20)", "", *[f"- {failure}" for failure in result["failures"]], ""]

@@ -6,15 +6,17 @@ OMP_WAIT_POLICY=PASSIVE, and the adaptive mode (the default). Under three loads:
 a session of its own, as another service's processes do (see thread_policy.py for why that matters). Engines take
 turns within each repeat; writes threads.json, threads.md and threads.png into --out.
 """
+
 import argparse
 import datetime
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List
+from typing import Any, Callable
 
 import llama_cpp
 from llama_cpp import Llama
@@ -40,7 +42,7 @@ def say(text: str) -> None:
     print(f"[bench.threads {time.strftime('%H:%M:%S')}] {text}", flush=True)
 
 
-def _until(deadline: float, stream: Iterator[Dict[str, Any]]) -> Iterator[Dict[str, Any]]:
+def _until(deadline: float, stream: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     """The stream, cut off at the deadline: a collapsed engine (~1 token/s) is measured without waiting minutes."""
     try:
         for chunk in stream:
@@ -57,15 +59,23 @@ class RawFixed:
     def __init__(self, llm: Llama, threads: int) -> None:
         self.llm, self.threads = llm, threads
 
-    def chat(self, system_prompt: str, max_tokens: int, time_box_s: float) -> Dict[str, Any]:
+    def chat(self, system_prompt: str, max_tokens: int, time_box_s: float) -> dict[str, Any]:
         llama_cpp.llama_set_n_threads(self.llm.ctx, self.threads, self.threads)
         self.llm.reset()
         messages = [{"role": "system", "content": system_prompt}, *chat_messages(GENERATION_PROMPT)[1:]]
         deadline = time.perf_counter() + time_box_s
-        run = time_stream(lambda: _until(deadline, self.llm.create_chat_completion(
-            messages=messages, stream=True, max_tokens=max_tokens, **SAMPLING)))
-        return {"ttft_ms": run.ttft_ms, "tokens_per_second": run.tokens_per_second, "tokens": run.tokens,
-                "threads": self.threads}
+        run = time_stream(
+            lambda: _until(
+                deadline,
+                self.llm.create_chat_completion(messages=messages, stream=True, max_tokens=max_tokens, **SAMPLING),
+            )
+        )
+        return {
+            "ttft_ms": run.ttft_ms,
+            "tokens_per_second": run.tokens_per_second,
+            "tokens": run.tokens,
+            "threads": self.threads,
+        }
 
 
 class ModuleClient:
@@ -76,7 +86,7 @@ class ModuleClient:
         self.client = CpaiClient(base_url)
         self.poll_s = poll_s
 
-    def chat(self, system_prompt: str, max_tokens: int, time_box_s: float) -> Dict[str, Any]:
+    def chat(self, system_prompt: str, max_tokens: int, time_box_s: float) -> dict[str, Any]:
         trace = self.client.start_chat(chat_fields(GENERATION_PROMPT, [], max_tokens, system_prompt))
         deadline, cancelled = trace.sent_at + time_box_s, False
         while self.client.poll(trace).running:
@@ -87,9 +97,14 @@ class ModuleClient:
         final = trace.final
         if not final.get("success"):
             raise ChatFailed(f"the chat failed: {final.get('error') or final}")
-        return {"ttft_ms": trace.client_ttft_ms(), "tokens_per_second": trace.client_tokens_per_second(),
-                "tokens": final["completion_tokens"], "module_ttft_ms": final["time_to_first_token_ms"],
-                "module_tokens_per_second": final["tokens_per_second"], "threads": final.get("threads")}
+        return {
+            "ttft_ms": trace.client_ttft_ms(),
+            "tokens_per_second": trace.client_tokens_per_second(),
+            "tokens": final["completion_tokens"],
+            "module_ttft_ms": final["time_to_first_token_ms"],
+            "module_tokens_per_second": final["tokens_per_second"],
+            "threads": final.get("threads"),
+        }
 
     def close(self) -> None:
         self.client.close()
@@ -98,13 +113,17 @@ class ModuleClient:
 @contextmanager
 def load(kind: str, model: Path, cores: int) -> Iterator[None]:
     """The other work on the machine while measuring, in a session of its own."""
-    command = {"idle": None, "busy_core": [sys.executable, "-c", "while True: pass"],
-               "neighbour": [sys.executable, "-m", "bench.neighbour", str(model), str(cores)]}[kind]
+    command = {
+        "idle": None,
+        "busy_core": [sys.executable, "-c", "while True: pass"],
+        "neighbour": [sys.executable, "-m", "bench.neighbour", str(model), str(cores)],
+    }[kind]
     if command is None:
         yield
         return
-    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                               text=True, start_new_session=True)
+    process = subprocess.Popen(
+        command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, start_new_session=True
+    )
     try:
         if kind == "neighbour" and process.stdout.readline().strip() != READY:
             raise RuntimeError(f"the neighbour llama.cpp process did not start (exit code {process.wait()})")
@@ -115,7 +134,7 @@ def load(kind: str, model: Path, cores: int) -> Iterator[None]:
         process.wait()
 
 
-def start_servers(stack: ExitStack, model: Path, modules: Dict[str, Dict[str, str]]) -> Dict[str, str]:
+def start_servers(stack: ExitStack, model: Path, modules: dict[str, dict[str, str]]) -> dict[str, str]:
     """One server per module environment, started side by side; each stopped when the stack closes."""
     servers = {key: running_server(model, context_size=N_CTX, **env) for key, env in modules.items()}
     with ThreadPoolExecutor(len(servers)) as pool:
@@ -132,13 +151,13 @@ def start_servers(stack: ExitStack, model: Path, modules: Dict[str, Dict[str, st
     return urls
 
 
-def measure(engines: Dict[str, Any], args: argparse.Namespace, loads: List[str]) -> Dict[str, Any]:
+def measure(engines: dict[str, Any], args: argparse.Namespace, loads: list[str]) -> dict[str, Any]:
     for engine in engines.values():  # one-time costs (buffers, template compilation) are not measured
         engine.chat(SYSTEM_PROMPT, 8, args.time_box)
-    results: Dict[str, Any] = {"phases": {}}
+    results: dict[str, Any] = {"phases": {}}
     for kind in loads:
         say(f"load {kind}: {args.repeats} repeats of {', '.join(engines)}")
-        runs: Dict[str, List[Dict[str, Any]]] = {key: [] for key in engines}
+        runs: dict[str, list[dict[str, Any]]] = {key: [] for key in engines}
         with machine.phase(results["phases"], kind), load(kind, args.model, default_max_threads()):
             for repeat in range(args.repeats):
                 # Its own system prompt per load and repeat (the same for every engine): nothing of it is cached.
@@ -151,40 +170,67 @@ def measure(engines: Dict[str, Any], args: argparse.Namespace, loads: List[str])
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.threads", description=__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.threads", description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="the GGUF every engine loads")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results", help="where the results go")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=128, help="tokens per reply")
-    parser.add_argument("--time-box", type=float, default=6.0, metavar="SECONDS",
-                        help="a reply still running after this long is cut off (collapsed engines)")
+    parser.add_argument(
+        "--time-box",
+        type=float,
+        default=6.0,
+        metavar="SECONDS",
+        help="a reply still running after this long is cut off (collapsed engines)",
+    )
     parser.add_argument("--poll-ms", type=float, default=100, help="the client's pause between status polls")
-    parser.add_argument("--pause", type=float, default=1.0, metavar="SECONDS",
-                        help="before each reply, so that the module's load monitor sees the load under test rather "
-                             "than the engine that took its turn just before (a person's next message comes seconds "
-                             "after the last reply, not at once)")
+    parser.add_argument(
+        "--pause",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="before each reply, so that the module's load monitor sees the load under test rather "
+        "than the engine that took its turn just before (a person's next message comes seconds "
+        "after the last reply, not at once)",
+    )
     parser.add_argument("--loads", nargs="+", choices=LOADS, default=LOADS)
-    parser.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
-                        help="wait up to this long for the 1-minute load average to fall below 0.5 first")
+    parser.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="wait up to this long for the 1-minute load average to fall below 0.5 first",
+    )
     args = parser.parse_args(argv)
     if not args.model.is_file():
         parser.error(f"no model at {args.model}: run `bash install.sh --small` for SmolLM2-135M, or pass --model PATH")
     if args.repeats < 1 or args.tokens < 2 or args.time_box <= 0 or args.poll_ms <= 0 or args.pause < 0:
-        parser.error("--repeats must be at least 1, --tokens at least 2, --time-box and --poll-ms more than 0, "
-                     "--pause at least 0")
+        parser.error(
+            "--repeats must be at least 1, --tokens at least 2, --time-box and --poll-ms more than 0, "
+            "--pause at least 0"
+        )
 
     cores = default_max_threads()
     started = time.monotonic()
-    results: Dict[str, Any] = {
+    results: dict[str, Any] = {
         "started_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "model": args.model.name, "llama_cpp_python": llama_cpp.__version__, "machine": machine.describe(),
-        "settings": {"repeats": args.repeats, "tokens": args.tokens, "time_box_s": args.time_box,
-                     "poll_interval_s": args.poll_ms / 1000, "pause_s": args.pause, "all_cores": cores, "n_ctx": N_CTX},
+        "model": args.model.name,
+        "llama_cpp_python": llama_cpp.__version__,
+        "machine": machine.describe(),
+        "settings": {
+            "repeats": args.repeats,
+            "tokens": args.tokens,
+            "time_box_s": args.time_box,
+            "poll_interval_s": args.poll_ms / 1000,
+            "pause_s": args.pause,
+            "all_cores": cores,
+            "n_ctx": N_CTX,
+        },
         "load_start": machine.wait_until_idle(args.wait_idle, say),
     }
     say(f"model {args.model}, {cores} cores; results go to {args.out}")
-    modules: Dict[str, Dict[str, str]] = {
+    modules: dict[str, dict[str, str]] = {
         "module_all": {"CPAI_MODULE_LLAMA_THREADS": str(cores)},
         "module_one": {"CPAI_MODULE_LLAMA_THREADS": "1"},
         "module_all_passive": {"CPAI_MODULE_LLAMA_THREADS": str(cores), "OMP_WAIT_POLICY": "PASSIVE"},
@@ -193,7 +239,7 @@ def main(argv=None) -> int:
     with ExitStack() as stack:
         llm = Llama(model_path=str(args.model), n_ctx=N_CTX, n_threads=cores, n_threads_batch=cores, verbose=False)
         stack.callback(llm.close)
-        engines: Dict[str, Callable] = {"raw_all": RawFixed(llm, cores), "raw_one": RawFixed(llm, 1)}
+        engines: dict[str, Callable] = {"raw_all": RawFixed(llm, cores), "raw_one": RawFixed(llm, 1)}
         say(f"starting python -m llamachat_server for {', '.join(modules)}")
         for key, base_url in start_servers(stack, args.model, modules).items():
             engines[key] = ModuleClient(base_url, args.poll_ms / 1000)
@@ -203,8 +249,10 @@ def main(argv=None) -> int:
     results["goals"] = threads_report.evaluate_goals(results)
     paths = threads_report.write(results, args.out)
     for goal in results["goals"]:
-        say(f"{'MET   ' if goal['met'] else 'MISSED' if goal['met'] is False else 'n/a   '} {goal['goal']}: "
-            f"{goal['measured']} (limit {goal['limit']})")
+        say(
+            f"{'MET   ' if goal['met'] else 'MISSED' if goal['met'] is False else 'n/a   '} {goal['goal']}: "
+            f"{goal['measured']} (limit {goal['limit']})"
+        )
     say(f"done in {results['duration_s']} s: " + ", ".join(str(p) for p in paths))
     return 0
 

@@ -1,51 +1,78 @@
 """bench.threads' results as files: the raw JSON, a Markdown table with the goals, and a PNG chart."""
+
+from __future__ import annotations
+
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-ENGINES = [("raw_all", "raw llama-cpp-python, all cores"), ("raw_one", "raw llama-cpp-python, 1 thread"),
-           ("module_all", "module, all cores pinned (the old default)"), ("module_one", "module, 1 thread pinned"),
-           ("module_all_passive", "module, all cores, OMP_WAIT_POLICY=PASSIVE"),
-           ("module_adaptive", "module, adaptive (the default)")]
+ENGINES = [
+    ("raw_all", "raw llama-cpp-python, all cores"),
+    ("raw_one", "raw llama-cpp-python, 1 thread"),
+    ("module_all", "module, all cores pinned (the old default)"),
+    ("module_one", "module, 1 thread pinned"),
+    ("module_all_passive", "module, all cores, OMP_WAIT_POLICY=PASSIVE"),
+    ("module_adaptive", "module, adaptive (the default)"),
+]
 LOAD_LABELS = {"idle": "idle", "busy_core": "one core busy", "neighbour": "beside a 2nd llama.cpp process"}
 
 
-def _median(results: Dict[str, Any], load: str, engine: str, metric: str = "tokens_per_second") -> Optional[float]:
+def _median(results: dict[str, Any], load: str, engine: str, metric: str = "tokens_per_second") -> float | None:
     summary = ((results.get(load) or {}).get(engine) or {}).get("summary") or {}
     return (summary.get(metric) or {}).get("median")
 
 
-def _best(results: Dict[str, Any], load: str, engines: List[str]) -> Optional[float]:
+def _best(results: dict[str, Any], load: str, engines: list[str]) -> float | None:
     values = [v for v in (_median(results, load, e) for e in engines) if v is not None]
     return max(values) if values else None
 
 
-def evaluate_goals(results: Dict[str, Any]) -> List[Dict[str, Any]]:
+def evaluate_goals(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Issue 15's goals, as ratios within this run; the module's speed is the one its polling client sees."""
-    def goal(name: str, load: str, reference: Optional[float], limit: float, detail: str) -> Dict[str, Any]:
+
+    def goal(name: str, load: str, reference: float | None, limit: float, detail: str) -> dict[str, Any]:
         adaptive = _median(results, load, "module_adaptive")
         ratio = None if adaptive is None or not reference else round(adaptive / reference, 3)
-        return {"goal": name, "measured": ratio, "limit": limit, "met": None if ratio is None else ratio >= limit,
-                "detail": f"adaptive module {adaptive} tokens/s vs {reference} ({detail})"}
+        return {
+            "goal": name,
+            "measured": ratio,
+            "limit": limit,
+            "met": None if ratio is None else ratio >= limit,
+            "detail": f"adaptive module {adaptive} tokens/s vs {reference} ({detail})",
+        }
 
     raw = ["raw_all", "raw_one"]
     return [
-        goal("one core busy: adaptive module >= 0.9 x best fixed raw", "busy_core", _best(results, "busy_core", raw),
-             0.9, "the faster of raw all cores / 1 thread under the same load"),
-        goal("idle: adaptive module >= 0.97 x best fixed module", "idle",
-             _best(results, "idle", ["module_all", "module_one"]), 0.97, "the faster of the module pinned to all "
-                                                                         "cores / 1 thread, idle"),
-        goal("beside a 2nd llama.cpp process: adaptive module >= 0.4 x idle", "neighbour", _best(results, "idle", raw),
-             0.4, "the best raw single-process speed, idle"),
+        goal(
+            "one core busy: adaptive module >= 0.9 x best fixed raw",
+            "busy_core",
+            _best(results, "busy_core", raw),
+            0.9,
+            "the faster of raw all cores / 1 thread under the same load",
+        ),
+        goal(
+            "idle: adaptive module >= 0.97 x best fixed module",
+            "idle",
+            _best(results, "idle", ["module_all", "module_one"]),
+            0.97,
+            "the faster of the module pinned to all cores / 1 thread, idle",
+        ),
+        goal(
+            "beside a 2nd llama.cpp process: adaptive module >= 0.4 x idle",
+            "neighbour",
+            _best(results, "idle", raw),
+            0.4,
+            "the best raw single-process speed, idle",
+        ),
     ]
 
 
-def _cell(results: Dict[str, Any], load: str, engine: str, metric: str) -> str:
+def _cell(results: dict[str, Any], load: str, engine: str, metric: str) -> str:
     summary = (((results.get(load) or {}).get(engine) or {}).get("summary") or {}).get(metric) or {}
     if summary.get("median") is None:
         return "–"
@@ -55,44 +82,69 @@ def _cell(results: Dict[str, Any], load: str, engine: str, metric: str) -> str:
     return f"{summary['median']:.{digits}f} ({summary['min']:.{digits}f}–{summary['max']:.{digits}f})"
 
 
-def table(results: Dict[str, Any]) -> List[str]:
+def table(results: dict[str, Any]) -> list[str]:
     loads = [load for load in LOAD_LABELS if load in results]
-    lines = ["| Engine | " + " | ".join(f"{LOAD_LABELS[l]}: tokens/s | TTFT ms | threads" for l in loads) + " |",
-             "|---|" + "---|---|---|" * len(loads)]
+    lines = [
+        "| Engine | " + " | ".join(f"{LOAD_LABELS[load]}: tokens/s | TTFT ms | threads" for load in loads) + " |",
+        "|---|" + "---|---|---|" * len(loads),
+    ]
     for key, label in ENGINES:
-        cells = [f"{_cell(results, l, key, 'tokens_per_second')} | {_cell(results, l, key, 'ttft_ms')} | "
-                 f"{_cell(results, l, key, 'threads')}" for l in loads]
+        cells = [
+            f"{_cell(results, load, key, 'tokens_per_second')} | {_cell(results, load, key, 'ttft_ms')} | "
+            f"{_cell(results, load, key, 'threads')}"
+            for load in loads
+        ]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
 
 
-def markdown(results: Dict[str, Any]) -> str:
+def markdown(results: dict[str, Any]) -> str:
     s, m = results["settings"], results["machine"]
-    lines = [f"# Threads under load: {results['model']}", "",
-             f"{results['started_utc']} · {m['cpu']} · {m['logical_cpus']} logical CPUs ({s['all_cores']} cores) · "
-             f"{s['tokens']} tokens per reply, greedy · {s['repeats']} repeats, engines taking turns · replies cut "
-             f"off after {s['time_box_s']:g} s · module polled every {s['poll_interval_s'] * 1000:g} ms · "
-             f"llama-cpp-python {results['llama_cpp_python']}", "",
-             f"1-minute load before measuring: {results['load_start']['load_1min']}; CPU other processes used "
-             "during each load (cores): " + ", ".join(f"{k} {v['other_processes_cores']}"
-                                                     for k, v in results["phases"].items()) + ".", "",
-             "## Goals", "", "| Goal | Measured | Limit | Met | Detail |", "|---|---|---|---|---|"]
+    lines = [
+        f"# Threads under load: {results['model']}",
+        "",
+        f"{results['started_utc']} · {m['cpu']} · {m['logical_cpus']} logical CPUs ({s['all_cores']} cores) · "
+        f"{s['tokens']} tokens per reply, greedy · {s['repeats']} repeats, engines taking turns · replies cut "
+        f"off after {s['time_box_s']:g} s · module polled every {s['poll_interval_s'] * 1000:g} ms · "
+        f"llama-cpp-python {results['llama_cpp_python']}",
+        "",
+        f"1-minute load before measuring: {results['load_start']['load_1min']}; CPU other processes used "
+        "during each load (cores): "
+        + ", ".join(f"{k} {v['other_processes_cores']}" for k, v in results["phases"].items())
+        + ".",
+        "",
+        "## Goals",
+        "",
+        "| Goal | Measured | Limit | Met | Detail |",
+        "|---|---|---|---|---|",
+    ]
     for g in results["goals"]:
-        lines.append(f"| {g['goal']} | {g['measured']} | {g['limit']} | "
-                     f"{ {True: 'yes', False: '**no**', None: '–'}[g['met']]} | {g['detail']} |")
-    lines += ["", "## Tokens/s, time to first token, threads used", "",
-              "Median (min–max). The module's figures are what its polling client sees; `threads` is the count "
-              "the module reported at the end of the reply.", "", *table(results), ""]
+        lines.append(
+            f"| {g['goal']} | {g['measured']} | {g['limit']} | "
+            f"{ {True: 'yes', False: '**no**', None: '–'}[g['met']] } | {g['detail']} |"
+        )
+    lines += [
+        "",
+        "## Tokens/s, time to first token, threads used",
+        "",
+        "Median (min–max). The module's figures are what its polling client sees; `threads` is the count "
+        "the module reported at the end of the reply.",
+        "",
+        *table(results),
+        "",
+    ]
     return "\n".join(lines)
 
 
-def chart(results: Dict[str, Any], path: Path) -> None:
+def chart(results: dict[str, Any], path: Path) -> None:
     loads = [load for load in LOAD_LABELS if load in results]
     fig, axes = plt.subplots(1, 2, figsize=(14, 5))
     fig.suptitle(f"Threads under load: {results['model']}, {results['settings']['all_cores']} cores (median)")
     width = 0.8 / len(ENGINES)
-    for ax, metric, unit in [(axes[0], "tokens_per_second", "tokens/s"),
-                             (axes[1], "ttft_ms", "time to first token, ms")]:
+    for ax, metric, unit in [
+        (axes[0], "tokens_per_second", "tokens/s"),
+        (axes[1], "ttft_ms", "time to first token, ms"),
+    ]:
         for i, (key, label) in enumerate(ENGINES):
             values = [_median(results, load, key, metric) or 0 for load in loads]
             x = [j + (i - (len(ENGINES) - 1) / 2) * width for j in range(len(loads))]
@@ -107,7 +159,7 @@ def chart(results: Dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def write(results: Dict[str, Any], out_dir: Path) -> List[Path]:
+def write(results: dict[str, Any], out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "threads.json", out_dir / "threads.md", out_dir / "threads.png"]
     paths[0].write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")

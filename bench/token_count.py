@@ -2,13 +2,16 @@
 counts each sampled token in an override of sample(); this generates the same greedy reply with llama-cpp-python's
 own Llama and with the wrapper's, taking turns, and compares tokens per second. Writes token_count.json and .md.
 """
+
+from __future__ import annotations
+
 import argparse
 import datetime
 import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from llama_cpp import Llama
 
@@ -34,7 +37,7 @@ def tokens_per_second(llm: Llama) -> float:
     return (TOKENS - 1) / (time.perf_counter() - first)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.token_count", description=__doc__)
     parser.add_argument("--model", type=Path, default=default_model())
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results")
@@ -42,14 +45,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS")
     args = parser.parse_args(argv)
-    results: Dict[str, Any] = {
+    results: dict[str, Any] = {
         "started_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "model": args.model.name, "tokens": TOKENS, "threads": args.threads, "repeats": args.repeats,
-        "machine": machine.describe(), "load": machine.wait_until_idle(args.wait_idle, say)}
-    engines = {name: cls(model_path=str(args.model), n_ctx=1024, n_threads=args.threads,
-                         n_threads_batch=args.threads, verbose=False)
-               for name, cls in (("llama_cpp_python", Llama), ("counting", _CountingLlama))}
-    speeds: Dict[str, List[float]] = {name: [] for name in engines}
+        "model": args.model.name,
+        "tokens": TOKENS,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "machine": machine.describe(),
+        "load": machine.wait_until_idle(args.wait_idle, say),
+    }
+    engines = {
+        name: cls(
+            model_path=str(args.model), n_ctx=1024, n_threads=args.threads, n_threads_batch=args.threads, verbose=False
+        )
+        for name, cls in (("llama_cpp_python", Llama), ("counting", _CountingLlama))
+    }
+    speeds: dict[str, list[float]] = {name: [] for name in engines}
     for _ in range(args.repeats):
         engines["counting"].generated_tokens = 0
         for name, llm in engines.items():  # taking turns, so a change in the machine's load hits both alike
@@ -70,10 +81,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         f"{args.model.name}, {args.threads} thread(s), greedy {TOKENS}-token replies, {args.repeats} runs each, taking "
         f"turns; 1-minute load at the start {results['load']['load_1min']}.\n\n"
         "| Llama | tokens/s median (min-max) |\n|---|---|\n"
-        + "".join(f"| {name} | {s['median']} ({s['min']}-{s['max']}) |\n"
-                  for name, s in results["tokens_per_second"].items())
+        + "".join(
+            f"| {name} | {s['median']} ({s['min']}-{s['max']}) |\n" for name, s in results["tokens_per_second"].items()
+        )
         + f"\nWith the count / without: {results['counting_over_plain']} "
-          f"(the last reply counted {counted} of {TOKENS} tokens).\n")
+        f"(the last reply counted {counted} of {TOKENS} tokens).\n"
+    )
     say(f"tokens/s {results['tokens_per_second']}; with the count / without: {results['counting_over_plain']}")
     return 0
 

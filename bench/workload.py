@@ -1,6 +1,6 @@
 """What every engine is asked, so their numbers compare: the same prompts, the same sampling, the same context."""
+
 from dataclasses import dataclass
-from typing import Dict, List
 
 from llama_chat import DEFAULT_SYSTEM_PROMPT
 
@@ -9,7 +9,7 @@ SYSTEM_PROMPT = DEFAULT_SYSTEM_PROMPT
 
 # Greedy decoding (temperature 0); the other values are the module's route defaults, written out so that every
 # engine gets them explicitly rather than its own defaults.
-SAMPLING: Dict[str, float] = {"temperature": 0.0, "top_p": 0.95, "top_k": 40, "min_p": 0.05, "repeat_penalty": 1.0}
+SAMPLING: dict[str, float] = {"temperature": 0.0, "top_p": 0.95, "top_k": 40, "min_p": 0.05, "repeat_penalty": 1.0}
 
 # A prompt the model answers at length, so a run measures steady generation rather than its start and end.
 GENERATION_PROMPT = "Write a long story about a dragon who learns to paint."
@@ -33,7 +33,7 @@ FLUSH_SYSTEM_PROMPT = "Reply with one word."
 FLUSH_PROMPT = "Say OK."
 
 
-def chat_messages(prompt: str, history: List[Dict[str, str]] = ()) -> List[Dict[str, str]]:
+def chat_messages(prompt: str, history: list[dict[str, str]] = ()) -> list[dict[str, str]]:
     """The OpenAI-style message list for engines that take one (the module takes the same parts as form fields)."""
     return [{"role": "system", "content": SYSTEM_PROMPT}, *history, {"role": "user", "content": prompt}]
 
@@ -43,8 +43,10 @@ def long_prompt(min_tokens: int, count_tokens) -> str:
     paragraphs = ["Summarise this text."]
     while count_tokens(" ".join(paragraphs)) < min_tokens:
         i = len(paragraphs)
-        paragraphs.append(f"Paragraph {i}: the committee met on a rainy Tuesday to discuss the budget for the "
-                          f"new library, and item {i} on the agenda was the roof.")
+        paragraphs.append(
+            f"Paragraph {i}: the committee met on a rainy Tuesday to discuss the budget for the "
+            f"new library, and item {i} on the agenda was the roof."
+        )
     return " ".join(paragraphs)
 
 
@@ -56,6 +58,7 @@ def memory_prompt(i: int) -> str:
 @dataclass(frozen=True)
 class Settings:
     """How much work a run does; the command line fills it."""
+
     repeats: int = 5
     conversation_repeats: int = 3
     conversation_turns: int = len(CONVERSATION)

@@ -2,6 +2,7 @@
 
 Prints the Explorer URL once listening; Ctrl+C (or SIGTERM) stops the module and the server.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,34 +31,69 @@ def _env_assignment(text: str) -> tuple[str, str]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     defaults = ServerConfig(module_dir=REPO_ROOT)  # the one place the defaults are written is ServerConfig
-    parser = argparse.ArgumentParser(prog="python -m llamachat_server", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--host", default=defaults.host,
-                        help="address to listen on (default %(default)s; any other has no authentication: a warning)")
-    parser.add_argument("--port", type=int, default=defaults.port,
-                        help="port to listen on, 0 for a free one (default %(default)s)")
-    parser.add_argument("--module-dir", type=Path, default=defaults.module_dir,
-                        help="the module folder, holding modulesettings.json (default: this repository)")
-    parser.add_argument("--model", type=Path,
-                        help="a GGUF file for the module to load instead of its configured model")
-    parser.add_argument("--python", default=defaults.python,
-                        help="the interpreter that runs the module (default: this one)")
-    parser.add_argument("--env", type=_env_assignment, action="append", default=[], metavar="NAME=VALUE",
-                        help="set an environment variable of the module, over its settings (repeatable)")
-    parser.add_argument("--response-timeout", type=float, default=defaults.response_timeout,
-                        help="seconds a client waits for the module's answer (default %(default)g)")
-    parser.add_argument("--data-dir", type=Path, default=defaults.data_dir,
-                        help="where the module writes log files when it cannot reach the server "
-                             "(CPAI_APPROOTPATH; default %(default)s)")
-    parser.add_argument("--log-level", choices=LEVELS, default=defaults.log_level,
-                        help="lowest log level shown on the console (default %(default)s)")
-    parser.add_argument("--no-module", action="store_true",
-                        help="do not launch the module: serve only, for a module you start yourself (the module "
-                             "endpoints then accept any process of your user)")
-    parser.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
-                        help="also let web pages from ORIGIN call the server (repeatable or comma-separated; "
-                             "* for any, null for explore.html opened from a file, https://*.example.com); "
-                             "this machine's origins (localhost, 127.0.0.1, [::1]) always may")
+    parser = argparse.ArgumentParser(
+        prog="python -m llamachat_server", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--host",
+        default=defaults.host,
+        help="address to listen on (default %(default)s; any other has no authentication: a warning)",
+    )
+    parser.add_argument(
+        "--port", type=int, default=defaults.port, help="port to listen on, 0 for a free one (default %(default)s)"
+    )
+    parser.add_argument(
+        "--module-dir",
+        type=Path,
+        default=defaults.module_dir,
+        help="the module folder, holding modulesettings.json (default: this repository)",
+    )
+    parser.add_argument("--model", type=Path, help="a GGUF file for the module to load instead of its configured model")
+    parser.add_argument(
+        "--python", default=defaults.python, help="the interpreter that runs the module (default: this one)"
+    )
+    parser.add_argument(
+        "--env",
+        type=_env_assignment,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="set an environment variable of the module, over its settings (repeatable)",
+    )
+    parser.add_argument(
+        "--response-timeout",
+        type=float,
+        default=defaults.response_timeout,
+        help="seconds a client waits for the module's answer (default %(default)g)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=defaults.data_dir,
+        help="where the module writes log files when it cannot reach the server "
+        "(CPAI_APPROOTPATH; default %(default)s)",
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=LEVELS,
+        default=defaults.log_level,
+        help="lowest log level shown on the console (default %(default)s)",
+    )
+    parser.add_argument(
+        "--no-module",
+        action="store_true",
+        help="do not launch the module: serve only, for a module you start yourself (the module "
+        "endpoints then accept any process of your user)",
+    )
+    parser.add_argument(
+        "--allow-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="also let web pages from ORIGIN call the server (repeatable or comma-separated; "
+        "* for any, null for explore.html opened from a file, https://*.example.com); "
+        "this machine's origins (localhost, 127.0.0.1, [::1]) always may",
+    )
     args = parser.parse_args(argv)
     try:
         args.allow_origin = parse_origin_patterns(args.allow_origin)
@@ -76,10 +112,18 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         model = args.model.resolve()
         overrides["CPAI_MODULE_LLAMA_MODEL_DIR"] = str(model.parent)
         overrides["CPAI_MODULE_LLAMA_MODEL_FILENAME"] = model.name
-    return ServerConfig(module_dir=args.module_dir, host=args.host, port=args.port, python=args.python,
-                        env_overrides=overrides, response_timeout=args.response_timeout,
-                        data_dir=args.data_dir, log_level=args.log_level, launch_module=not args.no_module,
-                        allowed_origins=args.allow_origin)
+    return ServerConfig(
+        module_dir=args.module_dir,
+        host=args.host,
+        port=args.port,
+        python=args.python,
+        env_overrides=overrides,
+        response_timeout=args.response_timeout,
+        data_dir=args.data_dir,
+        log_level=args.log_level,
+        launch_module=not args.no_module,
+        allowed_origins=args.allow_origin,
+    )
 
 
 async def _run(config: ServerConfig) -> None:

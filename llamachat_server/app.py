@@ -1,4 +1,5 @@
 """Builds the server from its parts and runs it: bind, launch the module, serve, stop everything."""
+
 from __future__ import annotations
 
 import asyncio
@@ -45,16 +46,24 @@ def create_app(config: ServerConfig) -> web.Application:
         queues.fail_taken(settings.queue, f"The {reason} before answering")
         commands.module_stopped(reason)
 
-    module = ModuleProcess(settings.name, interpreter_command(config.python, settings.start_file),
-                           str(settings.module_dir), log, on_exit=module_exited)
+    module = ModuleProcess(
+        settings.name,
+        interpreter_command(config.python, settings.start_file),
+        str(settings.module_dir),
+        log,
+        on_exit=module_exited,
+    )
 
     context = ServerContext(config, settings, routes, queues, log, module, commands)
     # json_errors sits inside the origin policy, so error answers carry the CORS headers a page needs to read them.
-    app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[
-        HostCheck(config.host, context.hostname).middleware(),
-        OriginPolicy(config.allowed_origins, context.hostname).middleware(),
-        json_errors,
-    ])
+    app = web.Application(
+        client_max_size=MAX_REQUEST_BYTES,
+        middlewares=[
+            HostCheck(config.host, context.hostname).middleware(),
+            OriginPolicy(config.allowed_origins, context.hostname).middleware(),
+            json_errors,
+        ],
+    )
     app[CONTEXT] = context
     app[MODULE_ACCESS] = ModuleAccess(module, config.launch_module, log, context.hostname)
     add_status_routes(app)
@@ -67,8 +76,7 @@ def create_app(config: ServerConfig) -> web.Application:
 
 def quit_payload(module_id: str) -> dict:
     """The command the real server sends a module to stop it (docs/protocol.md §1.8)."""
-    return {"command": "quit", "values": [{"key": "moduleId", "value": [module_id]}], "files": [],
-            "urlSegments": []}
+    return {"command": "quit", "values": [{"key": "moduleId", "value": [module_id]}], "files": [], "urlSegments": []}
 
 
 class ListenError(Exception):
@@ -92,8 +100,10 @@ def no_authentication_warning(host: str) -> str | None:
     """The warning for a server that other machines may reach, or None for a loopback one."""
     if is_loopback_host(host):
         return None
-    return (f"Listening on {host or 'every interface'}: the API has no authentication, so anyone who can reach this "
-            f"address can chat with the model and read the server's log; use it only on a network you trust")
+    return (
+        f"Listening on {host or 'every interface'}: the API has no authentication, so anyone who can reach this "
+        f"address can chat with the model and read the server's log; use it only on a network you trust"
+    )
 
 
 def base_url(host: str, port: int) -> str:
@@ -122,13 +132,21 @@ async def serve(config: ServerConfig, stop: asyncio.Event, on_ready: Callable[[s
         port = sockets[0].getsockname()[1]
         if config.launch_module:
             config.data_dir.mkdir(parents=True, exist_ok=True)
-            context.module.start(module_environment(context.settings, port=port, python=config.python,
-                                                    data_dir=config.data_dir, base_env=os.environ,
-                                                    overrides=config.env_overrides))
+            context.module.start(
+                module_environment(
+                    context.settings,
+                    port=port,
+                    python=config.python,
+                    data_dir=config.data_dir,
+                    base_env=os.environ,
+                    overrides=config.env_overrides,
+                )
+            )
         on_ready(base_url(config.host, port))
         await stop.wait()
     finally:
-        await context.module.stop(lambda: context.queues.post(context.settings.queue,
-                                                              quit_payload(context.settings.module_id)))
+        await context.module.stop(
+            lambda: context.queues.post(context.settings.queue, quit_payload(context.settings.module_id))
+        )
         context.queues.fail_all("The server is shutting down")  # clients still waiting hear why, at once
         await runner.cleanup()

@@ -1,4 +1,5 @@
 """The client side: `POST /v1/<route>` → the module's queue → the module's answer (docs/protocol.md §2.2)."""
+
 from __future__ import annotations
 
 import time
@@ -18,24 +19,31 @@ _NOT_RUNNING = (ModuleStatus.STOPPING, ModuleStatus.STOPPED)
 def _why_no_answer(context: ServerContext) -> str:
     module = context.module
     if module.status in (ModuleStatus.STARTING, ModuleStatus.RESTARTING):
-        return (f"module {module.name} is {module.status.value}: it is still loading; try again when "
-                f"/v1/module/list/status shows it Started")
+        return (
+            f"module {module.name} is {module.status.value}: it is still loading; try again when "
+            f"/v1/module/list/status shows it Started"
+        )
     if module.status == ModuleStatus.STARTED:
         return f"module {module.name} did not answer within {context.queues.response_timeout:g} s"
     return f"module {module.name} is {module.status.value}"
 
 
 def _command_id(payload: dict) -> str | None:
-    return next((item["value"][0] for item in payload["values"] if item["key"] == "commandId" and item["value"]),
-                None)
+    return next((item["value"][0] for item in payload["values"] if item["key"] == "commandId" and item["value"]), None)
 
 
 def _lost_answer(context: ServerContext, command: str, command_id: str, reason: str) -> dict:
     """The answer for a command the module lost when it stopped, instead of the restarted module's "not started"."""
     what = "Nothing to cancel: the" if command == "cancel_command" else "The"
-    return {"success": False, "code": 500, "moduleId": context.settings.module_id, "command": command,
-            "commandId": command_id, "commandStatus": "failed",
-            "error": f"{what} chat was lost because the {reason} while it ran; start a new chat"}
+    return {
+        "success": False,
+        "code": 500,
+        "moduleId": context.settings.module_id,
+        "command": command,
+        "commandId": command_id,
+        "commandStatus": "failed",
+        "error": f"{what} chat was lost because the {reason} while it ran; start a new chat",
+    }
 
 
 async def _answer(context: ServerContext, route: Route, payload: dict) -> dict:
@@ -64,11 +72,17 @@ async def handle_module_route(request: web.Request) -> web.Response:
     match = context.routes.match(request.method, path)
     if match is None:
         known = ", ".join(f"{r.method} /v1/{r.path}" for r in context.routes.routes())
-        return error_response(context.hostname, f"No module answers {request.method} /v1/{path}. "
-                              f"Routes: {known}", code=404, http_status=404)
+        return error_response(
+            context.hostname,
+            f"No module answers {request.method} /v1/{path}. Routes: {known}",
+            code=404,
+            http_status=404,
+        )
     if context.module.status in _NOT_RUNNING:
-        return error_response(context.hostname, f"The server is shutting down: module "
-                              f"{context.module.name} is {context.module.status.value}")
+        return error_response(
+            context.hostname,
+            f"The server is shutting down: module {context.module.name} is {context.module.status.value}",
+        )
     try:
         payload = await build_payload(request, match.route.command, match.url_segments)
     except PayloadError as ex:

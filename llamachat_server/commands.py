@@ -3,6 +3,7 @@ so that after a module crash a client asking about one hears that it was lost, n
 "not started". Both books are bounded: the module runs one chat at a time, so only a client that starts chats
 and never reads them to the end leaves entries behind, and the oldest go first.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict

@@ -1,4 +1,5 @@
 """What every part of the server shares: its configuration and the live parts built from it."""
+
 from __future__ import annotations
 
 import os

@@ -7,10 +7,11 @@ state-changing requests are refused outright (403): a plain form POST needs no p
 not stop a foreign page from starting chats. Requests without an Origin (curl, the SDK, scripts) are not web pages
 and pass. Unlike the real server, which admits every origin.
 """
+
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 from aiohttp import web
 
@@ -32,8 +33,10 @@ def parse_origin_patterns(values: Iterable[str]) -> list[str]:
     for value in values:
         for pattern in filter(None, (part.strip().rstrip("/").lower() for part in value.split(","))):
             if pattern not in ("*", "null") and not _ORIGIN_PATTERN.match(pattern):
-                raise OriginPatternError(f"{pattern!r} is not an origin: use scheme://host[:port] (e.g. "
-                                         f"http://example.com:8080, * in the host for any part), * or null")
+                raise OriginPatternError(
+                    f"{pattern!r} is not an origin: use scheme://host[:port] (e.g. "
+                    f"http://example.com:8080, * in the host for any part), * or null"
+                )
             patterns.append(pattern)
     return patterns
 
@@ -51,9 +54,12 @@ class OriginPolicy:
 
     def allows(self, origin: str, request: web.Request) -> bool:
         origin = origin.lower()
-        return (self._any or bool(_LOCAL_ORIGIN.match(origin))
-                or origin == f"{request.scheme}://{request.host}".lower()  # the server's own pages
-                or any(matcher.match(origin) for matcher in self._matchers))
+        return (
+            self._any
+            or bool(_LOCAL_ORIGIN.match(origin))
+            or origin == f"{request.scheme}://{request.host}".lower()  # the server's own pages
+            or any(matcher.match(origin) for matcher in self._matchers)
+        )
 
     def _allow(self, headers, origin: str) -> None:
         headers["Access-Control-Allow-Origin"] = "*" if self._any else origin
@@ -61,9 +67,14 @@ class OriginPolicy:
             headers.add("Vary", "Origin")
 
     def _refuse(self, origin: str, request: web.Request) -> web.Response:
-        return error_response(self._hostname, f"Forbidden: web pages from {origin} may not call this server "
-                              f"({request.method} {request.path}); start it with --allow-origin {origin} to let "
-                              f"them", code=403, http_status=403)
+        return error_response(
+            self._hostname,
+            f"Forbidden: web pages from {origin} may not call this server "
+            f"({request.method} {request.path}); start it with --allow-origin {origin} to let "
+            f"them",
+            code=403,
+            http_status=403,
+        )
 
     def middleware(self):
         @web.middleware
@@ -75,11 +86,14 @@ class OriginPolicy:
             if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
                 if not allowed:
                     return self._refuse(origin, request)
-                preflight = web.Response(status=204, headers={
-                    "Access-Control-Allow-Methods": ALLOWED_METHODS,
-                    "Access-Control-Allow-Headers": request.headers.get("Access-Control-Request-Headers", "*"),
-                    "Access-Control-Max-Age": "600",
-                })
+                preflight = web.Response(
+                    status=204,
+                    headers={
+                        "Access-Control-Allow-Methods": ALLOWED_METHODS,
+                        "Access-Control-Allow-Headers": request.headers.get("Access-Control-Request-Headers", "*"),
+                        "Access-Control-Max-Age": "600",
+                    },
+                )
                 if request.headers.get("Access-Control-Request-Private-Network") == "true":
                     preflight.headers["Access-Control-Allow-Private-Network"] = "true"  # Chrome, for an allowed site
                 self._allow(preflight.headers, origin)
@@ -95,4 +109,5 @@ class OriginPolicy:
                 raise
             self._allow(response.headers, origin)
             return response
+
         return check_origin

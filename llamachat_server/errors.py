@@ -1,6 +1,7 @@
 """Every failure answers in JSON: HTTP errors (unknown path, wrong method, body too large) and any exception a
 handler did not expect become `success: false` answers saying what happened, so a client never gets aiohttp's
 plain-text "500 Server got itself in trouble". Unexpected exceptions are logged with their traceback."""
+
 from __future__ import annotations
 
 import traceback
@@ -13,16 +14,14 @@ from .server_log import truncated
 
 
 def not_utf8_message(ex: UnicodeDecodeError, where: str = "The request body") -> str:
-    return (f"{where} is not valid UTF-8 (byte 0x{ex.object[ex.start]:02x} where text was expected): "
-            f"send text as UTF-8")
+    return f"{where} is not valid UTF-8 (byte 0x{ex.object[ex.start]:02x} where text was expected): send text as UTF-8"
 
 
 def _http_error_text(request: web.Request, ex: web.HTTPException) -> str:
     if ex.status == 404:
         return f"No endpoint {request.method} {request.path}"
     if ex.status == 405:
-        return (f"{request.path} does not answer {request.method}; it answers "
-                f"{ex.headers.get('Allow', 'other methods')}")
+        return f"{request.path} does not answer {request.method}; it answers {ex.headers.get('Allow', 'other methods')}"
     return ex.text or ex.reason
 
 
@@ -34,8 +33,9 @@ async def json_errors(request: web.Request, handler) -> web.StreamResponse:
     except web.HTTPException as ex:
         if ex.status < 400:  # redirects and the like are answers, not errors
             raise
-        response = error_response(context.hostname, _http_error_text(request, ex), code=ex.status,
-                                  http_status=ex.status)
+        response = error_response(
+            context.hostname, _http_error_text(request, ex), code=ex.status, http_status=ex.status
+        )
         if "Allow" in ex.headers:
             response.headers["Allow"] = ex.headers["Allow"]
         return response
@@ -45,5 +45,10 @@ async def json_errors(request: web.Request, handler) -> web.StreamResponse:
         failure = f"{type(ex).__name__}: {truncated(str(ex), 300)}"
         # The failure first: a long traceback is cut at the log's entry limit, from the end.
         context.log.add(f"{request.method} {request.path} failed ({failure}): {traceback.format_exc()}", "error")
-        return error_response(context.hostname, f"The server failed on {request.method} {request.path} ({failure}); "
-                              f"this is a bug: the server log has the details", code=500, http_status=500)
+        return error_response(
+            context.hostname,
+            f"The server failed on {request.method} {request.path} ({failure}); "
+            f"this is a bug: the server log has the details",
+            code=500,
+            http_status=500,
+        )

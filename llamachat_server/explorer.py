@@ -6,6 +6,7 @@ the markup as HTML (so `<script src>` tags inside it do not run, as in the real 
 script and style as elements of their own. Its helper functions (submitRequest, setResultsHtml,
 showLogOutput, delay...) are our own, with the real helpers' signatures and behaviour (docs/protocol.md §5.2).
 """
+
 from __future__ import annotations
 
 import re

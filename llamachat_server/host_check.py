@@ -4,6 +4,7 @@ domain as Host. Loopback names and addresses always pass, and so does the addres
 listening on every interface (0.0.0.0, ::) also answers to any IP address and to this machine's host name. An IP
 address cannot be rebound, so only names need checking.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -19,7 +20,7 @@ def host_name(host_header: str) -> str:
     """'LocalHost:32168' → 'localhost', '[::1]:80' → '::1', 'example.com.' → 'example.com'."""
     host = host_header.strip().lower()
     if host.startswith("["):
-        return host[1:host.find("]")] if "]" in host else host[1:]
+        return host[1 : host.find("]")] if "]" in host else host[1:]
     name, sep, port = host.rpartition(":")
     host = name if sep and port.isdigit() else host
     return host.rstrip(".")
@@ -50,17 +51,21 @@ class HostCheck:
 
     def allows(self, host_header: str) -> bool:
         name = host_name(host_header)
-        return (is_loopback_host(name) or name in self._names
-                or (self._wildcard and _ip(name) is not None))
+        return is_loopback_host(name) or name in self._names or (self._wildcard and _ip(name) is not None)
 
     def middleware(self):
         @web.middleware
         async def check_host(request: web.Request, handler) -> web.StreamResponse:
             host = request.headers.get("Host")
             if host is not None and not self.allows(host):
-                return error_response(self._hostname, f"Forbidden: Host '{host}' is not a name of this server (a "
-                                      f"web page reached through a re-pointed domain name, DNS rebinding, is "
-                                      f"refused); use localhost or 127.0.0.1", code=403, http_status=403)
+                return error_response(
+                    self._hostname,
+                    f"Forbidden: Host '{host}' is not a name of this server (a "
+                    f"web page reached through a re-pointed domain name, DNS rebinding, is "
+                    f"refused); use localhost or 127.0.0.1",
+                    code=403,
+                    http_status=403,
+                )
             return await handler(request)
-        return check_host
 
+        return check_host

@@ -6,11 +6,13 @@ its process (peer.py). With --no-module there is no launched process: the module
 when it runs as the same OS user as the server, and other users' processes are refused. Where peers cannot be
 resolved (no /proc: macOS, Windows) every process on this machine is accepted, and the server says so at startup.
 """
+
 from __future__ import annotations
 
 import os
 import weakref
-from typing import Awaitable, Callable
+from collections.abc import Awaitable
+from typing import Callable
 
 from aiohttp import web
 
@@ -37,11 +39,17 @@ class ModuleAccess:
     def startup_notice(self) -> tuple[str, str] | None:
         """(message, level) for the server log when module endpoints are open wider than the launched module."""
         if not self._resolvable:
-            return ("This platform cannot tell which process is on the other end of a connection: the module "
-                    "endpoints (/v1/queue, /v1/log) accept any process on this machine", "warning")
+            return (
+                "This platform cannot tell which process is on the other end of a connection: the module "
+                "endpoints (/v1/queue, /v1/log) accept any process on this machine",
+                "warning",
+            )
         if not self._launched:
-            return (f"--no-module: the module endpoints (/v1/queue, /v1/log) accept any process of this server's "
-                    f"user (uid {os.geteuid()}) on this machine", "information")
+            return (
+                f"--no-module: the module endpoints (/v1/queue, /v1/log) accept any process of this server's "
+                f"user (uid {os.geteuid()}) on this machine",
+                "information",
+            )
         return None
 
     def refusal(self, request: web.Request) -> str | None:
@@ -55,8 +63,11 @@ class ModuleAccess:
             self._verdicts[transport] = verdict
             if verdict is not None and who not in self._warned and len(self._warned) < MAX_LOGGED_PEERS:
                 self._warned.add(who)
-                self._log.add(f"Refused {request.method} {request.path} from {who}: {verdict} (further refusals "
-                              f"from {who} are not logged)", "warning")
+                self._log.add(
+                    f"Refused {request.method} {request.path} from {who}: {verdict} (further refusals "
+                    f"from {who} are not logged)",
+                    "warning",
+                )
         return self._verdicts[transport]
 
     def _judge(self, peer: tuple, ours: tuple) -> tuple[str | None, str]:
@@ -72,23 +83,29 @@ class ModuleAccess:
         if not self._launched:
             if peer_socket.uid == os.geteuid():
                 return None, who
-            return (f"with --no-module the module endpoints accept processes of uid {os.geteuid()} only, "
-                    f"this connection comes from uid {peer_socket.uid}"), who
+            return (
+                f"with --no-module the module endpoints accept processes of uid {os.geteuid()} only, "
+                f"this connection comes from uid {peer_socket.uid}"
+            ), who
         pid = self._module.pid
         if pid is not None and _tree_owns(pid, peer_socket.inode):
             return None, f"module {self._module.name}"
         running = f"{self._module.name}, pid {pid}" if pid is not None else f"{self._module.name}, not running now"
-        return (f"only the module this server launched ({running}) may use /v1/queue and /v1/log, and this "
-                f"connection comes from another process; to serve a module you start yourself, run the server "
-                f"with --no-module"), who
+        return (
+            f"only the module this server launched ({running}) may use /v1/queue and /v1/log, and this "
+            f"connection comes from another process; to serve a module you start yourself, run the server "
+            f"with --no-module"
+        ), who
 
     def guard(self, handler: Handler) -> Handler:
         """`handler`, answering 403 to any caller that is not the module."""
+
         async def module_only(request: web.Request) -> web.StreamResponse:
             reason = self.refusal(request)
             if reason is not None:
                 return error_response(self._hostname, f"Forbidden: {reason}", code=403, http_status=403)
             return await handler(request)
+
         return module_only
 
 

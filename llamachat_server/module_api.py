@@ -1,5 +1,6 @@
 """The module side (docs/protocol.md §1.2, §1.4–1.6): the module long-polls
 its queue, posts answers, reports its status and sends log entries."""
+
 from __future__ import annotations
 
 import json
@@ -23,10 +24,15 @@ async def get_queue(request: web.Request) -> web.Response:
     if not context.queues.has_queue(name):
         # An empty 200/204 would make the SDK poll again at once, in a tight loop (docs/protocol.md §1.2); an error
         # status makes it back off (1 s, doubling, up to 60 s).
-        context.log.add(f"A module polled the unknown queue '{name}' (this server serves "
-                        f"'{context.settings.queue}'): check CPAI_MODULE_QUEUENAME", "warning")
-        return web.json_response({"success": False, "error": f"No queue named '{name}'; this server "
-                                  f"serves '{context.settings.queue}'"}, status=404)
+        context.log.add(
+            f"A module polled the unknown queue '{name}' (this server serves "
+            f"'{context.settings.queue}'): check CPAI_MODULE_QUEUENAME",
+            "warning",
+        )
+        return web.json_response(
+            {"success": False, "error": f"No queue named '{name}'; this server serves '{context.settings.queue}'"},
+            status=404,
+        )
     queued = await context.queues.take(name, QUEUE_POLL_SECONDS)
     return web.Response(status=204) if queued is None else web.json_response(queued)
 
@@ -71,8 +77,12 @@ async def add_log(request: web.Request) -> web.Response:
     entry = form.get("entry")
     if entry is None:
         return web.json_response({"success": False, "error": "No log entry provided"})
-    context.log.add(str(entry), str(form.get("log_level") or ""),
-                    category=str(form.get("category") or context.settings.name), label=str(form.get("label") or ""))
+    context.log.add(
+        str(entry),
+        str(form.get("log_level") or ""),
+        category=str(form.get("category") or context.settings.name),
+        label=str(form.get("label") or ""),
+    )
     return web.json_response({"success": True})
 
 

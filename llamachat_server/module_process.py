@@ -5,6 +5,7 @@ when it dies, and stopped quickly.
 Stopping: the SDK never answers `quit` (docs/protocol.md §1.8), so instead of waiting the real server's 30 s
 we post quit, give the module a moment to leave on its own, then terminate it, then kill it.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -12,9 +13,10 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 from enum import Enum
-from typing import AsyncIterator, Callable
+from typing import Callable
 
 from .server_log import MAX_ENTRY_CHARS, ServerLog, split_level_prefix
 
@@ -66,9 +68,18 @@ class ModuleProcess:
     """`on_exit(reason)` is called each time the module ends on its own, reason "module <name> stopped (exit
     code <n>)"."""
 
-    def __init__(self, name: str, command: list[str], cwd: str, log: ServerLog,
-                 on_exit: Callable[[str], None], first_restart_delay: float = 1.0,
-                 max_restart_delay: float = 30.0, quit_grace: float = 2.0, terminate_grace: float = 2.0) -> None:
+    def __init__(
+        self,
+        name: str,
+        command: list[str],
+        cwd: str,
+        log: ServerLog,
+        on_exit: Callable[[str], None],
+        first_restart_delay: float = 1.0,
+        max_restart_delay: float = 30.0,
+        quit_grace: float = 2.0,
+        terminate_grace: float = 2.0,
+    ) -> None:
         self.name = name
         self.command = command
         self.cwd = cwd
@@ -115,12 +126,19 @@ class ModuleProcess:
     async def _spawn(self) -> asyncio.subprocess.Process | None:
         try:
             return await asyncio.create_subprocess_exec(
-                *self.command, cwd=self.cwd, env=self.env, stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                limit=OUTPUT_LINE_LIMIT, **_isolation_options())
+                *self.command,
+                cwd=self.cwd,
+                env=self.env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                limit=OUTPUT_LINE_LIMIT,
+                **_isolation_options(),
+            )
         except OSError as ex:
-            self._set_status(ModuleStatus.FAILED_START,
-                             f"Cannot start module {self.name} ({' '.join(self.command)}): {ex}", "error")
+            self._set_status(
+                ModuleStatus.FAILED_START, f"Cannot start module {self.name} ({' '.join(self.command)}): {ex}", "error"
+            )
             return None
 
     async def _pipe_to_log(self, stream: asyncio.StreamReader, default_level: str) -> None:
@@ -137,10 +155,12 @@ class ModuleProcess:
             process = await self._spawn()
             if process is not None:
                 self._process = process
-                self._log.add(f"Module {self.name} launched (pid {process.pid}): {' '.join(self.command)}",
-                              category=self.name)
-                await asyncio.gather(self._pipe_to_log(process.stdout, "information"),
-                                     self._pipe_to_log(process.stderr, "error"))
+                self._log.add(
+                    f"Module {self.name} launched (pid {process.pid}): {' '.join(self.command)}", category=self.name
+                )
+                await asyncio.gather(
+                    self._pipe_to_log(process.stdout, "information"), self._pipe_to_log(process.stderr, "error")
+                )
                 exit_code = await process.wait()
                 if self._stop_requested.is_set():
                     break
@@ -150,8 +170,11 @@ class ModuleProcess:
                 failures_in_a_row += 1
             delay = min(self._first_restart_delay * 2 ** max(failures_in_a_row - 1, 0), self._max_restart_delay)
             if process is not None:
-                self._set_status(ModuleStatus.CRASHED, f"Module {self.name} crashed (exit code "
-                                 f"{process.returncode}); restarting in {delay:g} s", "error")
+                self._set_status(
+                    ModuleStatus.CRASHED,
+                    f"Module {self.name} crashed (exit code {process.returncode}); restarting in {delay:g} s",
+                    "error",
+                )
             try:
                 await asyncio.wait_for(self._stop_requested.wait(), delay)
             except asyncio.TimeoutError:

@@ -8,11 +8,13 @@ body (the real server loses them for JSON and body-less requests).
 Text that is not UTF-8, malformed forms, and JSON nested deeper than MAX_JSON_DEPTH (in the body, or in a
 value such as `messages`, which a module parses as JSON and could not) are refused with what to fix.
 """
+
 from __future__ import annotations
 
 import base64
 import json
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from aiohttp import web
 
@@ -22,8 +24,9 @@ from .settings import lookup
 # Far deeper than any real value (`messages` is 2 levels), far below what Python's parser survives (~1000).
 MAX_JSON_DEPTH = 100
 FORM_CONTENT_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
-JSON_SHAPE_HINT = ('{"values": [{"key": "prompt", "value": ["Hello"]}]} '
-                   "(the RequestPayload shape), or send the fields as a form")
+JSON_SHAPE_HINT = (
+    '{"values": [{"key": "prompt", "value": ["Hello"]}]} (the RequestPayload shape), or send the fields as a form'
+)
 
 
 class PayloadError(Exception):
@@ -63,8 +66,10 @@ def _check_json_depth(key: str, text: str) -> None:
     except json.JSONDecodeError:  # not JSON after all: the module judges it as text
         return
     if too_deep:
-        raise PayloadError(f"'{key}' holds JSON nested more than {MAX_JSON_DEPTH} levels deep, far more than any "
-                           f"request needs: send it flatter")
+        raise PayloadError(
+            f"'{key}' holds JSON nested more than {MAX_JSON_DEPTH} levels deep, far more than any "
+            f"request needs: send it flatter"
+        )
 
 
 async def _form_parts(request: web.Request) -> tuple[list[dict], list[dict]]:
@@ -73,17 +78,21 @@ async def _form_parts(request: web.Request) -> tuple[list[dict], list[dict]]:
     except UnicodeDecodeError as ex:
         raise PayloadError(not_utf8_message(ex, "The form")) from None
     except ValueError as ex:  # aiohttp's parser on a broken multipart body
-        raise PayloadError(f"The form body is malformed ({ex}): send a complete multipart/form-data or "
-                           f"application/x-www-form-urlencoded body") from None
+        raise PayloadError(
+            f"The form body is malformed ({ex}): send a complete multipart/form-data or "
+            f"application/x-www-form-urlencoded body"
+        ) from None
     fields, files = [], []
     for key, value in form.items():
         if isinstance(value, web.FileField):
-            files.append({
-                "name": key,
-                "filename": value.filename,
-                "contentType": value.content_type,
-                "data": base64.b64encode(value.file.read()).decode("ascii"),
-            })
+            files.append(
+                {
+                    "name": key,
+                    "filename": value.filename,
+                    "contentType": value.content_type,
+                    "data": base64.b64encode(value.file.read()).decode("ascii"),
+                }
+            )
         else:
             fields.append((key, value))
     return group_values(fields), files
@@ -95,19 +104,19 @@ def _checked_values(values: Any) -> list[dict]:
     checked = []
     for index, item in enumerate(values):
         key, value = lookup(item, "key"), lookup(item, "value", default=[])
-        if not isinstance(key, str) or not isinstance(value, list) \
-                or not all(isinstance(v, str) for v in value):
-            raise PayloadError(f"values[{index}] must be {{\"key\": <text>, \"value\": [<text>, ...]}}, "
-                               f"like {JSON_SHAPE_HINT}")
+        if not isinstance(key, str) or not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise PayloadError(
+                f'values[{index}] must be {{"key": <text>, "value": [<text>, ...]}}, like {JSON_SHAPE_HINT}'
+            )
         checked.append({"key": key, "value": value})
     return checked
 
 
 def _checked_files(files: Any) -> list[dict]:
-    if not isinstance(files, list) or not all(isinstance(f, dict) and isinstance(lookup(f, "data"), str)
-                                              for f in files):
-        raise PayloadError("'files' must be a list of {\"name\", \"filename\", \"contentType\", "
-                           "\"data\": <base64 text>}")
+    if not isinstance(files, list) or not all(
+        isinstance(f, dict) and isinstance(lookup(f, "data"), str) for f in files
+    ):
+        raise PayloadError('\'files\' must be a list of {"name", "filename", "contentType", "data": <base64 text>}')
     return files
 
 
@@ -117,8 +126,10 @@ def _json_parts(body: Any) -> tuple[list[dict], list[dict]]:
     payload_keys = {"values", "files", "command", "urlsegments", "queue"}
     unknown = [key for key in body if key.lower() not in payload_keys]
     if unknown:
-        raise PayloadError(f"A JSON body must be in RequestPayload shape, not a plain object "
-                           f"(found {', '.join(repr(k) for k in unknown)}): send {JSON_SHAPE_HINT}")
+        raise PayloadError(
+            f"A JSON body must be in RequestPayload shape, not a plain object "
+            f"(found {', '.join(repr(k) for k in unknown)}): send {JSON_SHAPE_HINT}"
+        )
     return _checked_values(lookup(body, "values", default=[])), _checked_files(lookup(body, "files", default=[]))
 
 
@@ -134,16 +145,19 @@ async def build_payload(request: web.Request, command: str, url_segments: list[s
         try:
             body = json.loads(text) if text.strip() else {}
         except json.JSONDecodeError as ex:
-            raise PayloadError(f"The JSON body is not valid JSON ({ex.msg} at character {ex.pos}): "
-                               f"send {JSON_SHAPE_HINT}") from ex
+            raise PayloadError(
+                f"The JSON body is not valid JSON ({ex.msg} at character {ex.pos}): send {JSON_SHAPE_HINT}"
+            ) from ex
         except RecursionError:
             raise PayloadError(f"The JSON body is nested too deeply to read: send {JSON_SHAPE_HINT}") from None
         values, files = _json_parts(body)
     elif not request.can_read_body or not await request.read():
         values, files = [], []
     else:
-        raise PayloadError(f"Unsupported Content-Type '{request.content_type}': send multipart/form-data, "
-                           "application/x-www-form-urlencoded or a JSON RequestPayload")
+        raise PayloadError(
+            f"Unsupported Content-Type '{request.content_type}': send multipart/form-data, "
+            "application/x-www-form-urlencoded or a JSON RequestPayload"
+        )
     values = query_values + values
     for item in values:
         for text in item["value"]:

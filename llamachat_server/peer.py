@@ -4,14 +4,15 @@ The peer's own socket is the line of /proc/net/tcp{,6} whose local address is th
 whose remote address is this server's end; that line gives the socket's owner uid and inode, and the process
 holding `socket:[<inode>]` among its /proc/<pid>/fd owns it. Elsewhere (no /proc) nothing can be resolved.
 """
+
 from __future__ import annotations
 
 import ipaddress
 import os
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 PROC = Path("/proc")
 _TABLES = ("tcp", "tcp6")
@@ -37,7 +38,7 @@ def normal_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
 def _proc_address(field: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
     """'0100007F:D7F0' → (127.0.0.1, 55280): the kernel prints each 32-bit word of the address in host order."""
     host_hex, port_hex = field.split(":")
-    raw = b"".join(int(host_hex[i:i + 8], 16).to_bytes(4, sys.byteorder) for i in range(0, len(host_hex), 8))
+    raw = b"".join(int(host_hex[i : i + 8], 16).to_bytes(4, sys.byteorder) for i in range(0, len(host_hex), 8))
     return normal_ip(str(ipaddress.ip_address(raw))), int(port_hex, 16)
 
 
@@ -67,7 +68,7 @@ def process_tree(pid: int) -> list[int]:
             stat = (entry / "stat").read_text()
         except OSError:  # ended meanwhile
             continue
-        parent = int(stat[stat.rindex(")") + 2:].split()[1])  # the name in (...) may hold spaces
+        parent = int(stat[stat.rindex(")") + 2 :].split()[1])  # the name in (...) may hold spaces
         children.setdefault(parent, []).append(int(entry.name))
     tree, index = [pid], 0
     while index < len(tree):

@@ -5,6 +5,7 @@ the answer back, or until the response timeout. A request whose client has gone 
 leaves its queue at once, so its memory is freed and no module ever sees it; requests a module took but
 never answered fail at once if that module dies. Each queue is bounded in requests and in bytes.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -31,8 +32,10 @@ class QueueFull(QueueError):
 
 def payload_size(payload: dict) -> int:
     """About how many bytes a payload holds: its texts and files, which is what makes a request big."""
-    values = sum(len(key_values["key"]) + sum(len(value) for value in key_values["value"])
-                 for key_values in payload.get("values", []))
+    values = sum(
+        len(key_values["key"]) + sum(len(value) for value in key_values["value"])
+        for key_values in payload.get("values", [])
+    )
     files = sum(len(file.get("data", "")) for file in payload.get("files", []))
     return values + files + sum(len(segment) for segment in payload.get("urlSegments", []))
 
@@ -54,8 +57,12 @@ class _Queue:
 
 
 class RequestQueues:
-    def __init__(self, response_timeout: float, max_queue_length: int = DEFAULT_MAX_QUEUE_LENGTH,
-                 max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES) -> None:
+    def __init__(
+        self,
+        response_timeout: float,
+        max_queue_length: int = DEFAULT_MAX_QUEUE_LENGTH,
+        max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES,
+    ) -> None:
         self.response_timeout = response_timeout
         self._max_queue_length = max_queue_length
         self._max_queue_bytes = max_queue_bytes
@@ -76,12 +83,16 @@ class RequestQueues:
 
     def _check_room(self, queue: str, waiting: _Queue, size: int, reqid: str) -> None:
         if len(waiting.requests) >= self._max_queue_length:
-            raise QueueFull(f"Request queue '{queue}' is full: {len(waiting.requests)} requests wait for the "
-                            f"module (at most {self._max_queue_length}); try again later (#reqid {reqid})")
+            raise QueueFull(
+                f"Request queue '{queue}' is full: {len(waiting.requests)} requests wait for the "
+                f"module (at most {self._max_queue_length}); try again later (#reqid {reqid})"
+            )
         if waiting.bytes + size > self._max_queue_bytes:
-            raise QueueFull(f"Request queue '{queue}' is full: {waiting.bytes / 1e6:.1f} MB of requests wait for the "
-                            f"module and this one adds {size / 1e6:.1f} MB (at most "
-                            f"{self._max_queue_bytes / 1e6:.0f} MB in all); try again later (#reqid {reqid})")
+            raise QueueFull(
+                f"Request queue '{queue}' is full: {waiting.bytes / 1e6:.1f} MB of requests wait for the "
+                f"module and this one adds {size / 1e6:.1f} MB (at most "
+                f"{self._max_queue_bytes / 1e6:.0f} MB in all); try again later (#reqid {reqid})"
+            )
 
     def _enqueue(self, queue: str, payload: dict, bounded: bool = True) -> str:
         waiting = self._queues[queue.lower()]

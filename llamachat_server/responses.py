@@ -2,6 +2,7 @@
 
 Errors come back as HTTP 200 with `success: false`: clients check `success`, not the HTTP status.
 """
+
 from __future__ import annotations
 
 from email.utils import formatdate
@@ -14,8 +15,7 @@ def server_response(hostname: str, **fields) -> dict:
 
 
 def error_response(hostname: str, error: str, code: int = 500, http_status: int = 200) -> web.Response:
-    return web.json_response({"success": False, "code": code, "hostname": hostname, "error": error},
-                             status=http_status)
+    return web.json_response({"success": False, "code": code, "hostname": hostname, "error": error}, status=http_status)
 
 
 def utc_timestamp() -> str:

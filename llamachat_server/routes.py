@@ -5,6 +5,7 @@ winning, and the rest of the path becomes the request's urlSegments (`/v1/text/c
 One deliberate difference from the real server: a route matches only at a `/` boundary, so a typo
 like `/v1/text/chats` is a 404 rather than a chat with urlSegments ["s"].
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -44,16 +45,21 @@ class RouteMap:
     def register_module(self, settings: ModuleSettings) -> None:
         """The module's RouteMaps plus the system routes `<ModuleId>/get_command_status|cancel_command`."""
         for route_map in settings.route_maps:
-            self.register(Route(
-                path=_normalise(lookup(route_map, "Route", default="")),
-                method=str(lookup(route_map, "Method", default="POST")).upper(),
-                queue=settings.queue,
-                command=lookup(route_map, "Command", default=""),
-                module_id=settings.module_id,
-            ))
+            self.register(
+                Route(
+                    path=_normalise(lookup(route_map, "Route", default="")),
+                    method=str(lookup(route_map, "Method", default="POST")).upper(),
+                    queue=settings.queue,
+                    command=lookup(route_map, "Command", default=""),
+                    module_id=settings.module_id,
+                )
+            )
         for command in SYSTEM_COMMANDS:
-            self.register(Route(_normalise(f"{settings.module_id}/{command}"), "POST",
-                                settings.queue, command, settings.module_id))
+            self.register(
+                Route(
+                    _normalise(f"{settings.module_id}/{command}"), "POST", settings.queue, command, settings.module_id
+                )
+            )
 
     def routes(self) -> list[Route]:
         return list(self._routes.values())
@@ -69,5 +75,5 @@ class RouteMap:
                     best = route
         if best is None:
             return None
-        rest = path.strip("/")[len(best.path):]
+        rest = path.strip("/")[len(best.path) :]
         return RouteMatch(best, [segment for segment in rest.split("/") if segment])

@@ -5,6 +5,7 @@ category, label) and echoed to the console from a chosen level up. Whatever a cl
 stays small: long entries are cut (with a marker saying how much), and the oldest entries go once the log holds
 too many or too many characters.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -15,8 +16,14 @@ from datetime import datetime, timezone
 from typing import TextIO
 
 LEVELS = ("trace", "debug", "information", "warning", "error", "critical")
-_ALIASES = {"trce": "trace", "dbug": "debug", "info": "information", "warn": "warning",
-            "fail": "error", "crit": "critical"}
+_ALIASES = {
+    "trce": "trace",
+    "dbug": "debug",
+    "info": "information",
+    "warn": "warning",
+    "fail": "error",
+    "crit": "critical",
+}
 # A stdout line that starts like "warning: ..." or "Info: ..." carries its own level (docs/protocol.md §1.1).
 _LEVEL_PREFIX = re.compile(r"^\s*(" + "|".join(LEVELS + tuple(_ALIASES)) + r"):\s?", re.IGNORECASE)
 _ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
@@ -45,12 +52,17 @@ def split_level_prefix(line: str, default: str) -> tuple[str, str]:
     match = _LEVEL_PREFIX.match(line)
     if not match:
         return default, line
-    return normalise_level(match.group(1)), line[match.end():]
+    return normalise_level(match.group(1)), line[match.end() :]
 
 
 class ServerLog:
-    def __init__(self, capacity: int = 5000, echo: TextIO | None = sys.stdout,
-                 echo_level: str = "information", max_chars: int = MAX_LOG_CHARS) -> None:
+    def __init__(
+        self,
+        capacity: int = 5000,
+        echo: TextIO | None = sys.stdout,
+        echo_level: str = "information",
+        max_chars: int = MAX_LOG_CHARS,
+    ) -> None:
         self._entries: deque[dict] = deque()
         self._capacity = capacity
         self._max_chars = max_chars
@@ -74,8 +86,11 @@ class ServerLog:
         while len(self._entries) > self._capacity or self._chars > self._max_chars:
             self._chars -= _size(self._entries.popleft())
         if self._echo is not None and LEVELS.index(record["level"]) >= self._echo_from:
-            print(f"{record['timestamp'][11:19]} {record['level']:<11} [{record['category']}] {record['entry']}",
-                  file=self._echo, flush=True)
+            print(
+                f"{record['timestamp'][11:19]} {record['level']:<11} [{record['category']}] {record['entry']}",
+                file=self._echo,
+                flush=True,
+            )
         return record
 
     def list(self, last_id: int = 0, count: int = 10) -> list[dict]:

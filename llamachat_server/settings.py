@@ -6,13 +6,15 @@ replace, nothing is ever deleted. The environment is built as the real server bu
 (docs/protocol.md §1.1): global variables, then the module's EnvironmentVariables (with `@` and macro handling),
 then the CPAI_* values the server adds only where the module did not set them.
 """
+
 from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import commentjson
 
@@ -33,7 +35,7 @@ class HostPlatform:
     device: str | None = None  # raspberrypi | orangepi | radxarock | jetson
 
     @classmethod
-    def detect(cls) -> "HostPlatform":
+    def detect(cls) -> HostPlatform:
         system = platform.system().lower()
         os_name = {"darwin": "macos", "windows": "windows"}.get(system, "linux")
         arch = "arm64" if platform.machine().lower() in ("arm64", "aarch64") else "x64"
@@ -63,8 +65,12 @@ def _edge_device() -> str | None:
         model = model_file.read_text(errors="replace").lower()
     except OSError:
         return None
-    for marker, device in (("raspberry", "raspberrypi"), ("orange", "orangepi"),
-                           ("radxa", "radxarock"), ("jetson", "jetson")):
+    for marker, device in (
+        ("raspberry", "raspberrypi"),
+        ("orange", "orangepi"),
+        ("radxa", "radxarock"),
+        ("jetson", "jetson"),
+    ):
         if marker in model:
             return device
     return None
@@ -147,8 +153,9 @@ class ModuleSettings:
 
     @property
     def enable_gpu(self) -> bool:
-        return bool(self.get("GpuOptions", "InstallGPU", default=True)) and \
-            bool(self.get("GpuOptions", "EnableGPU", default=True))
+        return bool(self.get("GpuOptions", "InstallGPU", default=True)) and bool(
+            self.get("GpuOptions", "EnableGPU", default=True)
+        )
 
     @property
     def environment_variables(self) -> dict[str, Any]:
@@ -217,9 +224,16 @@ def _dotnet_bool(flag: bool) -> str:
     return "True" if flag else "False"
 
 
-def module_environment(settings: ModuleSettings, *, port: int, python: str, data_dir: Path,
-                       base_env: Mapping[str, str], overrides: Mapping[str, str] | None = None,
-                       host: HostPlatform | None = None) -> dict[str, str]:
+def module_environment(
+    settings: ModuleSettings,
+    *,
+    port: int,
+    python: str,
+    data_dir: Path,
+    base_env: Mapping[str, str],
+    overrides: Mapping[str, str] | None = None,
+    host: HostPlatform | None = None,
+) -> dict[str, str]:
     """The environment of the module process: `base_env` (the server's own, inherited) plus what the
     real server sets, then `overrides` (the command line's --env and --model) on top of everything."""
     host = host or HostPlatform.detect()
@@ -233,8 +247,9 @@ def module_environment(settings: ModuleSettings, *, port: int, python: str, data
         "PYTHON_PATH": python,
     }
     declared = {"CPAI_PORT": str(port), "CPAI_APPROOTPATH": "%ROOT_PATH%"}
-    declared.update({key.upper(): "" if value is None else str(value)
-                     for key, value in settings.environment_variables.items()})
+    declared.update(
+        {key.upper(): "" if value is None else str(value) for key, value in settings.environment_variables.items()}
+    )
 
     env = dict(base_env)
     env.update({key: expand_option(value, macros, host) for key, value in declared.items()})

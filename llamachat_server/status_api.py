@@ -1,5 +1,6 @@
 """The server endpoints the Explorer and dashboard read (docs/protocol.md §2.3): version/ping, module status,
 running modules with their Explorer UI, and the log."""
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,10 @@ def camel_case(name: str) -> str:
 def camel_case_keys(value: Any) -> Any:
     """A settings object as the real server serialises it; EnvironmentVariables keep their names."""
     if isinstance(value, dict):
-        return {camel_case(key): item if key.lower() == "environmentvariables" else camel_case_keys(item)
-                for key, item in value.items()}
+        return {
+            camel_case(key): item if key.lower() == "environmentvariables" else camel_case_keys(item)
+            for key, item in value.items()
+        }
     if isinstance(value, list):
         return [camel_case_keys(item) for item in value]
     return value
@@ -43,17 +46,26 @@ def _iso(moment: datetime | None) -> str | None:
 
 def version_info() -> dict:
     major, minor, patch = (int(part) for part in COMPATIBLE_SERVER_VERSION.split("."))
-    return {"major": major, "minor": minor, "patch": patch, "preRelease": None, "securityUpdate": False,
-            "build": 0, "file": None,
-            "releaseNotes": "LlamaChat standalone server, speaking the CodeProject.AI Server protocol"}
+    return {
+        "major": major,
+        "minor": minor,
+        "patch": patch,
+        "preRelease": None,
+        "securityUpdate": False,
+        "build": 0,
+        "file": None,
+        "releaseNotes": "LlamaChat standalone server, speaking the CodeProject.AI Server protocol",
+    }
 
 
 def process_status(context: ServerContext) -> dict:
     """The module's ProcessStatus, as `GET /v1/module/list/status` lists it."""
     module, settings = context.module, context.settings
-    summary = (f"Status Data:  {json.dumps(module.status_data)}\nStarted:      {_iso(module.started) or 'Not seen'}\n"
-               f"LastSeen:     {_iso(module.last_seen) or 'Not seen'}\nStatus:       {module.status.value}\n"
-               f"Requests:     {module.request_count} (includes status calls)\n")
+    summary = (
+        f"Status Data:  {json.dumps(module.status_data)}\nStarted:      {_iso(module.started) or 'Not seen'}\n"
+        f"LastSeen:     {_iso(module.last_seen) or 'Not seen'}\nStatus:       {module.status.value}\n"
+        f"Requests:     {module.request_count} (includes status calls)\n"
+    )
     return {
         "moduleId": settings.module_id,
         "queue": settings.queue,
@@ -89,8 +101,9 @@ def running_module_config(context: ServerContext) -> dict:
 
 async def get_version(request: web.Request) -> web.Response:
     context = request.app[CONTEXT]
-    return web.json_response(server_response(context.hostname, message=COMPATIBLE_SERVER_VERSION,
-                                             version=version_info()))
+    return web.json_response(
+        server_response(context.hostname, message=COMPATIBLE_SERVER_VERSION, version=version_info())
+    )
 
 
 async def list_module_status(request: web.Request) -> web.Response:
@@ -101,8 +114,9 @@ async def list_module_status(request: web.Request) -> web.Response:
 async def list_running_modules(request: web.Request) -> web.Response:
     context = request.app[CONTEXT]
     running = context.module.status == ModuleStatus.STARTED
-    return web.json_response(server_response(context.hostname,
-                                             modules=[running_module_config(context)] if running else []))
+    return web.json_response(
+        server_response(context.hostname, modules=[running_module_config(context)] if running else [])
+    )
 
 
 def _int_query(request: web.Request, name: str, default: int) -> int:

@@ -1,8 +1,9 @@
 """Shared fixtures, and the test layers: `model` tests load a GGUF model, `browser` tests drive chromium.
 
-    pytest -m "not model and not browser"   # the fast, model-free layer (seconds)
-    pytest                                   # everything (what .ci/run runs)
+pytest -m "not model and not browser"   # the fast, model-free layer (seconds)
+pytest                                   # everything (what .ci/run runs)
 """
+
 import os
 import sys
 from pathlib import Path

@@ -8,6 +8,7 @@ so a test can offer SmolLM2's bytes as "mistral-7b-instruct-v0.2.Q4_K_M.gguf". P
 with HF_ENDPOINT=stand-in.url; the variable is read when huggingface_hub is imported, so run the code under
 test in a subprocess with that environment.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -16,7 +17,7 @@ import os
 import re
 import socket
 import threading
-from functools import lru_cache
+from functools import cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -32,7 +33,7 @@ _RANGE = re.compile(r"^bytes=(?P<start>\d+)-(?P<end>\d*)$")
 _CHUNK = 1 << 20
 
 
-@lru_cache(maxsize=None)
+@cache
 def _sha256(path: Path) -> str:
     # The Hub's ETag for an LFS file is its sha256; huggingface_hub compares it with local files.
     digest = hashlib.sha256()
@@ -75,7 +76,7 @@ class HubStandin:
         self._server.shutdown()
         self._server.server_close()
 
-    def __enter__(self) -> "HubStandin":
+    def __enter__(self) -> HubStandin:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -121,8 +122,9 @@ class HubStandin:
         for name, source in files.items():
             size = source.stat().st_size
             lfs = {"oid": _sha256(source), "size": size, "pointerSize": 134}
-            entries.append({"type": "file", "oid": hashlib.sha1(name.encode()).hexdigest(), "size": size,
-                            "path": name, "lfs": lfs})
+            entries.append(
+                {"type": "file", "oid": hashlib.sha1(name.encode()).hexdigest(), "size": size, "path": name, "lfs": lfs}
+            )
         self._json(handler, send_body, entries)
 
     def _resolve(self, handler, send_body, repo: str, revision: str, filename: str) -> None:
@@ -204,8 +206,16 @@ def unreachable_hub_url() -> str:
 def hub_env(hub_url: str, scratch: Path) -> dict[str, str]:
     """Environment for a subprocess whose Hugging Face Hub is `hub_url` and which can reach nothing else:
     no token or cache of this machine, no model settings from outside, and pip with no package index."""
-    env = {name: value for name, value in os.environ.items()
-           if not name.startswith(("HF_", "HUGGING_FACE_", "CPAI_MODULE_LLAMA_", "LLAMACHAT_", "PIP_"))}
-    env.update(HF_ENDPOINT=hub_url, HF_HOME=str(scratch / "hf-home"), HF_HUB_DISABLE_TELEMETRY="1",
-               PIP_CONFIG_FILE=os.devnull, PIP_NO_INDEX="1")
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(("HF_", "HUGGING_FACE_", "CPAI_MODULE_LLAMA_", "LLAMACHAT_", "PIP_"))
+    }
+    env.update(
+        HF_ENDPOINT=hub_url,
+        HF_HOME=str(scratch / "hf-home"),
+        HF_HUB_DISABLE_TELEMETRY="1",
+        PIP_CONFIG_FILE=os.devnull,
+        PIP_NO_INDEX="1",
+    )
     return env

@@ -20,6 +20,7 @@ serve_in_thread(config) -> base URL
 poll(condition, timeout, what) -> value
   Calls condition() until it returns something truthy and returns that; AssertionError after `timeout` s.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -33,9 +34,10 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # usable outside pytest too (benchmarks run as scripts)
@@ -83,11 +85,12 @@ def _started(process: subprocess.Popen, log_path: Path) -> Callable[[], str | No
         if process.poll() is not None:
             raise RuntimeError(f"llamachat_server exited with code {process.returncode}:\n{_log_tail(log_path)}")
         if not url:
-            ready = [line for line in log_path.read_text(errors="replace").splitlines()
-                     if line.startswith(READY_PREFIX)]
+            ready = [
+                line for line in log_path.read_text(errors="replace").splitlines() if line.startswith(READY_PREFIX)
+            ]
             if not ready:
                 return None
-            url.append(ready[0][len(READY_PREFIX):].rstrip("/"))
+            url.append(ready[0][len(READY_PREFIX) :].rstrip("/"))
         try:
             return url[0] if server_status(url[0])["status"] == "Started" else None
         except (urllib.error.URLError, OSError):
@@ -107,22 +110,51 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 @contextmanager
-def running_server(model_path: os.PathLike, module_dir: os.PathLike = ROOT, *, context_size: int = 2048,
-                   start_timeout: float = 120.0, server_args: tuple[str, ...] = (), **env: str) -> Iterator[str]:
+def running_server(
+    model_path: os.PathLike,
+    module_dir: os.PathLike = ROOT,
+    *,
+    context_size: int = 2048,
+    start_timeout: float = 120.0,
+    server_args: tuple[str, ...] = (),
+    **env: str,
+) -> Iterator[str]:
     # One thread by default: two llama.cpp threads collapse to a few tokens/s when the browser or anything else
     # wants a core of this 2-core machine, and tests need steady progress more than speed.
-    module_env = {"CPAI_MODULE_LLAMA_CONTEXT_SIZE": str(context_size), "CPAI_MODULE_LLAMA_THREADS": "1",
-                  **{k: str(v) for k, v in env.items()}}
+    module_env = {
+        "CPAI_MODULE_LLAMA_CONTEXT_SIZE": str(context_size),
+        "CPAI_MODULE_LLAMA_THREADS": "1",
+        **{k: str(v) for k, v in env.items()},
+    }
     with tempfile.TemporaryDirectory(prefix="llamachat-server-") as scratch:
         log_path = Path(scratch) / "server.log"
-        command = [sys.executable, "-m", "llamachat_server", "--host", "127.0.0.1", "--port", "0",
-                   "--module-dir", str(module_dir), "--model", str(model_path), "--data-dir", scratch]
+        command = [
+            sys.executable,
+            "-m",
+            "llamachat_server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--module-dir",
+            str(module_dir),
+            "--model",
+            str(model_path),
+            "--data-dir",
+            scratch,
+        ]
         for name, value in module_env.items():
             command += ["--env", f"{name}={value}"]
         command += list(server_args)
         with open(log_path, "wb") as log:
-            process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            process = subprocess.Popen(
+                command,
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
         try:
             try:
                 base_url = poll(_started(process, log_path), start_timeout, "the module to start", interval=0.1)

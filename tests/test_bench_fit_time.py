@@ -1,5 +1,6 @@
 """The fit-time benchmark (python -m bench.fit_time) end to end with one run of each: every measurement is made and
 both result files come out. The figures themselves come from the real run in bench/results/."""
+
 import json
 import subprocess
 import sys
@@ -9,8 +10,13 @@ from tests.conftest import ROOT
 
 def test_fit_time_bench_measures_every_history_and_writes_json_and_markdown(smollm2, tmp_path):
     out = tmp_path / "results"
-    done = subprocess.run([sys.executable, "-m", "bench.fit_time", "--model", str(smollm2), "--out", str(out),
-                           "--repeats", "1"], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.fit_time", "--model", str(smollm2), "--out", str(out), "--repeats", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert {p.name for p in out.iterdir()} == {"fit_time.json", "fit_time.md"}
     results = json.loads((out / "fit_time.json").read_text())

@@ -1,20 +1,45 @@
 """The benchmark (python -m bench) end to end with tiny settings: every engine runs on the same prompts and the
 three result files come out, with the numbers the README and the targets are built from."""
+
 import json
 import subprocess
 import sys
 
 from tests.conftest import ROOT
 
-TINY = ["--repeats", "1", "--generation-tokens", "8", "--conversation-repeats", "1", "--conversation-turns", "2",
-        "--conversation-tokens", "4", "--cancel-repeats", "1", "--long-prompt-tokens", "300", "--memory-chats", "2",
-        "--memory-chat-tokens", "2", "--poll-ms", "20"]
+TINY = [
+    "--repeats",
+    "1",
+    "--generation-tokens",
+    "8",
+    "--conversation-repeats",
+    "1",
+    "--conversation-turns",
+    "2",
+    "--conversation-tokens",
+    "4",
+    "--cancel-repeats",
+    "1",
+    "--long-prompt-tokens",
+    "300",
+    "--memory-chats",
+    "2",
+    "--memory-chat-tokens",
+    "2",
+    "--poll-ms",
+    "20",
+]
 
 
 def test_bench_measures_every_engine_and_writes_json_markdown_and_chart(smollm2, tmp_path):
     out = tmp_path / "results"
-    done = subprocess.run([sys.executable, "-m", "bench", "--model", str(smollm2), "--out", str(out), *TINY],
-                          cwd=ROOT, capture_output=True, text=True, timeout=240)
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--model", str(smollm2), "--out", str(out), *TINY],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert {p.name for p in out.iterdir()} == {"results.json", "results.md", "chart.png"}
     assert (out / "chart.png").read_bytes().startswith(b"\x89PNG")
@@ -41,31 +66,67 @@ def test_bench_measures_every_engine_and_writes_json_markdown_and_chart(smollm2,
 
 
 def test_bench_refuses_a_missing_model_with_what_to_do(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "bench", "--model", str(tmp_path / "none.gguf")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--model", str(tmp_path / "none.gguf")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2
     assert "no model at" in done.stderr and "install.sh --small" in done.stderr
 
 
 def test_threads_bench_measures_every_thread_choice_and_writes_its_files(smollm2, tmp_path):
     out = tmp_path / "results"
-    done = subprocess.run([sys.executable, "-m", "bench.threads", "--model", str(smollm2), "--out", str(out),
-                           "--repeats", "1", "--tokens", "8", "--poll-ms", "20", "--loads", "idle", "--time-box", "2",
-                           "--pause", "0"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=240)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.threads",
+            "--model",
+            str(smollm2),
+            "--out",
+            str(out),
+            "--repeats",
+            "1",
+            "--tokens",
+            "8",
+            "--poll-ms",
+            "20",
+            "--loads",
+            "idle",
+            "--time-box",
+            "2",
+            "--pause",
+            "0",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert {p.name for p in out.iterdir()} == {"threads.json", "threads.md", "threads.png"}
     assert (out / "threads.png").read_bytes().startswith(b"\x89PNG")
     results = json.loads((out / "threads.json").read_text())
     cores = results["settings"]["all_cores"]
-    expected_threads = {"raw_all": cores, "raw_one": 1, "module_all": cores, "module_one": 1,
-                        "module_all_passive": cores}
+    expected_threads = {
+        "raw_all": cores,
+        "raw_one": 1,
+        "module_all": cores,
+        "module_one": 1,
+        "module_all_passive": cores,
+    }
     for key, threads in expected_threads.items():
         summary = results["idle"][key]["summary"]
         assert summary["threads"]["median"] == threads, key  # a pinned count is what the module computed with
         # All cores collapse when other work takes a core (the tests share the machine): a reply may be cut off.
         assert summary["tokens"]["median"] <= 8
     assert 1 <= results["idle"]["module_adaptive"]["summary"]["threads"]["median"] <= cores
-    assert [g["goal"].split(":")[0] for g in results["goals"]] == ["one core busy", "idle",
-                                                                   "beside a 2nd llama.cpp process"]
+    assert [g["goal"].split(":")[0] for g in results["goals"]] == [
+        "one core busy",
+        "idle",
+        "beside a 2nd llama.cpp process",
+    ]
     assert "| module, adaptive (the default) |" in (out / "threads.md").read_text()

@@ -1,5 +1,6 @@
 """Fitting a conversation to the context: the logic on a FakeTokenizer (fast, against a brute-force answer), then on
 the real SmolLM2 model (long histories, exact token counts, cancel while a chat is being prepared)."""
+
 import json
 import random
 import threading
@@ -8,7 +9,7 @@ import pytest
 
 from chat_request import ChatError, ChatRequest
 from context_fit import ContextFitter, FitCancelled, reply_room, split_turns
-from module_harness import load_adapter, start_chat, status, cancel, wait_until
+from module_harness import cancel, load_adapter, start_chat, status, wait_until
 
 
 class FakeTokenizer:
@@ -22,15 +23,18 @@ class FakeTokenizer:
         self.counted = 0
 
     def messages(self, prompt, system_prompt=None, history=None):
-        return ([{"role": "system", "content": system_prompt or "Be helpful."}] + list(history or [])
-                + [{"role": "user", "content": prompt}])
+        return (
+            [{"role": "system", "content": system_prompt or "Be helpful."}]
+            + list(history or [])
+            + [{"role": "user", "content": prompt}]
+        )
 
     def tokenize_messages(self, messages):
         tokens = []
         for m in messages:
             words = m["content"].split()
             if len(words) > 1:
-                words = words + ["~"] * self.skew if self.skew >= 0 else words[:self.skew]
+                words = words + ["~"] * self.skew if self.skew >= 0 else words[: self.skew]
             tokens += ["<s>", m["role"], *words, "</s>"]
         tokens += ["<s>", "assistant"]
         self.rendered_tokens += len(tokens)
@@ -59,8 +63,11 @@ def slow_exact_fit(chat, req):
     turns = split_turns(req.history)
     for k in range(len(turns) + 1):
         kept = [m for turn in turns[k:] for m in turn]
-        if len(chat.tokenize_messages(chat.messages(req.prompt, req.system_prompt, kept))) + \
-                reply_room(req, chat.n_ctx) <= chat.n_ctx:
+        if (
+            len(chat.tokenize_messages(chat.messages(req.prompt, req.system_prompt, kept)))
+            + reply_room(req, chat.n_ctx)
+            <= chat.n_ctx
+        ):
             return k, kept
     return None
 
@@ -100,8 +107,12 @@ def test_fake_fit_remembers_counts_when_the_conversation_comes_back_longer():
 
 
 def test_fake_fit_turns_start_at_each_user_message():
-    history = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-               {"role": "assistant", "content": "c"}, {"role": "user", "content": "d"}]
+    history = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"},
+        {"role": "assistant", "content": "c"},
+        {"role": "user", "content": "d"},
+    ]
     assert split_turns(history) == [history[:3], history[3:]]
 
 
@@ -136,6 +147,7 @@ def test_fake_fit_template_rejection_is_a_chat_error():
 
 # --- the real model ----------------------------------------------------------------------------------------------
 
+
 class RenderCountingChat:
     """The real LlamaChat, with its renders counted (to show that they do not grow with the history)."""
 
@@ -156,8 +168,10 @@ class RenderCountingChat:
 @pytest.fixture(scope="module")
 def smol(smollm2):
     from llama_chat import LlamaChat
-    chat = LlamaChat(repo_id="", fileglob="", filename=smollm2.name, model_dir=str(smollm2.parent), n_ctx=4096,
-                     n_threads=1)
+
+    chat = LlamaChat(
+        repo_id="", fileglob="", filename=smollm2.name, model_dir=str(smollm2.parent), n_ctx=4096, n_threads=1
+    )
     yield chat
     chat.close()
 
@@ -165,25 +179,32 @@ def smol(smollm2):
 def natural_history(exchanges):
     rng = random.Random(4)
     words = "the model reads every turn of a long conversation and answers with care about rivers mountains".split()
-    return [{"role": role, "content": " ".join(rng.choice(words) for _ in range(70)) + f" ({i})"}
-            for i in range(exchanges) for role in ("user", "assistant")]
+    return [
+        {"role": role, "content": " ".join(rng.choice(words) for _ in range(70)) + f" ({i})"}
+        for i in range(exchanges)
+        for role in ("user", "assistant")
+    ]
 
 
 def assert_fewest_turns_dropped(chat, req, fitted):
     limit = chat.n_ctx - reply_room(req, chat.n_ctx)
     turns = split_turns(req.history)
-    kept = [m for turn in turns[fitted.dropped_turns:] for m in turn]
+    kept = [m for turn in turns[fitted.dropped_turns :] for m in turn]
     assert fitted.history == kept
     assert fitted.prompt_tokens == chat.tokenize_messages(chat.messages(req.prompt, req.system_prompt, kept))
     assert len(fitted.prompt_tokens) <= limit
-    one_more = [m for turn in turns[fitted.dropped_turns - 1:] for m in turn]
+    one_more = [m for turn in turns[fitted.dropped_turns - 1 :] for m in turn]
     assert len(chat.tokenize_messages(chat.messages(req.prompt, req.system_prompt, one_more))) > limit
 
 
-@pytest.mark.parametrize("history", [
-    [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "ok"}] * 800,  # the issue's case
-    natural_history(200),
-], ids=["800-pairs", "200-natural-exchanges"])
+@pytest.mark.parametrize(
+    "history",
+    [
+        [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "ok"}] * 800,  # the issue's case
+        natural_history(200),
+    ],
+    ids=["800-pairs", "200-natural-exchanges"],
+)
 def test_real_long_history_fits_exactly_with_a_few_renders(smol, history):
     counting = RenderCountingChat(smol)
     req = request(history, prompt="hi", max_tokens=4, system_prompt="You are brief.")

@@ -3,6 +3,7 @@ module on SmolLM2: hosted by the server's Explorer page (as the real Explorer ho
 and opened on its own from the file, pointed at the server with its Server box.
 
 Every page is watched: a JavaScript error, an alert dialog or a request leaving the machine fails the test."""
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,7 @@ def form_fields(request: Request) -> dict:
     """The multipart form a page request carried, as {name: value}."""
     head = f"Content-Type: {request.headers['content-type']}\r\n\r\n".encode()
     message = BytesParser(policy=email_policy).parsebytes(head + (request.post_data_buffer or b""))
-    return {part.get_param("name", header="content-disposition"): part.get_content()
-            for part in message.iter_parts()}
+    return {part.get_param("name", header="content-disposition"): part.get_content() for part in message.iter_parts()}
 
 
 class ChatPage:
@@ -76,7 +76,9 @@ class ChatPage:
         self.page.wait_for_function(
             """([selector, n]) => { const all = document.querySelectorAll(selector);
                                     return all.length > 0 && all[all.length - 1].textContent.length >= n; }""",
-            arg=[f".{self.prefix}assistant .{self.prefix}bubble", min_chars], timeout=REPLY_TIMEOUT_MS)
+            arg=[f".{self.prefix}assistant .{self.prefix}bubble", min_chars],
+            timeout=REPLY_TIMEOUT_MS,
+        )
 
     def calls(self, api: str) -> list[tuple[dict, dict | None]]:
         """(form fields, JSON answer or None when no answer came) of each call to /v1/.../<api>, in order."""
@@ -89,7 +91,8 @@ class ChatPage:
 
     def record_changes(self) -> None:
         """From now on, keeps every distinct text the newest reply and the live figures show (window.__seen)."""
-        self.page.evaluate("""prefix => {
+        self.page.evaluate(
+            """prefix => {
             const seen = window.__seen = { replies: [], stats: [] };
             const keep = (list, text) => { if (text && list[list.length - 1] !== text) list.push(text); };
             const root = document.getElementById(prefix + "root");
@@ -98,7 +101,9 @@ class ChatPage:
                 if (bubbles.length) keep(seen.replies, bubbles[bubbles.length - 1].textContent);
                 keep(seen.stats, document.getElementById(prefix + "stats").textContent);
             }).observe(root, { subtree: true, childList: true, characterData: true });
-        }""", self.prefix)
+        }""",
+            self.prefix,
+        )
 
     def seen(self) -> dict:
         return self.page.evaluate("window.__seen")
@@ -166,6 +171,7 @@ def route_inputs() -> dict:
 
 
 # ---- The page on its own, no model needed ----------------------------------------------------------------
+
 
 def test_page_defaults_are_the_route_defaults_of_modulesettings(open_chat):
     chat = open_chat(f"http://127.0.0.1:{free_port()}", hosted=False)
@@ -236,6 +242,7 @@ def test_explorer_injection_survives_other_modules_names_and_a_restart(open_chat
 
 # ---- Chatting with the real module ---------------------------------------------------------------------
 
+
 # Opened on its own, the file calls the server cross-origin (origin "null"), which the server allows when started
 # with --allow-origin null (the `server` fixture) and refuses by default (test_file_page_is_refused_by_default...).
 @pytest.mark.parametrize("hosted", [True, False], ids=["in-explorer", "standalone"])
@@ -249,7 +256,7 @@ def test_reply_grows_over_polls_with_live_figures(open_chat, server, smollm2, ho
     chat.wait_state("idle", timeout=30_000)
     expect(chat.el("status")).not_to_have_class(f"{chat.prefix}status {chat.prefix}error")
 
-    (ack_fields, ack), = chat.calls("chat")
+    ((ack_fields, ack),) = chat.calls("chat")
     assert ack_fields["prompt"] == LONG_PROMPT and ack_fields["max_tokens"] == "2000"
     assert "messages" not in ack_fields  # nothing said before
     polls = chat.calls("get_command_status")
@@ -280,8 +287,8 @@ def test_stop_mid_reply_keeps_the_partial_reply(open_chat, server):
     chat.el("stopBtn").click()
     chat.wait_state("idle", timeout=30_000)
 
-    (_, ack), = chat.calls("chat")
-    (cancel_fields, cancelled), = chat.calls("cancel_command")
+    ((_, ack),) = chat.calls("chat")
+    ((cancel_fields, cancelled),) = chat.calls("cancel_command")
     assert cancel_fields["commandId"] == ack["commandId"] and cancelled["success"]
     final = chat.calls("get_command_status")[-1][1]
     assert final["stop_reason"] == "cancelled" and 0 < final["completion_tokens"] < 1000
@@ -328,7 +335,7 @@ def test_bad_input_is_refused_with_the_server_s_error(open_chat, server):
     chat.settings(temperature="7")
     chat.send("Hello")
     chat.wait_state("idle")
-    (_, refusal), = chat.calls("chat")
+    ((_, refusal),) = chat.calls("chat")
     assert refusal["success"] is False and "temperature" in refusal["error"]
     expect(chat.el("status")).to_have_text(refusal["error"])
     expect(chat.el("prompt")).to_have_value("Hello")
@@ -348,8 +355,10 @@ def test_multi_turn_chat_sends_the_transcript_as_messages_and_clear_forgets_it(o
 
     (fields1, _), (fields2, _) = chat.calls("chat")
     assert "messages" not in fields1
-    assert json.loads(fields2["messages"]) == [{"role": "user", "content": first},
-                                                {"role": "assistant", "content": replies[0]}]
+    assert json.loads(fields2["messages"]) == [
+        {"role": "user", "content": first},
+        {"role": "assistant", "content": replies[0]},
+    ]
     finals = [answer for _, answer in chat.calls("get_command_status") if answer["commandStatus"] == "completed"]
     # The model read turn 1 again: its prompt holds both turns' text.
     assert finals[1]["prompt_tokens"] > finals[0]["prompt_tokens"] + finals[0]["completion_tokens"]
@@ -379,7 +388,8 @@ def test_turns_left_out_to_fit_the_context_are_reported(open_chat, server):
     final = chat.calls("get_command_status")[-1][1]
     assert final["dropped_turns"] == 1 and final["prompt_tokens"] == first["prompt_tokens"]
     expect(chat.page.locator(f".{chat.prefix}meta").last).to_contain_text(
-        "1 earlier turn left out to fit the model's context")
+        "1 earlier turn left out to fit the model's context"
+    )
     # The page still holds the whole conversation; the server decides each time what fits.
     assert len(json.loads(chat.calls("chat")[-1][0]["messages"])) == 2
 
@@ -424,8 +434,9 @@ def test_busy_model_waits_and_never_follows_someone_else_s_chat(open_chat, serve
 
     refusals = [answer for _, answer in chat.calls("chat") if not answer["success"]]
     assert len(refusals) >= 2 and all("commandId" not in answer for answer in refusals)
-    used_ids = {fields.get("commandId") for name in ("get_command_status", "cancel_command")
-                for fields, _ in chat.calls(name)}
+    used_ids = {
+        fields.get("commandId") for name in ("get_command_status", "cancel_command") for fields, _ in chat.calls(name)
+    }
     assert not used_ids & {first_other, second_other}
 
 
@@ -444,8 +455,11 @@ def test_server_stopped_mid_chat_ends_polling_with_an_error(open_chat, smollm2):
     assert len(chat.assistant_bubbles.last.text_content()) >= 20  # the partial reply stays
     polls = chat.calls("get_command_status")
     # Polling stopped at the first failed poll.
-    failed = [i for i, (_, answer) in enumerate(polls)
-              if answer is None or not answer["success"] or answer["commandStatus"] != "running"]
+    failed = [
+        i
+        for i, (_, answer) in enumerate(polls)
+        if answer is None or not answer["success"] or answer["commandStatus"] != "running"
+    ]
     assert failed == [len(polls) - 1]
     expect(chat.el("sendBtn")).to_be_visible()
 

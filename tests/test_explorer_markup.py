@@ -1,5 +1,6 @@
 """explore.html as the CodeProject.AI Explorer sees it: three marked parts, cut out with greedy regexes,
 with `_MID_` replaced by the module id and everything injected into a page shared with other modules."""
+
 import re
 from pathlib import Path
 

@@ -1,6 +1,7 @@
 """Faults injected into a live llamachat_server with the real module on SmolLM2: kill -9 of the module mid-chat and
 mid-prepare, SIGTERM of the server mid-chat, a truncated GGUF, clients that disconnect mid-request. Nothing hangs,
 every client gets a clear answer, and the next chat works."""
+
 import asyncio
 import json
 import os
@@ -24,9 +25,14 @@ STORY = "Write a very long story about a lighthouse keeper and her cat. Describe
 # Cannot end early at any speed: the story asks for far more than 1500 tokens... and if the model stops anyway, the
 # assertions below hold either way (a crash loses whatever the module held).
 LONG_REPLY = {"prompt": STORY, "max_tokens": "1500"}
-HISTORY = json.dumps([{"role": "user", "content": f"Tell me fact number {i} about lighthouses, in detail."}
-                      if i % 2 == 0 else {"role": "assistant", "content": "Lighthouses guide ships at night. " * 8}
-                      for i in range(300)])
+HISTORY = json.dumps(
+    [
+        {"role": "user", "content": f"Tell me fact number {i} about lighthouses, in detail."}
+        if i % 2 == 0
+        else {"role": "assistant", "content": "Lighthouses guide ships at night. " * 8}
+        for i in range(300)
+    ]
+)
 
 
 def post(base_url, route, timeout=40, **form):
@@ -47,18 +53,26 @@ def chat_status(base_url, command_id):
 
 def next_chat_completes(base_url, timeout=90):
     """A fresh chat, once the module takes one (it may be restarting, or ending a chat a lost client began)."""
+
     def accepted():
         ack = post(base_url, "text/chat", prompt="Say hi.", max_tokens="4")
         return ack["commandId"] if ack["success"] else None
+
     command_id = poll(accepted, timeout, "the module to accept a chat", interval=0.2)
-    final = poll(lambda: (a := chat_status(base_url, command_id))["commandStatus"] == "completed" and a, 60,
-                 "the chat to complete")
+    final = poll(
+        lambda: (a := chat_status(base_url, command_id))["commandStatus"] == "completed" and a,
+        60,
+        "the chat to complete",
+    )
     assert final["success"] is True and final["reply"], final
 
 
 def restarted(base_url, old_pid):
-    return poll(lambda: (s := server_status(base_url))["status"] == "Started" and s["pid"] != old_pid and s, 90,
-                "the module's restart")
+    return poll(
+        lambda: (s := server_status(base_url))["status"] == "Started" and s["pid"] != old_pid and s,
+        90,
+        "the module's restart",
+    )
 
 
 def assert_lost(answer, command_id):
@@ -93,8 +107,9 @@ def test_kill_9_mid_prepare_of_a_long_history_gives_a_clear_answer(base_url):
     module = psutil.Process(server_status(base_url)["pid"])
     busy_before = sum(module.cpu_times()[:2])
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(post, base_url, "text/chat", 60, prompt="And one more fact?", max_tokens="1500",
-                              messages=HISTORY)
+        pending = pool.submit(
+            post, base_url, "text/chat", 60, prompt="And one more fact?", max_tokens="1500", messages=HISTORY
+        )
         # The module working on the request (parsing, tokenizing, fitting the history) is when to strike; a fast
         # machine may be past it already, and every outcome below must still be clear.
         poll(lambda: pending.done() or sum(module.cpu_times()[:2]) > busy_before + 0.05, 20, "the module to work")
@@ -104,8 +119,10 @@ def test_kill_9_mid_prepare_of_a_long_history_gives_a_clear_answer(base_url):
     if answer["success"]:  # acknowledged before the kill: the chat is lost with the module
         assert_lost(chat_status(base_url, answer["commandId"]), answer["commandId"])
     else:  # taken and never answered, or refused (history too long) before the kill
-        assert ("The module LlamaChat stopped (exit code -9) before answering" in answer["error"]
-                or "messages" in answer["error"]), answer
+        assert (
+            "The module LlamaChat stopped (exit code -9) before answering" in answer["error"]
+            or "messages" in answer["error"]
+        ), answer
     restarted(base_url, module.pid)
     next_chat_completes(base_url)
 
@@ -113,8 +130,10 @@ def test_kill_9_mid_prepare_of_a_long_history_gives_a_clear_answer(base_url):
 def test_clients_that_disconnect_mid_request_leave_the_server_working(base_url):
     address = urlparse(base_url)
     body = b"prompt=Say+hello.&max_tokens=4"
-    request = (b"POST /v1/text/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-www-form-urlencoded"
-               b"\r\nContent-Length: %d\r\n\r\n" % len(body))
+    request = (
+        b"POST /v1/text/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-www-form-urlencoded"
+        b"\r\nContent-Length: %d\r\n\r\n" % len(body)
+    )
     for sent in (request[:30], request + body[:10], request + body):  # mid-headers, mid-body, before the answer
         with socket.create_connection((address.hostname, address.port), timeout=10) as client:
             client.sendall(sent)
@@ -137,6 +156,7 @@ def test_sigterm_mid_chat_stops_server_and_module_quickly_and_clients_hear_why(s
                     time.sleep(0.01)  # pacing, not synchronisation
                 except (requests.ConnectionError, AssertionError):
                     return
+
         poller = threading.Thread(target=keep_polling)
         poller.start()
         poll(lambda: answers, 30, "the first status answer")

@@ -3,6 +3,7 @@ SmolLM2: path traversal, oversized bodies, headers and URLs, bad numbers, bad, h
 deep `stop`, unknown ids, bytes that are not UTF-8, deeply nested JSON, wrong methods and unknown routes. Each case
 asserts the exact kind of answer (HTTP status, `success: false`, an error that names the problem), then that the
 server still answers and a normal chat still completes."""
+
 from __future__ import annotations
 
 import http.client
@@ -40,16 +41,29 @@ def urlencoded(path: str, status: int, error: str | None, code: int | None = Non
     return Case("POST", path, status, error, code, body, {"Content-Type": FORM})
 
 
-def raw(method: str, path: str, status: int, error: str | None, code: int | None = None, body: bytes = b"",
-        content_type: str | None = None, **headers) -> Case:
+def raw(
+    method: str,
+    path: str,
+    status: int,
+    error: str | None,
+    code: int | None = None,
+    body: bytes = b"",
+    content_type: str | None = None,
+    **headers,
+) -> Case:
     if content_type:
         headers["Content-Type"] = content_type
     return Case(method, path, status, error, code, body, headers)
 
 
 def multipart(field_name: str, value: bytes) -> bytes:
-    return (b'--XyZ\r\nContent-Disposition: form-data; name="' + field_name.encode() + b'"\r\n\r\n' + value
-            + b"\r\n--XyZ--\r\n")
+    return (
+        b'--XyZ\r\nContent-Disposition: form-data; name="'
+        + field_name.encode()
+        + b'"\r\n\r\n'
+        + value
+        + b"\r\n--XyZ--\r\n"
+    )
 
 
 MULTIPART = "multipart/form-data; boundary=XyZ"
@@ -63,8 +77,9 @@ CASES = {
     "traversal-encoded": raw("GET", "/%2e%2e/%2e%2e/%2e%2e/etc/passwd", 404, "No endpoint", 404),
     "traversal-assets": raw("GET", "/assets/../../app.py", 404, "No endpoint", 404),
     "traversal-assets-encoded": raw("GET", "/assets/..%2f..%2fapp.py", 404, "No endpoint", 404),
-    "traversal-assets-double-encoded": raw("GET", "/assets/%252e%252e%252f%252e%252e%252fpytest.ini", 404,
-                                           "No endpoint", 404),
+    "traversal-assets-double-encoded": raw(
+        "GET", "/assets/%252e%252e%252f%252e%252e%252fpytest.ini", 404, "No endpoint", 404
+    ),
     "traversal-assets-absolute": raw("GET", "/assets//etc/passwd", 404, "No endpoint", 404),
     "traversal-backslash": raw("GET", "/assets/..\\..\\app.py", 404, "No endpoint", 404),
     "traversal-assets-sibling": raw("GET", "/assets/..%5c__init__.py", 404, "No endpoint", 404),
@@ -87,19 +102,29 @@ CASES = {
     # Bad, huge and deep `messages`.
     "messages-not-json": urlencoded(CHAT, 200, "messages", None, prompt="Hi", messages="[{oops"),
     "messages-object": urlencoded(CHAT, 200, "messages", None, prompt="Hi", messages='{"role": "user"}'),
-    "messages-bad-role": urlencoded(CHAT, 200, "role", None, prompt="Hi",
-                                    messages='[{"role": "system", "content": "x"}]'),
+    "messages-bad-role": urlencoded(
+        CHAT, 200, "role", None, prompt="Hi", messages='[{"role": "system", "content": "x"}]'
+    ),
     "messages-no-content": urlencoded(CHAT, 200, "content", None, prompt="Hi", messages='[{"role": "user"}]'),
-    "messages-deep-100000": urlencoded(CHAT, 200, "'messages' holds JSON nested more than 100 levels", 400,
-                                       prompt="Hi", messages=DEEP),
-    "messages-deep-500": urlencoded(CHAT, 200, "'messages' holds JSON nested more than 100 levels", 400,
-                                    prompt="Hi", messages="[" * 500 + "]" * 500),
-    "messages-huge-turn": urlencoded(CHAT, 200, None, None, prompt="Hi", max_tokens="2",
-                                     messages=json.dumps([{"role": "user", "content": "long " * 20_000},
-                                                          {"role": "assistant", "content": "ok"}])),
+    "messages-deep-100000": urlencoded(
+        CHAT, 200, "'messages' holds JSON nested more than 100 levels", 400, prompt="Hi", messages=DEEP
+    ),
+    "messages-deep-500": urlencoded(
+        CHAT, 200, "'messages' holds JSON nested more than 100 levels", 400, prompt="Hi", messages="[" * 500 + "]" * 500
+    ),
+    "messages-huge-turn": urlencoded(
+        CHAT,
+        200,
+        None,
+        None,
+        prompt="Hi",
+        max_tokens="2",
+        messages=json.dumps([{"role": "user", "content": "long " * 20_000}, {"role": "assistant", "content": "ok"}]),
+    ),
     # Bad and deep `stop`.
-    "stop-deep-100000": urlencoded(CHAT, 200, "'stop' holds JSON nested more than 100 levels", 400,
-                                   prompt="Hi", stop=DEEP),
+    "stop-deep-100000": urlencoded(
+        CHAT, 200, "'stop' holds JSON nested more than 100 levels", 400, prompt="Hi", stop=DEEP
+    ),
     "stop-1000-strings": urlencoded(CHAT, 200, "stop", None, prompt="Hi", stop=json.dumps(["x"] * 1000)),
     # Unknown and missing ids.
     "status-unknown-id": urlencoded(STATUS, 200, "command", None, commandId="no-such-command"),
@@ -107,22 +132,40 @@ CASES = {
     "cancel-unknown-id": urlencoded(CANCEL, 200, "command", None, commandId="../../etc/passwd"),
     "cancel-no-id": raw("POST", CANCEL, 200, "No command ID provided"),
     # Bytes that are not UTF-8, and deeply nested JSON bodies.
-    "non-utf8-urlencoded": raw("POST", CHAT, 200, "The form is not valid UTF-8 (byte 0xff", 400,
-                               b"prompt=\xff\xfehi", FORM),
-    "non-utf8-multipart": raw("POST", CHAT, 200, "The form is not valid UTF-8 (byte 0xc3", 400,
-                              multipart("prompt", b"caf\xc3("), MULTIPART),
-    "non-utf8-json": raw("POST", CHAT, 200, "The JSON body is not valid UTF-8 (byte 0xff", 400,
-                         b'{"values": [{"key": "prompt", "value": ["\xff"]}]}', "application/json"),
+    "non-utf8-urlencoded": raw(
+        "POST", CHAT, 200, "The form is not valid UTF-8 (byte 0xff", 400, b"prompt=\xff\xfehi", FORM
+    ),
+    "non-utf8-multipart": raw(
+        "POST", CHAT, 200, "The form is not valid UTF-8 (byte 0xc3", 400, multipart("prompt", b"caf\xc3("), MULTIPART
+    ),
+    "non-utf8-json": raw(
+        "POST",
+        CHAT,
+        200,
+        "The JSON body is not valid UTF-8 (byte 0xff",
+        400,
+        b'{"values": [{"key": "prompt", "value": ["\xff"]}]}',
+        "application/json",
+    ),
     "non-utf8-module-log": raw("POST", "/v1/log/", NOT_FOR_US, "", None, b"entry=\xff\xfe", FORM),
-    "json-deep-100000": raw("POST", CHAT, 200, "The JSON body is nested too deeply", 400, DEEP.encode(),
-                            "application/json"),
-    "json-deep-values": raw("POST", CHAT, 200, "'prompt' holds JSON nested more than 100 levels", 400,
-                            json.dumps({"values": [{"key": "prompt", "value": ["[" * 300 + "]" * 300]}]}).encode(),
-                            "application/json"),
-    "json-not-payload-shape": raw("POST", CHAT, 200, "RequestPayload shape", 400, b'{"prompt": "hi"}',
-                                  "application/json"),
-    "multipart-broken": raw("POST", CHAT, 200, "The form body is malformed", 400, b"--XyZ\r\nnonsense",
-                            "multipart/form-data"),
+    "json-deep-100000": raw(
+        "POST", CHAT, 200, "The JSON body is nested too deeply", 400, DEEP.encode(), "application/json"
+    ),
+    "json-deep-values": raw(
+        "POST",
+        CHAT,
+        200,
+        "'prompt' holds JSON nested more than 100 levels",
+        400,
+        json.dumps({"values": [{"key": "prompt", "value": ["[" * 300 + "]" * 300]}]}).encode(),
+        "application/json",
+    ),
+    "json-not-payload-shape": raw(
+        "POST", CHAT, 200, "RequestPayload shape", 400, b'{"prompt": "hi"}', "application/json"
+    ),
+    "multipart-broken": raw(
+        "POST", CHAT, 200, "The form body is malformed", 400, b"--XyZ\r\nnonsense", "multipart/form-data"
+    ),
     "content-type-unknown": raw("POST", CHAT, 200, "Unsupported Content-Type", 400, b"\x00\x01", "image/png"),
     "no-prompt": urlencoded(CHAT, 200, "prompt", None, messages=PAIRS),
     # Wrong methods and unknown routes.
@@ -134,10 +177,18 @@ CASES = {
     "route-typo": raw("POST", "/v1/text/chats", 404, "No module answers POST /v1/text/chats", 404),
     "unknown-page": raw("GET", "/admin", 404, "No endpoint GET /admin", 404),
     # Module endpoints, from a process that is not the module, with nothing to answer: refused either way.
-    "module-answer-unknown-reqid": raw("POST", "/v1/queue/00000000-0000-0000-0000-000000000000?moduleId=LlamaChat",
-                                       NOT_FOR_US, "", None, b'{"success": true}', "text/plain"),
-    "module-status-other-module": raw("POST", "/v1/queue/updatemodulestatus/Other", NOT_FOR_US + (404,), "", None,
-                                      b"statusData=%7B%7D", FORM),
+    "module-answer-unknown-reqid": raw(
+        "POST",
+        "/v1/queue/00000000-0000-0000-0000-000000000000?moduleId=LlamaChat",
+        NOT_FOR_US,
+        "",
+        None,
+        b'{"success": true}',
+        "text/plain",
+    ),
+    "module-status-other-module": raw(
+        "POST", "/v1/queue/updatemodulestatus/Other", NOT_FOR_US + (404,), "", None, b"statusData=%7B%7D", FORM
+    ),
 }
 
 
@@ -174,6 +225,7 @@ def chat_completes(base_url: str) -> None:
     def completed():
         answer = requests.post(f"{base_url}{STATUS}", data={"commandId": ack["commandId"]}, timeout=60).json()
         return answer if answer.get("commandStatus") == "completed" else None
+
     final = poll(completed, 60, "a normal chat to complete")
     assert final["success"] is True and final["reply"], final
 
@@ -195,8 +247,16 @@ def test_hostile_input_gets_a_clear_answer_and_the_server_carries_on(base_url, c
             # Input that is fine after all (a long prompt, or a history that fits by dropping turns): a chat started,
             # and runs to its end.
             assert case.error in (None, ""), answer
-            poll(lambda: requests.post(f"{base_url}{STATUS}", data={"commandId": answer["commandId"]},
-                                       timeout=60).json()["commandStatus"] == "completed", 120, "the chat to end")
+            poll(
+                lambda: (
+                    requests.post(f"{base_url}{STATUS}", data={"commandId": answer["commandId"]}, timeout=60).json()[
+                        "commandStatus"
+                    ]
+                    == "completed"
+                ),
+                120,
+                "the chat to end",
+            )
         elif case.error is None:
             assert answer["success"] is True, answer
             assert len(answer.get("entries", [])) <= 1000

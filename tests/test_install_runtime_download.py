@@ -2,6 +2,7 @@
 
 LlamaChat runs in a subprocess: huggingface_hub reads HF_ENDPOINT when it is imported.
 """
+
 import filecmp
 import json
 import subprocess
@@ -33,7 +34,12 @@ print(json.dumps({"model_path": chat.model_path, "fallback_reason": chat.fallbac
 def load_and_chat(env: dict, models: Path) -> dict:
     result = subprocess.run(
         [sys.executable, "-c", LOAD_AND_CHAT, DEFAULT.repo_id, FILEGLOB, DEFAULT.filename, str(models)],
-        env=env, cwd=MODULE_DIR, capture_output=True, text=True, timeout=180)
+        env=env,
+        cwd=MODULE_DIR,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -60,8 +66,13 @@ def test_missing_model_is_downloaded_at_start_then_loaded_from_disk(hub, tmp_pat
 def test_install_without_the_hub_leaves_a_model_the_module_runs_on(tmp_path):
     env = hub_env(unreachable_hub_url(), tmp_path)
     models = tmp_path / "models"
-    install = subprocess.run([sys.executable, str(MODULE_DIR / "fetch_model.py"), "--models-dir", str(models)],
-                             env=env, capture_output=True, text=True, timeout=120)
+    install = subprocess.run(
+        [sys.executable, str(MODULE_DIR / "fetch_model.py"), "--models-dir", str(models)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert install.returncode == 3, install.stderr
 
     loaded = load_and_chat(env, models)

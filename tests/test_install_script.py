@@ -4,6 +4,7 @@
 The module folder is copied to a scratch folder for each test. Its `.venv` is a symlink to the project's venv:
 install.sh reuses an existing .venv, as on any re-run, which spares the tests compiling llama-cpp-python.
 """
+
 import filecmp
 import shlex
 import shutil
@@ -18,8 +19,16 @@ from hf_standin import hub_env, unreachable_hub_url
 DEFAULT = read_default_model()
 # What install.sh and fetch_model.py use: fetch_model.py reads its settings with llama_settings.py, which reads
 # modulesettings.json with the standalone server's code.
-MODULE_FILES = ("install.sh", "fetch_model.py", "llama_settings.py", "llama_chat_adapter.py", "requirements.txt",
-                "modulesettings.json", "llamachat_server/__init__.py", "llamachat_server/settings.py")
+MODULE_FILES = (
+    "install.sh",
+    "fetch_model.py",
+    "llama_settings.py",
+    "llama_chat_adapter.py",
+    "requirements.txt",
+    "modulesettings.json",
+    "llamachat_server/__init__.py",
+    "llamachat_server/settings.py",
+)
 PROJECT_PYTHON = MODULE_DIR / ".venv" / "bin" / "python"
 
 
@@ -58,8 +67,9 @@ def test_standalone_install_without_the_hub_ends_with_smollm2(module_dir, tmp_pa
 
 def test_standalone_install_in_a_fresh_folder_makes_the_venv_and_stops_clearly_without_packages(module_dir, tmp_path):
     (module_dir / ".venv").unlink()
-    result = run_bash(f"bash {shlex.quote(str(module_dir / 'install.sh'))}",
-                      hub_env(unreachable_hub_url(), tmp_path), cwd=tmp_path)  # hub_env gives pip no index
+    result = run_bash(
+        f"bash {shlex.quote(str(module_dir / 'install.sh'))}", hub_env(unreachable_hub_url(), tmp_path), cwd=tmp_path
+    )  # hub_env gives pip no index
 
     assert result.returncode == 1
     assert f"creating the virtual environment {module_dir / '.venv'}" in result.stdout
@@ -69,8 +79,11 @@ def test_standalone_install_in_a_fresh_folder_makes_the_venv_and_stops_clearly_w
 
 
 def test_standalone_install_rejects_unknown_options(module_dir, tmp_path):
-    result = run_bash(f"bash {shlex.quote(str(module_dir / 'install.sh'))} --tiny",
-                      hub_env(unreachable_hub_url(), tmp_path), cwd=tmp_path)
+    result = run_bash(
+        f"bash {shlex.quote(str(module_dir / 'install.sh'))} --tiny",
+        hub_env(unreachable_hub_url(), tmp_path),
+        cwd=tmp_path,
+    )
     assert result.returncode == 2
     assert "unknown option '--tiny'" in result.stderr
     assert not (module_dir / "models").exists()
@@ -80,9 +93,14 @@ def source_like_the_server(module_dir: Path, tmp_path: Path, python: Path = PROJ
     """A bash script that sets the variables the server's setup.sh gives install scripts, sources install.sh
     the way it does, then reports what the script left in the shell that sourced it."""
     server_vars = {
-        "moduleDirPath": module_dir, "moduleDirName": module_dir.name, "venvPythonCmdPath": python,
-        "downloadDirPath": tmp_path / "downloads", "modulesDir": "modules", "assetsDir": "assets",
-        "verbosity": "quiet", "moduleInstallErrors": "",
+        "moduleDirPath": module_dir,
+        "moduleDirName": module_dir.name,
+        "venvPythonCmdPath": python,
+        "downloadDirPath": tmp_path / "downloads",
+        "modulesDir": "modules",
+        "assetsDir": "assets",
+        "verbosity": "quiet",
+        "moduleInstallErrors": "",
     }
     assignments = "\n".join(f"{name}={shlex.quote(str(value))}" for name, value in server_vars.items())
     return f"""{assignments}
@@ -131,8 +149,9 @@ def test_sourced_failure_sets_module_install_errors_and_returns_to_the_server(hu
 
 
 def test_sourced_without_the_server_variables_says_how_to_run_it(module_dir, tmp_path):
-    script = (f"source {shlex.quote(str(module_dir / 'install.sh'))} install\n"
-              "echo \"status=$? errors=[$moduleInstallErrors]\"")
+    script = (
+        f'source {shlex.quote(str(module_dir / "install.sh"))} install\necho "status=$? errors=[$moduleInstallErrors]"'
+    )
     result = run_bash(script, hub_env(unreachable_hub_url(), tmp_path), cwd=tmp_path)
 
     assert "status=1" in result.stdout

@@ -1,12 +1,14 @@
 """The wrapper on real models: loading, chatting, streaming, templates and load failures."""
+
 import pytest
 
 from llama_chat import DEFAULT_SYSTEM_PROMPT, LlamaChat, ModelLoadError
 
 
 def load(path, **options):
-    return LlamaChat(repo_id="", fileglob="", filename=path.name, model_dir=str(path.parent), n_ctx=1024,
-                     n_threads=2, **options)
+    return LlamaChat(
+        repo_id="", fileglob="", filename=path.name, model_dir=str(path.parent), n_ctx=1024, n_threads=2, **options
+    )
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +75,10 @@ def test_gemma_without_template_gets_gemma_turns_and_the_system_prompt(gemma3):
         assert "gemma" in chat.template_source and "has none" in chat.template_source
         assert not chat.system_role  # Gemma has no system role: it is folded into the first user turn
         prompt = chat.template.render(chat.messages("What is the sky's colour?", "Answer in French."))
-        assert prompt == ("<bos><start_of_turn>user\nAnswer in French.\n\nWhat is the sky's colour?<end_of_turn>\n"
-                          "<start_of_turn>model\n")
+        assert prompt == (
+            "<bos><start_of_turn>user\nAnswer in French.\n\nWhat is the sky's colour?<end_of_turn>\n"
+            "<start_of_turn>model\n"
+        )
         with_system = chat.tokenize_messages(chat.messages("Hi", "Answer in French, always, briefly."))
         assert len(with_system) > len(chat.tokenize_messages(chat.messages("Hi", "x")))
         reply = chat.do_chat("Say hello.", "Answer in French.", max_tokens=24, temperature=0)["choices"][0]["message"]
@@ -95,8 +99,12 @@ def test_chat_format_override_is_checked(smollm2):
 
 def test_missing_model_says_what_was_tried(tmp_path):
     with pytest.raises(ModelLoadError) as raised:
-        LlamaChat(repo_id="TheBloke/Mistral-7B-Instruct-v0.2-GGUF", fileglob="*.Q4_K_M.gguf",
-                  filename="mistral.gguf", model_dir=str(tmp_path))
+        LlamaChat(
+            repo_id="TheBloke/Mistral-7B-Instruct-v0.2-GGUF",
+            fileglob="*.Q4_K_M.gguf",
+            filename="mistral.gguf",
+            model_dir=str(tmp_path),
+        )
     message = str(raised.value)
     assert f"'{tmp_path / 'mistral.gguf'}': no such file" in message
     assert "downloading '*.Q4_K_M.gguf' from Hugging Face repo 'TheBloke/Mistral-7B-Instruct-v0.2-GGUF'" in message
@@ -112,8 +120,9 @@ def test_corrupt_model_file_is_reported(tmp_path):
 
 def test_small_fallback_model_is_used_and_labelled(tmp_path, smollm2):
     (tmp_path / smollm2.name).symlink_to(smollm2)
-    chat = LlamaChat(repo_id="", fileglob="", filename="mistral-7b-instruct-v0.2.Q4_K_M.gguf",
-                     model_dir=str(tmp_path), n_ctx=512)
+    chat = LlamaChat(
+        repo_id="", fileglob="", filename="mistral-7b-instruct-v0.2.Q4_K_M.gguf", model_dir=str(tmp_path), n_ctx=512
+    )
     try:
         assert chat.model_name == smollm2.name
         assert "mistral-7b-instruct-v0.2.Q4_K_M.gguf': no such file" in chat.fallback_reason

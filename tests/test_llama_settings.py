@@ -1,6 +1,7 @@
 """LlamaSettings: the module's CPAI_MODULE_LLAMA_* settings, with modulesettings.json's values as defaults.
 
 Model-free: only settings files and environments are read."""
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,9 @@ def test_every_setting_is_declared_in_modulesettings():
 def test_defaults_are_what_the_server_passes_from_modulesettings(tmp_path):
     # With no variable set (the setup's self-test), the module sees exactly what a server would have given it.
     settings = LlamaSettings.from_env({}, host=LINUX)
-    server_env = module_environment(load_module_settings(ROOT, LINUX), port=1, python="python", data_dir=tmp_path,
-                                    base_env={}, host=LINUX)
+    server_env = module_environment(
+        load_module_settings(ROOT, LINUX), port=1, python="python", data_dir=tmp_path, base_env={}, host=LINUX
+    )
     expected = {name: server_env[name] for name in VARIABLES}
     expected["CPAI_MODULE_LLAMA_MODEL_DIR"] = str((ROOT / server_env["CPAI_MODULE_LLAMA_MODEL_DIR"]).resolve())
     assert as_environment(settings) == expected
@@ -72,8 +74,10 @@ def test_an_empty_variable_means_its_default_as_in_the_sdk():
 
 
 def test_a_relative_model_dir_is_relative_to_the_module_folder_and_an_at_sign_is_forgiven():
-    settings = LlamaSettings.from_env({"CPAI_MODULE_LLAMA_MODEL_DIR": "gguf/../weights",
-                                       "CPAI_MODULE_LLAMA_MODEL_REPO": "@someone/tiny-GGUF"}, host=LINUX)
+    settings = LlamaSettings.from_env(
+        {"CPAI_MODULE_LLAMA_MODEL_DIR": "gguf/../weights", "CPAI_MODULE_LLAMA_MODEL_REPO": "@someone/tiny-GGUF"},
+        host=LINUX,
+    )
     assert settings.model_dir == ROOT / "weights"
     assert settings.model_repo == "someone/tiny-GGUF"
 
@@ -81,8 +85,9 @@ def test_a_relative_model_dir_is_relative_to_the_module_folder_and_an_at_sign_is
 def test_per_os_layers_change_the_defaults(tmp_path):
     for name in ("modulesettings.json", "llama_chat_adapter.py"):
         shutil.copy(ROOT / name, tmp_path / name)
-    (tmp_path / "modulesettings.linux.json").write_text(json.dumps(
-        {"Modules": {"LlamaChat": {"EnvironmentVariables": {"CPAI_MODULE_LLAMA_CONTEXT_SIZE": "2048"}}}}))
+    (tmp_path / "modulesettings.linux.json").write_text(
+        json.dumps({"Modules": {"LlamaChat": {"EnvironmentVariables": {"CPAI_MODULE_LLAMA_CONTEXT_SIZE": "2048"}}}})
+    )
 
     assert LlamaSettings.from_env({}, tmp_path, LINUX).context_size == 2048
     assert LlamaSettings.from_env({}, tmp_path, WINDOWS).context_size == 4096
@@ -90,31 +95,52 @@ def test_per_os_layers_change_the_defaults(tmp_path):
     assert LlamaSettings.from_env({}, tmp_path, WINDOWS).model_repo == "TheBloke/Mistral-7B-Instruct-v0.2-GGUF"
 
 
-@pytest.mark.parametrize("name, value, expected", [
-    ("CPAI_MODULE_LLAMA_CONTEXT_SIZE", "lots",
-     "CPAI_MODULE_LLAMA_CONTEXT_SIZE must be a whole number of at least 256, not 'lots'"),
-    ("CPAI_MODULE_LLAMA_CONTEXT_SIZE", "128", "at least 256, not '128' (the tokens the model sees at once"),
-    ("CPAI_MODULE_LLAMA_CONTEXT_SIZE", "4096.5", "whole number"),
-    ("CPAI_MODULE_LLAMA_THREADS", "-1",
-     "CPAI_MODULE_LLAMA_THREADS must be a whole number of at least 0, not '-1' (CPU threads for the model; "
-     "0 chooses them automatically)"),
-    ("CPAI_MODULE_LLAMA_GPU_LAYERS", "-2",
-     "CPAI_MODULE_LLAMA_GPU_LAYERS must be a whole number of at least -1, not '-2' (model layers offloaded to a GPU; "
-     "-1 = all, 0 = none)"),
-    ("CPAI_MODULE_LLAMA_GPU_LAYERS", "all", "at least -1, not 'all'"),
-    ("CPAI_MODULE_LLAMA_MODEL_FILENAME", "models/mistral.gguf",
-     "CPAI_MODULE_LLAMA_MODEL_FILENAME must be the name of a .gguf file, without a folder (that goes in "
-     "CPAI_MODULE_LLAMA_MODEL_DIR), not 'models/mistral.gguf'"),
-    ("CPAI_MODULE_LLAMA_MODEL_FILENAME", "mistral.bin", "must be the name of a .gguf file"),
-    ("CPAI_MODULE_LLAMA_MODEL_REPO", "https://huggingface.co/TheBloke/x",
-     "CPAI_MODULE_LLAMA_MODEL_REPO must be a Hugging Face repo id like 'TheBloke/Mistral-7B-Instruct-v0.2-GGUF', "
-     "or empty for no download, not 'https://huggingface.co/TheBloke/x'"),
-    ("CPAI_MODULE_LLAMA_MODEL_FILEGLOB", " ", "CPAI_MODULE_LLAMA_MODEL_FILEGLOB is empty"),
-    ("CPAI_MODULE_LLAMA_MODEL_DIR", " ", "CPAI_MODULE_LLAMA_MODEL_DIR is empty"),
-    ("CPAI_MODULE_LLAMA_CHAT_FORMAT", "llama-2",
-     "CPAI_MODULE_LLAMA_CHAT_FORMAT must be one of chatml, gemma, phi3, or empty to use the model's own chat "
-     "template, not 'llama-2'"),
-])
+@pytest.mark.parametrize(
+    "name, value, expected",
+    [
+        (
+            "CPAI_MODULE_LLAMA_CONTEXT_SIZE",
+            "lots",
+            "CPAI_MODULE_LLAMA_CONTEXT_SIZE must be a whole number of at least 256, not 'lots'",
+        ),
+        ("CPAI_MODULE_LLAMA_CONTEXT_SIZE", "128", "at least 256, not '128' (the tokens the model sees at once"),
+        ("CPAI_MODULE_LLAMA_CONTEXT_SIZE", "4096.5", "whole number"),
+        (
+            "CPAI_MODULE_LLAMA_THREADS",
+            "-1",
+            "CPAI_MODULE_LLAMA_THREADS must be a whole number of at least 0, not '-1' (CPU threads for the model; "
+            "0 chooses them automatically)",
+        ),
+        (
+            "CPAI_MODULE_LLAMA_GPU_LAYERS",
+            "-2",
+            "CPAI_MODULE_LLAMA_GPU_LAYERS must be a whole number of at least -1, not '-2' "
+            "(model layers offloaded to a GPU; -1 = all, 0 = none)",
+        ),
+        ("CPAI_MODULE_LLAMA_GPU_LAYERS", "all", "at least -1, not 'all'"),
+        (
+            "CPAI_MODULE_LLAMA_MODEL_FILENAME",
+            "models/mistral.gguf",
+            "CPAI_MODULE_LLAMA_MODEL_FILENAME must be the name of a .gguf file, without a folder (that goes in "
+            "CPAI_MODULE_LLAMA_MODEL_DIR), not 'models/mistral.gguf'",
+        ),
+        ("CPAI_MODULE_LLAMA_MODEL_FILENAME", "mistral.bin", "must be the name of a .gguf file"),
+        (
+            "CPAI_MODULE_LLAMA_MODEL_REPO",
+            "https://huggingface.co/TheBloke/x",
+            "CPAI_MODULE_LLAMA_MODEL_REPO must be a Hugging Face repo id like "
+            "'TheBloke/Mistral-7B-Instruct-v0.2-GGUF', or empty for no download, not 'https://huggingface.co/TheBloke/x'",
+        ),
+        ("CPAI_MODULE_LLAMA_MODEL_FILEGLOB", " ", "CPAI_MODULE_LLAMA_MODEL_FILEGLOB is empty"),
+        ("CPAI_MODULE_LLAMA_MODEL_DIR", " ", "CPAI_MODULE_LLAMA_MODEL_DIR is empty"),
+        (
+            "CPAI_MODULE_LLAMA_CHAT_FORMAT",
+            "llama-2",
+            "CPAI_MODULE_LLAMA_CHAT_FORMAT must be one of chatml, gemma, phi3, or empty to use the model's own chat "
+            "template, not 'llama-2'",
+        ),
+    ],
+)
 def test_each_bad_value_is_refused_with_what_is_allowed(name, value, expected):
     with pytest.raises(LlamaSettingsError) as refused:
         LlamaSettings.from_env({name: value}, host=LINUX)
@@ -128,8 +154,11 @@ def test_a_setting_without_a_default_must_be_set(tmp_path):
     (tmp_path / "modulesettings.json").write_text(json.dumps(settings))
     shutil.copy(ROOT / "llama_chat_adapter.py", tmp_path)
 
-    with pytest.raises(LlamaSettingsError, match="CPAI_MODULE_LLAMA_THREADS is not set, and the EnvironmentVariables "
-                                                 "of .*modulesettings.json give it no default"):
+    with pytest.raises(
+        LlamaSettingsError,
+        match="CPAI_MODULE_LLAMA_THREADS is not set, and the EnvironmentVariables "
+        "of .*modulesettings.json give it no default",
+    ):
         LlamaSettings.from_env({}, tmp_path, LINUX)
     assert LlamaSettings.from_env({"CPAI_MODULE_LLAMA_THREADS": "2"}, tmp_path, LINUX).threads == 2
 

@@ -1,4 +1,5 @@
 """modulesettings.json against the rules the real server applies when it loads a module (docs/protocol.md §3)."""
+
 import json
 
 from tests.conftest import ROOT
@@ -39,14 +40,38 @@ def test_platforms_exclude_only_what_cannot_run_it():
 def test_chat_route_as_clients_expect_it():
     route = module["RouteMaps"][0]
     assert (route["Route"], route["Method"], route["Command"], route["MeshEnabled"]) == (
-        "text/chat", "POST", "prompt", False)
+        "text/chat",
+        "POST",
+        "prompt",
+        False,
+    )
     assert module["PublishingInfo"]["Category"] == "Generative AI"  # the Explorer tab it appears on
     names = [i["Name"] for i in route["Inputs"]]
-    assert names[:1] == ["prompt"] and {"system_prompt", "max_tokens", "temperature", "messages", "top_p", "top_k",
-                                        "min_p", "repeat_penalty", "seed", "stop"} <= set(names)
+    assert names[:1] == ["prompt"] and {
+        "system_prompt",
+        "max_tokens",
+        "temperature",
+        "messages",
+        "top_p",
+        "top_k",
+        "min_p",
+        "repeat_penalty",
+        "seed",
+        "stop",
+    } <= set(names)
     outputs = {o["Name"] for o in route["Outputs"]}
-    assert {"success", "reply", "stop_reason", "processMs", "inferenceMs", "prompt_tokens", "cached_tokens",
-            "completion_tokens", "tokens_per_second", "time_to_first_token_ms"} <= outputs
+    assert {
+        "success",
+        "reply",
+        "stop_reason",
+        "processMs",
+        "inferenceMs",
+        "prompt_tokens",
+        "cached_tokens",
+        "completion_tokens",
+        "tokens_per_second",
+        "time_to_first_token_ms",
+    } <= outputs
 
 
 def test_inputs_use_the_keys_the_server_binds_and_defaults_lie_in_range():

@@ -1,4 +1,5 @@
 """The requirements files declare every package the code imports, in a form the real server's setup can install."""
+
 from __future__ import annotations
 
 import ast
@@ -18,7 +19,10 @@ GROUPS = {
     "the benchmark": (["bench/*.py"], ["requirements.txt", "bench/requirements.txt"]),
 }
 OUR_OWN = {path.stem for pattern in ("*.py", "tests/*.py", "bench/*.py") for path in ROOT.glob(pattern)} | {
-    "llamachat_server", "tests", "bench"}
+    "llamachat_server",
+    "tests",
+    "bench",
+}
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -59,8 +63,11 @@ def imported_packages(patterns: list[str]) -> dict[str, str]:
 @pytest.mark.parametrize("group", GROUPS)
 def test_every_imported_package_is_declared(group):
     patterns, requirements = GROUPS[group]
-    missing = {package: where for package, where in imported_packages(patterns).items()
-               if package not in declared(requirements)}
+    missing = {
+        package: where
+        for package, where in imported_packages(patterns).items()
+        if package not in declared(requirements)
+    }
     assert not missing, f"{group} import packages that {', '.join(requirements)} do not declare: {missing}"
 
 
@@ -68,5 +75,6 @@ def test_module_requirements_survive_the_server_setup_shell():
     # The real setup evals each line in a shell: `pkg>=1,<2` would install bare pkg and write files named =1 and 2.
     for line in package_lines(ROOT / "requirements.txt"):
         assert "<" not in line and ">" not in line, f"{line!r}: write bounds with ~= instead"
-        assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*(\[[a-z0-9,_-]+\])?(~=[0-9][0-9.]*|==[0-9][0-9.*]*)?", line), \
+        assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*(\[[a-z0-9,_-]+\])?(~=[0-9][0-9.]*|==[0-9][0-9.*]*)?", line), (
             f"{line!r} is not a plain requirement"
+        )

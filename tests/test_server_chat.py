@@ -1,20 +1,40 @@
 """Chatting through llamachat_server: real HTTP, the real SDK in the real module process, the real SmolLM2
 model. Response fields are checked against docs/protocol.md §2.2 field for field."""
+
 import pytest
 import requests
 
 from live_server import poll, running_server
 
 # What every answer that went through the module carries (the SDK adds the first six, the server the rest).
-ENVELOPE = {"moduleId", "moduleName", "code", "command", "requestId", "inferenceDevice",
-            "analysisRoundTripMs", "processedBy", "timestampUTC"}
+ENVELOPE = {
+    "moduleId",
+    "moduleName",
+    "code",
+    "command",
+    "requestId",
+    "inferenceDevice",
+    "analysisRoundTripMs",
+    "processedBy",
+    "timestampUTC",
+}
 ACK_FIELDS = ENVELOPE | {"success", "message", "commandId", "commandStatus"}
 RUNNING_FIELDS = ACK_FIELDS | {"reply"}
 COMPLETED_FIELDS = RUNNING_FIELDS | {"error", "stop_reason", "processMs", "inferenceMs"}
 CANCEL_FIELDS = ACK_FIELDS
 # LlamaChat's own live metrics, on top of the fields of docs/protocol.md §2.2.
-METRICS = {"model", "model_fallback", "prompt_tokens", "cached_tokens", "completion_tokens", "tokens_per_second",
-           "time_to_first_token_ms", "elapsed_ms", "dropped_turns", "threads"}
+METRICS = {
+    "model",
+    "model_fallback",
+    "prompt_tokens",
+    "cached_tokens",
+    "completion_tokens",
+    "tokens_per_second",
+    "time_to_first_token_ms",
+    "elapsed_ms",
+    "dropped_turns",
+    "threads",
+}
 STORY = "Write a very long story about a dragon who learns to bake bread. Describe every step in detail."
 # Tokens for the story: a reply still running when a test looks, however fast the machine (the context is 2048).
 LONG = "1900"
@@ -118,8 +138,9 @@ def test_json_request_payload_chat_works_too(base_url):
 
 def test_cancel_mid_reply_keeps_the_partial_reply(base_url):
     ack = start_chat(base_url, prompt=STORY, max_tokens=LONG)
-    partial = poll(lambda: status(base_url, ack["commandId"])["reply"], 60, "the first words of the reply",
-                   interval=0.01)
+    partial = poll(
+        lambda: status(base_url, ack["commandId"])["reply"], 60, "the first words of the reply", interval=0.01
+    )
 
     cancelled = post(base_url, "LlamaChat/cancel_command", commandId=ack["commandId"])
     assert set(cancelled) == CANCEL_FIELDS
@@ -145,10 +166,13 @@ def test_a_second_chat_while_one_runs_is_refused_clearly(base_url):
     follow(base_url, first["commandId"])
 
 
-@pytest.mark.parametrize("form, error", [
-    ({"commandId": "no-such-command"}, "does not match the current long running command"),
-    ({}, "No command ID provided"),
-])
+@pytest.mark.parametrize(
+    "form, error",
+    [
+        ({"commandId": "no-such-command"}, "does not match the current long running command"),
+        ({}, "No command ID provided"),
+    ],
+)
 def test_unknown_or_missing_command_id_gets_a_clear_error(base_url, form, error):
     ack = start_chat(base_url, prompt="Hi", max_tokens="4")
     follow(base_url, ack["commandId"])

@@ -3,12 +3,13 @@ it in a real browser (Debian's chromium) with `_MID_` substituted and our helper
 
 The explore.html here is a small one written for this test (in a copy of the module folder), so the host page
 is tested on its own, whatever the module's real explore.html looks like."""
+
 import re
 
 import pytest
 import requests
-from live_server import ROOT, running_server
 
+from live_server import ROOT, running_server
 
 STYLE = "._MID_card { color: rgb(1, 2, 3); }"
 MARKUP = """<div class="_MID_card" id="_MID_panel">
@@ -95,8 +96,9 @@ def test_explorer_page_runs_the_module_ui_and_chats_through_the_helpers(base_url
         page.wait_for_function("document.getElementById('moduleStatus').textContent === 'LlamaChat: Started'")
 
         page.click("#LlamaChat_send")
-        page.wait_for_function("(document.getElementById('status').textContent || '').startsWith('done: ')",
-                               timeout=60_000)
+        page.wait_for_function(
+            "(document.getElementById('status').textContent || '').startsWith('done: ')", timeout=60_000
+        )
         assert page.inner_text("#LlamaChat_reply").strip()
         assert page.inner_text("#status") in ("done: completed", "done: length")
         assert page.locator("#status .text-success").count() == 1

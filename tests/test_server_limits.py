@@ -3,11 +3,11 @@ through aiohttp's TestServer, real subprocesses): requests whose client has gone
 queue and the log are bounded, a module's endless output line cannot end the supervisor, the command books are
 bounded, and an unexpected exception becomes a JSON answer. No module is launched here; the hostile-input battery
 (tests/test_hostile_inputs.py) and the fault tests (tests/test_faults.py) run the real module."""
+
 import asyncio
 import sys
 
 import aiohttp
-from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from conftest import ROOT
@@ -35,8 +35,14 @@ async def wait_until(condition, timeout: float, what: str) -> None:
 
 def run_with_server(scenario, tmp_path, response_timeout=30.0):
     """Runs `scenario(server, context)` against the whole app (no module launched) served on loopback."""
-    config = ServerConfig(module_dir=ROOT, port=0, response_timeout=response_timeout, launch_module=False,
-                          data_dir=tmp_path, log_level="critical")
+    config = ServerConfig(
+        module_dir=ROOT,
+        port=0,
+        response_timeout=response_timeout,
+        launch_module=False,
+        data_dir=tmp_path,
+        log_level="critical",
+    )
 
     async def main():
         app = create_app(config)
@@ -50,14 +56,18 @@ def test_a_request_whose_client_gave_up_leaves_the_queue_at_once(tmp_path):
     async def scenario(server, context):
         async with aiohttp.ClientSession() as client:
             try:
-                await client.post(server.make_url("/v1/text/chat"), data={"prompt": BIG_PROMPT},
-                                  timeout=aiohttp.ClientTimeout(total=1.5))
+                await client.post(
+                    server.make_url("/v1/text/chat"),
+                    data={"prompt": BIG_PROMPT},
+                    timeout=aiohttp.ClientTimeout(total=1.5),
+                )
                 raise AssertionError("nobody answers this request, yet it got an answer")
             except asyncio.TimeoutError:
                 pass
         # The server's own timeout is 30 s: the request goes because its client went, not because it timed out.
         await wait_until(lambda: context.queues.pending(QUEUE) == (0, 0), 2, "the abandoned request to leave")
         assert await context.queues.take(QUEUE, 0.2) is None  # a module never sees it
+
     run_with_server(scenario, tmp_path)
 
 
@@ -72,6 +82,7 @@ def test_a_timed_out_request_leaves_the_queue_and_is_never_handed_out():
             assert "timed out" in str(ex)
         assert queues.pending(QUEUE) == (0, 0)
         assert await queues.take(QUEUE, 0.1) is None
+
     asyncio.run(scenario())
 
 
@@ -104,6 +115,7 @@ def test_the_queue_is_bounded_in_bytes_and_in_requests_with_a_clear_error():
         await asyncio.gather(first, second, small, return_exceptions=True)
         assert queues.pending(QUEUE)[0] == 1 and (await queues.take(QUEUE, 1))["reqtype"] == "quit"
         assert queues.pending(QUEUE) == (0, 0)
+
     asyncio.run(scenario())
 
 
@@ -112,7 +124,8 @@ def test_log_entries_are_cut_with_a_marker_and_the_log_is_bounded():
     record = log.add("y" * 5_000_000, "warning", category="c" * 1000, label="l" * 1000)
     assert len(record["entry"]) < MAX_ENTRY_CHARS + 100
     assert record["entry"].startswith("y" * 100) and record["entry"].endswith(
-        f"[... {5_000_000 - MAX_ENTRY_CHARS} more characters cut]")
+        f"[... {5_000_000 - MAX_ENTRY_CHARS} more characters cut]"
+    )
     assert len(record["category"]) < 200 and len(record["label"]) < 200
 
     for i in range(40):  # 40 × 5 MB sent: the log keeps at most its 200,000 characters
@@ -141,23 +154,28 @@ def test_log_list_count_is_capped_and_pages_on_with_last_id(tmp_path):
                 rest = (await response.json())["entries"]
         assert rest and rest[0]["id"] == first[-1]["id"] + 1
         assert rest[-1]["entry"] == f"entry {MAX_LIST_COUNT + 499}"
+
     run_with_server(scenario, tmp_path)
 
 
 # A real process whose output a real module cannot produce on demand: a 3 MB line, then ordinary lines.
-LONG_LINE_MODULE = ("import sys; sys.stdout.write('A' * 3_000_000 + '\\n'); print('after the long line', flush=True); "
-                    "sys.stderr.write('B' * 200_000 + '\\n'); sys.stderr.flush(); import time; time.sleep(60)")
+LONG_LINE_MODULE = (
+    "import sys; sys.stdout.write('A' * 3_000_000 + '\\n'); print('after the long line', flush=True); "
+    "sys.stderr.write('B' * 200_000 + '\\n'); sys.stderr.flush(); import time; time.sleep(60)"
+)
 
 
 def test_a_module_output_line_over_the_limit_is_logged_cut_and_reading_goes_on():
     async def scenario():
         log = ServerLog(echo=None)
-        module = ModuleProcess("LongLines", [sys.executable, "-c", LONG_LINE_MODULE], str(ROOT), log,
-                               on_exit=lambda reason: None)
+        module = ModuleProcess(
+            "LongLines", [sys.executable, "-c", LONG_LINE_MODULE], str(ROOT), log, on_exit=lambda reason: None
+        )
         module.start(dict(__import__("os").environ))
 
         def entries():
             return [e["entry"] for e in log.list(0, 1000)]
+
         await wait_until(lambda: "after the long line" in entries(), 20, "the line after the long one")
         await wait_until(lambda: any(e.startswith("BBB") for e in entries()), 20, "the long stderr line")
         long_entry = next(e for e in entries() if e.startswith("AAA"))
@@ -166,6 +184,7 @@ def test_a_module_output_line_over_the_limit_is_logged_cut_and_reading_goes_on()
         assert module.pid is not None
         await module.stop(lambda: None)
         assert module.status.value == "Stopped"
+
     asyncio.run(scenario())
 
 
@@ -205,4 +224,5 @@ def test_an_unexpected_exception_becomes_a_json_500_with_cors_and_is_logged(tmp_
         assert "GET /test/fail" in body["error"] and "KeyError" in body["error"] and "server log" in body["error"]
         logged = [e for e in app[CONTEXT].log.list(0, 1000) if e["level"] == "error"]
         assert any("Traceback" in e["entry"] and "no such thing" in e["entry"] for e in logged)
+
     asyncio.run(main())

@@ -1,5 +1,6 @@
 """The module process under llamachat_server: the environment it really gets, its output in the server log,
 restart after a crash, and a quick clean shutdown. Real server, real module, real SmolLM2."""
+
 import os
 import signal
 import time
@@ -17,17 +18,20 @@ LONG = "1900"  # tokens: a story still being written when the test stops the ser
 
 
 def chat(base_url, prompt="Say hi.", max_tokens="8"):
-    ack = requests.post(f"{base_url}/v1/text/chat", data={"prompt": prompt, "max_tokens": max_tokens},
-                        timeout=40).json()
+    ack = requests.post(
+        f"{base_url}/v1/text/chat", data={"prompt": prompt, "max_tokens": max_tokens}, timeout=40
+    ).json()
     assert ack["success"] is True, ack
     return ack["commandId"]
 
 
 def finished(base_url, command_id):
     def check():
-        answer = requests.post(f"{base_url}/v1/LlamaChat/get_command_status", data={"commandId": command_id},
-                               timeout=40).json()
+        answer = requests.post(
+            f"{base_url}/v1/LlamaChat/get_command_status", data={"commandId": command_id}, timeout=40
+        ).json()
         return answer if answer.get("commandStatus") == "completed" else None
+
     return poll(check, 60, "the chat to complete")
 
 
@@ -67,8 +71,9 @@ def test_module_output_and_status_reach_the_server(base_url, smollm2):
     status_data = poll(lambda: server_status(base_url)["statusData"], 10, "the module's status data")
     library = _gpu_library()  # "" for a llama.cpp built for the CPU only
     assert status_data["model"] == smollm2.name
-    assert (status_data["inferenceDevice"], status_data["inferenceLibrary"]) == (("GPU", library) if library
-                                                                                 else ("CPU", ""))
+    assert (status_data["inferenceDevice"], status_data["inferenceLibrary"]) == (
+        ("GPU", library) if library else ("CPU", "")
+    )
 
     running = requests.get(f"{base_url}/v1/module/list/running", timeout=10).json()["modules"]
     assert [m["moduleId"] for m in running] == ["LlamaChat"]
@@ -80,11 +85,15 @@ def test_module_output_and_status_reach_the_server(base_url, smollm2):
 def test_module_error_lines_are_logged_as_errors(smollm2):
     # A setting the module refuses: it prints "error: ..." and starts without loading a model (so at once).
     with running_server(smollm2, CPAI_MODULE_LLAMA_CHAT_FORMAT="no-such-format") as url:
-        (error,) = poll(lambda: [e for e in log_entries(url) if "LlamaChat has no model" in e["entry"]], 10,
-                        "the module's error line")
+        (error,) = poll(
+            lambda: [e for e in log_entries(url) if "LlamaChat has no model" in e["entry"]],
+            10,
+            "the module's error line",
+        )
     assert error["level"] == "error" and error["category"] == "LlamaChat"
-    assert error["entry"].startswith("LlamaChat has no model, every chat will fail until this is fixed: "
-                                     "CPAI_MODULE_LLAMA_CHAT_FORMAT must be one of")
+    assert error["entry"].startswith(
+        "LlamaChat has no model, every chat will fail until this is fixed: CPAI_MODULE_LLAMA_CHAT_FORMAT must be one of"
+    )
 
 
 def test_killed_module_is_reported_crashed_then_restarted_and_chats_again(base_url):
@@ -106,8 +115,13 @@ def test_ctrl_c_stops_server_and_module_quickly_even_mid_chat(smollm2):
         server = module.parent()
         log_path = server_log_path(base_url)
         command_id = chat(base_url, prompt=STORY, max_tokens=LONG)
-        poll(lambda: requests.post(f"{base_url}/v1/LlamaChat/get_command_status", data={"commandId": command_id},
-                                   timeout=40).json()["reply"], 60, "the reply to begin")
+        poll(
+            lambda: requests.post(
+                f"{base_url}/v1/LlamaChat/get_command_status", data={"commandId": command_id}, timeout=40
+            ).json()["reply"],
+            60,
+            "the reply to begin",
+        )
 
         started = time.monotonic()
         server.send_signal(signal.SIGINT)

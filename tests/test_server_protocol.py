@@ -1,6 +1,7 @@
 """llamachat_server's wire protocol over real HTTP, with the test itself in the module's seat: it long-polls
 the queue, reads the queued request exactly as a module receives it, and posts answers back (docs/protocol.md §1, §2).
 No module process is launched here (--no-module); tests/test_server_chat.py runs the real module."""
+
 import base64
 import json
 import re
@@ -23,8 +24,14 @@ RFC1123 = re.compile(r"^[A-Z][a-z]{2}, \d{2} [A-Z][a-z]{2} \d{4} \d{2}:\d{2}:\d{
 def base_url(tmp_path_factory):
     """The server on a free port in a background thread, serving the repository's module folder. With --no-module
     its module endpoints accept any process of this user, so the test can play the module."""
-    config = ServerConfig(module_dir=ROOT, port=0, response_timeout=RESPONSE_TIMEOUT, launch_module=False,
-                          data_dir=tmp_path_factory.mktemp("data"), log_level="critical")
+    config = ServerConfig(
+        module_dir=ROOT,
+        port=0,
+        response_timeout=RESPONSE_TIMEOUT,
+        launch_module=False,
+        data_dir=tmp_path_factory.mktemp("data"),
+        log_level="critical",
+    )
     with serve_in_thread(config) as url:
         yield url
 
@@ -44,8 +51,12 @@ def take_request(base_url):
 
 def answer(base_url, reqid, body):
     # The SDK posts json.dumps(output) as the raw body (aiohttp sends it as text/plain).
-    return requests.post(f"{base_url}/v1/queue/{reqid}", params={"moduleId": "LlamaChat"},
-                         data=body if isinstance(body, str) else json.dumps(body), timeout=10)
+    return requests.post(
+        f"{base_url}/v1/queue/{reqid}",
+        params={"moduleId": "LlamaChat"},
+        data=body if isinstance(body, str) else json.dumps(body),
+        timeout=10,
+    )
 
 
 def values_of(request):
@@ -63,20 +74,32 @@ def round_trip(base_url, client, module_answer, *args, **kwargs):
 
 def test_multipart_form_becomes_the_queued_request_and_the_answer_comes_back_with_server_fields(base_url, client):
     queued, response = round_trip(
-        base_url, client, {"success": True, "reply": "héllo <b>"},
+        base_url,
+        client,
+        {"success": True, "reply": "héllo <b>"},
         f"{base_url}/v1/Text/Chat/Extra/Seg?moduleId=LlamaChat&prompt=from-query",
-        data={"prompt": "from-form", "max_tokens": "16"}, files={"image1": ("a.png", b"\x89PNG\0data", "image/png")})
+        data={"prompt": "from-form", "max_tokens": "16"},
+        files={"image1": ("a.png", b"\x89PNG\0data", "image/png")},
+    )
 
     assert set(queued) == {"reqid", "reqtype", "payload"}
     assert queued["reqtype"] == "prompt"
     assert queued["payload"]["command"] == "prompt"
     # Query-string values come first, then the form's, one entry per key (as ASP.NET serialises them).
-    assert queued["payload"]["values"][:2] == [{"key": "moduleId", "value": ["LlamaChat"]},
-                                               {"key": "prompt", "value": ["from-query"]}]
+    assert queued["payload"]["values"][:2] == [
+        {"key": "moduleId", "value": ["LlamaChat"]},
+        {"key": "prompt", "value": ["from-query"]},
+    ]
     assert {"key": "prompt", "value": ["from-form"]} in queued["payload"]["values"]
     assert values_of(queued)["max_tokens"] == ["16"]
-    assert queued["payload"]["files"] == [{"name": "image1", "filename": "a.png", "contentType": "image/png",
-                                           "data": base64.b64encode(b"\x89PNG\0data").decode()}]
+    assert queued["payload"]["files"] == [
+        {
+            "name": "image1",
+            "filename": "a.png",
+            "contentType": "image/png",
+            "data": base64.b64encode(b"\x89PNG\0data").decode(),
+        }
+    ]
     assert queued["payload"]["urlSegments"] == ["Extra", "Seg"]
 
     assert response.status_code == 200
@@ -90,36 +113,48 @@ def test_multipart_form_becomes_the_queued_request_and_the_answer_comes_back_wit
 
 
 def test_urlencoded_form_repeated_keys_keep_every_value(base_url, client):
-    queued, response = round_trip(base_url, client, {"success": True},
-                                  f"{base_url}/v1/text/chat", data=[("stop", "a"), ("stop", "b"), ("prompt", "x")])
+    queued, response = round_trip(
+        base_url,
+        client,
+        {"success": True},
+        f"{base_url}/v1/text/chat",
+        data=[("stop", "a"), ("stop", "b"), ("prompt", "x")],
+    )
     assert values_of(queued) == {"stop": ["a", "b"], "prompt": ["x"]}
     assert queued["payload"]["files"] == [] and queued["payload"]["urlSegments"] == []
     assert response.json()["success"] is True
 
 
 def test_json_request_payload_body_keeps_the_query_string(base_url, client):
-    payload = {"values": [{"key": "prompt", "value": ["Hi"]}],
-               "files": [{"name": "f", "filename": "f.txt", "contentType": "text/plain", "data": "aGk="}]}
-    queued, response = round_trip(base_url, client, {"success": True},
-                                  f"{base_url}/v1/text/chat?max_tokens=8", json=payload)
+    payload = {
+        "values": [{"key": "prompt", "value": ["Hi"]}],
+        "files": [{"name": "f", "filename": "f.txt", "contentType": "text/plain", "data": "aGk="}],
+    }
+    queued, response = round_trip(
+        base_url, client, {"success": True}, f"{base_url}/v1/text/chat?max_tokens=8", json=payload
+    )
     assert values_of(queued) == {"max_tokens": ["8"], "prompt": ["Hi"]}
     assert queued["payload"]["files"] == payload["files"]
     assert response.json()["success"] is True
 
 
 def test_bodyless_post_keeps_its_query_parameters(base_url, client):
-    queued, _ = round_trip(base_url, client, {"success": True},
-                           f"{base_url}/v1/LlamaChat/get_command_status?commandId=abc")
+    queued, _ = round_trip(
+        base_url, client, {"success": True}, f"{base_url}/v1/LlamaChat/get_command_status?commandId=abc"
+    )
     assert queued["payload"]["command"] == "get_command_status"
     assert values_of(queued) == {"commandId": ["abc"]}
 
 
-@pytest.mark.parametrize("kwargs, expected", [
-    ({"json": {"prompt": "Hi"}}, "RequestPayload shape"),
-    ({"data": "{not json", "headers": {"Content-Type": "application/json"}}, "not valid JSON"),
-    ({"json": {"values": [{"key": "prompt", "value": "Hi"}]}}, "values[0]"),
-    ({"data": b"raw", "headers": {"Content-Type": "application/octet-stream"}}, "Unsupported Content-Type"),
-])
+@pytest.mark.parametrize(
+    "kwargs, expected",
+    [
+        ({"json": {"prompt": "Hi"}}, "RequestPayload shape"),
+        ({"data": "{not json", "headers": {"Content-Type": "application/json"}}, "not valid JSON"),
+        ({"json": {"values": [{"key": "prompt", "value": "Hi"}]}}, "values[0]"),
+        ({"data": b"raw", "headers": {"Content-Type": "application/octet-stream"}}, "Unsupported Content-Type"),
+    ],
+)
 def test_bad_bodies_get_a_clear_error_and_never_reach_the_module(base_url, client, kwargs, expected):
     response = requests.post(f"{base_url}/v1/text/chat", timeout=10, **kwargs)
     assert response.status_code == 200  # errors are HTTP 200 with success: false, as the real server does
@@ -163,10 +198,13 @@ def test_late_and_unknown_answers_are_refused(base_url):
     assert response.status_code == 400 and response.text == "failure to set response."
 
 
-@pytest.mark.parametrize("module_body, error", [
-    ("this is not json", "Invalid JSON response from backend (#reqid "),
-    ("null", "null json returned from backend (#reqid "),
-])
+@pytest.mark.parametrize(
+    "module_body, error",
+    [
+        ("this is not json", "Invalid JSON response from backend (#reqid "),
+        ("null", "null json returned from backend (#reqid "),
+    ],
+)
 def test_broken_module_answers_become_clear_errors(base_url, client, module_body, error):
     _, response = round_trip(base_url, client, module_body, f"{base_url}/v1/text/chat", data={"prompt": "x"})
     body = response.json()
@@ -184,14 +222,22 @@ def test_polling_an_unknown_queue_is_an_error_so_the_sdk_backs_off(base_url):
 
 def test_module_status_data_and_logs_reach_the_status_endpoints(base_url):
     status_data = {"inferenceDevice": "CPU", "numInferences": 3, "canUseGPU": "false"}
-    response = requests.post(f"{base_url}/v1/queue/updatemodulestatus/LlamaChat",
-                             data={"statusData": json.dumps(status_data)}, timeout=10)
+    response = requests.post(
+        f"{base_url}/v1/queue/updatemodulestatus/LlamaChat", data={"statusData": json.dumps(status_data)}, timeout=10
+    )
     assert response.status_code == 200 and response.text == "Module status updated"
-    assert requests.post(f"{base_url}/v1/queue/updatemodulestatus/Other", data={"statusData": "{}"},
-                         timeout=10).status_code == 404
+    assert (
+        requests.post(
+            f"{base_url}/v1/queue/updatemodulestatus/Other", data={"statusData": "{}"}, timeout=10
+        ).status_code
+        == 404
+    )
 
-    logged = requests.post(f"{base_url}/v1/log/", data={"entry": "protocol-test entry", "category": "LlamaChat",
-                                                        "label": "test", "log_level": "warning"}, timeout=10)
+    logged = requests.post(
+        f"{base_url}/v1/log/",
+        data={"entry": "protocol-test entry", "category": "LlamaChat", "label": "test", "log_level": "warning"},
+        timeout=10,
+    )
     assert logged.json() == {"success": True}
 
     statuses = requests.get(f"{base_url}/v1/module/list/status", timeout=10).json()

@@ -5,6 +5,7 @@
 - web pages: this machine's origins and --allow-origin ones may call it, others get no CORS header and their
   POSTs are refused; a Host header that is not a name of this server (DNS rebinding) is refused;
 - --host other than loopback warns that the API has no authentication."""
+
 import json
 import os
 import socket
@@ -25,8 +26,11 @@ from llamachat_server.peer import find_peer_socket, owner_among, process_tree
 QUEUE = "llamachat_queue"
 MODULE_ENDPOINTS = [  # (method, path, form) of every endpoint only the module may use
     ("GET", f"/v1/queue/{QUEUE}?moduleId=LlamaChat", None),
-    ("POST", "/v1/queue/0c6f6d1e-5c1b-4a55-9d3e-7b1a2f4b8c9d?moduleId=LlamaChat",
-     json.dumps({"success": True, "reply": "forged"})),
+    (
+        "POST",
+        "/v1/queue/0c6f6d1e-5c1b-4a55-9d3e-7b1a2f4b8c9d?moduleId=LlamaChat",
+        json.dumps({"success": True, "reply": "forged"}),
+    ),
     ("POST", "/v1/queue/updatemodulestatus/LlamaChat", {"statusData": json.dumps({"model": "forged.gguf"})}),
     ("POST", "/v1/log/", {"entry": "forged log entry", "category": "LlamaChat", "log_level": "error"}),
 ]
@@ -37,14 +41,17 @@ def log_entries(base_url):
 
 
 def chat_to_the_end(base_url, prompt="Say hi.", max_tokens="8"):
-    ack = requests.post(f"{base_url}/v1/text/chat", data={"prompt": prompt, "max_tokens": max_tokens},
-                        timeout=40).json()
+    ack = requests.post(
+        f"{base_url}/v1/text/chat", data={"prompt": prompt, "max_tokens": max_tokens}, timeout=40
+    ).json()
     assert ack["success"] is True, ack
 
     def completed():
-        answer = requests.post(f"{base_url}/v1/LlamaChat/get_command_status", data={"commandId": ack["commandId"]},
-                               timeout=40).json()
+        answer = requests.post(
+            f"{base_url}/v1/LlamaChat/get_command_status", data={"commandId": ack["commandId"]}, timeout=40
+        ).json()
         return answer if answer.get("commandStatus") == "completed" else None
+
     return poll(completed, 60, "the chat to complete")
 
 
@@ -77,9 +84,12 @@ def test_peer_of_a_connection_is_found_with_its_owner(family, address):
 def test_a_socket_held_by_a_grandchild_belongs_to_the_process_tree():
     """A module started through a wrapper (a shell running python as its child) is still the module."""
     with socket.create_server(("127.0.0.1", 0)) as listener:
-        wrapper = subprocess.Popen(["/bin/sh", "-c", f'"{sys.executable}" -c "$0" "$1"; true', CHILD_CONNECTS,
-                                    str(listener.getsockname()[1])], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                   text=True)
+        wrapper = subprocess.Popen(
+            ["/bin/sh", "-c", f'"{sys.executable}" -c "$0" "$1"; true', CHILD_CONNECTS, str(listener.getsockname()[1])],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         try:
             wrapper.stdout.readline()
             accepted, peer = listener.accept()
@@ -95,6 +105,7 @@ def test_a_socket_held_by_a_grandchild_belongs_to_the_process_tree():
 
 
 # ---- The launched module, and a rogue local client -------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def real_server(smollm2):
@@ -120,8 +131,11 @@ def test_rogue_polls_cannot_take_a_users_chat_and_the_module_still_serves_it(rea
         codes = []
         with requests.Session() as rogue:  # a kept-alive connection, judged once
             while not stop.is_set():
-                codes.append(rogue.get(f"{real_server}/v1/queue/{QUEUE}", params={"moduleId": "LlamaChat"},
-                                       timeout=15).status_code)
+                codes.append(
+                    rogue.get(
+                        f"{real_server}/v1/queue/{QUEUE}", params={"moduleId": "LlamaChat"}, timeout=15
+                    ).status_code
+                )
         return codes
 
     with ThreadPoolExecutor(max_workers=8) as pool:
@@ -158,35 +172,48 @@ def test_launched_module_polls_answers_and_reports_unhindered(real_server, smoll
 
 # ---- --no-module: processes of the server's own user ---------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def no_module_server(tmp_path_factory):
-    config = ServerConfig(module_dir=ROOT, port=0, launch_module=False, response_timeout=5.0,
-                          data_dir=tmp_path_factory.mktemp("data"), log_level="critical")
+    config = ServerConfig(
+        module_dir=ROOT,
+        port=0,
+        launch_module=False,
+        response_timeout=5.0,
+        data_dir=tmp_path_factory.mktemp("data"),
+        log_level="critical",
+    )
     with serve_in_thread(config) as url:
         yield url
 
 
 def test_no_module_serves_a_module_of_the_same_user(no_module_server):
-    status = requests.post(f"{no_module_server}/v1/queue/updatemodulestatus/LlamaChat",
-                           data={"statusData": json.dumps({"model": "by-hand.gguf"})}, timeout=5)
+    status = requests.post(
+        f"{no_module_server}/v1/queue/updatemodulestatus/LlamaChat",
+        data={"statusData": json.dumps({"model": "by-hand.gguf"})},
+        timeout=5,
+    )
     assert status.status_code == 200 and status.text == "Module status updated"
     entries = log_entries(no_module_server)
-    assert any("--no-module: the module endpoints" in e["entry"] and f"uid {os.geteuid()}" in e["entry"]
-               for e in entries), "the server should say at startup whom it accepts"
+    assert any(
+        "--no-module: the module endpoints" in e["entry"] and f"uid {os.geteuid()}" in e["entry"] for e in entries
+    ), "the server should say at startup whom it accepts"
 
 
 def test_a_connection_is_judged_once_however_many_requests_it_carries(no_module_server, monkeypatch):
     """The SDK keeps its connection open: its polls must not each pay for the /proc lookup (counted by a wrapper
     around the real lookup)."""
     import llamachat_server.module_access as module_access
+
     lookups = []
     real_lookup = module_access.find_peer_socket
     monkeypatch.setattr(module_access, "find_peer_socket", lambda *args: lookups.append(args) or real_lookup(*args))
     for _ in range(2):
         with requests.Session() as module:
             for _ in range(5):
-                assert module.post(f"{no_module_server}/v1/log/", data={"entry": "kept-alive"},
-                                   timeout=5).json() == {"success": True}
+                assert module.post(f"{no_module_server}/v1/log/", data={"entry": "kept-alive"}, timeout=5).json() == {
+                    "success": True
+                }
     assert len(lookups) == 2  # one per connection, not ten
 
 
@@ -202,9 +229,21 @@ except urllib.error.HTTPError as ex:
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to run as another user")
 def test_no_module_refuses_processes_of_another_user(no_module_server):
-    result = subprocess.run(["/usr/bin/python3", "-I", "-c", ROGUE_OF_ANOTHER_USER,
-                             f"{no_module_server}/v1/queue/updatemodulestatus/LlamaChat"],
-                            user=65534, group=65534, capture_output=True, text=True, timeout=30, cwd="/")
+    result = subprocess.run(
+        [
+            "/usr/bin/python3",
+            "-I",
+            "-c",
+            ROGUE_OF_ANOTHER_USER,
+            f"{no_module_server}/v1/queue/updatemodulestatus/LlamaChat",
+        ],
+        user=65534,
+        group=65534,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd="/",
+    )
     code, _, body = result.stdout.partition(" ")
     assert code == "403", result
     assert "accept processes of uid 0 only, this connection comes from uid 65534" in json.loads(body)["error"]
@@ -212,14 +251,27 @@ def test_no_module_refuses_processes_of_another_user(no_module_server):
 
 # ---- Web origins ------------------------------------------------------------------------------------------
 
-FOREIGN_ORIGINS = ["https://evil.example", "null", "http://localhost.evil.example", "http://127.0.0.1.nip.io:32168",
-                   "http://evil.example:32168", "file://"]
+FOREIGN_ORIGINS = [
+    "https://evil.example",
+    "null",
+    "http://localhost.evil.example",
+    "http://127.0.0.1.nip.io:32168",
+    "http://evil.example:32168",
+    "file://",
+]
 LOCAL_ORIGINS = ["http://localhost:3000", "https://localhost", "http://127.0.0.1:8080", "http://[::1]:5173"]
 
 
 def preflight(base_url, origin):
-    return requests.options(f"{base_url}/v1/text/chat", timeout=5, headers={
-        "Origin": origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"})
+    return requests.options(
+        f"{base_url}/v1/text/chat",
+        timeout=5,
+        headers={
+            "Origin": origin,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type",
+        },
+    )
 
 
 @pytest.mark.parametrize("origin", FOREIGN_ORIGINS)
@@ -245,8 +297,10 @@ def test_this_machines_origins_may_call_the_server(no_module_server, origin):
     assert answer.headers["Access-Control-Allow-Origin"] == origin and answer.headers["Vary"] == "Origin"
     assert "POST" in answer.headers["Access-Control-Allow-Methods"]
     assert answer.headers["Access-Control-Allow-Headers"] == "content-type"
-    for response in (requests.get(f"{no_module_server}/v1/server/status/ping", headers={"Origin": origin}, timeout=5),
-                     requests.post(f"{no_module_server}/v1/no/such/route", headers={"Origin": origin}, timeout=5)):
+    for response in (
+        requests.get(f"{no_module_server}/v1/server/status/ping", headers={"Origin": origin}, timeout=5),
+        requests.post(f"{no_module_server}/v1/no/such/route", headers={"Origin": origin}, timeout=5),
+    ):
         assert response.headers["Access-Control-Allow-Origin"] == origin
     assert response.status_code == 404  # errors carry the header too, so the page can read them
 
@@ -256,21 +310,26 @@ def test_the_servers_own_origin_may_post(no_module_server):
     port = urlparse(no_module_server).port
     for name in ("127.0.0.1", "localhost", "app.localhost"):
         own = f"http://{name}:{port}"
-        response = requests.post(f"{no_module_server}/v1/no/such/route", timeout=5,
-                                 headers={"Origin": own, "Host": f"{name}:{port}"})
+        response = requests.post(
+            f"{no_module_server}/v1/no/such/route", timeout=5, headers={"Origin": own, "Host": f"{name}:{port}"}
+        )
         assert response.status_code == 404 and response.headers["Access-Control-Allow-Origin"] == own
 
 
-@pytest.mark.parametrize("allowed, origin, expected", [
-    (["https://app.example.com"], "https://app.example.com", "https://app.example.com"),
-    (["http://*.trusted.test"], "http://chat.trusted.test", "http://chat.trusted.test"),
-    (["null"], "null", "null"),
-    (["*"], "https://anywhere.example", "*"),
-    (["*"], "null", "*"),
-])
+@pytest.mark.parametrize(
+    "allowed, origin, expected",
+    [
+        (["https://app.example.com"], "https://app.example.com", "https://app.example.com"),
+        (["http://*.trusted.test"], "http://chat.trusted.test", "http://chat.trusted.test"),
+        (["null"], "null", "null"),
+        (["*"], "https://anywhere.example", "*"),
+        (["*"], "null", "*"),
+    ],
+)
 def test_allow_origin_admits_more_origins(tmp_path, allowed, origin, expected):
-    config = ServerConfig(module_dir=ROOT, port=0, launch_module=False, allowed_origins=allowed, data_dir=tmp_path,
-                          log_level="critical")
+    config = ServerConfig(
+        module_dir=ROOT, port=0, launch_module=False, allowed_origins=allowed, data_dir=tmp_path, log_level="critical"
+    )
     with serve_in_thread(config) as url:
         answer = preflight(url, origin)
         assert answer.status_code == 204 and answer.headers["Access-Control-Allow-Origin"] == expected
@@ -282,8 +341,13 @@ def test_allow_origin_admits_more_origins(tmp_path, allowed, origin, expected):
 
 
 def run_cli(*args, timeout=30):
-    return subprocess.run([sys.executable, "-m", "llamachat_server", "--no-module", "--port", "0", *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "llamachat_server", "--no-module", "--port", "0", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.parametrize("value", ["localhost:3000", "http://", "http://a b"])
@@ -295,8 +359,11 @@ def test_a_malformed_allow_origin_is_refused_at_startup(value):
 
 # ---- Host header (DNS rebinding) --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("host", ["evil.example", "evil.example:{port}", "127.0.0.1.nip.io:{port}", "10.0.0.1:{port}",
-                                  "localhost.evil.example"])
+
+@pytest.mark.parametrize(
+    "host",
+    ["evil.example", "evil.example:{port}", "127.0.0.1.nip.io:{port}", "10.0.0.1:{port}", "localhost.evil.example"],
+)
 def test_a_host_that_is_not_a_name_of_this_server_is_refused(no_module_server, host):
     host = host.format(port=urlparse(no_module_server).port)
     for method, path in (("GET", "/v1/server/status/ping"), ("POST", "/v1/text/chat"), ("GET", "/")):
@@ -306,8 +373,18 @@ def test_a_host_that_is_not_a_name_of_this_server_is_refused(no_module_server, h
         assert f"Host '{host}' is not a name of this server" in error and "DNS rebinding" in error
 
 
-@pytest.mark.parametrize("host", ["localhost:{port}", "LOCALHOST:{port}", "127.0.0.1:{port}", "127.0.0.1",
-                                  "[::1]:{port}", "chat.localhost:{port}", "localhost."])
+@pytest.mark.parametrize(
+    "host",
+    [
+        "localhost:{port}",
+        "LOCALHOST:{port}",
+        "127.0.0.1:{port}",
+        "127.0.0.1",
+        "[::1]:{port}",
+        "chat.localhost:{port}",
+        "localhost.",
+    ],
+)
 def test_loopback_hosts_are_served(no_module_server, host):
     host = host.format(port=urlparse(no_module_server).port)
     response = requests.get(f"{no_module_server}/v1/server/status/ping", headers={"Host": host}, timeout=5)
@@ -326,6 +403,7 @@ def test_a_server_on_every_interface_answers_to_ip_addresses_and_its_host_name_o
 
 # ---- --host -----------------------------------------------------------------------------------------------
 
+
 def test_a_host_other_than_loopback_warns_that_there_is_no_authentication():
     # 192.0.2.1 (TEST-NET-1) is on no interface: the server warns, then cannot listen, and nothing leaves loopback.
     result = run_cli("--host", "192.0.2.1", "--log-level", "warning")
@@ -337,7 +415,8 @@ def test_a_host_other_than_loopback_warns_that_there_is_no_authentication():
 
 def test_loopback_hosts_do_not_warn(tmp_path):
     for host in ("127.0.0.1", "::1", "localhost"):
-        config = ServerConfig(module_dir=ROOT, host=host, port=0, launch_module=False, data_dir=tmp_path,
-                              log_level="critical")
+        config = ServerConfig(
+            module_dir=ROOT, host=host, port=0, launch_module=False, data_dir=tmp_path, log_level="critical"
+        )
         with serve_in_thread(config) as url:
             assert not [e for e in log_entries(url) if "no authentication" in e["entry"]], host

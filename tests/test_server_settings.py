@@ -1,4 +1,5 @@
 """How llamachat_server reads modulesettings (docs/protocol.md §3) and builds the module's environment (§1.1)."""
+
 import json
 
 import pytest
@@ -43,8 +44,11 @@ def module_dir(tmp_path):
 
 def test_os_layers_override_key_by_key_and_array_items_by_index(module_dir):
     # Lower-case keys in the layer still override (.NET configuration keys ignore case).
-    (module_dir / "modulesettings.linux.json").write_text(json.dumps({"Modules": {"Demo": {
-        "launchsettings": {"parallelism": 1}, "RouteMaps": [{"Route": "demo/linux"}]}}}))
+    (module_dir / "modulesettings.linux.json").write_text(
+        json.dumps(
+            {"Modules": {"Demo": {"launchsettings": {"parallelism": 1}, "RouteMaps": [{"Route": "demo/linux"}]}}}
+        )
+    )
     (module_dir / "modulesettings.windows.json").write_text(json.dumps({"Modules": {"Demo": {"Name": "Windows"}}}))
 
     linux = load_module_settings(module_dir, LINUX)
@@ -58,14 +62,21 @@ def test_os_layers_override_key_by_key_and_array_items_by_index(module_dir):
 def test_layer_order_follows_the_real_server():
     host = HostPlatform("linux", "arm64", docker=True, device="jetson")
     assert host.layer_filenames() == [
-        "modulesettings.json", "modulesettings.development.json",
-        "modulesettings.linux.json", "modulesettings.linux.development.json",
-        "modulesettings.linux.arm64.json", "modulesettings.linux.arm64.development.json",
-        "modulesettings.docker.json", "modulesettings.docker.development.json",
-        "modulesettings.jetson.json", "modulesettings.jetson.development.json",
+        "modulesettings.json",
+        "modulesettings.development.json",
+        "modulesettings.linux.json",
+        "modulesettings.linux.development.json",
+        "modulesettings.linux.arm64.json",
+        "modulesettings.linux.arm64.development.json",
+        "modulesettings.docker.json",
+        "modulesettings.docker.development.json",
+        "modulesettings.jetson.json",
+        "modulesettings.jetson.development.json",
     ]
-    assert merge_layer({"A": [1, 2, 3], "B": {"C": 1}}, {"a": [9], "b": {"D": 2}}) == {"A": [9, 2, 3],
-                                                                                      "B": {"C": 1, "D": 2}}
+    assert merge_layer({"A": [1, 2, 3], "B": {"C": 1}}, {"a": [9], "b": {"D": 2}}) == {
+        "A": [9, 2, 3],
+        "B": {"C": 1, "D": 2},
+    }
 
 
 def test_derived_values(module_dir):
@@ -77,14 +88,17 @@ def test_derived_values(module_dir):
     assert settings.log_verbosity == "Quiet"
 
 
-@pytest.mark.parametrize("content, message", [
-    (None, "has no modulesettings.json"),
-    ("{ not json", "is not valid JSON"),
-    ('{"Modules": {}}', "has no module under 'Modules'"),
-    ('{"Modules": {"X": {"RouteMaps": [{"Route": "a"}]}}}', "LaunchSettings.FilePath"),
-    ('{"Modules": {"X": {"LaunchSettings": {"FilePath": "missing.py"}, "RouteMaps": [{}]}}}', "does not exist"),
-    ('{"Modules": {"X": {"LaunchSettings": {"FilePath": "demo.py"}}}}', "RouteMaps is empty"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "has no modulesettings.json"),
+        ("{ not json", "is not valid JSON"),
+        ('{"Modules": {}}', "has no module under 'Modules'"),
+        ('{"Modules": {"X": {"RouteMaps": [{"Route": "a"}]}}}', "LaunchSettings.FilePath"),
+        ('{"Modules": {"X": {"LaunchSettings": {"FilePath": "missing.py"}, "RouteMaps": [{}]}}}', "does not exist"),
+        ('{"Modules": {"X": {"LaunchSettings": {"FilePath": "demo.py"}}}}', "RouteMaps is empty"),
+    ],
+)
 def test_unusable_settings_say_what_to_fix(tmp_path, content, message):
     (tmp_path / "demo.py").write_text("")
     if content is not None:
@@ -95,9 +109,15 @@ def test_unusable_settings_say_what_to_fix(tmp_path, content, message):
 
 def test_module_environment_layers_like_the_real_server(module_dir, tmp_path):
     settings = load_module_settings(module_dir, LINUX)
-    env = module_environment(settings, port=4321, python="/py/bin/python", data_dir=tmp_path / "data",
-                             base_env={"PATH": "/bin", "CPAI_MODULE_ID": "inherited"},
-                             overrides={"DEMO_REPO": "override"}, host=LINUX)
+    env = module_environment(
+        settings,
+        port=4321,
+        python="/py/bin/python",
+        data_dir=tmp_path / "data",
+        base_env={"PATH": "/bin", "CPAI_MODULE_ID": "inherited"},
+        overrides={"DEMO_REPO": "override"},
+        host=LINUX,
+    )
     assert env["PATH"] == "/bin"  # the server's own environment is inherited
     assert env["CPAI_PORT"] == "4321"
     assert env["CPAI_APPROOTPATH"] == str(tmp_path / "data")

@@ -1,5 +1,6 @@
 """The thread policy: its decisions (model-free, with a named stand-in for the machine's load) and its load reading
 on real processes. The adaptive mode on the real model is tested in test_adapter.py and test_server_chat.py."""
+
 import sys
 import threading
 import time
@@ -11,18 +12,21 @@ import thread_policy
 from thread_policy import OtherLoad, ThreadPolicy, threads_for
 
 
-@pytest.mark.parametrize("others, cpus, max_threads, expected", [
-    (0.0, 2, 2, 2),    # idle: every core
-    (0.05, 2, 2, 2),   # a little background work (our server answering polls) costs no thread
-    (0.15, 2, 2, 1),   # a sixth of a core taken: the second thread already waits at too many barriers
-    (1.0, 2, 2, 1),    # one core busy
-    (2.0, 2, 2, 1),    # everything busy: still one thread, never none
-    (5.0, 2, 2, 1),    # more demand than cores
-    (0.0, 8, 4, 4),    # hyperthreads: at most the physical cores
-    (2.0, 8, 4, 4),    # others on the siblings leave the 4 cores' worth free
-    (5.0, 8, 4, 3),
-    (-0.1, 2, 2, 2),   # a reading that went below zero counts as idle
-])
+@pytest.mark.parametrize(
+    "others, cpus, max_threads, expected",
+    [
+        (0.0, 2, 2, 2),  # idle: every core
+        (0.05, 2, 2, 2),  # a little background work (our server answering polls) costs no thread
+        (0.15, 2, 2, 1),  # a sixth of a core taken: the second thread already waits at too many barriers
+        (1.0, 2, 2, 1),  # one core busy
+        (2.0, 2, 2, 1),  # everything busy: still one thread, never none
+        (5.0, 2, 2, 1),  # more demand than cores
+        (0.0, 8, 4, 4),  # hyperthreads: at most the physical cores
+        (2.0, 8, 4, 4),  # others on the siblings leave the 4 cores' worth free
+        (5.0, 8, 4, 3),
+        (-0.1, 2, 2, 2),  # a reading that went below zero counts as idle
+    ],
+)
 def test_threads_for_takes_the_free_cores(others, cpus, max_threads, expected):
     assert threads_for(others, cpus, max_threads) == expected
 
