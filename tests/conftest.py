@@ -45,7 +45,9 @@ def gemma3() -> Path:
     return gemma3_path()
 
 
-@pytest.fixture(scope="session")
+# Per module, not per session: Playwright's sync API keeps an event loop running in the main thread while a browser
+# is open, and tests that call asyncio.run() then fail.
+@pytest.fixture(scope="module")
 def browser():
     from playwright.sync_api import sync_playwright
 
