@@ -1,7 +1,8 @@
 """Which chat template a model gets, and whether that template can carry a system prompt.
 
-The GGUF's own template always wins. A GGUF without one gets the template of its architecture's family
-(llama-cpp-python would silently fall back to Llama-2's, which is wrong for almost every model today).
+The GGUF's own template wins unless CPAI_MODULE_LLAMA_CHAT_FORMAT forces one. A GGUF without one gets the
+template of its architecture's family (llama-cpp-python would silently fall back to Llama-2's, which is wrong for
+almost every model today).
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ class TemplateChoice:
 
 
 def choose_template(llm: Llama, override: str | None = None) -> TemplateChoice:
-    """The GGUF's template, else the override, else the architecture's, else ChatML (said out loud)."""
+    """The override, else the GGUF's template, else the architecture's, else ChatML (said out loud)."""
     metadata = llm.metadata
     eos_id, bos_id = llm.token_eos(), llm.token_bos()
     eos = llm._model.token_get_text(eos_id) if eos_id != -1 else ""

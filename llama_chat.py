@@ -26,6 +26,20 @@ FALLBACK_MODEL_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 Message = dict[str, str]
 
 
+def conversation(
+    prompt: str, system_prompt: str | None, history: list[Message] | None, system_role: bool
+) -> list[Message]:
+    """System prompt (None = the default), earlier turns, then the new prompt, as a template with or without a
+    system role needs them."""
+    system_prompt = system_prompt or DEFAULT_SYSTEM_PROMPT
+    turns = list(history or []) + [{"role": "user", "content": prompt}]
+    if system_role:
+        return [{"role": "system", "content": system_prompt}] + turns
+    # Templates without a system role (Mistral, Gemma) get it at the head of the first user turn instead.
+    first = turns[0]
+    return [{"role": first["role"], "content": f"{system_prompt}\n\n{first['content']}"}] + turns[1:]
+
+
 class ModelLoadError(RuntimeError):
     """No model could be loaded; the message lists every place that was tried and why it failed."""
 
@@ -118,13 +132,7 @@ class LlamaChat:
         self, prompt: str, system_prompt: str | None = None, history: list[Message] | None = None
     ) -> list[Message]:
         """The conversation as the template will see it: system prompt, earlier turns, then the new prompt."""
-        system_prompt = system_prompt or DEFAULT_SYSTEM_PROMPT
-        turns = list(history or []) + [{"role": "user", "content": prompt}]
-        if self.system_role:
-            return [{"role": "system", "content": system_prompt}] + turns
-        # Templates without a system role (Mistral, Gemma) get it at the head of the first user turn instead.
-        first = turns[0]
-        return [{"role": first["role"], "content": f"{system_prompt}\n\n{first['content']}"}] + turns[1:]
+        return conversation(prompt, system_prompt, history, self.system_role)
 
     def tokenize_messages(self, messages: list[Message]) -> list[int]:
         """The prompt tokens create_chat_completion will evaluate for these messages."""
