@@ -21,13 +21,12 @@ from typing import Any, Callable
 import llama_cpp
 from llama_cpp import Llama
 
-from tests.live_server import running_server
+from tests.live_server import ROOT, running_server
 from thread_policy import default_max_threads
 
 from . import machine, threads_report
 from .__main__ import DEFAULT_MODEL
 from .cpai_client import ChatFailed, CpaiClient
-from .cpai_server import REPO_ROOT
 from .measure import summarise
 from .module_bench import chat_fields
 from .neighbour import READY
@@ -122,7 +121,7 @@ def load(kind: str, model: Path, cores: int) -> Iterator[None]:
         yield
         return
     process = subprocess.Popen(
-        command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, start_new_session=True
+        command, cwd=ROOT, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, start_new_session=True
     )
     try:
         if kind == "neighbour" and process.stdout.readline().strip() != READY:
@@ -174,7 +173,7 @@ def main(argv=None) -> int:
         prog="python -m bench.threads", description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="the GGUF every engine loads")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results", help="where the results go")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="where the results go")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=128, help="tokens per reply")
     parser.add_argument(
