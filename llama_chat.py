@@ -158,7 +158,9 @@ class LlamaChat:
         params:
             prompt: the user's message; system_prompt: how the assistant should behave (None = default);
             history: earlier turns, [{"role": "user"|"assistant", "content": str}], oldest first;
-            should_abort: polled while the model computes, True stops it (llama_decode then raises RuntimeError);
+            should_abort: polled by llama.cpp while it computes, True stops it (llama_decode then raises
+                RuntimeError). Without stream it is asked throughout; with stream only until the first chunk, while
+                the prompt is evaluated: after that the caller stops the stream between chunks;
             **kwargs: passed to create_chat_completion (max_tokens, temperature, stream, stop, seed...).
         """
         self._watch(should_abort)

@@ -1,4 +1,4 @@
-"""Who may talk to llamachat_server (issue 9, item 3), over real HTTP on loopback:
+"""Who may talk to llamachat_server, over real HTTP on loopback:
 - the module endpoints serve only the module process the server launched (the real module on SmolLM2 keeps
   working; a rogue local client is refused before it can take a request, forge an answer, fake the status or log);
 - with --no-module they serve processes of the server's own user only;
