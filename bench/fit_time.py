@@ -22,7 +22,7 @@ from chat_request import MAX_HISTORY_BYTES, MAX_HISTORY_MESSAGES, ChatRequest
 from context_fit import ContextFitter
 from llama_chat import LlamaChat
 from tests.live_server import ROOT, running_server
-from tests.models import smollm2_path
+from tests.model_paths import smollm2_path
 
 from . import machine
 from .__main__ import DEFAULT_MODEL

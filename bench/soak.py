@@ -24,7 +24,7 @@ import psutil
 import requests
 
 from tests.live_server import ROOT, rss_mb, running_server, server_status
-from tests.models import smollm2_path
+from tests.model_paths import smollm2_path
 
 from . import machine
 

@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
 
 from hf_standin import default_model_hub  # noqa: E402
-from models import gemma3_path, smollm2_path  # noqa: E402
+from model_paths import gemma3_path, smollm2_path  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's chromium: never a downloaded browser
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]

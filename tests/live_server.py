@@ -53,7 +53,7 @@ import psutil
 
 from llamachat_server.__main__ import READY_PREFIX
 from llamachat_server.app import serve
-from llamachat_server.context import ServerConfig
+from llamachat_server.server_state import ServerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 

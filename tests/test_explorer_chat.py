@@ -17,8 +17,8 @@ import pytest
 from playwright.sync_api import Page, Request, expect
 
 from live_server import ROOT, free_port, poll, running_server, serve_in_thread
-from llamachat_server.context import ServerConfig
 from llamachat_server.explorer import extract_explorer_ui
+from llamachat_server.server_state import ServerConfig
 
 EXPLORE_HTML = ROOT / "explore.html"
 REPLY_TIMEOUT_MS = 90_000

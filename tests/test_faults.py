@@ -17,7 +17,7 @@ import requests
 
 from conftest import ROOT
 from live_server import ServerThread, poll, running_server, server_log_path, server_status
-from llamachat_server.context import ServerConfig
+from llamachat_server.server_state import ServerConfig
 
 STORY = "Write a very long story about a lighthouse keeper and her cat. Describe every single day in detail."
 # Cannot end early at any speed: the story asks for far more than 1500 tokens... and if the model stops anyway, the

@@ -19,9 +19,9 @@ import pytest
 import requests
 
 from live_server import ROOT, poll, running_server, serve_in_thread, server_status
-from llamachat_server.context import ServerConfig
 from llamachat_server.host_check import HostCheck
 from llamachat_server.peer import find_peer_socket, owner_among, process_tree
+from llamachat_server.server_state import ServerConfig
 
 QUEUE = "llamachat_queue"
 MODULE_ENDPOINTS = [  # (method, path, form) of every endpoint only the module may use
