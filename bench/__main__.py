@@ -64,13 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--memory-chats", type=int, default=d.memory_chats, help="chats between the RSS readings")
     parser.add_argument("--memory-chat-tokens", type=int, default=d.memory_chat_tokens)
     parser.add_argument("--llama-server", type=Path, help="path to llama.cpp's llama-server binary, to compare with")
-    parser.add_argument(
-        "--wait-idle",
-        type=float,
-        default=0,
-        metavar="SECONDS",
-        help="wait up to this long for the 1-minute load average to fall below 0.5 first",
-    )
+    machine.add_wait_idle_option(parser)
     args = parser.parse_args(argv)
     if not args.model.is_file():
         parser.error(f"no model at {args.model}: run `bash install.sh --small` for SmolLM2-135M, or pass --model PATH")
@@ -201,10 +195,7 @@ def main(argv=None) -> int:
     results["targets"] = report.evaluate_targets(results)
     paths = report.write(results, args.out)
     for t in results["targets"]:
-        say(
-            f"{'MET   ' if t['met'] else 'MISSED' if t['met'] is False else 'n/a   '} {t['target']}: "
-            f"{t['measured']} (limit {t['limit']})"
-        )
+        say(f"{report.verdict(t['met'])} {t['target']}: {t['measured']} (limit {t['limit']})")
     say(f"done in {results['duration_s']} s: " + ", ".join(str(p) for p in paths))
     return 0
 

@@ -24,7 +24,7 @@ from llama_chat import LlamaChat
 from tests.live_server import ROOT, running_server
 from tests.model_paths import smollm2_path
 
-from . import machine
+from . import machine, report
 from .__main__ import DEFAULT_MODEL
 from .cpai_client import CpaiClient
 from .stats import summary
@@ -338,13 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, default=default_model())
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument(
-        "--wait-idle",
-        type=float,
-        default=0,
-        metavar="SECONDS",
-        help="wait up to this long for the 1-minute load average to fall below 0.5 first",
-    )
+    machine.add_wait_idle_option(parser)
     args = parser.parse_args(argv)
     if not args.model.is_file():
         parser.error(f"no model at {args.model}")
@@ -364,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "fit_time.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "fit_time.md").write_text(markdown(results))
     for t in results["targets"]:
-        say(f"{'MET   ' if t['met'] else 'MISSED'} {t['target']}: {t['measured_ms']} ms (limit {t['limit_ms']} ms)")
+        say(f"{report.verdict(t['met'])} {t['target']}: {t['measured_ms']} ms (limit {t['limit_ms']} ms)")
     return 0
 
 
