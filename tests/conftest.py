@@ -45,7 +45,9 @@ def gemma3() -> Path:
     return gemma3_path()
 
 
-@pytest.fixture(scope="session")
+# One chromium per module, not per session: Playwright's sync API keeps an event loop running in the main thread
+# while it is open, and any later test calling asyncio.run() there (test_server_limits.py) would fail.
+@pytest.fixture(scope="module")
 def browser():
     from playwright.sync_api import sync_playwright
 
