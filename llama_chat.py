@@ -103,6 +103,11 @@ class LlamaChat:
         self._should_abort: Callable[[], bool] = _never
         self._abort_callback = llama_cpp.ggml_abort_callback(lambda _data: self._aborting())
 
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, **options: Any) -> LlamaChat:
+        """A LlamaChat on one local GGUF file, nothing downloaded; options as for __init__ (n_ctx, n_threads...)."""
+        return cls(repo_id="", fileglob="", filename=os.path.basename(path), model_dir=os.path.dirname(path), **options)
+
     @staticmethod
     def _load_file(path: str, options: dict[str, Any], tried: list[str]) -> Llama | None:
         if not os.path.isfile(path):

@@ -78,9 +78,7 @@ HISTORIES: dict[str, Callable[[int], list[Message]]] = {
 
 def measure_in_process(model: Path, repeats: int) -> dict[str, Any]:
     """ContextFitter on the real model: a new fitter (nothing remembered) and the same history sent again."""
-    chat = LlamaChat(
-        repo_id="", fileglob="", filename=model.name, model_dir=str(model.parent), n_ctx=CONTEXT_SIZE, n_threads=1
-    )
+    chat = LlamaChat.from_file(model, n_ctx=CONTEXT_SIZE, n_threads=1)
     results = {}
     try:
         for name, history in HISTORIES.items():
