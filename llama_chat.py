@@ -117,6 +117,11 @@ class LlamaChat:
         self._should_abort: Callable[[], bool] = _never
         self._abort_callback = llama_cpp.ggml_abort_callback(lambda _data: self._aborting())
 
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, **options: Any) -> LlamaChat:
+        """A LlamaChat on one local GGUF file, nothing downloaded; options as for __init__ (n_ctx, n_threads...)."""
+        return cls(repo_id="", fileglob="", filename=os.path.basename(path), model_dir=os.path.dirname(path), **options)
+
     @staticmethod
     def _load_file(path: str, options: dict[str, Any], tried: list[str]) -> Llama | None:
         if not os.path.isfile(path):
@@ -166,7 +171,9 @@ class LlamaChat:
         params:
             prompt: the user's message; system_prompt: how the assistant should behave (None = default);
             history: earlier turns, [{"role": "user"|"assistant", "content": str}], oldest first;
-            should_abort: polled while the model computes, True stops it (llama_decode then raises RuntimeError);
+            should_abort: polled by llama.cpp while it computes, True stops it (llama_decode then raises
+                RuntimeError). Without stream it is asked throughout; with stream only until the first chunk, while
+                the prompt is evaluated: after that the caller stops the stream between chunks;
             **kwargs: passed to create_chat_completion (max_tokens, temperature, stream, stop, seed...).
         """
         self._watch(should_abort)

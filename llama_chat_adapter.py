@@ -26,7 +26,8 @@ from thread_policy import ThreadPolicy
 
 SELFTEST_PROMPT = "How many planets are there in the solar system?"
 # Our answer to a chat sent while another runs. The SDK's own would hand out the running chat's commandId, with which
-# anyone could read or cancel someone else's chat; clients recognise a busy model by "already in progress".
+# anyone could read or cancel someone else's chat (docs/protocol.md §4.2, item 5); clients recognise a busy model by
+# "already in progress".
 BUSY_ERROR = (
     "The model is busy with another chat (a long running command is already in progress); "
     "try again when it has finished"
@@ -53,9 +54,11 @@ class LlamaChat_adapter(ModuleRunner):
         # A cancel names its command, so a late cancel can never stop the next chat (docs/protocol.md §4.1, item 2).
         self.cancel_id: str | None = None
         self.inputs = ChatInputs(os.path.dirname(os.path.abspath(__file__)))
-        # Every llama.cpp call runs on this one thread. llama.cpp's OpenMP keeps a team of worker threads for each
-        # thread that calls it: chats on the SDK's changing executor threads piled up teams that fought over the
-        # cores and halved generation speed (measured in bench/).
+        # Everything that touches the model runs on this one thread: loading, fitting the conversation (tokenizing),
+        # generating, thread changes and closing; process() only reads the request. (Only the model-free queries at
+        # start-up, the GPU backend and the log hook, run on the SDK's thread.) llama.cpp's OpenMP keeps a team of
+        # worker threads for each thread that calls it: chats on the SDK's changing executor threads piled up teams
+        # that fought over the cores and halved generation speed (measured in bench/).
         self.llama_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
 
         LLAMA_LOG.install(loud=self.log_verbosity == LogVerbosity.Loud)

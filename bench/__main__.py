@@ -15,10 +15,10 @@ from typing import Any
 import llama_cpp
 
 from llama_chat import FALLBACK_MODEL_FILENAME
+from tests.live_server import ROOT, running_server, server_status
 
 from . import machine, report
 from .cpai_client import CpaiClient
-from .cpai_server import REPO_ROOT, CpaiServer
 from .in_process import RawEngine, WrapperEngine
 from .llama_server import LlamaServerEngine
 from .measure import measure_conversation, measure_generation
@@ -26,7 +26,7 @@ from .memory import raw_rss_curve
 from .module_bench import ModuleEngine, cancel_during_generation, cancel_during_prompt, measure_memory
 from .workload import CONVERSATION, N_CTX, Settings, long_prompt
 
-DEFAULT_MODEL = REPO_ROOT / "models" / FALLBACK_MODEL_FILENAME  # what `bash install.sh --small` installs
+DEFAULT_MODEL = ROOT / "models" / FALLBACK_MODEL_FILENAME  # what `bash install.sh --small` installs
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -35,7 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog="python -m bench", description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="the GGUF every engine loads")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results", help="where the results go")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="where the results go")
     parser.add_argument("--threads", type=int, default=d.threads, help="CPU threads for every engine")
     parser.add_argument(
         "--poll-ms",
@@ -64,13 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--memory-chats", type=int, default=d.memory_chats, help="chats between the RSS readings")
     parser.add_argument("--memory-chat-tokens", type=int, default=d.memory_chat_tokens)
     parser.add_argument("--llama-server", type=Path, help="path to llama.cpp's llama-server binary, to compare with")
-    parser.add_argument(
-        "--wait-idle",
-        type=float,
-        default=0,
-        metavar="SECONDS",
-        help="wait up to this long for the 1-minute load average to fall below 0.5 first",
-    )
+    machine.add_wait_idle_option(parser)
     args = parser.parse_args(argv)
     if not args.model.is_file():
         parser.error(f"no model at {args.model}: run `bash install.sh --small` for SmolLM2-135M, or pass --model PATH")
@@ -122,11 +116,18 @@ def start_engines(args: argparse.Namespace, settings: Settings, scratch: Path, s
     wrapper = WrapperEngine(args.model, settings.threads)
     stack.callback(wrapper.close)
     say("starting python -m llamachat_server with the module")
-    server = CpaiServer(args.model, settings.threads, scratch / "llamachat_server.log")
-    stack.callback(server.stop)
-    client = CpaiClient(server.base_url)
+    base_url = stack.enter_context(
+        running_server(
+            args.model,
+            context_size=N_CTX,
+            start_timeout=180,
+            server_args=("--log-level", "warning"),
+            CPAI_MODULE_LLAMA_THREADS=str(settings.threads),
+        )
+    )
+    client = CpaiClient(base_url)
     stack.callback(client.close)
-    engines = {"raw": raw, "wrapper": wrapper, "module": ModuleEngine(client, settings, server)}
+    engines = {"raw": raw, "wrapper": wrapper, "module": ModuleEngine(client, settings, server_status(base_url)["pid"])}
     if args.llama_server:
         say(f"starting {args.llama_server}")
         engines["llama_server"] = LlamaServerEngine(
@@ -194,10 +195,7 @@ def main(argv=None) -> int:
     results["targets"] = report.evaluate_targets(results)
     paths = report.write(results, args.out)
     for t in results["targets"]:
-        say(
-            f"{'MET   ' if t['met'] else 'MISSED' if t['met'] is False else 'n/a   '} {t['target']}: "
-            f"{t['measured']} (limit {t['limit']})"
-        )
+        say(f"{report.verdict(t['met'])} {t['target']}: {t['measured']} (limit {t['limit']})")
     say(f"done in {results['duration_s']} s: " + ", ".join(str(p) for p in paths))
     return 0
 

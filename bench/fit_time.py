@@ -1,7 +1,7 @@
-"""python -m bench.fit_time: how long fitting a long conversation to the context takes (issue 9, item 1), in process
-and through the standalone server as clients see it, and whether other clients are still answered meanwhile.
+"""python -m bench.fit_time: how long fitting a long conversation to the context takes, in process and through the
+standalone server as clients see it, and whether other clients are still answered meanwhile.
 
-Measures: the issue's 800-pair request (answered, accepted or refused, in < 1 s); a 200-exchange natural history of
+Measures: 800 pairs of turns (answered, accepted or refused, in < 1 s); a 200-exchange natural history of
 ~90-token turns (prepared in < 200 ms); another client's get_command_status and cancel_command while chats are being
 prepared (answered in < 100 ms); and the largest history the caps allow. Writes fit_time.json and fit_time.md.
 """
@@ -18,17 +18,16 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from . import machine
+from chat_request import MAX_HISTORY_BYTES, MAX_HISTORY_MESSAGES, ChatRequest
+from context_fit import ContextFitter
+from llama_chat import LlamaChat
+from tests.live_server import ROOT, running_server
+from tests.model_paths import smollm2_path
+
+from . import machine, report
 from .__main__ import DEFAULT_MODEL
 from .cpai_client import CpaiClient
-from .cpai_server import REPO_ROOT
 from .stats import summary
-
-sys.path.insert(0, str(REPO_ROOT / "tests"))
-from chat_request import MAX_HISTORY_BYTES, MAX_HISTORY_MESSAGES, ChatRequest  # noqa: E402
-from context_fit import ContextFitter  # noqa: E402
-from live_server import running_server  # noqa: E402
-from llama_chat import LlamaChat  # noqa: E402
 
 CONTEXT_SIZE = 4096  # the module's default
 TARGETS = {"answer_800_pairs_ms": 1000, "prepare_200_exchanges_ms": 200, "other_client_answer_ms": 100}
@@ -45,7 +44,7 @@ def say(text: str) -> None:
 
 
 def pairs_800(_variant: int) -> list[Message]:
-    """The issue's reproduction: 800 x (user "hello there", assistant "ok")."""
+    """The reproduction of the slow fit: 800 x (user "hello there", assistant "ok")."""
     return [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "ok"}] * 800
 
 
@@ -79,9 +78,7 @@ HISTORIES: dict[str, Callable[[int], list[Message]]] = {
 
 def measure_in_process(model: Path, repeats: int) -> dict[str, Any]:
     """ContextFitter on the real model: a new fitter (nothing remembered) and the same history sent again."""
-    chat = LlamaChat(
-        repo_id="", fileglob="", filename=model.name, model_dir=str(model.parent), n_ctx=CONTEXT_SIZE, n_threads=1
-    )
+    chat = LlamaChat.from_file(model, n_ctx=CONTEXT_SIZE, n_threads=1)
     results = {}
     try:
         for name, history in HISTORIES.items():
@@ -273,7 +270,7 @@ def _pair(s: dict[str, Any]) -> str:
 
 def markdown(results: dict[str, Any]) -> str:
     lines = [
-        f"# Fit time (issue 9, item 1): {results['started_utc']}",
+        f"# Fit time: {results['started_utc']}",
         "",
         f"Model {results['model']}, {CONTEXT_SIZE}-token context, {results['repeats']} runs of each; machine: "
         f"{results['machine']['cpu']}, {results['machine']['logical_cpus']} CPUs; 1-minute load at the start "
@@ -320,8 +317,8 @@ def markdown(results: dict[str, Any]) -> str:
         "Prepared = the module's processMs - inferenceMs: from taking the command to starting the model "
         "(each chat is stopped then: only its preparation is measured). "
         "Other client = get_command_status from a second connection, sent between posting the chat and the "
-        "end of its preparation. Before the fix (issue 9): 400 pairs took 4.6 s to fit, 800 pairs 62 s, and a "
-        "200-exchange history 12.4 s, twice per message, on the SDK's request loop.",
+        "end of its preparation. Before the fit became linear and moved onto the llama thread, 400 pairs took 4.6 s to "
+        "fit, 800 pairs 62 s, and a 200-exchange history 12.4 s, twice per message, on the SDK's request loop.",
         "",
     ]
     return "\n".join(lines)
@@ -331,23 +328,15 @@ def default_model() -> Path:
     """The model `install.sh --small` installs, else the test model."""
     if DEFAULT_MODEL.is_file():
         return DEFAULT_MODEL
-    from models import smollm2_path
-
     return smollm2_path()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.fit_time", description=__doc__)
     parser.add_argument("--model", type=Path, default=default_model())
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument(
-        "--wait-idle",
-        type=float,
-        default=0,
-        metavar="SECONDS",
-        help="wait up to this long for the 1-minute load average to fall below 0.5 first",
-    )
+    machine.add_wait_idle_option(parser)
     args = parser.parse_args(argv)
     if not args.model.is_file():
         parser.error(f"no model at {args.model}")
@@ -367,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "fit_time.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "fit_time.md").write_text(markdown(results))
     for t in results["targets"]:
-        say(f"{'MET   ' if t['met'] else 'MISSED'} {t['target']}: {t['measured_ms']} ms (limit {t['limit_ms']} ms)")
+        say(f"{report.verdict(t['met'])} {t['target']}: {t['measured_ms']} ms (limit {t['limit_ms']} ms)")
     return 0
 
 

@@ -35,9 +35,7 @@ class WrapperEngine:
     """LlamaChat.do_chat, the module's own layer over llama-cpp-python, without the SDK or a server."""
 
     def __init__(self, model: Path, threads: int) -> None:
-        self.llama_chat = LlamaChat(
-            repo_id="", fileglob="", filename=model.name, model_dir=str(model.parent), n_ctx=N_CTX, n_threads=threads
-        )
+        self.llama_chat = LlamaChat.from_file(model, n_ctx=N_CTX, n_threads=threads)
 
     def chat(self, prompt: str, history: list[dict[str, str]], max_tokens: int, fresh: bool) -> dict[str, Any]:
         if fresh:

@@ -3,12 +3,12 @@ its OpenAI-compatible streaming API."""
 
 import http.client
 import json
-import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from tests.live_server import free_port, log_tail, poll, stop_process
 
 from .stream_timing import time_stream
 from .workload import N_CTX, SAMPLING, chat_messages
@@ -18,17 +18,11 @@ class LlamaServerFailed(RuntimeError):
     """llama-server did not start; the message carries the end of its log."""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class LlamaServerEngine:
     """llama-server started on a free loopback port, chatted with over HTTP."""
 
     def __init__(self, binary: Path, model: Path, threads: int, log_path: Path, start_timeout: float = 120.0) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.log_path = log_path
         # One slot with the whole context, the model's own Jinja chat template and no flash attention (as
         # llama-cpp-python's default): as close to the module's engine as it goes.
@@ -61,22 +55,22 @@ class LlamaServerEngine:
             raise
 
     def _wait_healthy(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def healthy() -> bool:
             if self.process.poll() is not None:
-                raise LlamaServerFailed(f"llama-server exited (code {self.process.returncode}):\n{self._log_tail()}")
+                raise LlamaServerFailed(
+                    f"llama-server exited (code {self.process.returncode}):\n{log_tail(self.log_path)}"
+                )
             try:
                 connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
                 connection.request("GET", "/health")
-                if connection.getresponse().status == 200:
-                    return
+                return connection.getresponse().status == 200
             except OSError:
-                pass
-            time.sleep(0.2)
-        raise LlamaServerFailed(f"llama-server was not healthy after {timeout:g} s:\n{self._log_tail()}")
+                return False
 
-    def _log_tail(self, lines: int = 30) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        try:
+            poll(healthy, timeout, "llama-server to be healthy", interval=0.2)
+        except AssertionError as ex:
+            raise LlamaServerFailed(f"{ex}:\n{log_tail(self.log_path)}") from None
 
     def _stream(self, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
@@ -107,10 +101,4 @@ class LlamaServerEngine:
         return vars(time_stream(lambda: self._stream(body)))
 
     def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)

@@ -1,6 +1,7 @@
 """The machine the numbers come from: is it idle, what is it, and how much CPU did other processes take while we
 measured (a 2-core machine shared with other work gives noisy numbers; the results say how noisy)."""
 
+import argparse
 import os
 import platform
 import sys
@@ -16,6 +17,17 @@ IDLE_LOAD = 0.5  # 1-minute load average under which the machine counts as idle
 
 def load_average() -> float:
     return round(os.getloadavg()[0], 2)
+
+
+def add_wait_idle_option(parser: argparse.ArgumentParser) -> None:
+    """--wait-idle SECONDS, for wait_until_idle(args.wait_idle)."""
+    parser.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help=f"wait up to this long for the 1-minute load average to fall below {IDLE_LOAD:g} first",
+    )
 
 
 def wait_until_idle(max_wait_s: float, say=print) -> dict[str, Any]:

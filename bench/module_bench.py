@@ -4,8 +4,9 @@ module-only ones (cancel latency, memory over many chats)."""
 import time
 from typing import Any
 
+from tests.live_server import rss_mb
+
 from .cpai_client import ChatFailed, ChatTrace, CpaiClient
-from .cpai_server import CpaiServer
 from .memory import rss_curve
 from .stats import summary
 from .workload import (
@@ -46,9 +47,9 @@ def _completed(trace: ChatTrace) -> dict[str, Any]:
 class ModuleEngine:
     """The module behind our standalone server, chatted with as the Explorer page does."""
 
-    def __init__(self, client: CpaiClient, settings: Settings, server: CpaiServer) -> None:
+    def __init__(self, client: CpaiClient, settings: Settings, module_pid: int) -> None:
         self.client = client
-        self.server = server
+        self.module_pid = module_pid  # the module's process, whose memory measure_memory reads
         self.poll_s = settings.poll_interval_s
 
     def flush(self) -> None:
@@ -136,4 +137,4 @@ def measure_memory(engine: ModuleEngine, settings: Settings) -> dict[str, Any]:
     def chat(i: int) -> None:
         _completed(engine.client.chat(chat_fields(memory_prompt(i), [], settings.memory_chat_tokens), engine.poll_s))
 
-    return rss_curve(chat, engine.server.module_rss_mb, settings.memory_chats)
+    return rss_curve(chat, lambda: rss_mb(engine.module_pid), settings.memory_chats)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import textwrap
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import matplotlib
 
@@ -352,10 +352,27 @@ def chart(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def write(results: dict[str, Any], out_dir: Path) -> list[Path]:
+def verdict(met: bool | None) -> str:
+    """How a target or goal fared, padded for a column of them: MET, MISSED, or n/a (nothing measured)."""
+    return "MET   " if met else "MISSED" if met is False else "n/a   "
+
+
+def write_files(
+    results: dict[str, Any],
+    out_dir: Path,
+    stem: str,
+    chart_name: str,
+    to_markdown: Callable[[dict[str, Any]], str],
+    draw: Callable[[dict[str, Any], Path], None],
+) -> list[Path]:
+    """STEM.json (every number), STEM.md (to_markdown's tables) and the chart, in out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / "results.json", out_dir / "results.md", out_dir / "chart.png"]
+    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md", out_dir / chart_name]
     paths[0].write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    paths[1].write_text(markdown(results), encoding="utf-8")
-    chart(results, paths[2])
+    paths[1].write_text(to_markdown(results), encoding="utf-8")
+    draw(results, paths[2])
     return paths
+
+
+def write(results: dict[str, Any], out_dir: Path) -> list[Path]:
+    return write_files(results, out_dir, "results", "chart.png", markdown, chart)

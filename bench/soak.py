@@ -23,12 +23,10 @@ from typing import Any, Callable
 import psutil
 import requests
 
-from . import machine
+from tests.live_server import ROOT, rss_mb, running_server, server_status
+from tests.model_paths import smollm2_path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT / "tests"))
-from live_server import running_server, server_status  # noqa: E402
-from models import smollm2_path  # noqa: E402
+from . import machine
 
 CHAT = "/v1/text/chat"
 STATUS = "/v1/LlamaChat/get_command_status"
@@ -62,10 +60,6 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], str]] = [
     ("status-unknown-id", {"url": STATUS, "data": {"commandId": "no-such-id"}}, "command"),
     ("cancel-unknown-id", {"url": CANCEL, "data": {"commandId": "no-such-id"}}, "command"),
 ]
-
-
-def rss_mb(pid: int) -> float:
-    return psutil.Process(pid).memory_info().rss / 2**20
 
 
 class Soak:
@@ -271,7 +265,7 @@ def main(argv=None) -> int:
     parser.add_argument("--poll-ms", type=int, default=50)
     parser.add_argument("--chat-timeout", type=float, default=120.0)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
     if args.warmup >= args.chats:
         parser.error("--warmup must be smaller than --chats")

@@ -21,13 +21,12 @@ from typing import Any, Callable
 import llama_cpp
 from llama_cpp import Llama
 
-from tests.live_server import running_server
+from tests.live_server import ROOT, running_server
 from thread_policy import default_max_threads
 
-from . import machine, threads_report
+from . import machine, report, threads_report
 from .__main__ import DEFAULT_MODEL
 from .cpai_client import ChatFailed, CpaiClient
-from .cpai_server import REPO_ROOT
 from .measure import summarise
 from .module_bench import chat_fields
 from .neighbour import READY
@@ -122,7 +121,7 @@ def load(kind: str, model: Path, cores: int) -> Iterator[None]:
         yield
         return
     process = subprocess.Popen(
-        command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, start_new_session=True
+        command, cwd=ROOT, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, start_new_session=True
     )
     try:
         if kind == "neighbour" and process.stdout.readline().strip() != READY:
@@ -174,7 +173,7 @@ def main(argv=None) -> int:
         prog="python -m bench.threads", description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="the GGUF every engine loads")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results", help="where the results go")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="where the results go")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=128, help="tokens per reply")
     parser.add_argument(
@@ -195,13 +194,7 @@ def main(argv=None) -> int:
         "after the last reply, not at once)",
     )
     parser.add_argument("--loads", nargs="+", choices=LOADS, default=LOADS)
-    parser.add_argument(
-        "--wait-idle",
-        type=float,
-        default=0,
-        metavar="SECONDS",
-        help="wait up to this long for the 1-minute load average to fall below 0.5 first",
-    )
+    machine.add_wait_idle_option(parser)
     args = parser.parse_args(argv)
     if not args.model.is_file():
         parser.error(f"no model at {args.model}: run `bash install.sh --small` for SmolLM2-135M, or pass --model PATH")
@@ -249,10 +242,7 @@ def main(argv=None) -> int:
     results["goals"] = threads_report.evaluate_goals(results)
     paths = threads_report.write(results, args.out)
     for goal in results["goals"]:
-        say(
-            f"{'MET   ' if goal['met'] else 'MISSED' if goal['met'] is False else 'n/a   '} {goal['goal']}: "
-            f"{goal['measured']} (limit {goal['limit']})"
-        )
+        say(f"{report.verdict(goal['met'])} {goal['goal']}: {goal['measured']} (limit {goal['limit']})")
     say(f"done in {results['duration_s']} s: " + ", ".join(str(p) for p in paths))
     return 0
 

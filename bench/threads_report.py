@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +9,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+
+from .report import write_files  # noqa: E402
 
 ENGINES = [
     ("raw_all", "raw llama-cpp-python, all cores"),
@@ -160,9 +161,4 @@ def chart(results: dict[str, Any], path: Path) -> None:
 
 
 def write(results: dict[str, Any], out_dir: Path) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / "threads.json", out_dir / "threads.md", out_dir / "threads.png"]
-    paths[0].write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    paths[1].write_text(markdown(results), encoding="utf-8")
-    chart(results, paths[2])
-    return paths
+    return write_files(results, out_dir, "threads", "threads.png", markdown, chart)

@@ -1,4 +1,4 @@
-"""python -m bench.token_count: what counting the generated tokens (issue 9, item 6) costs. The wrapper's Llama
+"""python -m bench.token_count: what counting the generated tokens costs. The wrapper's Llama
 counts each sampled token in an override of sample(); this generates the same greedy reply with llama-cpp-python's
 own Llama and with the wrapper's, taking turns, and compares tokens per second. Writes token_count.json and .md.
 """
@@ -16,9 +16,9 @@ from typing import Any
 from llama_cpp import Llama
 
 from llama_chat import _CountingLlama
+from tests.live_server import ROOT
 
 from . import machine
-from .cpai_server import REPO_ROOT
 from .fit_time import default_model, say
 from .stats import summary
 from .workload import GENERATION_PROMPT
@@ -40,7 +40,7 @@ def tokens_per_second(llm: Llama) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.token_count", description=__doc__)
     parser.add_argument("--model", type=Path, default=default_model())
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS")

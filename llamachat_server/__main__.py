@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 from .app import ListenError, serve
-from .context import ServerConfig
 from .cors import OriginPatternError, parse_origin_patterns
 from .server_log import LEVELS
+from .server_state import ServerConfig
 from .settings import SettingsError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

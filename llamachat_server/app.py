@@ -12,7 +12,6 @@ from aiohttp import web
 
 from .client_api import handle_module_route
 from .commands import CommandTracker
-from .context import CONTEXT, ServerConfig, ServerContext
 from .cors import OriginPolicy
 from .errors import json_errors
 from .explorer import add_explorer_routes
@@ -23,6 +22,7 @@ from .module_process import ModuleProcess, interpreter_command
 from .queues import RequestQueues
 from .routes import RouteMap
 from .server_log import ServerLog
+from .server_state import STATE, ServerConfig, ServerState
 from .settings import load_module_settings, module_environment
 from .status_api import add_status_routes
 
@@ -54,18 +54,18 @@ def create_app(config: ServerConfig) -> web.Application:
         on_exit=module_exited,
     )
 
-    context = ServerContext(config, settings, routes, queues, log, module, commands)
+    state = ServerState(config, settings, routes, queues, log, module, commands)
     # json_errors sits inside the origin policy, so error answers carry the CORS headers a page needs to read them.
     app = web.Application(
         client_max_size=MAX_REQUEST_BYTES,
         middlewares=[
-            HostCheck(config.host, context.hostname).middleware(),
-            OriginPolicy(config.allowed_origins, context.hostname).middleware(),
+            HostCheck(config.host, state.hostname).middleware(),
+            OriginPolicy(config.allowed_origins, state.hostname).middleware(),
             json_errors,
         ],
     )
-    app[CONTEXT] = context
-    app[MODULE_ACCESS] = ModuleAccess(module, config.launch_module, log, context.hostname)
+    app[STATE] = state
+    app[MODULE_ACCESS] = ModuleAccess(module, config.launch_module, log, state.hostname)
     add_status_routes(app)
     add_module_routes(app)
     add_explorer_routes(app)
@@ -115,14 +115,14 @@ async def serve(config: ServerConfig, stop: asyncio.Event, on_ready: Callable[[s
     """Runs the server until `stop` is set; `on_ready(url)` is called once it listens and the module
     has been launched. Stopping ends the module first (so its last words are still logged), then HTTP."""
     app = create_app(config)
-    context = app[CONTEXT]
+    state = app[STATE]
     exposed = no_authentication_warning(config.host)
     if exposed:
         print(f"WARNING: {exposed}", file=sys.stderr, flush=True)
-        context.log.add(exposed, "warning")
+        state.log.add(exposed, "warning")
     access_notice = app[MODULE_ACCESS].startup_notice()
     if access_notice:
-        context.log.add(*access_notice)
+        state.log.add(*access_notice)
     runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=2.0)
     await runner.setup()
     try:
@@ -132,9 +132,9 @@ async def serve(config: ServerConfig, stop: asyncio.Event, on_ready: Callable[[s
         port = sockets[0].getsockname()[1]
         if config.launch_module:
             config.data_dir.mkdir(parents=True, exist_ok=True)
-            context.module.start(
+            state.module.start(
                 module_environment(
-                    context.settings,
+                    state.settings,
                     port=port,
                     python=config.python,
                     data_dir=config.data_dir,
@@ -145,8 +145,6 @@ async def serve(config: ServerConfig, stop: asyncio.Event, on_ready: Callable[[s
         on_ready(base_url(config.host, port))
         await stop.wait()
     finally:
-        await context.module.stop(
-            lambda: context.queues.post(context.settings.queue, quit_payload(context.settings.module_id))
-        )
-        context.queues.fail_all("The server is shutting down")  # clients still waiting hear why, at once
+        await state.module.stop(lambda: state.queues.post(state.settings.queue, quit_payload(state.settings.module_id)))
+        state.queues.fail_all("The server is shutting down")  # clients still waiting hear why, at once
         await runner.cleanup()

@@ -6,25 +6,25 @@ import time
 
 from aiohttp import web
 
-from .context import CONTEXT, ServerContext
 from .module_process import ModuleStatus
 from .payload import PayloadError, build_payload
 from .queues import QueueError, RequestTimedOut
 from .responses import error_response, utc_timestamp
 from .routes import SYSTEM_COMMANDS, Route
+from .server_state import STATE, ServerState
 
 _NOT_RUNNING = (ModuleStatus.STOPPING, ModuleStatus.STOPPED)
 
 
-def _why_no_answer(context: ServerContext) -> str:
-    module = context.module
+def _why_no_answer(state: ServerState) -> str:
+    module = state.module
     if module.status in (ModuleStatus.STARTING, ModuleStatus.RESTARTING):
         return (
             f"module {module.name} is {module.status.value}: it is still loading; try again when "
             f"/v1/module/list/status shows it Started"
         )
     if module.status == ModuleStatus.STARTED:
-        return f"module {module.name} did not answer within {context.queues.response_timeout:g} s"
+        return f"module {module.name} did not answer within {state.queues.response_timeout:g} s"
     return f"module {module.name} is {module.status.value}"
 
 
@@ -32,13 +32,13 @@ def _command_id(payload: dict) -> str | None:
     return next((item["value"][0] for item in payload["values"] if item["key"] == "commandId" and item["value"]), None)
 
 
-def _lost_answer(context: ServerContext, command: str, command_id: str, reason: str) -> dict:
+def _lost_answer(state: ServerState, command: str, command_id: str, reason: str) -> dict:
     """The answer for a command the module lost when it stopped, instead of the restarted module's "not started"."""
     what = "Nothing to cancel: the" if command == "cancel_command" else "The"
     return {
         "success": False,
         "code": 500,
-        "moduleId": context.settings.module_id,
+        "moduleId": state.settings.module_id,
         "command": command,
         "commandId": command_id,
         "commandStatus": "failed",
@@ -46,53 +46,53 @@ def _lost_answer(context: ServerContext, command: str, command_id: str, reason: 
     }
 
 
-async def _answer(context: ServerContext, route: Route, payload: dict) -> dict:
+async def _answer(state: ServerState, route: Route, payload: dict) -> dict:
     """The module's answer; for a command the module lost when it stopped, the server's own. QueueError if none."""
     command_id = _command_id(payload) if route.command in SYSTEM_COMMANDS else None
     answer, failure = None, None
-    if not context.commands.lost(command_id):
+    if not state.commands.lost(command_id):
         try:
-            answer = await context.queues.send_request(route.queue, payload)
-            context.commands.saw_answer(answer)
+            answer = await state.queues.send_request(route.queue, payload)
+            state.commands.saw_answer(answer)
         except RequestTimedOut as ex:
-            failure = QueueError(f"{ex}: {_why_no_answer(context)}")
+            failure = QueueError(f"{ex}: {_why_no_answer(state)}")
         except QueueError as ex:
             failure = ex
-    lost_reason = context.commands.lost(command_id)  # asked again: the module may have stopped meanwhile
+    lost_reason = state.commands.lost(command_id)  # asked again: the module may have stopped meanwhile
     if lost_reason and not (answer and answer.get("success")):
-        return _lost_answer(context, route.command, command_id, lost_reason)
+        return _lost_answer(state, route.command, command_id, lost_reason)
     if failure is not None:
         raise failure
     return answer
 
 
 async def handle_module_route(request: web.Request) -> web.Response:
-    context = request.app[CONTEXT]
+    state = request.app[STATE]
     path = request.match_info["tail"]
-    match = context.routes.match(request.method, path)
+    match = state.routes.match(request.method, path)
     if match is None:
-        known = ", ".join(f"{r.method} /v1/{r.path}" for r in context.routes.routes())
+        known = ", ".join(f"{r.method} /v1/{r.path}" for r in state.routes.routes())
         return error_response(
-            context.hostname,
+            state.hostname,
             f"No module answers {request.method} /v1/{path}. Routes: {known}",
             code=404,
             http_status=404,
         )
-    if context.module.status in _NOT_RUNNING:
+    if state.module.status in _NOT_RUNNING:
         return error_response(
-            context.hostname,
-            f"The server is shutting down: module {context.module.name} is {context.module.status.value}",
+            state.hostname,
+            f"The server is shutting down: module {state.module.name} is {state.module.status.value}",
         )
     try:
         payload = await build_payload(request, match.route.command, match.url_segments)
     except PayloadError as ex:
-        return error_response(context.hostname, str(ex), code=400)
+        return error_response(state.hostname, str(ex), code=400)
 
     started = time.perf_counter()
     try:
-        answer = await _answer(context, match.route, payload)
+        answer = await _answer(state, match.route, payload)
     except QueueError as ex:
-        return error_response(context.hostname, str(ex))
+        return error_response(state.hostname, str(ex))
     answer["analysisRoundTripMs"] = round((time.perf_counter() - started) * 1000)
     answer["processedBy"] = "localhost"
     answer["timestampUTC"] = utc_timestamp()

@@ -8,9 +8,9 @@ import traceback
 
 from aiohttp import web
 
-from .context import CONTEXT
 from .responses import error_response
 from .server_log import truncated
+from .server_state import STATE
 
 
 def not_utf8_message(ex: UnicodeDecodeError, where: str = "The request body") -> str:
@@ -27,26 +27,24 @@ def _http_error_text(request: web.Request, ex: web.HTTPException) -> str:
 
 @web.middleware
 async def json_errors(request: web.Request, handler) -> web.StreamResponse:
-    context = request.app[CONTEXT]
+    state = request.app[STATE]
     try:
         return await handler(request)
     except web.HTTPException as ex:
         if ex.status < 400:  # redirects and the like are answers, not errors
             raise
-        response = error_response(
-            context.hostname, _http_error_text(request, ex), code=ex.status, http_status=ex.status
-        )
+        response = error_response(state.hostname, _http_error_text(request, ex), code=ex.status, http_status=ex.status)
         if "Allow" in ex.headers:
             response.headers["Allow"] = ex.headers["Allow"]
         return response
     except UnicodeDecodeError as ex:  # a client's bytes, read by an endpoint that expects text
-        return error_response(context.hostname, not_utf8_message(ex), code=400, http_status=400)
+        return error_response(state.hostname, not_utf8_message(ex), code=400, http_status=400)
     except Exception as ex:  # noqa: BLE001 - the point: nothing unexpected may end as a plain-text 500
         failure = f"{type(ex).__name__}: {truncated(str(ex), 300)}"
         # The failure first: a long traceback is cut at the log's entry limit, from the end.
-        context.log.add(f"{request.method} {request.path} failed ({failure}): {traceback.format_exc()}", "error")
+        state.log.add(f"{request.method} {request.path} failed ({failure}): {traceback.format_exc()}", "error")
         return error_response(
-            context.hostname,
+            state.hostname,
             f"The server failed on {request.method} {request.path} ({failure}); "
             f"this is a bug: the server log has the details",
             code=500,

@@ -10,10 +10,10 @@ from typing import Any
 from aiohttp import web
 
 from . import COMPATIBLE_SERVER_VERSION
-from .context import CONTEXT, ServerContext
 from .explorer import read_explorer_ui
 from .module_process import ModuleStatus
 from .responses import server_response
+from .server_state import STATE, ServerState
 
 
 def camel_case(name: str) -> str:
@@ -58,9 +58,9 @@ def version_info() -> dict:
     }
 
 
-def process_status(context: ServerContext) -> dict:
+def process_status(state: ServerState) -> dict:
     """The module's ProcessStatus, as `GET /v1/module/list/status` lists it."""
-    module, settings = context.module, context.settings
+    module, settings = state.module, state.settings
     summary = (
         f"Status Data:  {json.dumps(module.status_data)}\nStarted:      {_iso(module.started) or 'Not seen'}\n"
         f"LastSeen:     {_iso(module.last_seen) or 'Not seen'}\nStatus:       {module.status.value}\n"
@@ -81,7 +81,7 @@ def process_status(context: ServerContext) -> dict:
         # requests wait in its queue.
         "pid": module.pid,
         "restarts": module.restarts,
-        "queued": context.queues.pending(settings.queue)[0],
+        "queued": state.queues.pending(settings.queue)[0],
         "menus": None,
         "installSummary": "",
         "startupSummary": " ".join(module.command),
@@ -89,9 +89,9 @@ def process_status(context: ServerContext) -> dict:
     }
 
 
-def running_module_config(context: ServerContext) -> dict:
+def running_module_config(state: ServerState) -> dict:
     """The module's settings with its Explorer UI, as `GET /v1/module/list/running` lists it."""
-    settings = context.settings
+    settings = state.settings
     config = camel_case_keys(settings.config)
     config.update({"moduleId": settings.module_id, "version": settings.version})
     config["launchSettings"] = {**config.get("launchSettings", {}), "queue": settings.queue}
@@ -100,23 +100,19 @@ def running_module_config(context: ServerContext) -> dict:
 
 
 async def get_version(request: web.Request) -> web.Response:
-    context = request.app[CONTEXT]
-    return web.json_response(
-        server_response(context.hostname, message=COMPATIBLE_SERVER_VERSION, version=version_info())
-    )
+    state = request.app[STATE]
+    return web.json_response(server_response(state.hostname, message=COMPATIBLE_SERVER_VERSION, version=version_info()))
 
 
 async def list_module_status(request: web.Request) -> web.Response:
-    context = request.app[CONTEXT]
-    return web.json_response(server_response(context.hostname, statuses=[process_status(context)]))
+    state = request.app[STATE]
+    return web.json_response(server_response(state.hostname, statuses=[process_status(state)]))
 
 
 async def list_running_modules(request: web.Request) -> web.Response:
-    context = request.app[CONTEXT]
-    running = context.module.status == ModuleStatus.STARTED
-    return web.json_response(
-        server_response(context.hostname, modules=[running_module_config(context)] if running else [])
-    )
+    state = request.app[STATE]
+    running = state.module.status == ModuleStatus.STARTED
+    return web.json_response(server_response(state.hostname, modules=[running_module_config(state)] if running else []))
 
 
 def _int_query(request: web.Request, name: str, default: int) -> int:
@@ -128,8 +124,8 @@ def _int_query(request: web.Request, name: str, default: int) -> int:
 
 async def list_log(request: web.Request) -> web.Response:
     """GET /v1/log/list?last_id=&count=: entries newer than last_id (default 0), at most count (default 10)."""
-    context = request.app[CONTEXT]
-    entries = context.log.list(_int_query(request, "last_id", 0), _int_query(request, "count", 10))
+    state = request.app[STATE]
+    entries = state.log.list(_int_query(request, "last_id", 0), _int_query(request, "count", 10))
     return web.json_response({"success": True, "entries": entries})
 
 

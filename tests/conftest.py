@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
 
 from hf_standin import default_model_hub  # noqa: E402
-from models import gemma3_path, smollm2_path  # noqa: E402
+from model_paths import gemma3_path, smollm2_path  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's chromium: never a downloaded browser
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
@@ -45,8 +45,8 @@ def gemma3() -> Path:
     return gemma3_path()
 
 
-# Per module, not per session: Playwright's sync API keeps an event loop running in the main thread while a browser
-# is open, and tests that call asyncio.run() then fail.
+# One chromium per module, not per session: Playwright's sync API keeps an event loop running in the main thread
+# while it is open, and any later test calling asyncio.run() there (test_server_limits.py) would fail.
 @pytest.fixture(scope="module")
 def browser():
     from playwright.sync_api import sync_playwright

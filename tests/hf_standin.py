@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import re
-import socket
 import threading
 from functools import cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,6 +22,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from fetch_model import read_default_model
+from live_server import free_port
 
 # A fixed commit id: huggingface_hub requires one (X-Repo-Commit) and stores it next to downloaded files.
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -197,10 +197,7 @@ def default_model_hub(model_bytes: Path) -> HubStandin:
 
 def unreachable_hub_url() -> str:
     """A loopback URL where nothing listens: connections are refused at once, as on a machine off the network."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{free_port()}"
 
 
 def hub_env(hub_url: str, scratch: Path) -> dict[str, str]:

@@ -1,4 +1,5 @@
-"""A real `python -m llamachat_server` for tests and benchmarks, with the real module on a small model.
+"""The one place that starts, waits for and stops a real `python -m llamachat_server`, for tests and benchmarks
+(bench/ imports it as `tests.live_server`), with the real module on a small model.
 
     from live_server import running_server, server_status
 
@@ -9,16 +10,24 @@ running_server(model_path, module_dir=ROOT, *, context_size=2048, start_timeout=
   Starts the server on a free loopback port as a subprocess, the module loading `model_path`; extra keyword
   arguments become the module's environment variables (e.g. CPAI_MODULE_LLAMA_THREADS="2"), over its
   settings; `server_args` are more command-line options (e.g. ("--allow-origin", "null")). Yields the base
-  URL once the module's status is Started; stops the server (Ctrl+C, as a person would) on leaving, killing it
-  if it does not end within 15 s. If startup fails, the error shows the
-  server's log. The server's console log is kept at `server_log_path(base_url)` while it runs.
+  URL once the module's status is Started; stops the server on leaving (stop_process). If startup fails, the
+  error shows the server's log. The server's console log is kept at `server_log_path(base_url)` while it runs.
 server_status(base_url) -> dict
   The module's ProcessStatus from GET /v1/module/list/status (status, pid, restarts, statusData...).
-serve_in_thread(config) -> base URL
-  A context manager: llamachat_server.app.serve(config) in a background thread of this process (a ServerConfig,
-  usually launch_module=False so the test itself plays the module), stopped on leaving.
+rss_mb(pid) -> float
+  A process's resident memory in MiB (the module's pid is server_status(base_url)["pid"]).
+ServerThread(config) / serve_in_thread(config) -> base URL
+  llamachat_server.app.serve(config) in a background thread of this process (a ServerConfig, usually
+  launch_module=False so the test itself plays the module); ServerThread.stop() ends it, serve_in_thread stops it
+  on leaving.
+stop_process(process)
+  SIGTERM (handled like Ctrl+C), then kill if it has not ended within 15 s: how every server here is stopped.
 poll(condition, timeout, what) -> value
   Calls condition() until it returns something truthy and returns that; AssertionError after `timeout` s.
+free_port() -> int
+  A loopback port nothing listens on now (for a server that cannot take port 0, or one that must be unreachable).
+log_tail(path, lines=40) -> str
+  The end of a log file, for error messages.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -39,13 +49,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # usable outside pytest too (benchmarks run as scripts)
-    sys.path.insert(0, str(ROOT))
+import psutil
 
-from llamachat_server.__main__ import READY_PREFIX  # noqa: E402
-from llamachat_server.app import serve  # noqa: E402
-from llamachat_server.context import ServerConfig  # noqa: E402
+from llamachat_server.__main__ import READY_PREFIX
+from llamachat_server.app import serve
+from llamachat_server.server_state import ServerConfig
+
+ROOT = Path(__file__).resolve().parent.parent
 
 STOP_TIMEOUT = 15.0
 
@@ -63,6 +73,16 @@ def poll(condition: Callable[[], Any], timeout: float, what: str, interval: floa
         time.sleep(interval)
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def rss_mb(pid: int) -> float:
+    return psutil.Process(pid).memory_info().rss / 2**20
+
+
 def server_status(base_url: str) -> dict:
     with urllib.request.urlopen(f"{base_url}/v1/module/list/status", timeout=10) as response:
         return json.load(response)["statuses"][0]
@@ -72,7 +92,7 @@ def server_log_path(base_url: str) -> Path:
     return _log_paths[base_url]
 
 
-def _log_tail(log_path: Path, lines: int = 40) -> str:
+def log_tail(log_path: Path, lines: int = 40) -> str:
     text = log_path.read_text(errors="replace").splitlines()
     return "\n".join(text[-lines:])
 
@@ -83,7 +103,7 @@ def _started(process: subprocess.Popen, log_path: Path) -> Callable[[], str | No
 
     def check() -> str | None:
         if process.poll() is not None:
-            raise RuntimeError(f"llamachat_server exited with code {process.returncode}:\n{_log_tail(log_path)}")
+            raise RuntimeError(f"llamachat_server exited with code {process.returncode}:\n{log_tail(log_path)}")
         if not url:
             ready = [
                 line for line in log_path.read_text(errors="replace").splitlines() if line.startswith(READY_PREFIX)
@@ -99,7 +119,7 @@ def _started(process: subprocess.Popen, log_path: Path) -> Callable[[], str | No
     return check
 
 
-def _stop(process: subprocess.Popen) -> None:
+def stop_process(process: subprocess.Popen) -> None:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)  # handled like Ctrl+C; SIGINT is ignored in background jobs
         try:
@@ -159,30 +179,43 @@ def running_server(
             try:
                 base_url = poll(_started(process, log_path), start_timeout, "the module to start", interval=0.1)
             except AssertionError as ex:
-                raise AssertionError(f"{ex}; the server's log:\n{_log_tail(log_path)}") from None
+                raise AssertionError(f"{ex}; the server's log:\n{log_tail(log_path)}") from None
             _log_paths[base_url] = log_path
             try:
                 yield base_url
             finally:
                 del _log_paths[base_url]
         finally:
-            _stop(process)
+            stop_process(process)
+
+
+class ServerThread:
+    """llamachat_server's serve(config) running in a daemon thread of this process, on its own event loop."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        ready, handles = threading.Event(), {}
+
+        async def run():
+            handles["loop"], handles["stop"] = asyncio.get_running_loop(), asyncio.Event()
+            await serve(config, handles["stop"], lambda url: (handles.setdefault("url", url.rstrip("/")), ready.set()))
+
+        self._thread = threading.Thread(target=asyncio.run, args=(run(),), daemon=True)
+        self._thread.start()
+        assert ready.wait(15), "the server did not start"
+        self.url: str = handles["url"]
+        self._loop, self._stop = handles["loop"], handles["stop"]
+
+    def stop(self) -> None:
+        """Asks the server to stop, as Ctrl+C does, and waits until it has."""
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(15)
+        assert not self._thread.is_alive(), "the server did not stop"
 
 
 @contextmanager
 def serve_in_thread(config: ServerConfig) -> Iterator[str]:
-    ready, handles = threading.Event(), {}
-
-    async def run():
-        handles["loop"], handles["stop"] = asyncio.get_running_loop(), asyncio.Event()
-        await serve(config, handles["stop"], lambda url: (handles.setdefault("url", url.rstrip("/")), ready.set()))
-
-    thread = threading.Thread(target=asyncio.run, args=(run(),), daemon=True)
-    thread.start()
-    assert ready.wait(15), "the server did not start"
+    server = ServerThread(config)
     try:
-        yield handles["url"]
+        yield server.url
     finally:
-        handles["loop"].call_soon_threadsafe(handles["stop"].set)
-        thread.join(15)
-        assert not thread.is_alive(), "the server did not stop"
+        server.stop()

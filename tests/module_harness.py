@@ -5,13 +5,13 @@ _get_command_status / _cancel_command_task."""
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from codeproject_ai_sdk import RequestData
 
+from live_server import poll
 from llama_chat_adapter import LlamaChat_adapter
 
 _executor = ThreadPoolExecutor(max_workers=2)
@@ -68,13 +68,8 @@ def cancel(adapter: LlamaChat_adapter, command_id: str) -> dict[str, Any]:
 
 
 def wait_until(condition, timeout: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.005)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    """poll(), checking often: a module command moves on within milliseconds."""
+    return poll(condition, timeout, what, interval=0.005)
 
 
 def run_chat(adapter: LlamaChat_adapter, timeout: float = 120.0, **values: Any) -> dict[str, Any]:

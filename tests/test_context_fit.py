@@ -169,9 +169,7 @@ class RenderCountingChat:
 def smol(smollm2):
     from llama_chat import LlamaChat
 
-    chat = LlamaChat(
-        repo_id="", fileglob="", filename=smollm2.name, model_dir=str(smollm2.parent), n_ctx=4096, n_threads=1
-    )
+    chat = LlamaChat.from_file(smollm2, n_ctx=4096, n_threads=1)
     yield chat
     chat.close()
 

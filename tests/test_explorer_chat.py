@@ -7,7 +7,6 @@ Every page is watched: a JavaScript error, an alert dialog or a request leaving 
 from __future__ import annotations
 
 import json
-import socket
 import urllib.parse
 import urllib.request
 from contextlib import ExitStack
@@ -17,9 +16,9 @@ from email.policy import default as email_policy
 import pytest
 from playwright.sync_api import Page, Request, expect
 
-from live_server import ROOT, poll, running_server, serve_in_thread
-from llamachat_server.context import ServerConfig
+from live_server import ROOT, free_port, poll, running_server, serve_in_thread
 from llamachat_server.explorer import extract_explorer_ui
+from llamachat_server.server_state import ServerConfig
 
 EXPLORE_HTML = ROOT / "explore.html"
 REPLY_TIMEOUT_MS = 90_000
@@ -156,12 +155,6 @@ def post_form(url: str, **fields: str) -> dict:
     data = urllib.parse.urlencode(fields).encode()
     with urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=30) as response:
         return json.load(response)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def route_inputs() -> dict:

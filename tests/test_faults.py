@@ -2,7 +2,6 @@
 mid-prepare, SIGTERM of the server mid-chat, a truncated GGUF, clients that disconnect mid-request. Nothing hangs,
 every client gets a clear answer, and the next chat works."""
 
-import asyncio
 import json
 import os
 import signal
@@ -17,9 +16,8 @@ import pytest
 import requests
 
 from conftest import ROOT
-from live_server import poll, running_server, server_log_path, server_status
-from llamachat_server.app import serve
-from llamachat_server.context import ServerConfig
+from live_server import ServerThread, poll, running_server, server_log_path, server_status
+from llamachat_server.server_state import ServerConfig
 
 STORY = "Write a very long story about a lighthouse keeper and her cat. Describe every single day in detail."
 # Cannot end early at any speed: the story asks for far more than 1500 tokens... and if the model stops anyway, the
@@ -175,22 +173,12 @@ def test_sigterm_mid_chat_stops_server_and_module_quickly_and_clients_hear_why(s
 def test_a_client_waiting_when_the_server_stops_hears_that_it_is_shutting_down(tmp_path):
     """No module here: the request waits in the queue when the stop comes, as one a dying module took would."""
     config = ServerConfig(module_dir=ROOT, port=0, launch_module=False, data_dir=tmp_path, log_level="critical")
-    ready, handles = threading.Event(), {}
-
-    async def run():
-        handles["loop"], handles["stop"] = asyncio.get_running_loop(), asyncio.Event()
-        await serve(config, handles["stop"], lambda url: (handles.setdefault("url", url.rstrip("/")), ready.set()))
-
-    server = threading.Thread(target=asyncio.run, args=(run(),), daemon=True)
-    server.start()
-    assert ready.wait(15)
+    server = ServerThread(config)
     with ThreadPoolExecutor(max_workers=1) as pool:
-        waiting = pool.submit(requests.post, f"{handles['url']}/v1/text/chat", data={"prompt": "hi"}, timeout=20)
-        poll(lambda: server_status(handles["url"])["queued"] == 1, 10, "the request to wait in the queue")
-        handles["loop"].call_soon_threadsafe(handles["stop"].set)
+        waiting = pool.submit(requests.post, f"{server.url}/v1/text/chat", data={"prompt": "hi"}, timeout=20)
+        poll(lambda: server_status(server.url)["queued"] == 1, 10, "the request to wait in the queue")
+        server.stop()
         answer = waiting.result(timeout=15).json()
-    server.join(15)
-    assert not server.is_alive()
     assert answer["success"] is False and "The server is shutting down" in answer["error"], answer
 
 

@@ -6,9 +6,7 @@ from llama_chat import DEFAULT_SYSTEM_PROMPT, LlamaChat, ModelLoadError
 
 
 def load(path, **options):
-    return LlamaChat(
-        repo_id="", fileglob="", filename=path.name, model_dir=str(path.parent), n_ctx=1024, n_threads=2, **options
-    )
+    return LlamaChat.from_file(path, n_ctx=1024, n_threads=2, **options)
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +113,7 @@ def test_corrupt_model_file_is_reported(tmp_path):
     corrupt = tmp_path / "broken.gguf"
     corrupt.write_bytes(b"GGUF" + b"\x00" * 1000)
     with pytest.raises(ModelLoadError, match="broken.gguf.*complete GGUF"):
-        LlamaChat(repo_id="", fileglob="", filename="broken.gguf", model_dir=str(tmp_path))
+        LlamaChat.from_file(corrupt)
 
 
 def test_small_fallback_model_is_used_and_labelled(tmp_path, smollm2):

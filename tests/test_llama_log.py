@@ -34,9 +34,7 @@ def test_lines_carry_their_level_and_quiet_levels_stay_out(capsys):
 def smol(smollm2):
     from llama_chat import LlamaChat
 
-    chat = LlamaChat(
-        repo_id="", fileglob="", filename=smollm2.name, model_dir=str(smollm2.parent), n_ctx=1024, n_threads=1
-    )
+    chat = LlamaChat.from_file(smollm2, n_ctx=1024, n_threads=1)
     yield chat
     chat.close()
 

@@ -160,7 +160,7 @@ def test_a_second_chat_while_one_runs_is_refused_clearly(base_url):
     second = post(base_url, "text/chat", prompt="Hello?")
     assert second["success"] is False
     assert "already in progress" in second["error"]
-    assert "commandId" not in second  # the module does not hand out the running chat's id (issue 9)
+    assert "commandId" not in second  # nobody else's chat id is handed out (docs/protocol.md §4.2, item 5)
     assert second["code"] == 500 and second["requestId"] != first["commandId"]
     post(base_url, "LlamaChat/cancel_command", commandId=first["commandId"])
     follow(base_url, first["commandId"])

@@ -1,7 +1,7 @@
 """python -m llamachat_server's command line: its defaults are ServerConfig's, written down only there."""
 
 from llamachat_server.__main__ import REPO_ROOT, config_from_args, parse_args
-from llamachat_server.context import ServerConfig
+from llamachat_server.server_state import ServerConfig
 
 
 def test_no_options_give_the_config_defaults():

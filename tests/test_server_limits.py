@@ -13,10 +13,10 @@ from aiohttp.test_utils import TestServer
 from conftest import ROOT
 from llamachat_server.app import create_app
 from llamachat_server.commands import MAX_TRACKED_COMMANDS, CommandTracker
-from llamachat_server.context import CONTEXT, ServerConfig
 from llamachat_server.module_process import ModuleProcess
 from llamachat_server.queues import QueueFull, RequestQueues, RequestTimedOut
 from llamachat_server.server_log import MAX_ENTRY_CHARS, MAX_LIST_COUNT, ServerLog
+from llamachat_server.server_state import STATE, ServerConfig
 
 QUEUE = "llamachat_queue"
 BIG_PROMPT = "x" * (5 * 1024 * 1024)
@@ -47,7 +47,7 @@ def run_with_server(scenario, tmp_path, response_timeout=30.0):
     async def main():
         app = create_app(config)
         async with TestServer(app, host="127.0.0.1", handler_cancellation=True) as server:
-            await scenario(server, app[CONTEXT])
+            await scenario(server, app[STATE])
 
     asyncio.run(main())
 
@@ -222,7 +222,7 @@ def test_an_unexpected_exception_becomes_a_json_500_with_cors_and_is_logged(tmp_
                 assert (await r.json())["success"] is True  # still serving
         assert body["success"] is False and body["code"] == 500
         assert "GET /test/fail" in body["error"] and "KeyError" in body["error"] and "server log" in body["error"]
-        logged = [e for e in app[CONTEXT].log.list(0, 1000) if e["level"] == "error"]
+        logged = [e for e in app[STATE].log.list(0, 1000) if e["level"] == "error"]
         assert any("Traceback" in e["entry"] and "no such thing" in e["entry"] for e in logged)
 
     asyncio.run(main())

@@ -13,7 +13,7 @@ import requests
 
 from conftest import ROOT
 from live_server import serve_in_thread
-from llamachat_server.context import ServerConfig
+from llamachat_server.server_state import ServerConfig
 
 QUEUE = "llamachat_queue"
 RESPONSE_TIMEOUT = 2.0

@@ -1,4 +1,4 @@
-"""Who may talk to llamachat_server (issue 9, item 3), over real HTTP on loopback:
+"""Who may talk to llamachat_server, over real HTTP on loopback:
 - the module endpoints serve only the module process the server launched (the real module on SmolLM2 keeps
   working; a rogue local client is refused before it can take a request, forge an answer, fake the status or log);
 - with --no-module they serve processes of the server's own user only;
@@ -19,9 +19,9 @@ import pytest
 import requests
 
 from live_server import ROOT, poll, running_server, serve_in_thread, server_status
-from llamachat_server.context import ServerConfig
 from llamachat_server.host_check import HostCheck
 from llamachat_server.peer import find_peer_socket, owner_among, process_tree
+from llamachat_server.server_state import ServerConfig
 
 QUEUE = "llamachat_queue"
 MODULE_ENDPOINTS = [  # (method, path, form) of every endpoint only the module may use

@@ -42,7 +42,7 @@ class ServerConfig:
 
 
 @dataclass
-class ServerContext:
+class ServerState:
     config: ServerConfig
     settings: ModuleSettings
     routes: RouteMap
@@ -56,4 +56,4 @@ class ServerContext:
         return (module_id or "").lower() == self.settings.module_id.lower()
 
 
-CONTEXT = web.AppKey("context", ServerContext)
+STATE = web.AppKey("state", ServerState)
