@@ -16,6 +16,20 @@ from llama_chat_adapter import LlamaChat_adapter
 
 _executor = ThreadPoolExecutor(max_workers=2)
 
+# LlamaChat's own live metrics in every chat status and result, on top of the fields of docs/protocol.md §2.2.
+METRICS = {
+    "model",
+    "model_fallback",
+    "prompt_tokens",
+    "cached_tokens",
+    "completion_tokens",
+    "tokens_per_second",
+    "time_to_first_token_ms",
+    "elapsed_ms",
+    "dropped_turns",
+    "threads",
+}
+
 
 def request(command: str, **values: Any) -> RequestData:
     """A RequestData exactly as the server queues it: values are lists of strings."""

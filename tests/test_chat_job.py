@@ -11,24 +11,13 @@ import pytest
 import chat_job
 from chat_job import FINISH_REASONS, ChatJob
 from conftest import ROOT
+from module_harness import METRICS
 
 OUTPUTS = {
     output["Name"]: output
     for output in json.loads((ROOT / "modulesettings.json").read_text())["Modules"]["LlamaChat"]["RouteMaps"][0][
         "Outputs"
     ]
-}
-METRICS = {
-    "model",
-    "model_fallback",
-    "prompt_tokens",
-    "cached_tokens",
-    "completion_tokens",
-    "tokens_per_second",
-    "time_to_first_token_ms",
-    "elapsed_ms",
-    "dropped_turns",
-    "threads",
 }
 
 

@@ -5,6 +5,7 @@ import pytest
 import requests
 
 from live_server import poll, running_server
+from module_harness import METRICS
 
 # What every answer that went through the module carries (the SDK adds the first six, the server the rest).
 ENVELOPE = {
@@ -22,19 +23,6 @@ ACK_FIELDS = ENVELOPE | {"success", "message", "commandId", "commandStatus"}
 RUNNING_FIELDS = ACK_FIELDS | {"reply"}
 COMPLETED_FIELDS = RUNNING_FIELDS | {"error", "stop_reason", "processMs", "inferenceMs"}
 CANCEL_FIELDS = ACK_FIELDS
-# LlamaChat's own live metrics, on top of the fields of docs/protocol.md §2.2.
-METRICS = {
-    "model",
-    "model_fallback",
-    "prompt_tokens",
-    "cached_tokens",
-    "completion_tokens",
-    "tokens_per_second",
-    "time_to_first_token_ms",
-    "elapsed_ms",
-    "dropped_turns",
-    "threads",
-}
 STORY = "Write a very long story about a dragon who learns to bake bread. Describe every step in detail."
 # Tokens for the story: a reply still running when a test looks, however fast the machine (the context is 2048).
 LONG = "1900"
