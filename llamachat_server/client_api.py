@@ -16,7 +16,7 @@ from .routes import SYSTEM_COMMANDS, Route
 _NOT_RUNNING = (ModuleStatus.STOPPING, ModuleStatus.STOPPED)
 
 
-def _why_no_answer(context: ServerContext) -> str:
+def why_no_answer(context: ServerContext) -> str:
     module = context.module
     if module.status in (ModuleStatus.STARTING, ModuleStatus.RESTARTING):
         return (
@@ -46,7 +46,7 @@ def _lost_answer(context: ServerContext, command: str, command_id: str, reason: 
     }
 
 
-async def _answer(context: ServerContext, route: Route, payload: dict) -> dict:
+async def ask_module(context: ServerContext, route: Route, payload: dict) -> dict:
     """The module's answer; for a command the module lost when it stopped, the server's own. QueueError if none."""
     command_id = _command_id(payload) if route.command in SYSTEM_COMMANDS else None
     answer, failure = None, None
@@ -55,7 +55,7 @@ async def _answer(context: ServerContext, route: Route, payload: dict) -> dict:
             answer = await context.queues.send_request(route.queue, payload)
             context.commands.saw_answer(answer)
         except RequestTimedOut as ex:
-            failure = QueueError(f"{ex}: {_why_no_answer(context)}")
+            failure = QueueError(f"{ex}: {why_no_answer(context)}")
         except QueueError as ex:
             failure = ex
     lost_reason = context.commands.lost(command_id)  # asked again: the module may have stopped meanwhile
@@ -90,7 +90,7 @@ async def handle_module_route(request: web.Request) -> web.Response:
 
     started = time.perf_counter()
     try:
-        answer = await _answer(context, match.route, payload)
+        answer = await ask_module(context, match.route, payload)
     except QueueError as ex:
         return error_response(context.hostname, str(ex))
     answer["analysisRoundTripMs"] = round((time.perf_counter() - started) * 1000)
