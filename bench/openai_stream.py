@@ -1,0 +1,201 @@
+"""python -m bench.openai_stream: the server's OpenAI-compatible stream (POST /v1/chat/completions, stream=True) as
+the `openai` package's client sees it, beside the module's own figures for the same chats and raw llama-cpp-python
+on the same model, threads and prompt. The two engines take turns, each chat starting with nothing cached. Writes
+openai_stream.json and openai_stream.md into --out.
+
+Goals (issue 11): client TTFT − module TTFT ≤ 60 ms; stream tokens/s ≥ 0.97 × raw llama-cpp-python.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import openai
+
+from . import machine
+from .__main__ import DEFAULT_MODEL, say
+from .cpai_server import REPO_ROOT, CpaiServer
+from .in_process import RawEngine
+from .stats import summary
+from .workload import FLUSH_PROMPT, FLUSH_SYSTEM_PROMPT, GENERATION_PROMPT, SAMPLING, chat_messages
+
+TTFT_GAP_GOAL_MS = 60.0
+SPEED_GOAL = 0.97  # × raw llama-cpp-python's tokens/s
+# What OpenAI's API has no field for goes in extra_body, as llama.cpp's servers take it.
+EXTRA_SAMPLING = {name: SAMPLING[name] for name in ("top_k", "min_p", "repeat_penalty")}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.openai_stream", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="the GGUF both engines load")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results", help="where the results go")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads for both engines")
+    parser.add_argument("--repeats", type=int, default=5, help="chats per engine")
+    parser.add_argument("--tokens", type=int, default=256, help="tokens per chat")
+    parser.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS", help="wait for an idle machine")
+    args = parser.parse_args(argv)
+    if not args.model.is_file():
+        parser.error(f"no model at {args.model}: run `bash install.sh --small`, or pass --model PATH")
+    if min(args.threads, args.repeats, args.tokens) < 2:
+        parser.error("--threads, --repeats and --tokens must be at least 2")
+    return args
+
+
+class OpenAIStreamEngine:
+    """The server's /v1/chat/completions, streamed through the real openai client; the module's own figures for
+    the same chat are read from get_command_status afterwards (the completion id is chatcmpl-<commandId>)."""
+
+    def __init__(self, base_url: str, tokenize) -> None:
+        self.base_url = base_url
+        self.client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="bench", max_retries=0, timeout=300)
+        self.tokenize = tokenize
+
+    def _create(self, messages: list[dict], max_tokens: int, **options: Any):
+        sampling = {"temperature": SAMPLING["temperature"], "top_p": SAMPLING["top_p"]}
+        return self.client.chat.completions.create(
+            model="bench", messages=messages, max_tokens=max_tokens, extra_body=EXTRA_SAMPLING, **sampling, **options
+        )
+
+    def _module_final(self, completion_id: str) -> dict[str, Any]:
+        body = f"commandId={completion_id.removeprefix('chatcmpl-')}".encode()
+        with urllib.request.urlopen(f"{self.base_url}/v1/LlamaChat/get_command_status", body, timeout=30) as answer:
+            return json.load(answer)
+
+    def chat(self, max_tokens: int) -> dict[str, Any]:
+        # Another system prompt first, so the measured chat finds (almost) none of its prompt cached.
+        self._create([{"role": "system", "content": FLUSH_SYSTEM_PROMPT}, {"role": "user", "content": FLUSH_PROMPT}], 1)
+        sent = time.perf_counter()
+        stream = self._create(
+            chat_messages(GENERATION_PROMPT), max_tokens, stream=True, stream_options={"include_usage": True}
+        )
+        first_at = last_at = None
+        first_text, chunks, completion_id, used = "", 0, "", None
+        for chunk in stream:
+            completion_id, used = chunk.id, chunk.usage or used
+            text = chunk.choices[0].delta.content if chunk.choices else None
+            if text:
+                last_at = time.perf_counter()
+                if first_at is None:
+                    first_at, first_text = last_at, text
+                chunks += 1
+        module = self._module_final(completion_id)
+        # A chunk carries the tokens generated since the last status poll: the speed counts the tokens after the
+        # first chunk's over the time between the first and the last chunk, as raw's counts those after its first.
+        after_first = used.completion_tokens - len(self.tokenize(first_text.encode(), add_bos=False, special=True))
+        ttft_ms = (first_at - sent) * 1000
+        return {
+            "ttft_ms": round(ttft_ms, 1),
+            "tokens": used.completion_tokens,
+            "tokens_per_second": after_first / (last_at - first_at) if last_at > first_at else None,
+            "chunks": chunks,
+            "module_ttft_ms": module["time_to_first_token_ms"],
+            "module_tokens_per_second": module["tokens_per_second"],
+            "ttft_gap_ms": round(ttft_ms - module["time_to_first_token_ms"], 1),
+        }
+
+
+def _median(runs: list[dict[str, Any]], key: str) -> float | None:
+    return summary(run[key] for run in runs)["median"]
+
+
+def report(results: dict[str, Any]) -> str:
+    raw, stream = results["raw"], results["openai_stream"]
+    raw_speed, speed = _median(raw, "tokens_per_second"), _median(stream, "tokens_per_second")
+    gap = _median(stream, "ttft_gap_ms")
+    ratio = speed / raw_speed if speed and raw_speed else None
+    goals = results["goals"] = {
+        "ttft_gap_ms": gap,
+        "ttft_gap_met": gap is not None and gap <= TTFT_GAP_GOAL_MS,
+        "speed_ratio": round(ratio, 3) if ratio else None,
+        "speed_met": ratio is not None and ratio >= SPEED_GOAL,
+    }
+    lines = [
+        "# The OpenAI-compatible stream",
+        "",
+        f"{results['when']}, {results['machine']['cpu']} ({results['machine']['logical_cpus']} logical CPUs), "
+        f"model {results['model']}, {results['threads']} threads, {results['tokens']} tokens per chat, "
+        f"{results['repeats']} chats per engine taking turns, 1-minute load {results['load']['load_1min']} before.",
+        "Medians (min–max). TTFT: from the call to the first text the client reads.",
+        "",
+        "| engine | TTFT ms | tokens/s | module's own TTFT ms | module's own tokens/s |",
+        "|---|---|---|---|---|",
+    ]
+
+    def cell(runs: list[dict[str, Any]], key: str) -> str:
+        s = summary(run.get(key) for run in runs)
+        return "–" if s["median"] is None else f"{s['median']:.1f} ({s['min']:.1f}–{s['max']:.1f})"
+
+    lines.append(f"| raw llama-cpp-python | {cell(raw, 'ttft_ms')} | {cell(raw, 'tokens_per_second')} | – | – |")
+    lines.append(
+        f"| openai client, streamed from /v1/chat/completions | {cell(stream, 'ttft_ms')} | "
+        f"{cell(stream, 'tokens_per_second')} | {cell(stream, 'module_ttft_ms')} | "
+        f"{cell(stream, 'module_tokens_per_second')} |"
+    )
+    lines += [
+        "",
+        f"- client TTFT − module TTFT: {gap} ms (goal ≤ {TTFT_GAP_GOAL_MS:g} ms): "
+        f"{'met' if goals['ttft_gap_met'] else 'NOT met'}",
+        f"- stream tokens/s ÷ raw: {goals['speed_ratio']} (goal ≥ {SPEED_GOAL}): "
+        f"{'met' if goals['speed_met'] else 'NOT met'}",
+        f"- chunks per chat (the server polls the module every few ms and sends what is new): "
+        f"{_median(stream, 'chunks')} for {results['tokens']} tokens",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    load = machine.wait_until_idle(args.wait_idle, say)
+    results: dict[str, Any] = {
+        "when": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine.describe(),
+        "load": load,
+        "model": args.model.name,
+        "threads": args.threads,
+        "tokens": args.tokens,
+        "repeats": args.repeats,
+        "raw": [],
+        "openai_stream": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="bench-openai-") as scratch:
+        say("starting the server with the module, and loading raw llama-cpp-python")
+        server = CpaiServer(args.model, args.threads, Path(scratch) / "server.log")
+        raw = RawEngine(args.model, args.threads)
+        try:
+            stream = OpenAIStreamEngine(server.base_url, raw.llm.tokenize)
+            stream.chat(8)  # warm-up: first-call costs (connections, the module's first chat) are not measured
+            raw.chat(GENERATION_PROMPT, [], 8, fresh=True)
+            engines = [("raw", lambda: raw.chat(GENERATION_PROMPT, [], args.tokens, fresh=True))]
+            engines.append(("openai_stream", lambda: stream.chat(args.tokens)))
+            for i in range(args.repeats):
+                # Turns alternate which engine goes first, so a drift in the machine's speed touches both alike.
+                for name, run_chat in engines if i % 2 == 0 else engines[::-1]:
+                    run = run_chat()
+                    run.pop("text", None)
+                    results[name].append(run)
+                    speed = run["tokens_per_second"] or 0.0
+                    say(f"{name} {i + 1}/{args.repeats}: TTFT {run['ttft_ms']:.0f} ms, {speed:.1f} tokens/s")
+        finally:
+            raw.close()
+            server.stop()
+    text = report(results)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "openai_stream.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / "openai_stream.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
