@@ -41,7 +41,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="the GGUF both engines load")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results", help="where the results go")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads for both engines")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=[2, 1],
+        help="CPU threads for both engines, one measurement each (1 leaves a core of 2 to the server and the client)",
+    )
     parser.add_argument("--repeats", type=int, default=5, help="chats per engine")
     parser.add_argument(
         "--tokens", type=int, default=512, help="tokens per chat (a long reply: the last chunk comes up to a poll late)"
@@ -50,8 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.model.is_file():
         parser.error(f"no model at {args.model}: run `bash install.sh --small`, or pass --model PATH")
-    if min(args.threads, args.repeats, args.tokens) < 2:
-        parser.error("--threads, --repeats and --tokens must be at least 2")
+    if min(args.threads) < 1 or min(args.repeats, args.tokens) < 2:
+        parser.error("--threads must be at least 1, --repeats and --tokens at least 2")
     return args
 
 
@@ -112,51 +118,82 @@ def _median(runs: list[dict[str, Any]], key: str) -> float | None:
     return summary(run[key] for run in runs)["median"]
 
 
-def report(results: dict[str, Any]) -> str:
-    raw, stream = results["raw"], results["openai_stream"]
+def _cell(runs: list[dict[str, Any]], key: str) -> str:
+    s = summary(run.get(key) for run in runs)
+    return "–" if s["median"] is None else f"{s['median']:.1f} ({s['min']:.1f}–{s['max']:.1f})"
+
+
+def _section(threads: int, result: dict[str, Any], tokens: int) -> list[str]:
+    """One thread count's table and goals; sets result["goals"]."""
+    raw, stream = result["raw"], result["openai_stream"]
     raw_speed, speed = _median(raw, "tokens_per_second"), _median(stream, "tokens_per_second")
     gap = _median(stream, "ttft_gap_ms")
     ratio = speed / raw_speed if speed and raw_speed else None
-    goals = results["goals"] = {
+    goals = result["goals"] = {
         "ttft_gap_ms": gap,
         "ttft_gap_met": gap is not None and gap <= TTFT_GAP_GOAL_MS,
         "speed_ratio": round(ratio, 3) if ratio else None,
         "speed_met": ratio is not None and ratio >= SPEED_GOAL,
     }
-    lines = [
-        "# The OpenAI-compatible stream",
-        "",
-        f"{results['when']}, {results['machine']['cpu']} ({results['machine']['logical_cpus']} logical CPUs), "
-        f"model {results['model']}, {results['threads']} threads, {results['tokens']} tokens per chat, "
-        f"{results['repeats']} chats per engine taking turns, 1-minute load {results['load']['load_1min']} before.",
-        "Medians (min–max). TTFT: from the call to the first text the client reads.",
+    return [
+        f"## {threads} thread{'s' if threads > 1 else ''}",
         "",
         "| engine | TTFT ms | tokens/s | module's own TTFT ms | module's own tokens/s |",
         "|---|---|---|---|---|",
-    ]
-
-    def cell(runs: list[dict[str, Any]], key: str) -> str:
-        s = summary(run.get(key) for run in runs)
-        return "–" if s["median"] is None else f"{s['median']:.1f} ({s['min']:.1f}–{s['max']:.1f})"
-
-    lines.append(f"| raw llama-cpp-python | {cell(raw, 'ttft_ms')} | {cell(raw, 'tokens_per_second')} | – | – |")
-    lines.append(
-        f"| openai client, streamed from /v1/chat/completions | {cell(stream, 'ttft_ms')} | "
-        f"{cell(stream, 'tokens_per_second')} | {cell(stream, 'module_ttft_ms')} | "
-        f"{cell(stream, 'module_tokens_per_second')} |"
-    )
-    lines += [
+        f"| raw llama-cpp-python | {_cell(raw, 'ttft_ms')} | {_cell(raw, 'tokens_per_second')} | – | – |",
+        f"| openai client, streamed from /v1/chat/completions | {_cell(stream, 'ttft_ms')} | "
+        f"{_cell(stream, 'tokens_per_second')} | {_cell(stream, 'module_ttft_ms')} | "
+        f"{_cell(stream, 'module_tokens_per_second')} |",
         "",
         f"- client TTFT − module TTFT: {gap} ms (goal ≤ {TTFT_GAP_GOAL_MS:g} ms): "
         f"{'met' if goals['ttft_gap_met'] else 'NOT met'}",
         f"- stream tokens/s ÷ raw: {goals['speed_ratio']} (goal ≥ {SPEED_GOAL}): "
         f"{'met' if goals['speed_met'] else 'NOT met'}",
-        f"- chunks per chat: {_median(stream, 'chunks')} for {results['tokens']} tokens (the server sends what is new "
-        f"at each status poll: every {FIRST_TEXT_INTERVAL * 1000:g} ms until the first text, then every "
-        f"{REPLY_INTERVAL * 1000:g} ms)",
+        f"- chunks per chat: {_median(stream, 'chunks')} for {tokens} tokens",
         "",
     ]
+
+
+def report(results: dict[str, Any]) -> str:
+    lines = [
+        "# The OpenAI-compatible stream",
+        "",
+        f"{results['when']}, {results['machine']['cpu']} ({results['machine']['logical_cpus']} logical CPUs), "
+        f"model {results['model']}, {results['tokens']} tokens per chat, {results['repeats']} chats per engine "
+        f"taking turns, 1-minute load {results['load']['load_1min']} before. Medians (min–max). TTFT: from the call "
+        f"to the first text the client reads. The server sends what is new at each status poll of the module: every "
+        f"{FIRST_TEXT_INTERVAL * 1000:g} ms until the first text, then every {REPLY_INTERVAL * 1000:g} ms.",
+        "",
+    ]
+    for threads, result in results["by_threads"].items():
+        lines += _section(int(threads), result, results["tokens"])
     return "\n".join(lines)
+
+
+def measure(args: argparse.Namespace, threads: int, scratch: Path) -> dict[str, Any]:
+    """Both engines on `threads` threads, taking turns."""
+    result: dict[str, Any] = {"raw": [], "openai_stream": []}
+    say(f"{threads} threads: starting the server with the module, and loading raw llama-cpp-python")
+    server = CpaiServer(args.model, threads, scratch / f"server-{threads}.log")
+    raw = RawEngine(args.model, threads)
+    try:
+        stream = OpenAIStreamEngine(server.base_url, raw.llm.tokenize)
+        stream.chat(8)  # warm-up: first-call costs (connections, the module's first chat) are not measured
+        raw.chat(GENERATION_PROMPT, [], 8, fresh=True)
+        engines = [("raw", lambda: raw.chat(GENERATION_PROMPT, [], args.tokens, fresh=True))]
+        engines.append(("openai_stream", lambda: stream.chat(args.tokens)))
+        for i in range(args.repeats):
+            # Turns alternate which engine goes first, so a drift in the machine's speed touches both alike.
+            for name, run_chat in engines if i % 2 == 0 else engines[::-1]:
+                run = run_chat()
+                run.pop("text", None)
+                result[name].append(run)
+                speed = run["tokens_per_second"] or 0.0
+                say(f"{name} {i + 1}/{args.repeats}: TTFT {run['ttft_ms']:.0f} ms, {speed:.1f} tokens/s")
+    finally:
+        raw.close()
+        server.stop()
+    return result
 
 
 def main(argv=None) -> int:
@@ -167,33 +204,13 @@ def main(argv=None) -> int:
         "machine": machine.describe(),
         "load": load,
         "model": args.model.name,
-        "threads": args.threads,
         "tokens": args.tokens,
         "repeats": args.repeats,
-        "raw": [],
-        "openai_stream": [],
+        "by_threads": {},
     }
     with tempfile.TemporaryDirectory(prefix="bench-openai-") as scratch:
-        say("starting the server with the module, and loading raw llama-cpp-python")
-        server = CpaiServer(args.model, args.threads, Path(scratch) / "server.log")
-        raw = RawEngine(args.model, args.threads)
-        try:
-            stream = OpenAIStreamEngine(server.base_url, raw.llm.tokenize)
-            stream.chat(8)  # warm-up: first-call costs (connections, the module's first chat) are not measured
-            raw.chat(GENERATION_PROMPT, [], 8, fresh=True)
-            engines = [("raw", lambda: raw.chat(GENERATION_PROMPT, [], args.tokens, fresh=True))]
-            engines.append(("openai_stream", lambda: stream.chat(args.tokens)))
-            for i in range(args.repeats):
-                # Turns alternate which engine goes first, so a drift in the machine's speed touches both alike.
-                for name, run_chat in engines if i % 2 == 0 else engines[::-1]:
-                    run = run_chat()
-                    run.pop("text", None)
-                    results[name].append(run)
-                    speed = run["tokens_per_second"] or 0.0
-                    say(f"{name} {i + 1}/{args.repeats}: TTFT {run['ttft_ms']:.0f} ms, {speed:.1f} tokens/s")
-        finally:
-            raw.close()
-            server.stop()
+        for threads in args.threads:
+            results["by_threads"][str(threads)] = measure(args, threads, Path(scratch))
     text = report(results)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "openai_stream.json").write_text(json.dumps(results, indent=2) + "\n")
