@@ -37,7 +37,7 @@ FIRST_TEXT_INTERVAL = 0.015
 REPLY_INTERVAL = 0.1  # ten updates a second: a smooth stream
 BUSY_MARK = "already in progress"  # how the module (and the SDK) say another chat runs (llama_chat_adapter.py)
 
-_cancels: set[asyncio.Task] = set()  # cancel_command tasks of disconnected clients, held until they finish
+_background: set[asyncio.Task] = set()  # tasks that outlive a disconnected client's handler, held until they finish
 
 
 class ApiFailure(Exception):
@@ -102,6 +102,13 @@ def _finish_reason(status: dict) -> str:
     raise ApiFailure(500, str(message), "server_error")
 
 
+def _in_background(coroutine) -> asyncio.Task:
+    task = asyncio.ensure_future(coroutine)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+    return task
+
+
 def _cancel_in_background(context: ServerContext, command_id: str) -> None:
     """Stops the chat of a client that went away; runs on after the client's handler has been cancelled."""
 
@@ -112,9 +119,23 @@ def _cancel_in_background(context: ServerContext, command_id: str) -> None:
         except ApiFailure as ex:
             context.log.add(f"OpenAI client went away; cancelling chat {command_id} failed: {ex}", "warning")
 
-    task = asyncio.ensure_future(cancel())
-    _cancels.add(task)
-    task.add_done_callback(_cancels.discard)
+    _in_background(cancel())
+
+
+async def _start_for_client(context: ServerContext, values: list[tuple[str, str]]) -> str:
+    """_start_chat, carried on if the client goes away meanwhile: the module may already have started the chat, which
+    is then cancelled as soon as its commandId is known."""
+    start = _in_background(_start_chat(context, values))
+    try:
+        return await asyncio.shield(start)
+    except asyncio.CancelledError:
+
+        def cancel_started(task: asyncio.Task) -> None:
+            if not task.cancelled() and task.exception() is None:
+                _cancel_in_background(context, task.result())
+
+        start.add_done_callback(cancel_started)
+        raise
 
 
 async def _complete(context: ServerContext, command_id: str, created: int) -> web.Response:
@@ -164,7 +185,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     context = request.app[CONTEXT]
     try:
         chat = parse_chat_request(json.loads(await request.text()))
-        command_id = await _start_chat(context, chat.values)
+        command_id = await _start_for_client(context, chat.values)
     except (json.JSONDecodeError, RecursionError, UnicodeDecodeError):
         return ApiFailure(400, "The body must be a JSON object in UTF-8", "invalid_request_error").response()
     except OpenAIRequestError as ex:

@@ -4,12 +4,15 @@ what the module itself reports for the same command, read through the server's o
 `chatcmpl-<commandId>`)."""
 
 import json
+import re
+import socket
+from urllib.parse import urlsplit
 
 import openai
 import pytest
 import requests
 
-from live_server import ROOT, poll, running_server, serve_in_thread, server_log_path
+from live_server import ROOT, poll, running_server, serve_in_thread, server_log_path, server_status
 from llamachat_server.context import ServerConfig
 
 STORY = "Write a very long story about a dragon who learns to bake bread. Describe every step in detail."
@@ -169,6 +172,49 @@ def test_a_client_that_goes_away_mid_stream_cancels_its_chat(base_url, client):
     )
     # The model is free again: the next chat is taken, not refused as busy.
     assert client.chat.completions.create(model="m", messages=HELLO, max_tokens=2).choices[0].finish_reason
+
+
+def cancelled_in_log(base_url) -> set:
+    """The chats the server cancelled because their OpenAI client went away."""
+    return set(re.findall(r"OpenAI client went away: chat (\S+) cancelled", server_log_path(base_url).read_text()))
+
+
+def send_raw_chat(base_url, body: dict) -> socket.socket:
+    """A chat request on a socket of its own, which the test can close before any answer."""
+    address = urlsplit(base_url)
+    data = json.dumps(body).encode()
+    sock = socket.create_connection((address.hostname, address.port))
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {address.netloc}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n"
+    )
+    sock.sendall(head.encode() + data)
+    return sock
+
+
+def test_a_client_that_goes_away_before_its_answer_cancels_its_chat(base_url):
+    already = cancelled_in_log(base_url)
+    answered = server_status(base_url)["requestCount"]
+    sock = send_raw_chat(base_url, {"messages": [{"role": "user", "content": STORY}], "max_tokens": LONG})
+    # The module has answered the chat's start (and maybe status polls): the chat runs, the answer is far off.
+    poll(lambda: server_status(base_url)["requestCount"] > answered, 30, "the module to start the chat")
+    sock.close()
+    cancelled = poll(lambda: cancelled_in_log(base_url) - already, 10, "the server to cancel the chat")
+    final = module_final(base_url, f"chatcmpl-{cancelled.pop()}")
+    assert final["stop_reason"] == "cancelled" and final["completion_tokens"] < LONG
+
+
+def test_a_client_that_goes_away_at_once_leaves_no_chat_running(base_url, client):
+    """Gone before the module answered the start: the chat it may have started is cancelled once its id is known."""
+    send_raw_chat(base_url, {"messages": [{"role": "user", "content": STORY}], "max_tokens": LONG}).close()
+
+    def model_free():
+        try:
+            return client.chat.completions.create(model="m", messages=HELLO, max_tokens=1)
+        except openai.RateLimitError:
+            return None
+
+    poll(model_free, 10, "the model to be free (a long chat nobody reads would hold it for many seconds)")
 
 
 @pytest.mark.parametrize(
