@@ -19,6 +19,7 @@ from .host_check import HostCheck, is_loopback_host
 from .module_access import MODULE_ACCESS, ModuleAccess
 from .module_api import add_module_routes
 from .module_process import ModuleProcess, interpreter_command
+from .openai_api import add_openai_routes
 from .queues import RequestQueues
 from .routes import RouteMap
 from .server_log import ServerLog
@@ -55,20 +56,24 @@ def create_app(config: ServerConfig) -> web.Application:
     )
 
     state = ServerState(config, settings, routes, queues, log, module, commands)
-    # json_errors sits inside the origin policy, so error answers carry the CORS headers a page needs to read them.
+    origins = OriginPolicy(config.allowed_origins, state.hostname)
+    # The origin policy's add_headers gives every answer an allowed page may read its CORS headers as it goes out
+    # (errors from json_errors and streamed answers included).
     app = web.Application(
         client_max_size=MAX_REQUEST_BYTES,
         middlewares=[
             HostCheck(config.host, state.hostname).middleware(),
-            OriginPolicy(config.allowed_origins, state.hostname).middleware(),
+            origins.middleware(),
             json_errors,
         ],
     )
+    app.on_response_prepare.append(origins.add_headers)
     app[STATE] = state
     app[MODULE_ACCESS] = ModuleAccess(module, config.launch_module, log, state.hostname)
     add_status_routes(app)
     add_module_routes(app)
     add_explorer_routes(app)
+    add_openai_routes(app)
     # Last, so the server's own endpoints above win, as the real server's controllers do.
     app.router.add_route("*", "/v1/{tail:.*}", handle_module_route)
     return app

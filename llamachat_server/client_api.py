@@ -16,7 +16,7 @@ from .server_state import STATE, ServerState
 _NOT_RUNNING = (ModuleStatus.STOPPING, ModuleStatus.STOPPED)
 
 
-def _why_no_answer(state: ServerState) -> str:
+def why_no_answer(state: ServerState) -> str:
     module = state.module
     if module.status in (ModuleStatus.STARTING, ModuleStatus.RESTARTING):
         return (
@@ -46,7 +46,7 @@ def _lost_answer(state: ServerState, command: str, command_id: str, reason: str)
     }
 
 
-async def _answer(state: ServerState, route: Route, payload: dict) -> dict:
+async def ask_module(state: ServerState, route: Route, payload: dict) -> dict:
     """The module's answer; for a command the module lost when it stopped, the server's own. QueueError if none."""
     command_id = _command_id(payload) if route.command in SYSTEM_COMMANDS else None
     answer, failure = None, None
@@ -55,7 +55,7 @@ async def _answer(state: ServerState, route: Route, payload: dict) -> dict:
             answer = await state.queues.send_request(route.queue, payload)
             state.commands.saw_answer(answer)
         except RequestTimedOut as ex:
-            failure = QueueError(f"{ex}: {_why_no_answer(state)}")
+            failure = QueueError(f"{ex}: {why_no_answer(state)}")
         except QueueError as ex:
             failure = ex
     lost_reason = state.commands.lost(command_id)  # asked again: the module may have stopped meanwhile
@@ -90,7 +90,7 @@ async def handle_module_route(request: web.Request) -> web.Response:
 
     started = time.perf_counter()
     try:
-        answer = await _answer(state, match.route, payload)
+        answer = await ask_module(state, match.route, payload)
     except QueueError as ex:
         return error_response(state.hostname, str(ex))
     answer["analysisRoundTripMs"] = round((time.perf_counter() - started) * 1000)

@@ -98,16 +98,17 @@ class OriginPolicy:
                     preflight.headers["Access-Control-Allow-Private-Network"] = "true"  # Chrome, for an allowed site
                 self._allow(preflight.headers, origin)
                 return preflight
-            if not allowed:
-                if request.method not in SAFE_METHODS:
-                    return self._refuse(origin, request)
-                return await handler(request)
-            try:
-                response = await handler(request)
-            except web.HTTPException as ex:  # 404s and the like keep the header, so the page can read the status
-                self._allow(ex.headers, origin)
-                raise
-            self._allow(response.headers, origin)
-            return response
+            if not allowed and request.method not in SAFE_METHODS:
+                return self._refuse(origin, request)
+            return await handler(request)
 
         return check_origin
+
+    async def add_headers(self, request: web.Request, response: web.StreamResponse) -> None:
+        """An on_response_prepare signal: an allowed page's answers carry the header as they go out, streamed ones
+        and 404s included, so the page can read them."""
+        origin = request.headers.get("Origin")
+        if origin is None or "Access-Control-Allow-Origin" in response.headers:
+            return
+        if self.allows(origin, request):
+            self._allow(response.headers, origin)

@@ -130,3 +130,25 @@ def test_threads_bench_measures_every_thread_choice_and_writes_its_files(smollm2
         "beside a 2nd llama.cpp process",
     ]
     assert "| module, adaptive (the default) |" in (out / "threads.md").read_text()
+
+
+def test_openai_stream_bench_times_the_stream_beside_raw_and_writes_its_files(smollm2, tmp_path):
+    out = tmp_path / "results"
+    command = ["-m", "bench.openai_stream", "--model", str(smollm2), "--out", str(out), "--threads", "1"]
+    done = subprocess.run(
+        [sys.executable, *command, "--repeats", "2", "--tokens", "8"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert {p.name for p in out.iterdir()} == {"openai_stream.json", "openai_stream.md"}
+    measured = json.loads((out / "openai_stream.json").read_text())["by_threads"]["1"]
+    assert len(measured["raw"]) == len(measured["openai_stream"]) == 2
+    for run in measured["openai_stream"]:
+        # The client's count is the module's, and the module's own TTFT is read for the same chat.
+        assert run["tokens"] == 8 and run["chunks"] >= 1 and run["module_ttft_ms"] > 0
+        assert abs(run["ttft_gap_ms"] - (run["ttft_ms"] - run["module_ttft_ms"])) < 0.11  # both rounded to 0.1 ms
+    assert set(measured["goals"]) == {"ttft_gap_ms", "ttft_gap_met", "speed_ratio", "speed_met"}
+    assert "| openai client, streamed from /v1/chat/completions |" in (out / "openai_stream.md").read_text()

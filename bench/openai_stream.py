@@ -1,0 +1,226 @@
+"""python -m bench.openai_stream: the server's OpenAI-compatible stream (POST /v1/chat/completions, stream=True) as
+the `openai` package's client sees it, beside the module's own figures for the same chats and raw llama-cpp-python
+on the same model, threads and prompt. The two engines take turns, each chat starting with nothing cached. Writes
+openai_stream.json and openai_stream.md into --out.
+
+Goals (issue 11): client TTFT − module TTFT ≤ 60 ms; stream tokens/s ≥ 0.97 × raw llama-cpp-python.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import openai
+
+from llamachat_server.openai_api import FIRST_TEXT_INTERVAL, REPLY_INTERVAL
+from tests.live_server import ROOT, running_server
+
+from . import machine
+from .__main__ import DEFAULT_MODEL, say
+from .in_process import RawEngine
+from .stats import summary
+from .workload import FLUSH_PROMPT, FLUSH_SYSTEM_PROMPT, GENERATION_PROMPT, N_CTX, SAMPLING, chat_messages
+
+TTFT_GAP_GOAL_MS = 60.0
+SPEED_GOAL = 0.97  # × raw llama-cpp-python's tokens/s
+# What OpenAI's API has no field for goes in extra_body, as llama.cpp's servers take it.
+EXTRA_SAMPLING = {name: SAMPLING[name] for name in ("top_k", "min_p", "repeat_penalty")}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.openai_stream", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="the GGUF both engines load")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="where the results go")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=[2, 1],
+        help="CPU threads for both engines, one measurement each (1 leaves a core of 2 to the server and the client)",
+    )
+    parser.add_argument("--repeats", type=int, default=5, help="chats per engine")
+    parser.add_argument(
+        "--tokens", type=int, default=512, help="tokens per chat (a long reply: the last chunk comes up to a poll late)"
+    )
+    machine.add_wait_idle_option(parser)
+    args = parser.parse_args(argv)
+    if not args.model.is_file():
+        parser.error(f"no model at {args.model}: run `bash install.sh --small`, or pass --model PATH")
+    if min(args.threads) < 1 or min(args.repeats, args.tokens) < 2:
+        parser.error("--threads must be at least 1, --repeats and --tokens at least 2")
+    return args
+
+
+class OpenAIStreamEngine:
+    """The server's /v1/chat/completions, streamed through the real openai client; the module's own figures for
+    the same chat are read from get_command_status afterwards (the completion id is chatcmpl-<commandId>)."""
+
+    def __init__(self, base_url: str, tokenize) -> None:
+        self.base_url = base_url
+        self.client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="bench", max_retries=0, timeout=300)
+        self.tokenize = tokenize
+
+    def _create(self, messages: list[dict], max_tokens: int, **options: Any):
+        sampling = {"temperature": SAMPLING["temperature"], "top_p": SAMPLING["top_p"]}
+        return self.client.chat.completions.create(
+            model="bench", messages=messages, max_tokens=max_tokens, extra_body=EXTRA_SAMPLING, **sampling, **options
+        )
+
+    def _module_final(self, completion_id: str) -> dict[str, Any]:
+        body = f"commandId={completion_id.removeprefix('chatcmpl-')}".encode()
+        with urllib.request.urlopen(f"{self.base_url}/v1/LlamaChat/get_command_status", body, timeout=30) as answer:
+            return json.load(answer)
+
+    def chat(self, max_tokens: int) -> dict[str, Any]:
+        # Another system prompt first, so the measured chat finds (almost) none of its prompt cached.
+        self._create([{"role": "system", "content": FLUSH_SYSTEM_PROMPT}, {"role": "user", "content": FLUSH_PROMPT}], 1)
+        sent = time.perf_counter()
+        stream = self._create(
+            chat_messages(GENERATION_PROMPT), max_tokens, stream=True, stream_options={"include_usage": True}
+        )
+        first_at = last_at = None
+        first_text, chunks, completion_id, used = "", 0, "", None
+        for chunk in stream:
+            completion_id, used = chunk.id, chunk.usage or used
+            text = chunk.choices[0].delta.content if chunk.choices else None
+            if text:
+                last_at = time.perf_counter()
+                if first_at is None:
+                    first_at, first_text = last_at, text
+                chunks += 1
+        module = self._module_final(completion_id)
+        # A chunk carries the tokens generated since the last status poll: the speed counts the tokens after the
+        # first chunk's over the time between the first and the last chunk, as raw's counts those after its first.
+        after_first = used.completion_tokens - len(self.tokenize(first_text.encode(), add_bos=False, special=True))
+        ttft_ms = (first_at - sent) * 1000
+        return {
+            "ttft_ms": round(ttft_ms, 1),
+            "tokens": used.completion_tokens,
+            "tokens_per_second": after_first / (last_at - first_at) if last_at > first_at else None,
+            "chunks": chunks,
+            "module_ttft_ms": module["time_to_first_token_ms"],
+            "module_tokens_per_second": module["tokens_per_second"],
+            "ttft_gap_ms": round(ttft_ms - module["time_to_first_token_ms"], 1),
+        }
+
+
+def _median(runs: list[dict[str, Any]], key: str) -> float | None:
+    return summary(run[key] for run in runs)["median"]
+
+
+def _cell(runs: list[dict[str, Any]], key: str) -> str:
+    s = summary(run.get(key) for run in runs)
+    return "–" if s["median"] is None else f"{s['median']:.1f} ({s['min']:.1f}–{s['max']:.1f})"
+
+
+def _section(threads: int, result: dict[str, Any], tokens: int) -> list[str]:
+    """One thread count's table and goals; sets result["goals"]."""
+    raw, stream = result["raw"], result["openai_stream"]
+    raw_speed, speed = _median(raw, "tokens_per_second"), _median(stream, "tokens_per_second")
+    gap = _median(stream, "ttft_gap_ms")
+    ratio = speed / raw_speed if speed and raw_speed else None
+    goals = result["goals"] = {
+        "ttft_gap_ms": gap,
+        "ttft_gap_met": gap is not None and gap <= TTFT_GAP_GOAL_MS,
+        "speed_ratio": round(ratio, 3) if ratio else None,
+        "speed_met": ratio is not None and ratio >= SPEED_GOAL,
+    }
+    return [
+        f"## {threads} thread{'s' if threads > 1 else ''}",
+        "",
+        "| engine | TTFT ms | tokens/s | module's own TTFT ms | module's own tokens/s |",
+        "|---|---|---|---|---|",
+        f"| raw llama-cpp-python | {_cell(raw, 'ttft_ms')} | {_cell(raw, 'tokens_per_second')} | – | – |",
+        f"| openai client, streamed from /v1/chat/completions | {_cell(stream, 'ttft_ms')} | "
+        f"{_cell(stream, 'tokens_per_second')} | {_cell(stream, 'module_ttft_ms')} | "
+        f"{_cell(stream, 'module_tokens_per_second')} |",
+        "",
+        f"- client TTFT − module TTFT: {gap} ms (goal ≤ {TTFT_GAP_GOAL_MS:g} ms): "
+        f"{'met' if goals['ttft_gap_met'] else 'NOT met'}",
+        f"- stream tokens/s ÷ raw: {goals['speed_ratio']} (goal ≥ {SPEED_GOAL}): "
+        f"{'met' if goals['speed_met'] else 'NOT met'}",
+        f"- chunks per chat: {_median(stream, 'chunks')} for {tokens} tokens",
+        "",
+    ]
+
+
+def report(results: dict[str, Any]) -> str:
+    lines = [
+        "# The OpenAI-compatible stream",
+        "",
+        f"{results['when']}, {results['machine']['cpu']} ({results['machine']['logical_cpus']} logical CPUs), "
+        f"model {results['model']}, {results['tokens']} tokens per chat, {results['repeats']} chats per engine "
+        f"taking turns, 1-minute load {results['load']['load_1min']} before. Medians (min–max). TTFT: from the call "
+        f"to the first text the client reads. The server sends what is new at each status poll of the module: every "
+        f"{FIRST_TEXT_INTERVAL * 1000:g} ms until the first text, then every {REPLY_INTERVAL * 1000:g} ms.",
+        "",
+    ]
+    for threads, result in results["by_threads"].items():
+        lines += _section(int(threads), result, results["tokens"])
+    return "\n".join(lines)
+
+
+def measure(args: argparse.Namespace, threads: int) -> dict[str, Any]:
+    """Both engines on `threads` threads, taking turns."""
+    result: dict[str, Any] = {"raw": [], "openai_stream": []}
+    say(f"{threads} threads: starting the server with the module, and loading raw llama-cpp-python")
+    raw = RawEngine(args.model, threads)
+    try:
+        with running_server(
+            args.model,
+            context_size=N_CTX,
+            start_timeout=180,
+            server_args=("--log-level", "warning"),
+            CPAI_MODULE_LLAMA_THREADS=str(threads),
+        ) as base_url:
+            stream = OpenAIStreamEngine(base_url, raw.llm.tokenize)
+            stream.chat(8)  # warm-up: first-call costs (connections, the module's first chat) are not measured
+            raw.chat(GENERATION_PROMPT, [], 8, fresh=True)
+            engines = [("raw", lambda: raw.chat(GENERATION_PROMPT, [], args.tokens, fresh=True))]
+            engines.append(("openai_stream", lambda: stream.chat(args.tokens)))
+            for i in range(args.repeats):
+                # Turns alternate which engine goes first, so a drift in the machine's speed touches both alike.
+                for name, run_chat in engines if i % 2 == 0 else engines[::-1]:
+                    run = run_chat()
+                    run.pop("text", None)
+                    result[name].append(run)
+                    speed = run["tokens_per_second"] or 0.0
+                    say(f"{name} {i + 1}/{args.repeats}: TTFT {run['ttft_ms']:.0f} ms, {speed:.1f} tokens/s")
+    finally:
+        raw.close()
+    return result
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    load = machine.wait_until_idle(args.wait_idle, say)
+    results: dict[str, Any] = {
+        "when": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine.describe(),
+        "load": load,
+        "model": args.model.name,
+        "tokens": args.tokens,
+        "repeats": args.repeats,
+        "by_threads": {},
+    }
+    for threads in args.threads:
+        results["by_threads"][str(threads)] = measure(args, threads)
+    text = report(results)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "openai_stream.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / "openai_stream.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""The OpenAI-compatible API of llamachat_server, driven by the real `openai` package (and once by plain HTTP for the
+exact wire format) against a real server with the real module and SmolLM2. What the client gets is checked against
+what the module itself reports for the same command, read through the server's own protocol (a completion's id is
+`chatcmpl-<commandId>`)."""
+
+import json
+import re
+import socket
+from urllib.parse import urlsplit
+
+import openai
+import pytest
+import requests
+
+from live_server import ROOT, poll, running_server, serve_in_thread, server_log_path, server_status
+from llamachat_server.server_state import ServerConfig
+
+STORY = "Write a very long story about a dragon who learns to bake bread. Describe every step in detail."
+LONG = 1900  # tokens for the story: a reply still running when a test looks, however fast the machine
+HELLO = [{"role": "user", "content": "Say hello."}]
+
+
+@pytest.fixture(scope="module")
+def base_url(smollm2):
+    with running_server(smollm2) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(base_url):
+    # No retries: a test must see the first answer (the package retries 429s and 5xxs by default).
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="any key", max_retries=0, timeout=120)
+
+
+def command_id(completion_id: str) -> str:
+    assert completion_id.startswith("chatcmpl-")
+    return completion_id[len("chatcmpl-") :]
+
+
+def module_status(base_url, completion_id):
+    """The module's own get_command_status answer for the chat behind `completion_id`."""
+    answer = requests.post(
+        f"{base_url}/v1/LlamaChat/get_command_status", data={"commandId": command_id(completion_id)}, timeout=40
+    )
+    return answer.json()
+
+
+def module_final(base_url, completion_id):
+    def finished():
+        answer = module_status(base_url, completion_id)
+        return answer if answer["commandStatus"] == "completed" else None
+
+    return poll(finished, 120, f"the module's chat {completion_id} to end", interval=0.02)
+
+
+def test_models_lists_the_loaded_model(client):
+    models = client.models.list().data
+    assert [m.id for m in models] == ["SmolLM2-135M-Instruct.Q4_1.gguf"] and models[0].owned_by == "llamachat"
+
+
+def test_a_completion_is_the_modules_reply_with_its_token_counts(base_url, client):
+    answer = client.chat.completions.create(model="whatever", messages=HELLO, max_tokens=40, temperature=0)
+    final = module_final(base_url, answer.id)
+    choice = answer.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content == final["reply"] != ""
+    assert choice.finish_reason == {"completed": "stop", "length": "length"}[final["stop_reason"]]
+    assert answer.object == "chat.completion" and answer.model == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert answer.usage.prompt_tokens == final["prompt_tokens"] > 0
+    assert answer.usage.completion_tokens == final["completion_tokens"] > 0
+    assert answer.usage.total_tokens == final["prompt_tokens"] + final["completion_tokens"]
+
+
+def test_system_prompt_and_earlier_turns_reach_the_model(base_url, client):
+    """The prompt the model read is counted: the OpenAI request and the native one with the same system prompt and
+    history give the same prompt_tokens, and leaving them out gives fewer."""
+    system, history = (
+        "You are a pirate. Answer in pirate speak.",
+        [
+            {"role": "user", "content": "What is your ship called?"},
+            {"role": "assistant", "content": "The Black Pearl, matey!"},
+        ],
+    )
+    asked = client.chat.completions.create(
+        model="m", messages=[{"role": "system", "content": system}, *history, *HELLO], max_tokens=1
+    )
+    native = requests.post(
+        f"{base_url}/v1/text/chat",
+        data={"prompt": HELLO[0]["content"], "system_prompt": system, "messages": json.dumps(history), "max_tokens": 1},
+        timeout=40,
+    ).json()
+    native_final = module_final(base_url, f"chatcmpl-{native['commandId']}")
+    bare = client.chat.completions.create(model="m", messages=HELLO, max_tokens=1)
+    assert asked.usage.prompt_tokens == native_final["prompt_tokens"] > bare.usage.prompt_tokens
+
+
+def test_max_tokens_ends_the_reply_with_finish_reason_length(client):
+    answer = client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": STORY}], max_completion_tokens=5
+    )
+    assert answer.choices[0].finish_reason == "length" and answer.usage.completion_tokens == 5
+
+
+def test_a_stop_string_ends_the_reply_before_it(client):
+    answer = client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": STORY}], max_tokens=60, stop=[" "], temperature=0
+    )
+    assert answer.choices[0].finish_reason == "stop" and " " not in answer.choices[0].message.content
+    assert answer.usage.completion_tokens < 60
+
+
+def test_a_stream_sends_the_reply_as_deltas_then_finish_reason_then_usage(base_url, client):
+    stream = client.chat.completions.create(
+        model="m",
+        messages=[{"role": "user", "content": STORY}],
+        max_tokens=40,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    final = module_final(base_url, chunks[0].id)
+    assert {c.id for c in chunks} == {chunks[0].id} and {c.object for c in chunks} == {"chat.completion.chunk"}
+    assert chunks[0].choices[0].delta.role == "assistant"
+    with_choice = [c for c in chunks if c.choices]
+    contents = [c.choices[0].delta.content for c in with_choice[1:-1]]
+    assert all(contents)
+    assert "".join(contents) == final["reply"]
+    assert [c.choices[0].finish_reason for c in with_choice] == [None] * (len(with_choice) - 1) + ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == final["completion_tokens"] == 40
+    assert chunks[-1].usage.prompt_tokens == final["prompt_tokens"]
+
+
+def test_a_stream_without_include_usage_has_no_usage_chunk(client):
+    chunks = list(client.chat.completions.create(model="m", messages=HELLO, max_tokens=5, stream=True))
+    assert all(c.choices and c.usage is None for c in chunks) and chunks[-1].choices[0].finish_reason is not None
+
+
+def test_the_raw_stream_is_server_sent_events_ending_with_done(base_url):
+    """The exact wire format, as curl sees it: `data: <json>` events separated by blank lines, then [DONE]."""
+    response = requests.post(
+        f"{base_url}/v1/chat/completions",
+        json={"model": "m", "messages": HELLO, "max_tokens": 8, "stream": True},
+        stream=True,
+        timeout=60,
+    )
+    assert response.status_code == 200 and response.headers["Content-Type"] == "text/event-stream"
+    body = response.content.decode()
+    assert body.endswith("\n\ndata: [DONE]\n\n")
+    events = body[: -len("data: [DONE]\n\n")].split("\n\n")
+    assert events[-1] == "" and all(e.startswith("data: {") and "\n" not in e for e in events[:-1])
+    parsed = [json.loads(e[len("data: ") :]) for e in events[:-1]]
+    assert parsed[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert parsed[-1]["choices"][0]["delta"] == {} and parsed[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert all(set(p) == {"id", "object", "created", "model", "choices"} for p in parsed)
+
+
+def test_a_client_that_goes_away_mid_stream_cancels_its_chat(base_url, client):
+    stream = client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": STORY}], max_tokens=LONG, stream=True
+    )
+    completion_id = None
+    for piece in stream:
+        completion_id = piece.id
+        if piece.choices and piece.choices[0].delta.content:
+            break
+    stream.close()
+    final = module_final(base_url, completion_id)
+    assert final["stop_reason"] == "cancelled" and 0 < final["completion_tokens"] < LONG and final["reply"]
+    poll(
+        lambda: f"chat {command_id(completion_id)} cancelled" in server_log_path(base_url).read_text(),
+        10,
+        "the server to log the cancel",
+    )
+    # The model is free again: the next chat is taken, not refused as busy.
+    assert client.chat.completions.create(model="m", messages=HELLO, max_tokens=2).choices[0].finish_reason
+
+
+def cancelled_in_log(base_url) -> set:
+    """The chats the server cancelled because their OpenAI client went away."""
+    return set(re.findall(r"OpenAI client went away: chat (\S+) cancelled", server_log_path(base_url).read_text()))
+
+
+def send_raw_chat(base_url, body: dict) -> socket.socket:
+    """A chat request on a socket of its own, which the test can close before any answer."""
+    address = urlsplit(base_url)
+    data = json.dumps(body).encode()
+    sock = socket.create_connection((address.hostname, address.port))
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {address.netloc}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n"
+    )
+    sock.sendall(head.encode() + data)
+    return sock
+
+
+def test_a_client_that_goes_away_before_its_answer_cancels_its_chat(base_url):
+    already = cancelled_in_log(base_url)
+    answered = server_status(base_url)["requestCount"]
+    sock = send_raw_chat(base_url, {"messages": [{"role": "user", "content": STORY}], "max_tokens": LONG})
+    # The module has answered the chat's start (and maybe status polls): the chat runs, the answer is far off.
+    poll(lambda: server_status(base_url)["requestCount"] > answered, 30, "the module to start the chat")
+    sock.close()
+    cancelled = poll(lambda: cancelled_in_log(base_url) - already, 10, "the server to cancel the chat")
+    final = module_final(base_url, f"chatcmpl-{cancelled.pop()}")
+    assert final["stop_reason"] == "cancelled" and final["completion_tokens"] < LONG
+
+
+def test_a_client_that_goes_away_at_once_leaves_no_chat_running(base_url, client):
+    """Gone before the module answered the start: the chat it may have started is cancelled once its id is known."""
+    send_raw_chat(base_url, {"messages": [{"role": "user", "content": STORY}], "max_tokens": LONG}).close()
+
+    def model_free():
+        try:
+            return client.chat.completions.create(model="m", messages=HELLO, max_tokens=1)
+        except openai.RateLimitError:
+            return None
+
+    poll(model_free, 10, "the model to be free (a long chat nobody reads would hold it for many seconds)")
+
+
+@pytest.mark.parametrize(
+    "fields, says",
+    [
+        ({"n": 2}, "n must be 1"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "function calling"),
+        ({"response_format": {"type": "json_object"}}, "JSON and schema output"),
+        ({"temperature": 5}, "temperature must be a number from 0.0 to 2.0"),  # the module's own check
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop must be one string or a JSON array of 1 to 4"),
+    ],
+)
+def test_bad_requests_raise_bad_request_error_with_the_reason(client, fields, says):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="m", messages=HELLO, **fields)
+    assert caught.value.status_code == 400 and says in caught.value.message
+    assert caught.value.body["type"] == "invalid_request_error"
+
+
+def test_images_and_a_last_message_that_is_not_the_users_are_refused(client):
+    image = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]
+    with pytest.raises(openai.BadRequestError, match="only text is supported"):
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": image}])
+    with pytest.raises(openai.BadRequestError, match="must be the user's"):
+        client.chat.completions.create(model="m", messages=[*HELLO, {"role": "assistant", "content": "Hi"}])
+
+
+def test_a_body_that_is_not_json_is_a_400_in_openais_shape(base_url):
+    answer = requests.post(f"{base_url}/v1/chat/completions", data="{not json", timeout=10)
+    assert answer.status_code == 400
+    assert answer.json()["error"] == {
+        "message": "The body must be a JSON object in UTF-8",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": None,
+    }
+
+
+def test_a_busy_model_is_a_rate_limit_error_with_the_modules_message(base_url, client):
+    native = requests.post(f"{base_url}/v1/text/chat", data={"prompt": STORY, "max_tokens": LONG}, timeout=40).json()
+    try:
+        with pytest.raises(openai.RateLimitError, match="already in progress") as caught:
+            client.chat.completions.create(model="m", messages=HELLO)
+        assert caught.value.status_code == 429
+    finally:
+        requests.post(f"{base_url}/v1/LlamaChat/cancel_command", data={"commandId": native["commandId"]}, timeout=40)
+        module_final(base_url, f"chatcmpl-{native['commandId']}")
+
+
+def test_a_foreign_web_page_may_not_chat_and_cannot_read_the_models(base_url):
+    evil = {"Origin": "https://evil.example"}
+    chat = requests.post(f"{base_url}/v1/chat/completions", json={"messages": HELLO}, headers=evil, timeout=10)
+    assert chat.status_code == 403 and "Access-Control-Allow-Origin" not in chat.headers
+    assert "evil.example" in chat.json()["error"]
+    models = requests.get(f"{base_url}/v1/models", headers=evil, timeout=10)
+    assert "Access-Control-Allow-Origin" not in models.headers  # the page cannot read it
+
+
+def test_a_local_web_page_can_read_a_stream(base_url):
+    """The CORS header goes out with a streamed answer too (added as its headers are sent)."""
+    origin = "http://localhost:3000"
+    response = requests.post(
+        f"{base_url}/v1/chat/completions",
+        json={"messages": HELLO, "max_tokens": 2, "stream": True},
+        headers={"Origin": origin},
+        timeout=60,
+    )
+    assert response.status_code == 200 and response.headers["Access-Control-Allow-Origin"] == origin
+    assert response.text.endswith("data: [DONE]\n\n")
+
+
+def test_no_module_is_a_503_saying_why(tmp_path):
+    config = ServerConfig(module_dir=ROOT, port=0, launch_module=False, data_dir=tmp_path, log_level="critical")
+    with serve_in_thread(config) as url:
+        lonely = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        with pytest.raises(openai.InternalServerError, match="module LlamaChat is NotStarted") as caught:
+            lonely.chat.completions.create(model="m", messages=HELLO)
+        assert caught.value.status_code == 503 and caught.value.body["type"] == "unavailable_error"
+        assert lonely.models.list().data == []  # no model has been reported

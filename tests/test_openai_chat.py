@@ -1,0 +1,123 @@
+"""The OpenAI request → chat route inputs translation (llamachat_server/openai_chat.py), model-free: which fields
+reach the module as what, and which are refused with what to change. The live path is in test_openai_api.py."""
+
+import json
+
+import pytest
+
+from llamachat_server.openai_chat import OpenAIRequestError, chunk, parse_chat_request, usage
+
+
+def inputs(**body):
+    return dict(parse_chat_request(body).values)
+
+
+def refusal(**body):
+    with pytest.raises(OpenAIRequestError) as caught:
+        parse_chat_request(body)
+    return caught.value
+
+
+def test_system_messages_become_the_system_prompt_and_earlier_turns_the_history():
+    values = inputs(
+        messages=[
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "!"}]},
+            {"role": "developer", "content": "No emojis."},
+            {"role": "user", "content": [{"type": "text", "text": "Name a colour."}]},
+        ]
+    )
+    assert values["prompt"] == "Name a colour."
+    assert values["system_prompt"] == "Be brief.\n\nNo emojis."
+    assert json.loads(values["messages"]) == [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+    ]
+
+
+def test_a_single_user_message_sends_only_the_prompt():
+    assert inputs(messages=[{"role": "user", "content": "Hi"}], model="anything") == {"prompt": "Hi"}
+
+
+def test_sampling_fields_stop_and_token_limit_pass_through():
+    values = inputs(
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=50,
+        max_completion_tokens=20,  # the newer name wins, as in OpenAI's API
+        temperature=0,
+        top_p=0.5,
+        seed=7,
+        top_k=10,
+        stop=["\n", "User:"],
+        n=1,
+        response_format={"type": "text"},
+        user="ignored",
+    )
+    assert values == {
+        "prompt": "Hi",
+        "max_tokens": "20",
+        "temperature": "0",
+        "top_p": "0.5",
+        "seed": "7",
+        "top_k": "10",
+        "stop": '["\\n", "User:"]',
+    }
+    assert inputs(messages=[{"role": "user", "content": "Hi"}], stop="END")["stop"] == "END"
+
+
+def test_stream_flags():
+    streamed = parse_chat_request(
+        {"messages": [{"role": "user", "content": "Hi"}], "stream": True, "stream_options": {"include_usage": True}}
+    )
+    assert (streamed.stream, streamed.include_usage) == (True, True)
+    plain = parse_chat_request({"messages": [{"role": "user", "content": "Hi"}]})
+    assert (plain.stream, plain.include_usage) == (False, False)
+
+
+@pytest.mark.parametrize(
+    "body, param, says",
+    [
+        ({"n": 2}, "n", "n must be 1"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "function calling"),
+        ({"response_format": {"type": "json_object"}}, "response_format", "JSON and schema output"),
+        ({"presence_penalty": 0.5}, "presence_penalty", "repeat_penalty"),
+        ({"logprobs": True}, "logprobs", "logprobs"),
+        ({"max_tokens": 0}, "max_tokens", "at least 1"),
+        ({"max_tokens": "10"}, "max_tokens", "whole number"),
+        ({"temperature": "hot"}, "temperature", "must be a number"),
+        ({"stop": [1]}, "stop", "list of strings"),
+        ({"stream": "yes"}, "stream", "true or false"),
+    ],
+)
+def test_fields_that_would_change_the_reply_unseen_are_refused(body, param, says):
+    error = refusal(messages=[{"role": "user", "content": "Hi"}], **body)
+    assert error.param == param and says in str(error)
+
+
+@pytest.mark.parametrize(
+    "messages, says",
+    [
+        (None, "non-empty list"),
+        ([], "non-empty list"),
+        ([{"role": "tool", "content": "42"}], "tool messages are not supported"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "'image_url' parts"),
+        ([{"role": "user", "content": 5}], "string or a list of text parts"),
+        ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], "must be the user's"),
+        ([{"role": "system", "content": "Be brief."}], "must be the user's"),
+        ([{"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}], "tool calls"),
+    ],
+)
+def test_messages_the_module_cannot_read_are_refused(messages, says):
+    error = refusal(messages=messages)
+    assert error.param == "messages" and says in str(error)
+
+
+def test_a_body_that_is_not_an_object_is_refused():
+    assert "JSON object" in str(pytest.raises(OpenAIRequestError, parse_chat_request, ["Hi"]).value)
+
+
+def test_usage_from_the_modules_counts_and_the_usage_chunk_has_no_choice():
+    counted = usage({"prompt_tokens": 21, "completion_tokens": 5})
+    assert counted == {"prompt_tokens": 21, "completion_tokens": 5, "total_tokens": 26}
+    assert chunk("id", 1, "m", None, usage=counted)["choices"] == []
