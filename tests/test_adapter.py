@@ -10,6 +10,10 @@ import pytest
 from module_harness import cancel, load_adapter, run_chat, start_chat, status, wait_until
 from tests.conftest import ROOT
 
+# At temperature 0 SmolLM2 tells this story until the context is full (max_tokens 0): a chat still running when a
+# test looks or cancels, however fast the machine.
+STORY = "Write a long story about a dragon who learns to bake bread."
+
 
 @pytest.fixture(scope="module")
 def adapter(smollm2):
@@ -55,10 +59,10 @@ def test_completion_tokens_are_the_model_s_tokens_not_streamed_pieces(adapter):
 
 
 def test_status_shows_the_reply_growing(adapter):
-    ack = start_chat(adapter, prompt="Write a long story about a dragon.", max_tokens=120, temperature=0)
+    ack = start_chat(adapter, prompt=STORY, max_tokens=0, temperature=0)  # runs until stopped, however fast
     seen = []
     deadline = time.monotonic() + 120
-    while (s := status(adapter, ack["commandId"]))["commandStatus"] == "running":
+    while len(seen) < 3 and (s := status(adapter, ack["commandId"]))["commandStatus"] == "running":
         assert s["success"] and s["message"] == "The long running command is still in progress"
         if s["reply"] and (not seen or s["reply"] != seen[-1]):
             assert not seen or s["reply"].startswith(seen[-1])  # it only grows
@@ -67,18 +71,20 @@ def test_status_shows_the_reply_growing(adapter):
             seen.append(s["reply"])
         assert time.monotonic() < deadline, "the chat did not end"
         time.sleep(0.05)  # a client's poll interval; polling flat out would starve the generating thread
-    assert len(seen) >= 2, "the reply should be seen growing over several polls"
-    assert s["reply"].startswith(seen[-1])
+    assert len(seen) >= 3, "the reply should be seen growing over several polls"
+    cancel(adapter, ack["commandId"])
+    final = wait_until(lambda: (s := status(adapter, ack["commandId"]))["commandStatus"] == "completed" and s)
+    assert final["reply"].startswith(seen[-1]) and final["stop_reason"] == "cancelled"
 
 
 def test_cancel_keeps_the_partial_reply_and_a_late_cancel_does_not_touch_the_next_chat(adapter):
-    ack = start_chat(adapter, prompt="Write a long essay about history.", max_tokens=400, temperature=0)
+    ack = start_chat(adapter, prompt=STORY, max_tokens=0, temperature=0)
     wait_until(lambda: status(adapter, ack["commandId"]).get("completion_tokens", 0) >= 5, what="a few tokens")
     answer = cancel(adapter, ack["commandId"])
     assert answer["success"] and answer["commandStatus"] == "cancelled"
     final = wait_until(lambda: (s := status(adapter, ack["commandId"]))["commandStatus"] == "completed" and s)
     assert final["stop_reason"] == "cancelled" and final["success"]
-    assert final["reply"].strip() and final["completion_tokens"] < 400
+    assert final["reply"].strip() and final["completion_tokens"] >= 5
 
     # A cancel for the finished command arrives late: the command can still be read, and the next chat runs to its end.
     assert cancel(adapter, ack["commandId"])["success"]
@@ -92,25 +98,27 @@ def test_cancel_during_a_long_prompt_stops_within_200_ms_and_the_model_stays_usa
         f"Paragraph {i}: the committee met on a rainy Tuesday to discuss the budget for the new library."
         for i in range(90)
     )
-    ack = start_chat(adapter, prompt=long_prompt, max_tokens=16, temperature=0)
+    ack = start_chat(adapter, prompt=long_prompt, max_tokens=0, temperature=0)
     job = wait_until(lambda: (j := adapter.job) and j.command_id == ack["commandId"] and j.inference_started and j)
     assert job.prompt_tokens >= 1500
-    assert job.first_token_at is None, "still evaluating the prompt"
+    # On a CPU this slow the prompt is still being evaluated now; a GPU may be past it, and then the cancel stops
+    # the generation instead, within the same time.
+    mid_prompt = job.first_token_at is None
     asked = time.perf_counter()
     cancel(adapter, ack["commandId"])
     wait_until(lambda: adapter.long_running_command_task.done(), timeout=5)
     assert time.perf_counter() - asked < 0.2
     final = status(adapter, ack["commandId"])
-    assert final["stop_reason"] == "cancelled" and final["completion_tokens"] == 0
+    assert final["stop_reason"] == "cancelled"
+    if mid_prompt:
+        assert final["completion_tokens"] == 0
 
     nxt = run_chat(adapter, prompt="What is the capital of France?", max_tokens=16, temperature=0)
     assert "Paris" in nxt["reply"]
 
 
 def test_a_second_chat_while_one_runs_is_refused(adapter):
-    # At temperature 0 SmolLM2 tells this story until the context is full: still running however fast the machine.
-    story = "Write a long story about a dragon who learns to bake bread."
-    ack = start_chat(adapter, prompt=story, max_tokens=0, temperature=0)
+    ack = start_chat(adapter, prompt=STORY, max_tokens=0, temperature=0)
     assert ack["success"] and ack["commandStatus"] == "running"
     busy = start_chat(adapter, prompt="Hello?")
     assert not busy["success"] and "already in progress" in busy["error"] and "busy" in busy["error"]
