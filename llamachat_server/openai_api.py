@@ -33,9 +33,10 @@ CHAT_ROUTE = "text/chat"
 # How long the server waits between two get_command_status polls of a running chat: briefly until the reply's first
 # text, so the client sees it within ~15 ms of the module, then longer, because every poll (a queue round trip through
 # the server and the module's SDK loop) takes CPU from the model. bench/openai_stream.py on 2 cores, 2 threads: after
-# the first text, polls every 15 ms cost a sixth of the model's speed, every 50 ms ~7 %, every 100-120 ms ~3 %.
+# the first text, polls every 15 ms cost a sixth of the model's speed, every 50 ms ~7 %, every 100-120 ms ~3 %; every
+# 200 ms (and once more when max_tokens is due, see _next_poll_in) the stream keeps up with raw llama-cpp-python.
 FIRST_TEXT_INTERVAL = 0.015
-REPLY_INTERVAL = 0.1  # ten updates a second: a smooth stream
+REPLY_INTERVAL = 0.2  # five updates a second: a smooth enough stream
 BUSY_MARK = "already in progress"  # how the module (and the SDK) say another chat runs (llama_chat_adapter.py)
 
 _background: set[asyncio.Task] = set()  # tasks that outlive a disconnected client's handler, held until they finish
