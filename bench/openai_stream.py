@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from llamachat_server.openai_api import FIRST_TEXT_INTERVAL, REPLY_INTERVAL
+from llamachat_server.openai_api import DUE_INTERVAL, FIRST_TEXT_INTERVAL, REPLY_INTERVAL
 from tests.live_server import ROOT, running_server
 
 from . import machine
@@ -100,7 +100,8 @@ def report(results: dict[str, Any]) -> str:
         f"model {results['model']}, {results['tokens']} tokens per chat, {results['repeats']} chats per engine "
         f"taking turns, 1-minute load {results['load']['load_1min']} before. Medians (min–max). TTFT: from the call "
         f"to the first text the client reads. The server sends what is new at each status poll of the module: every "
-        f"{FIRST_TEXT_INTERVAL * 1000:g} ms until the first text, then every {REPLY_INTERVAL * 1000:g} ms.",
+        f"{FIRST_TEXT_INTERVAL * 1000:g} ms until the first text, then every {REPLY_INTERVAL * 1000:g} ms, and every "
+        f"{DUE_INTERVAL * 1000:g} ms once max_tokens is due at the module's speed.",
         "",
     ]
     for threads, result in results["by_threads"].items():

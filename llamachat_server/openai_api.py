@@ -37,6 +37,7 @@ CHAT_ROUTE = "text/chat"
 # 200 ms (and once more when max_tokens is due, see _next_poll_in) the stream keeps up with raw llama-cpp-python.
 FIRST_TEXT_INTERVAL = 0.015
 REPLY_INTERVAL = 0.2  # five updates a second: a smooth enough stream
+DUE_INTERVAL = 0.005  # once max_tokens is due: a few cheap polls, so the last text is seen within ~5 ms
 BUSY_MARK = "already in progress"  # how the module (and the SDK) say another chat runs (llama_chat_adapter.py)
 
 _background: set[asyncio.Task] = set()  # tasks that outlive a disconnected client's handler, held until they finish
@@ -86,14 +87,14 @@ async def _start_chat(state: ServerState, values: list[tuple[str, str]]) -> str:
 
 def _next_poll_in(status: dict, max_tokens: int | None) -> float:
     """Seconds until the next poll: FIRST_TEXT_INTERVAL until the first text; then REPLY_INTERVAL, or less when the
-    reply reaches max_tokens sooner at the module's speed so far, so that its end is seen within ~FIRST_TEXT_INTERVAL
-    of the module too (a reply that stops on its own is seen up to REPLY_INTERVAL late)."""
+    reply reaches max_tokens sooner at the module's speed so far, so that its end is seen within ~DUE_INTERVAL of the
+    module (a reply that stops on its own is seen up to REPLY_INTERVAL late)."""
     if not status.get("reply"):
         return FIRST_TEXT_INTERVAL
     speed, done = status.get("tokens_per_second") or 0, status.get("completion_tokens") or 0
     if max_tokens is None or speed <= 0:
         return REPLY_INTERVAL
-    return min(REPLY_INTERVAL, max(FIRST_TEXT_INTERVAL, (max_tokens - done) / speed))
+    return min(REPLY_INTERVAL, max(DUE_INTERVAL, (max_tokens - done) / speed))
 
 
 async def _follow(state: ServerState, command_id: str, max_tokens: int | None) -> AsyncIterator[dict]:

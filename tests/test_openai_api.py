@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from live_server import ROOT, poll, running_server, serve_in_thread, server_log_path, server_status
-from llamachat_server.openai_api import FIRST_TEXT_INTERVAL, REPLY_INTERVAL, _next_poll_in
+from llamachat_server.openai_api import DUE_INTERVAL, FIRST_TEXT_INTERVAL, REPLY_INTERVAL, _next_poll_in
 from llamachat_server.server_state import ServerConfig
 
 STORY = "Write a very long story about a dragon who learns to bake bread. Describe every step in detail."
@@ -61,7 +61,7 @@ def test_polls_are_quick_until_the_first_text_then_sparse_until_the_token_limit_
     assert _next_poll_in(flowing, None) == REPLY_INTERVAL  # no limit given: a reply ends when the model stops
     near = {**flowing, "completion_tokens": 505}
     assert _next_poll_in(near, 512) == pytest.approx(0.07)  # 7 tokens left: polled when they should be done
-    assert _next_poll_in({**flowing, "completion_tokens": 512}, 512) == FIRST_TEXT_INTERVAL  # due: soon after
+    assert _next_poll_in({**flowing, "completion_tokens": 512}, 512) == DUE_INTERVAL  # due: polled closely
     assert _next_poll_in({**flowing, "tokens_per_second": 0}, 512) == REPLY_INTERVAL  # one token so far: no speed
 
 
