@@ -1,6 +1,7 @@
 """python -m bench: measures, in one run on one GGUF with the same threads and prompts, raw llama-cpp-python, the
-LlamaChat wrapper, the module through our standalone server as a client sees it, and optionally llama.cpp's
-llama-server; writes results.json, results.md and chart.png into --out.
+LlamaChat wrapper, the module through our standalone server as a client sees it (its own protocol, and its
+OpenAI-compatible stream), and optionally llama.cpp's llama-server; writes results.json, results.md and chart.png into
+--out.
 """
 
 import argparse
@@ -24,9 +25,13 @@ from .llama_server import LlamaServerEngine
 from .measure import measure_conversation, measure_generation
 from .memory import raw_rss_curve
 from .module_bench import ModuleEngine, cancel_during_generation, cancel_during_prompt, measure_memory
+from .openai_client import OpenAIStreamEngine
 from .workload import CONVERSATION, N_CTX, Settings, long_prompt
 
 DEFAULT_MODEL = ROOT / "models" / FALLBACK_MODEL_FILENAME  # what `bash install.sh --small` installs
+# Engines measured in generation only: the OpenAI stream's conversation would be the module's again (same process,
+# same cache), seen through another client.
+GENERATION_ONLY = ("openai_stream",)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -127,7 +132,12 @@ def start_engines(args: argparse.Namespace, settings: Settings, scratch: Path, s
     )
     client = CpaiClient(base_url)
     stack.callback(client.close)
-    engines = {"raw": raw, "wrapper": wrapper, "module": ModuleEngine(client, settings, server_status(base_url)["pid"])}
+    engines = {
+        "raw": raw,
+        "wrapper": wrapper,
+        "module": ModuleEngine(client, settings, server_status(base_url)["pid"]),
+        "openai_stream": OpenAIStreamEngine(base_url, raw.llm.tokenize),  # the same server, the same module
+    }
     if args.llama_server:
         say(f"starting {args.llama_server}")
         engines["llama_server"] = LlamaServerEngine(
@@ -181,7 +191,8 @@ def main(argv=None) -> int:
                 results[key]["generation"] = part
         with machine.phase(phases, "conversation"):
             say(f"{settings.conversation_turns}-turn conversation, {settings.conversation_repeats} repeats")
-            for key, part in measure_conversation(engines, settings).items():
+            conversing = {key: engine for key, engine in engines.items() if key not in GENERATION_ONLY}
+            for key, part in measure_conversation(conversing, settings).items():
                 results[key]["conversation"] = part
         with machine.phase(phases, "cancel"):
             say("module cancel latency, during generation and during a long prompt")

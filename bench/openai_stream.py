@@ -3,7 +3,7 @@ the `openai` package's client sees it, beside the module's own figures for the s
 on the same model, threads and prompt. The two engines take turns, each chat starting with nothing cached. Writes
 openai_stream.json and openai_stream.md into --out.
 
-Goals (issue 11): client TTFT − module TTFT ≤ 60 ms; stream tokens/s ≥ 0.97 × raw llama-cpp-python.
+Goals: those of bench/openai_client.py.
 """
 
 from __future__ import annotations
@@ -12,26 +12,18 @@ import argparse
 import datetime
 import json
 import sys
-import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
-import openai
-
-from llamachat_server.openai_api import FIRST_TEXT_INTERVAL, REPLY_INTERVAL
+from llamachat_server.openai_api import DUE_INTERVAL, FIRST_TEXT_INTERVAL, REPLY_INTERVAL
 from tests.live_server import ROOT, running_server
 
 from . import machine
 from .__main__ import DEFAULT_MODEL, say
 from .in_process import RawEngine
+from .openai_client import SPEED_GOAL, TTFT_GAP_GOAL_MS, OpenAIStreamEngine
 from .stats import summary
-from .workload import FLUSH_PROMPT, FLUSH_SYSTEM_PROMPT, GENERATION_PROMPT, N_CTX, SAMPLING, chat_messages
-
-TTFT_GAP_GOAL_MS = 60.0
-SPEED_GOAL = 0.97  # × raw llama-cpp-python's tokens/s
-# What OpenAI's API has no field for goes in extra_body, as llama.cpp's servers take it.
-EXTRA_SAMPLING = {name: SAMPLING[name] for name in ("top_k", "min_p", "repeat_penalty")}
+from .workload import GENERATION_PROMPT, N_CTX
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,59 +50,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if min(args.threads) < 1 or min(args.repeats, args.tokens) < 2:
         parser.error("--threads must be at least 1, --repeats and --tokens at least 2")
     return args
-
-
-class OpenAIStreamEngine:
-    """The server's /v1/chat/completions, streamed through the real openai client; the module's own figures for
-    the same chat are read from get_command_status afterwards (the completion id is chatcmpl-<commandId>)."""
-
-    def __init__(self, base_url: str, tokenize) -> None:
-        self.base_url = base_url
-        self.client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="bench", max_retries=0, timeout=300)
-        self.tokenize = tokenize
-
-    def _create(self, messages: list[dict], max_tokens: int, **options: Any):
-        sampling = {"temperature": SAMPLING["temperature"], "top_p": SAMPLING["top_p"]}
-        return self.client.chat.completions.create(
-            model="bench", messages=messages, max_tokens=max_tokens, extra_body=EXTRA_SAMPLING, **sampling, **options
-        )
-
-    def _module_final(self, completion_id: str) -> dict[str, Any]:
-        body = f"commandId={completion_id.removeprefix('chatcmpl-')}".encode()
-        with urllib.request.urlopen(f"{self.base_url}/v1/LlamaChat/get_command_status", body, timeout=30) as answer:
-            return json.load(answer)
-
-    def chat(self, max_tokens: int) -> dict[str, Any]:
-        # Another system prompt first, so the measured chat finds (almost) none of its prompt cached.
-        self._create([{"role": "system", "content": FLUSH_SYSTEM_PROMPT}, {"role": "user", "content": FLUSH_PROMPT}], 1)
-        sent = time.perf_counter()
-        stream = self._create(
-            chat_messages(GENERATION_PROMPT), max_tokens, stream=True, stream_options={"include_usage": True}
-        )
-        first_at = last_at = None
-        first_text, chunks, completion_id, used = "", 0, "", None
-        for chunk in stream:
-            completion_id, used = chunk.id, chunk.usage or used
-            text = chunk.choices[0].delta.content if chunk.choices else None
-            if text:
-                last_at = time.perf_counter()
-                if first_at is None:
-                    first_at, first_text = last_at, text
-                chunks += 1
-        module = self._module_final(completion_id)
-        # A chunk carries the tokens generated since the last status poll: the speed counts the tokens after the
-        # first chunk's over the time between the first and the last chunk, as raw's counts those after its first.
-        after_first = used.completion_tokens - len(self.tokenize(first_text.encode(), add_bos=False, special=True))
-        ttft_ms = (first_at - sent) * 1000
-        return {
-            "ttft_ms": round(ttft_ms, 1),
-            "tokens": used.completion_tokens,
-            "tokens_per_second": after_first / (last_at - first_at) if last_at > first_at else None,
-            "chunks": chunks,
-            "module_ttft_ms": module["time_to_first_token_ms"],
-            "module_tokens_per_second": module["tokens_per_second"],
-            "ttft_gap_ms": round(ttft_ms - module["time_to_first_token_ms"], 1),
-        }
 
 
 def _median(runs: list[dict[str, Any]], key: str) -> float | None:
@@ -161,7 +100,8 @@ def report(results: dict[str, Any]) -> str:
         f"model {results['model']}, {results['tokens']} tokens per chat, {results['repeats']} chats per engine "
         f"taking turns, 1-minute load {results['load']['load_1min']} before. Medians (min–max). TTFT: from the call "
         f"to the first text the client reads. The server sends what is new at each status poll of the module: every "
-        f"{FIRST_TEXT_INTERVAL * 1000:g} ms until the first text, then every {REPLY_INTERVAL * 1000:g} ms.",
+        f"{FIRST_TEXT_INTERVAL * 1000:g} ms until the first text, then every {REPLY_INTERVAL * 1000:g} ms, and every "
+        f"{DUE_INTERVAL * 1000:g} ms once max_tokens is due at the module's speed.",
         "",
     ]
     for threads, result in results["by_threads"].items():
@@ -183,10 +123,12 @@ def measure(args: argparse.Namespace, threads: int) -> dict[str, Any]:
             CPAI_MODULE_LLAMA_THREADS=str(threads),
         ) as base_url:
             stream = OpenAIStreamEngine(base_url, raw.llm.tokenize)
-            stream.chat(8)  # warm-up: first-call costs (connections, the module's first chat) are not measured
+            stream.chat(
+                GENERATION_PROMPT, [], 8, fresh=True
+            )  # warm-up: first-call costs (connections, the module's first chat) are not measured
             raw.chat(GENERATION_PROMPT, [], 8, fresh=True)
             engines = [("raw", lambda: raw.chat(GENERATION_PROMPT, [], args.tokens, fresh=True))]
-            engines.append(("openai_stream", lambda: stream.chat(args.tokens)))
+            engines.append(("openai_stream", lambda: stream.chat(GENERATION_PROMPT, [], args.tokens, fresh=True)))
             for i in range(args.repeats):
                 # Turns alternate which engine goes first, so a drift in the machine's speed touches both alike.
                 for name, run_chat in engines if i % 2 == 0 else engines[::-1]:

@@ -33,6 +33,7 @@ class ChatCompletionRequest:
     values: list[tuple[str, str]]  # the chat route's inputs, as form fields
     stream: bool
     include_usage: bool
+    max_tokens: int | None  # the client's, if it gave one (the module's default applies otherwise)
 
 
 def error_body(message: str, error_type: str, param: str | None = None) -> dict:
@@ -158,7 +159,7 @@ def parse_chat_request(body: Any) -> ChatCompletionRequest:
     options = body.get("stream_options") or {}
     if not isinstance(stream, bool) or not isinstance(options, dict):
         raise OpenAIRequestError("stream must be true or false and stream_options an object", "stream")
-    return ChatCompletionRequest(values, stream, bool(options.get("include_usage")))
+    return ChatCompletionRequest(values, stream, bool(options.get("include_usage")), max_tokens)
 
 
 def usage(status: dict) -> dict:

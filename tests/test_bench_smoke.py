@@ -46,13 +46,18 @@ def test_bench_measures_every_engine_and_writes_json_markdown_and_chart(smollm2,
     results = json.loads((out / "results.json").read_text())
 
     # Greedy decoding of the same prompt: the same reply through every layer, or the comparison would be unfair.
-    replies = {key: results[key]["generation"]["reply"] for key in ("raw", "wrapper", "module")}
+    replies = {key: results[key]["generation"]["reply"] for key in ("raw", "wrapper", "module", "openai_stream")}
     assert replies["raw"].strip() and len(set(replies.values())) == 1, replies
     for key in ("raw", "wrapper", "module"):
         generation = results[key]["generation"]["summary"]
         assert generation["tokens"]["median"] == 8
         assert generation["ttft_ms"]["median"] > 0 and generation["tokens_per_second"]["median"] > 0
         assert len(results[key]["conversation"]["turns"]) == 2
+    # The OpenAI stream of the same server, in generation only, with the module's own figures for the same chats.
+    stream = results["openai_stream"]["generation"]["summary"]
+    assert stream["tokens"]["median"] == 8 and stream["chunks"]["median"] >= 1
+    assert stream["ttft_ms"]["median"] > stream["module_ttft_ms"]["median"] > 0
+    assert "conversation" not in results["openai_stream"]
     module = results["module"]
     turn2 = module["conversation"]["turns"][1]
     assert turn2["warm"]["cached_tokens"]["median"] > turn2["cold"]["cached_tokens"]["median"]
@@ -61,8 +66,11 @@ def test_bench_measures_every_engine_and_writes_json_markdown_and_chart(smollm2,
     assert module["memory"]["rss_after_load_mb"] > 50 and len(module["memory"]["curve"]) == 3
     assert len(results["raw"]["memory"]["curve"]) == len(results["raw"]["memory_gc_each_chat"]["curve"]) == 3
     assert results["llama_server"] == {"skipped": "no --llama-server PATH given"}
-    assert [t["limit"] is not None for t in results["targets"]] == [True] * 6
-    assert "| module tokens/s >= 0.97 x raw |" in (out / "results.md").read_text()
+    assert [t["limit"] is not None for t in results["targets"]] == [True] * 8
+    report = (out / "results.md").read_text()
+    assert "| module tokens/s >= 0.97 x raw |" in report and "| OpenAI stream via server (client) |" in report
+    stream_targets = [t for t in results["targets"] if t["target"].startswith("OpenAI stream")]
+    assert len(stream_targets) == 2 and all(t["measured"] is not None for t in stream_targets)
 
 
 def test_bench_refuses_a_missing_model_with_what_to_do(tmp_path):

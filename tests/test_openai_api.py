@@ -13,6 +13,7 @@ import pytest
 import requests
 
 from live_server import ROOT, poll, running_server, serve_in_thread, server_log_path, server_status
+from llamachat_server.openai_api import DUE_INTERVAL, FIRST_TEXT_INTERVAL, REPLY_INTERVAL, _next_poll_in
 from llamachat_server.server_state import ServerConfig
 
 STORY = "Write a very long story about a dragon who learns to bake bread. Describe every step in detail."
@@ -51,6 +52,17 @@ def module_final(base_url, completion_id):
         return answer if answer["commandStatus"] == "completed" else None
 
     return poll(finished, 120, f"the module's chat {completion_id} to end", interval=0.02)
+
+
+def test_polls_are_quick_until_the_first_text_then_sparse_until_the_token_limit_is_near():
+    assert _next_poll_in({"reply": ""}, 512) == FIRST_TEXT_INTERVAL
+    flowing = {"reply": "Once", "completion_tokens": 100, "tokens_per_second": 100.0}
+    assert _next_poll_in(flowing, 512) == REPLY_INTERVAL  # 4 s to the limit at 100 tokens/s
+    assert _next_poll_in(flowing, None) == REPLY_INTERVAL  # no limit given: a reply ends when the model stops
+    near = {**flowing, "completion_tokens": 505}
+    assert _next_poll_in(near, 512) == pytest.approx(0.07)  # 7 tokens left: polled when they should be done
+    assert _next_poll_in({**flowing, "completion_tokens": 512}, 512) == DUE_INTERVAL  # due: polled closely
+    assert _next_poll_in({**flowing, "tokens_per_second": 0}, 512) == REPLY_INTERVAL  # one token so far: no speed
 
 
 def test_models_lists_the_loaded_model(client):

@@ -75,6 +75,12 @@ def test_stream_flags():
     assert (plain.stream, plain.include_usage) == (False, False)
 
 
+def test_the_token_limit_is_kept_for_the_servers_poll_schedule():
+    hi = [{"role": "user", "content": "Hi"}]
+    assert parse_chat_request({"messages": hi, "max_tokens": 50, "max_completion_tokens": 20}).max_tokens == 20
+    assert parse_chat_request({"messages": hi}).max_tokens is None  # the module's default applies
+
+
 @pytest.mark.parametrize(
     "body, param, says",
     [

@@ -1,0 +1,76 @@
+"""The server's OpenAI-compatible stream (POST /v1/chat/completions, stream=True) as the `openai` package's client
+sees it, with the module's own figures for the same chat: an engine of `python -m bench` and of bench.openai_stream.
+
+Goals (issue 11): client TTFT − module TTFT ≤ 60 ms; stream tokens/s ≥ 0.97 × raw llama-cpp-python.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from typing import Any
+
+import openai
+
+from .workload import FLUSH_PROMPT, FLUSH_SYSTEM_PROMPT, SAMPLING, chat_messages
+
+TTFT_GAP_GOAL_MS = 60.0
+SPEED_GOAL = 0.97  # × raw llama-cpp-python's tokens/s
+# What OpenAI's API has no field for goes in extra_body, as llama.cpp's servers take it.
+EXTRA_SAMPLING = {name: SAMPLING[name] for name in ("top_k", "min_p", "repeat_penalty")}
+
+
+class OpenAIStreamEngine:
+    """The server's /v1/chat/completions, streamed through the real openai client; the module's own figures for
+    the same chat are read from get_command_status afterwards (the completion id is chatcmpl-<commandId>)."""
+
+    def __init__(self, base_url: str, tokenize) -> None:
+        self.base_url = base_url
+        self.client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="bench", max_retries=0, timeout=300)
+        self.tokenize = tokenize  # the model's tokenizer, to count the tokens of the first chunk
+
+    def _create(self, messages: list[dict], max_tokens: int, **options: Any):
+        sampling = {"temperature": SAMPLING["temperature"], "top_p": SAMPLING["top_p"]}
+        return self.client.chat.completions.create(
+            model="bench", messages=messages, max_tokens=max_tokens, extra_body=EXTRA_SAMPLING, **sampling, **options
+        )
+
+    def _module_final(self, completion_id: str) -> dict[str, Any]:
+        body = f"commandId={completion_id.removeprefix('chatcmpl-')}".encode()
+        with urllib.request.urlopen(f"{self.base_url}/v1/LlamaChat/get_command_status", body, timeout=30) as answer:
+            return json.load(answer)
+
+    def chat(self, prompt: str, history: list[dict[str, str]], max_tokens: int, fresh: bool) -> dict[str, Any]:
+        if fresh:  # another system prompt first, so the chat finds (almost) none of its prompt cached
+            self._create(
+                [{"role": "system", "content": FLUSH_SYSTEM_PROMPT}, {"role": "user", "content": FLUSH_PROMPT}], 1
+            )
+        sent = time.perf_counter()
+        stream = self._create(
+            chat_messages(prompt, history), max_tokens, stream=True, stream_options={"include_usage": True}
+        )
+        first_at = last_at = None
+        parts, completion_id, used = [], "", None
+        for chunk in stream:
+            completion_id, used = chunk.id, chunk.usage or used
+            text = chunk.choices[0].delta.content if chunk.choices else None
+            if text:
+                last_at = time.perf_counter()
+                first_at = first_at or last_at
+                parts.append(text)
+        module = self._module_final(completion_id)
+        # A chunk carries the tokens generated since the server's last status poll: the speed counts the tokens after
+        # the first chunk's over the time between the first and the last chunk, as raw's counts those after its first.
+        after_first = used.completion_tokens - len(self.tokenize(parts[0].encode(), add_bos=False, special=True))
+        ttft_ms = (first_at - sent) * 1000
+        return {
+            "ttft_ms": round(ttft_ms, 1),
+            "tokens": used.completion_tokens,
+            "tokens_per_second": after_first / (last_at - first_at) if last_at > first_at else None,
+            "chunks": len(parts),
+            "module_ttft_ms": module["time_to_first_token_ms"],
+            "module_tokens_per_second": module["tokens_per_second"],
+            "ttft_gap_ms": round(ttft_ms - module["time_to_first_token_ms"], 1),
+            "text": "".join(parts),
+        }
