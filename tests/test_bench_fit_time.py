@@ -2,23 +2,13 @@
 both result files come out. The figures themselves come from the real run in bench/results/."""
 
 import json
-import subprocess
-import sys
 
-from tests.conftest import ROOT
+from bench_runner import bench_results
 
 
 def test_fit_time_bench_measures_every_history_and_writes_json_and_markdown(smollm2, tmp_path):
-    out = tmp_path / "results"
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.fit_time", "--model", str(smollm2), "--out", str(out), "--repeats", "1"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert {p.name for p in out.iterdir()} == {"fit_time.json", "fit_time.md"}
+    files = {"fit_time.json", "fit_time.md"}
+    out = bench_results("bench.fit_time", tmp_path / "results", files, "--model", str(smollm2), "--repeats", "1")
     results = json.loads((out / "fit_time.json").read_text())
     for name in ("800_pairs", "200_natural_exchanges", "at_the_caps"):
         fitted = results["in_process"][name]

@@ -2,10 +2,8 @@
 three result files come out, with the numbers the README and the targets are built from."""
 
 import json
-import subprocess
-import sys
 
-from tests.conftest import ROOT
+from bench_runner import bench_results, run_bench
 
 TINY = [
     "--repeats",
@@ -32,16 +30,8 @@ TINY = [
 
 
 def test_bench_measures_every_engine_and_writes_json_markdown_and_chart(smollm2, tmp_path):
-    out = tmp_path / "results"
-    done = subprocess.run(
-        [sys.executable, "-m", "bench", "--model", str(smollm2), "--out", str(out), *TINY],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert {p.name for p in out.iterdir()} == {"results.json", "results.md", "chart.png"}
+    files = {"results.json", "results.md", "chart.png"}
+    out = bench_results("bench", tmp_path / "results", files, "--model", str(smollm2), *TINY)
     assert (out / "chart.png").read_bytes().startswith(b"\x89PNG")
     results = json.loads((out / "results.json").read_text())
 
@@ -74,48 +64,32 @@ def test_bench_measures_every_engine_and_writes_json_markdown_and_chart(smollm2,
 
 
 def test_bench_refuses_a_missing_model_with_what_to_do(tmp_path):
-    done = subprocess.run(
-        [sys.executable, "-m", "bench", "--model", str(tmp_path / "none.gguf")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = run_bench("bench", "--model", str(tmp_path / "none.gguf"), timeout=60)
     assert done.returncode == 2
     assert "no model at" in done.stderr and "install.sh --small" in done.stderr
 
 
 def test_threads_bench_measures_every_thread_choice_and_writes_its_files(smollm2, tmp_path):
-    out = tmp_path / "results"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.threads",
-            "--model",
-            str(smollm2),
-            "--out",
-            str(out),
-            "--repeats",
-            "1",
-            "--tokens",
-            "8",
-            "--poll-ms",
-            "20",
-            "--loads",
-            "idle",
-            "--time-box",
-            "2",
-            "--pause",
-            "0",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
+    files = {"threads.json", "threads.md", "threads.png"}
+    out = bench_results(
+        "bench.threads",
+        tmp_path / "results",
+        files,
+        "--model",
+        str(smollm2),
+        "--repeats",
+        "1",
+        "--tokens",
+        "8",
+        "--poll-ms",
+        "20",
+        "--loads",
+        "idle",
+        "--time-box",
+        "2",
+        "--pause",
+        "0",
     )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert {p.name for p in out.iterdir()} == {"threads.json", "threads.md", "threads.png"}
     assert (out / "threads.png").read_bytes().startswith(b"\x89PNG")
     results = json.loads((out / "threads.json").read_text())
     cores = results["settings"]["all_cores"]
@@ -141,17 +115,9 @@ def test_threads_bench_measures_every_thread_choice_and_writes_its_files(smollm2
 
 
 def test_openai_stream_bench_times_the_stream_beside_raw_and_writes_its_files(smollm2, tmp_path):
-    out = tmp_path / "results"
-    command = ["-m", "bench.openai_stream", "--model", str(smollm2), "--out", str(out), "--threads", "1"]
-    done = subprocess.run(
-        [sys.executable, *command, "--repeats", "2", "--tokens", "8"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert {p.name for p in out.iterdir()} == {"openai_stream.json", "openai_stream.md"}
+    files = {"openai_stream.json", "openai_stream.md"}
+    args = ("--model", str(smollm2), "--threads", "1", "--repeats", "2", "--tokens", "8")
+    out = bench_results("bench.openai_stream", tmp_path / "results", files, *args)
     measured = json.loads((out / "openai_stream.json").read_text())["by_threads"]["1"]
     assert len(measured["raw"]) == len(measured["openai_stream"]) == 2
     for run in measured["openai_stream"]:

@@ -2,37 +2,27 @@
 clear error, and both result files come out with the memory readings the README quotes."""
 
 import json
-import subprocess
-import sys
 
-from conftest import ROOT
+from bench_runner import run_bench
 
 
 def test_soak_runs_chats_with_cancels_and_bad_inputs_and_writes_its_results(smollm2, tmp_path):
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.soak",
-            "--model",
-            str(smollm2),
-            "--chats",
-            "4",
-            "--warmup",
-            "2",
-            "--cancel-rate",
-            "0.5",
-            "--bad-rate",
-            "1",
-            "--max-tokens",
-            "4",
-            "--out",
-            str(tmp_path),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
+    done = run_bench(
+        "bench.soak",
+        "--model",
+        str(smollm2),
+        "--chats",
+        "4",
+        "--warmup",
+        "2",
+        "--cancel-rate",
+        "0.5",
+        "--bad-rate",
+        "1",
+        "--max-tokens",
+        "4",
+        "--out",
+        str(tmp_path),
     )
     result = json.loads((tmp_path / "soak.json").read_text())
     assert result["chats_ended"] == 4 and sum(result["endings"].values()) == 4, done.stdout + done.stderr
