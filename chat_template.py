@@ -66,6 +66,11 @@ class ChatTemplate:
         response.stop = [s for s in stops + self._extra_stops if s]
         return response
 
+    @property
+    def stops(self) -> list[str]:
+        """The stop strings __call__ adds to every prompt's (for engines that tokenize the prompt themselves)."""
+        return [s for s in [self._jinja.eos_token, *self._extra_stops] if s]
+
     def render(self, messages: list[dict[str, Any]]) -> str:
         return self(messages=messages).prompt
 

@@ -21,10 +21,18 @@ class LlamaServerFailed(RuntimeError):
 class LlamaServerEngine:
     """llama-server started on a free loopback port, chatted with over HTTP."""
 
-    def __init__(self, binary: Path, model: Path, threads: int, log_path: Path, start_timeout: float = 120.0) -> None:
+    def __init__(
+        self,
+        binary: Path,
+        model: Path,
+        threads: int,
+        log_path: Path,
+        start_timeout: float = 120.0,
+        parallel: int = 1,
+    ) -> None:
         self.port = free_port()
         self.log_path = log_path
-        # One slot with the whole context, the model's own Jinja chat template and no flash attention (as
+        # `parallel` slots of N_CTX tokens each, the model's own Jinja chat template and no flash attention (as
         # llama-cpp-python's default): as close to the module's engine as it goes.
         command = [
             str(binary),
@@ -35,9 +43,9 @@ class LlamaServerEngine:
             "-tb",
             str(threads),
             "-c",
-            str(N_CTX),
+            str(N_CTX * parallel),
             "-np",
-            "1",
+            str(parallel),
             "--jinja",
             "-fa",
             "off",
@@ -72,7 +80,8 @@ class LlamaServerEngine:
         except AssertionError as ex:
             raise LlamaServerFailed(f"{ex}:\n{log_tail(self.log_path)}") from None
 
-    def _stream(self, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    def stream(self, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """POSTs an OpenAI chat completion body with stream: true; yields its chunks."""
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
         try:
             connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
@@ -98,7 +107,7 @@ class LlamaServerEngine:
             "cache_prompt": not fresh,
             **SAMPLING,
         }
-        return vars(time_stream(lambda: self._stream(body)))
+        return vars(time_stream(lambda: self.stream(body)))
 
     def close(self) -> None:
         stop_process(self.process)
