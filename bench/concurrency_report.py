@@ -127,6 +127,8 @@ def markdown(results: dict[str, Any]) -> str:
         *table(results),
         "",
     ]
+    if "llama_server" not in results["summary"]:
+        lines += ["llama-server was not measured: pass `--llama-server PATH` for its row.", ""]
     return "\n".join(lines)
 
 

@@ -126,3 +126,22 @@ def test_openai_stream_bench_times_the_stream_beside_raw_and_writes_its_files(sm
         assert abs(run["ttft_gap_ms"] - (run["ttft_ms"] - run["module_ttft_ms"])) < 0.11  # both rounded to 0.1 ms
     assert set(measured["goals"]) == {"ttft_gap_ms", "ttft_gap_met", "speed_ratio", "speed_met"}
     assert "| openai client, streamed from /v1/chat/completions |" in (out / "openai_stream.md").read_text()
+
+
+def test_concurrency_bench_compares_the_queue_with_the_batched_engine_and_writes_its_files(smollm2, tmp_path):
+    files = {"concurrency.json", "concurrency.md", "concurrency.png"}
+    args = ("--model", str(smollm2), "--repeats", "1", "--tokens", "6", "--clients", "1", "2", "--pause", "0")
+    out = bench_results("bench.concurrency", tmp_path / "results", files, *args)
+    assert (out / "concurrency.png").read_bytes().startswith(b"\x89PNG")
+    results = json.loads((out / "concurrency.json").read_text())
+    assert set(results["summary"]) == {"sequential", "batched"}  # no --llama-server: its row is left out
+    for engine, by_clients in results["summary"].items():
+        for clients in ("1", "2"):
+            assert by_clients[clients]["aggregate_tokens_per_second"]["median"] > 0, (engine, clients)
+            assert by_clients[clients]["ttft_ms_p50"] > 0 and by_clients[clients]["tokens"]["n"] == int(clients)
+    assert results["same_replies"]["of"] == 3
+    goals = {g["goal"]: g for g in results["goals"]}
+    assert goals["2 clients: batched aggregate >= 1.5 x sequential"]["measured"] > 0
+    assert goals["2 clients: batched aggregate >= 0.9 x llama_server"]["met"] is None
+    report = (out / "concurrency.md").read_text()
+    assert "| batched engine (batch_decoder.py) | 2 |" in report and "pass `--llama-server PATH`" in report
