@@ -4,6 +4,11 @@ the chats decoded together in one context), and optionally llama.cpp's llama-ser
 anchor. For 1, 2 and 4 clients arriving together: aggregate tokens/s (all replies' tokens over the time from the
 arrival to the last token), each chat's tokens/s and its time to first token from the arrival (a queued chat's wait
 included). Engines take turns within each repeat; writes concurrency.json, concurrency.md and concurrency.png.
+
+Each in-process engine computes on a thread that ends with its turn: llama.cpp's OpenMP keeps a team of worker
+threads for every thread that has computed, and one idle team beside the working one slowed the working one from
+~145 to ~100 tokens/s on two cores (libgomp spins less once more threads exist than cores). The module keeps to one
+computing thread for the same reason.
 """
 
 from __future__ import annotations
@@ -72,6 +77,10 @@ class Sequential:
         self.chat = chat
 
     def run(self, prompts: list[str], system_prompt: str, max_tokens: int) -> list[dict[str, Any]]:
+        with ThreadPoolExecutor(1) as own_thread:  # see the module's docstring
+            return own_thread.submit(self._run, prompts, system_prompt, max_tokens).result()
+
+    def _run(self, prompts: list[str], system_prompt: str, max_tokens: int) -> list[dict[str, Any]]:
         jobs = _jobs(len(prompts), time.perf_counter())
         for prompt, job in zip(prompts, jobs):
             stream = self.chat.do_chat(prompt, system_prompt, stream=True, max_tokens=max_tokens, **SAMPLING)
@@ -84,26 +93,27 @@ class Batched:
     """batch_decoder.BatchDecoder: every client's chat submitted at once, decoded in one shared batch."""
 
     def __init__(self, chat: LlamaChat, n_seq: int) -> None:
-        self.chat = chat
-        self.decoder = BatchDecoder(chat.llm, n_seq, n_ctx=N_CTX)
+        self.chat, self.n_seq = chat, n_seq
 
     def run(self, prompts: list[str], system_prompt: str, max_tokens: int) -> list[dict[str, Any]]:
         chat = self.chat
         sampling = {**SAMPLING, "stop": chat.template.stops}
         requests = [chat.tokenize_messages(chat.messages(prompt, system_prompt)) for prompt in prompts]
-        jobs = _jobs(len(prompts), time.perf_counter())
-        chats = [
-            self.decoder.submit(BatchChat(tokens, max_tokens, sampling, on_text=job.add_text))
-            for tokens, job in zip(requests, jobs)
-        ]
-        for batch_chat in chats:
-            batch_chat.wait()
-            if batch_chat.error:
-                raise RuntimeError(f"the batched engine failed: {batch_chat.error}")
+        # A decoder per turn, made before the clock starts: its worker thread ends with the turn (module docstring).
+        decoder = BatchDecoder(chat.llm, self.n_seq, n_ctx=N_CTX)
+        try:
+            jobs = _jobs(len(prompts), time.perf_counter())
+            chats = [
+                decoder.submit(BatchChat(tokens, max_tokens, sampling, on_text=job.add_text))
+                for tokens, job in zip(requests, jobs)
+            ]
+            for batch_chat in chats:
+                batch_chat.wait()
+                if batch_chat.error:
+                    raise RuntimeError(f"the batched engine failed: {batch_chat.error}")
+        finally:
+            decoder.close()
         return [_client(job) for job in jobs]
-
-    def close(self) -> None:
-        self.decoder.close()
 
 
 class Server:
@@ -146,9 +156,9 @@ def measure(engines: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]
     with machine.phase(results["phases"], "measuring"):
         for repeat in range(args.repeats):
             for clients in args.clients:
-                # Its own system prompt per repeat and client count (the same for every engine): nothing of it is
-                # in a cache, so every engine evaluates every prompt in full.
-                system_prompt = f"{SYSTEM_PROMPT} (run {repeat + 1}, {clients} clients)"
+                # Its own system prompt per repeat and client count (the same for every engine), different from its
+                # first words on: nothing of it is in a cache, so every engine evaluates every prompt in full.
+                system_prompt = f"(Run {repeat + 1}, {clients} clients.) {SYSTEM_PROMPT}"
                 say(f"repeat {repeat + 1}/{args.repeats}: {clients} client(s), {', '.join(engines)}")
                 texts = {}
                 for key, engine in engines.items():
@@ -216,7 +226,6 @@ def main(argv=None) -> int:
         stack.callback(chat.close)
         engines: dict[str, Any] = {"sequential": Sequential(chat)}
         engines["batched"] = Batched(chat, n_seq)
-        stack.callback(engines["batched"].close)
         if args.llama_server:
             say(f"starting {args.llama_server} with --parallel {n_seq}")
             log = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "llama-server.log"
