@@ -52,6 +52,7 @@ def find(queue: ChatQueue | None, command_id: str | None) -> QueuedChat | JSON:
 def status(queue: ChatQueue, chat: QueuedChat) -> JSON:
     """get_command_status: a finished chat's result, a waiting one's place, a running one's reply so far."""
     answer = {"success": True, "commandId": chat.command_id}
+    position, wait = queue.place(chat)  # first: a chat that has left the queue since has a result or runs
     if chat.result is not None:  # as the SDK's for a finished long process; the result may set success and error
         return {
             **answer,
@@ -60,10 +61,10 @@ def status(queue: ChatQueue, chat: QueuedChat) -> JSON:
             "error": None,
             **chat.result,
         }
-    position, wait = queue.place(chat)
     if position:  # "reply": the original Explorer shows it while it polls
         return {**answer, **_queued(position, wait), "reply": ""}
-    live = chat.job.status() if chat.job is not None else {"reply": ""}  # no job yet: a worker is about to start it
+    job = chat.job
+    live = job.status() if job is not None else {"reply": ""}  # no job yet: a worker is about to start it
     return {**answer, "message": "The long running command is still in progress", "commandStatus": "running", **live}
 
 

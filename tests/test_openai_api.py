@@ -65,10 +65,8 @@ def test_polls_are_quick_until_the_first_text_then_sparse_until_the_token_limit_
     assert _next_poll_in({**flowing, "completion_tokens": 512}, 512) == DUE_INTERVAL  # due: polled closely
     assert _next_poll_in({**flowing, "tokens_per_second": 0}, 512) == REPLY_INTERVAL  # one token so far: no speed
     queued = {"commandStatus": "queued", "reply": "", "queue_position": 1}
-    assert _next_poll_in({**queued, "estimated_wait_s": None}, 512) == REPLY_INTERVAL  # no speed measured yet
-    assert _next_poll_in({**queued, "estimated_wait_s": 30.0}, 512) == REPLY_INTERVAL
-    assert _next_poll_in({**queued, "estimated_wait_s": 0.05}, 512) == 0.05  # due to start: polled then
-    assert _next_poll_in({**queued, "estimated_wait_s": 0.0}, 512) == FIRST_TEXT_INTERVAL
+    for wait in (None, 30.0, 0.0):  # polled sparsely, whatever the estimate: polls slow the chat that runs meanwhile
+        assert _next_poll_in({**queued, "estimated_wait_s": wait}, 512) == REPLY_INTERVAL
 
 
 def test_models_lists_the_loaded_model(client):
