@@ -44,8 +44,8 @@ def find(queue: ChatQueue | None, command_id: str | None) -> QueuedChat | JSON:
     return {
         "success": False,
         "commandStatus": "unknown",
-        "error": "No chat has this commandId: it is not one this module gave out, or the chat ended longer ago "
-        f"than results are kept{kept}",
+        "error": "No chat has this commandId: it is not one this module gave out since it started, or the chat "
+        f"ended longer ago than results are kept{kept}",
     }
 
 
