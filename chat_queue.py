@@ -4,7 +4,9 @@ The SDK runs one long process per module and refuses the rest (docs/protocol.md 
 queue: every chat is accepted while there is room, waits its turn, and is reachable through its own commandId only.
 A worker takes the oldest waiting chat whenever one of the `slots` is free (today one slot: one chat decodes at a
 time), runs it and hands back its result, which stays readable for `result_ttl` seconds and is then forgotten, so
-memory stays bounded. Pure logic, no model and no SDK: tests/test_chat_queue.py drives it with a fake clock.
+memory stays bounded. Decoding several chats at once needs only slots=N and a worker that takes a chat (take(0)) for
+each free sequence, watches each chat's cancel_requested and finishes each on its own. Pure logic, no model and no
+SDK: tests/test_chat_queue.py drives it with a fake clock.
 """
 
 from __future__ import annotations
