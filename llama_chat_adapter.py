@@ -6,6 +6,9 @@ reads the request (bounded by the caps in chat_request.py) and queues it in chat
 with the chat's own commandId; a worker thread runs the queued chats one after another, and the adapter overrides the
 SDK's get_command_status and cancel_command handlers to answer from that queue. Fitting the conversation to the
 context, which grows with it, runs in the chat, where a cancel can stop it.
+
+With CPAI_MODULE_LLAMA_PARALLEL above 1 that many workers take chats at once and hand them to batch_decoder's
+BatchDecoder, which decodes them together in one context (bench/results/concurrency.md has the measurements).
 """
 
 from __future__ import annotations
@@ -14,15 +17,17 @@ import gc
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 import llama_cpp
 from codeproject_ai_sdk import JSON, LogVerbosity, ModuleRunner, RequestData
 
 import chat_answers
+from batch_decoder import BatchChat, BatchDecoder
 from chat_job import FINISH_REASONS, ChatJob
 from chat_queue import ChatQueue, QueueClosed, QueuedChat, QueueFull
 from chat_request import ChatError, ChatInputs, ChatRequest
-from context_fit import ContextFitter, FitCancelled
+from context_fit import ContextFitter, FitCancelled, FittedChat
 from llama_chat import LlamaChat, ModelLoadError
 from llama_log import LLAMA_LOG
 from llama_settings import LlamaSettings
@@ -49,6 +54,7 @@ class LlamaChat_adapter(ModuleRunner):
         # Every chat, waiting, running or finished, by its commandId. A cancel marks its own chat, so a late cancel
         # can never stop the next one (docs/protocol.md §4.1, item 2).
         self.queue: ChatQueue | None = None
+        self.decoder: BatchDecoder | None = None  # with CPAI_MODULE_LLAMA_PARALLEL > 1: decodes the chats together
         self.inputs = ChatInputs(os.path.dirname(os.path.abspath(__file__)))
         # Everything that touches the model runs on this one thread: loading, fitting the conversation (tokenizing),
         # generating, thread changes and closing; process() only reads the request. (Only the model-free queries at
@@ -61,7 +67,7 @@ class LlamaChat_adapter(ModuleRunner):
         library = _gpu_library() if self.enable_GPU else ""
         try:
             settings = LlamaSettings.from_env()
-            self.queue = ChatQueue(settings.queue_size, settings.result_ttl)
+            self.queue = ChatQueue(settings.queue_size, settings.result_ttl, slots=settings.parallel)
             self.n_ctx = settings.context_size
             self.threads = ThreadPolicy(pinned=settings.threads)  # 0: adaptive
             self.n_gpu_layers = settings.gpu_layers if library else 0
@@ -77,6 +83,12 @@ class LlamaChat_adapter(ModuleRunner):
                 chat_format=settings.chat_format,
                 verbose=self.log_verbosity == LogVerbosity.Loud,
             ).result()
+            if settings.parallel > 1:
+                # Its worker is then the only thread that computes: the llama thread only loads and tokenizes. A
+                # second OpenMP team, even idle, slowed the working one by ~30 % (bench/concurrency.py).
+                self.decoder = self.llama_thread.submit(
+                    BatchDecoder, self.llama_chat.llm, settings.parallel, self.n_ctx
+                ).result()
         except (ModelLoadError, ValueError) as ex:  # ValueError: LlamaSettingsError, an unknown chat format
             self.load_error = str(ex)
             self._log("error", f"LlamaChat has no model, every chat will fail until this is fixed: {ex}")
@@ -101,8 +113,9 @@ class LlamaChat_adapter(ModuleRunner):
             f"with {chat.template_source}"
             f"{'' if chat.system_role else '; the system prompt goes into the first user turn'}",
         )
-        # The queue's one worker (one chat decodes at a time); it hands each chat to the llama thread.
-        threading.Thread(target=self._serve_queue, name="chat-queue", daemon=True).start()
+        # The queue's workers, one per chat that may decode at a time.
+        for i in range(self.queue.slots):
+            threading.Thread(target=self._serve_queue, name=f"chat-queue-{i}", daemon=True).start()
 
     @staticmethod
     def _log(level: str, message: str) -> None:
@@ -134,7 +147,7 @@ class LlamaChat_adapter(ModuleRunner):
     def _serve_queue(self) -> None:
         while (chat := self.queue.take()) is not None:
             try:
-                result = self.llama_thread.submit(self._chat, chat).result()
+                result = self._chat(chat)
             except Exception as ex:  # a bug, not the chat's failure: end this chat with it and serve the next
                 self.report_error(ex, __file__)
                 result = ChatJob(chat.command_id, "").finish("error", f"The chat failed: {ex}")
@@ -146,6 +159,7 @@ class LlamaChat_adapter(ModuleRunner):
             self.queue.finish(chat, result)
 
     def _chat(self, queued: QueuedChat) -> JSON:
+        """Runs a chat: fits it on the llama thread, then generates there or, in parallel mode, in the decoder."""
         chat = self.llama_chat
         job = ChatJob(queued.command_id, chat.model_name if chat else "", bool(chat and chat.fallback_reason))
         queued.job = job
@@ -157,12 +171,19 @@ class LlamaChat_adapter(ModuleRunner):
             if chat is None:  # cleanup() closed the model before this chat reached the llama thread
                 raise ChatError(SHUTTING_DOWN)
             request: ChatRequest = queued.request
-            fitted = self.fitter.fit(request, cancelled)
+            fitted = self.llama_thread.submit(self.fitter.fit, request, cancelled).result()
         except ChatError as ex:
             return job.finish("error", str(ex))
         except FitCancelled:
             return job.finish("cancelled")
+        if self.decoder is not None:
+            return self._generate_batched(job, request, fitted, cancelled)
+        return self.llama_thread.submit(self._generate, job, request, fitted, cancelled).result()
 
+    def _generate(self, job: ChatJob, request: ChatRequest, fitted: FittedChat, cancelled: Callable[[], bool]) -> JSON:
+        chat = self.llama_chat
+        if chat is None:  # cleanup() closed the model before this chat reached the llama thread
+            return job.finish("error", SHUTTING_DOWN)
         job.threads = self.threads.update(chat.set_threads, force=True)
         job.begin_inference(len(fitted.prompt_tokens), chat.cached_prefix(fitted.prompt_tokens), fitted.dropped_turns)
         stop_reason, error = "completed", None
@@ -197,6 +218,34 @@ class LlamaChat_adapter(ModuleRunner):
         if cancelled():
             stop_reason, error = "cancelled", None
         return job.finish(stop_reason, error)
+
+    def _generate_batched(
+        self, job: ChatJob, request: ChatRequest, fitted: FittedChat, cancelled: Callable[[], bool]
+    ) -> JSON:
+        decoder, chat = self.decoder, self.llama_chat
+        if chat is None:  # cleanup() closed the model before this chat started
+            return job.finish("error", SHUTTING_DOWN)
+        # The template's end-of-turn markers are stop strings too, as create_chat_completion adds them.
+        sampling = {**request.sampling, "stop": [*request.sampling.get("stop", []), *chat.template.stops]}
+        batch = BatchChat(fitted.prompt_tokens, request.max_tokens, sampling, should_abort=cancelled)
+
+        def on_text(text: str, tokens: int) -> None:  # on the decoder's thread, between two steps
+            job.cached_tokens = batch.cached_tokens
+            job.threads = self.threads.update(decoder.set_threads)  # the load may change during a long reply
+            job.add_text(text, tokens)
+
+        batch.on_text = on_text
+        job.threads = self.threads.threads
+        job.begin_inference(len(fitted.prompt_tokens), 0, fitted.dropped_turns)
+        try:
+            decoder.submit(batch)
+        except RuntimeError:  # cleanup() has closed the decoder
+            return job.finish("error", SHUTTING_DOWN)
+        batch.wait()
+        job.cached_tokens = batch.cached_tokens
+        job.count_tokens(batch.completion_tokens)
+        error = batch.error and f"Generation failed after {batch.completion_tokens} tokens: {batch.error}"
+        return job.finish(batch.stop_reason, error)
 
     def update_statistics(self, response: JSON) -> None:
         # The SDK counts process()'s answer; only a refusal is an inference then, an accepted chat counts when it ends.
@@ -237,6 +286,7 @@ class LlamaChat_adapter(ModuleRunner):
             "threads": self.threads.threads,
             "threadMode": self.threads.mode,
             "gpuLayers": self.n_gpu_layers,
+            "parallelChats": self.queue.slots,
             **self._queue_status(),
         }
 
@@ -258,9 +308,9 @@ class LlamaChat_adapter(ModuleRunner):
         data.add_value("max_tokens", "48")
         data.add_value("temperature", "0")
         request = self.inputs.parse(data)
-        # Straight to the llama thread: the command-line self-test has no queue traffic, and one sent through the
-        # server waits its turn on that thread.
-        result = self.llama_thread.submit(self._chat, QueuedChat("selftest", request, request.max_tokens)).result()
+        # Straight to the model, past the queue: the command-line self-test has no queue traffic, and one sent through
+        # the server waits its turn on the llama thread (or in the decoder).
+        result = self._chat(QueuedChat("selftest", request, request.max_tokens))
         ok = result["success"] and bool(result["reply"].strip())
         summary = (
             f"{result['completion_tokens']} tokens at {result['tokens_per_second']} tokens/s, first token after "
@@ -278,6 +328,8 @@ class LlamaChat_adapter(ModuleRunner):
             return
         self.llama_chat = None
         self.queue.close(lambda queued: ChatJob(queued.command_id, chat.model_name).finish("error", SHUTTING_DOWN))
+        if self.decoder is not None:
+            self.decoder.close()  # its running chats end as cancelled, as the queue has asked them to
         self.llama_thread.submit(chat.close).result()
         self.threads.close()
 

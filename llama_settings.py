@@ -41,6 +41,7 @@ class LlamaSettings:
     chat_format: str  # CPAI_MODULE_LLAMA_CHAT_FORMAT: one of CHAT_FORMATS; "" = the model's own template
     queue_size: int  # CPAI_MODULE_LLAMA_QUEUE_SIZE: chats that may wait while the model is busy (chat_queue.py)
     result_ttl: int  # CPAI_MODULE_LLAMA_RESULT_TTL: seconds a finished chat's result stays readable
+    parallel: int  # CPAI_MODULE_LLAMA_PARALLEL: chats decoded together (batch_decoder.py); 1 = one at a time
 
     @classmethod
     def from_env(
@@ -98,6 +99,9 @@ class LlamaSettings:
             ),
             result_ttl=whole_number(
                 "CPAI_MODULE_LLAMA_RESULT_TTL", 1, "seconds a finished chat's reply stays readable, e.g. 300"
+            ),
+            parallel=whole_number(
+                "CPAI_MODULE_LLAMA_PARALLEL", 1, "chats decoded together, each with its own context; 1 = one at a time"
             ),
         )
 

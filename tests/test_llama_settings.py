@@ -32,6 +32,7 @@ def as_environment(settings: LlamaSettings) -> dict[str, str]:
         "CPAI_MODULE_LLAMA_CHAT_FORMAT": settings.chat_format,
         "CPAI_MODULE_LLAMA_QUEUE_SIZE": str(settings.queue_size),
         "CPAI_MODULE_LLAMA_RESULT_TTL": str(settings.result_ttl),
+        "CPAI_MODULE_LLAMA_PARALLEL": str(settings.parallel),
     }
 
 
@@ -53,7 +54,7 @@ def test_defaults_are_what_the_server_passes_from_modulesettings(tmp_path):
     assert settings.model_repo == DECLARED["CPAI_MODULE_LLAMA_MODEL_REPO"].lstrip("@")
     assert settings.context_size == int(DECLARED["CPAI_MODULE_LLAMA_CONTEXT_SIZE"])
     assert (settings.threads, settings.gpu_layers, settings.chat_format) == (0, -1, "")
-    assert (settings.queue_size, settings.result_ttl) == (16, 300)
+    assert (settings.queue_size, settings.result_ttl, settings.parallel) == (16, 300, 1)
 
 
 def test_the_environment_overrides_every_default(tmp_path):
@@ -68,6 +69,7 @@ def test_the_environment_overrides_every_default(tmp_path):
         "CPAI_MODULE_LLAMA_CHAT_FORMAT": "gemma",
         "CPAI_MODULE_LLAMA_QUEUE_SIZE": "0",
         "CPAI_MODULE_LLAMA_RESULT_TTL": "5",
+        "CPAI_MODULE_LLAMA_PARALLEL": "4",
     }
     settings = LlamaSettings.from_env(env, host=LINUX)
     assert as_environment(settings) == {**env, "CPAI_MODULE_LLAMA_THREADS": "3"}
@@ -130,6 +132,12 @@ def test_per_os_layers_change_the_defaults(tmp_path):
             "another runs; 0 = none may wait)",
         ),
         ("CPAI_MODULE_LLAMA_QUEUE_SIZE", "sixteen", "at least 0, not 'sixteen'"),
+        (
+            "CPAI_MODULE_LLAMA_PARALLEL",
+            "0",
+            "CPAI_MODULE_LLAMA_PARALLEL must be a whole number of at least 1, not '0' (chats decoded together, each "
+            "with its own context; 1 = one at a time)",
+        ),
         (
             "CPAI_MODULE_LLAMA_RESULT_TTL",
             "0",
