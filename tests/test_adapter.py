@@ -318,8 +318,13 @@ def run_selftest(**env):
     )
 
 
-def test_selftest_passes_with_the_small_model(smollm2):
-    done = run_selftest(CPAI_MODULE_LLAMA_MODEL_DIR=str(smollm2.parent), CPAI_MODULE_LLAMA_MODEL_FILENAME=smollm2.name)
+@pytest.mark.parametrize("parallel", ["1", "2"])  # 2: the chat runs in the batched decoder
+def test_selftest_passes_with_the_small_model(smollm2, parallel):
+    done = run_selftest(
+        CPAI_MODULE_LLAMA_MODEL_DIR=str(smollm2.parent),
+        CPAI_MODULE_LLAMA_MODEL_FILENAME=smollm2.name,
+        CPAI_MODULE_LLAMA_PARALLEL=parallel,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Self-test for LlamaChat passed" in done.stdout and "tokens/s" in done.stdout
 
