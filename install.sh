@@ -128,8 +128,8 @@ PYTHON
 
 llamachat_install_requirements() {
     # pip-installs requirements file $3 of module folder $2 into the venv of Python $1; $4 = the backend it builds.
-    # llama-cpp-python comes as a prebuilt wheel from the index the file names (LLAMACHAT_WHEEL_INDEX overrides it)
-    # when that index can be reached, else pip compiles PyPI's source release.
+    # llama-cpp-python comes as a prebuilt wheel from the index the file names (LLAMACHAT_WHEEL_INDEX overrides it;
+    # "none" compiles for this CPU) when that index can be reached, else pip compiles PyPI's source release.
     local python="$1" module_dir="$2" file="$2/$3" backend="$4" index why filtered status
     local -a index_args=()
     if "$python" -c 'import llama_cpp' 2>/dev/null; then
@@ -142,7 +142,11 @@ llamachat_install_requirements() {
         fi
     else
         index="${LLAMACHAT_WHEEL_INDEX:-$(sed -n 's/^--extra-index-url[[:space:]]*//p' "$file" | head -n 1)}"
-        if why="$(llamachat_index_reachable "$python" "$index")"; then
+        if [ "$index" = none ]; then
+            llamachat_say "LLAMACHAT_WHEEL_INDEX=none: installing $3 with llama-cpp-python compiled from PyPI's" \
+                "source for this machine's CPU (about 5 minutes on 2 cores)"
+            llamachat_ensure_build_tools || return 1
+        elif why="$(llamachat_index_reachable "$python" "$index")"; then
             index_args=(--extra-index-url "$index")
             llamachat_say "installing $3: llama-cpp-python as a prebuilt $backend wheel from $index (pip compiles" \
                 "PyPI's source instead only if that index has no wheel for this platform)"

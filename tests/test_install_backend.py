@@ -139,6 +139,16 @@ def test_an_unreachable_wheel_index_means_pypis_source_without_waiting_on_it(
     assert result.returncode == 1 and "pip could not install requirements.txt" in result.stderr
 
 
+def test_wheel_index_none_compiles_for_this_cpu_without_asking_any_index(tmp_path, bare_venv, package_index):
+    module_dir = copy_module(tmp_path)
+    (module_dir / ".venv").symlink_to(bare_venv, target_is_directory=True)
+    result = install(module_dir, fresh_venv_env(tmp_path, f"{package_index.url}/pypi/", "none"), "--small")
+
+    assert "LLAMACHAT_WHEEL_INDEX=none: installing requirements.txt with llama-cpp-python compiled" in result.stdout
+    assert f"Looking in indexes: {package_index.url}/pypi/\n" in result.stdout
+    assert result.returncode == 1 and "pip could not install requirements.txt" in result.stderr
+
+
 @pytest.fixture
 def fake_nvidia_smi(tmp_path) -> Path:
     folder = tmp_path / "fake-nvidia-bin"
