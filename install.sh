@@ -225,6 +225,18 @@ llamachat_standalone_install() {
     llamachat_say "done. Python environment: $venv; models: $module_dir/models"
 }
 
+llamachat_cpu_build_without_gpu() {
+    # Setup picks the CUDA requirements file whenever it finds a CUDA toolkit (nvcc), GPU or not. Without a GPU that
+    # build would never be used, and where no prebuilt wheel can be had it is compiled, or fails to compile (as on a
+    # machine with nvcc but no GPU to choose the CUDA architectures for). Installing the CPU build now makes setup's
+    # own step skip llama-cpp-python, which it finds installed.
+    [ "${installGPU:-}" = true ] && [ "${hasCUDA:-}" = true ] || return 0
+    nvidia-smi -L 2>/dev/null | grep -q '^GPU ' && return 0
+    llamachat_say "setup found CUDA ${cuda_version:-} but nvidia-smi lists no NVIDIA GPU: installing llama.cpp for the" \
+        "CPU now, in place of the CUDA build setup would pick (set GpuOptions.InstallGPU to false to skip this check)"
+    llamachat_install_requirements "$1" "$2" requirements.txt CPU
+}
+
 llamachat_server_install() {
     local python="${venvPythonCmdPath:-}" module_dir="${moduleDirPath:-}" package requirement cache_dir="" quiet=""
     if [ -z "$python" ] || [ -z "$module_dir" ]; then
@@ -233,6 +245,11 @@ llamachat_server_install() {
         return 1
     fi
     [ "${verbosity:-}" = "quiet" ] && quiet=1
+    if ! llamachat_cpu_build_without_gpu "$python" "$module_dir"; then
+        moduleInstallErrors="Unable to install llama-cpp-python for the CPU (see the messages above)"
+        llamachat_say "ERROR: $moduleInstallErrors" >&2
+        return 1
+    fi
 
     # The server installs requirements.txt only after this script, but fetch_model.py needs two of its packages now:
     # huggingface_hub downloads the model, commentjson reads modulesettings.json as the server does.
@@ -272,8 +289,8 @@ llamachat_install() {
     status=$?
     unset -f llamachat_say llamachat_apt_install llamachat_find_python llamachat_make_venv \
         llamachat_ensure_build_tools llamachat_choose_requirements llamachat_index_reachable \
-        llamachat_install_requirements llamachat_fetch_model llamachat_standalone_install \
-        llamachat_server_install llamachat_install
+        llamachat_install_requirements llamachat_cpu_build_without_gpu llamachat_fetch_model \
+        llamachat_standalone_install llamachat_server_install llamachat_install
     return "$status"
 }
 

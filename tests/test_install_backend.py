@@ -22,9 +22,10 @@ import pytest
 
 from fetch_model import MODULE_DIR
 from hf_standin import hub_env, unreachable_hub_url
-from test_install_script import MODULE_FILES, run_bash
+from test_install_script import MODULE_FILES, run_bash, source_like_the_server
 
-# What the fake nvidia-smi prints: the header of the real one's table, which carries the CUDA version.
+# What the fake nvidia-smi prints: with -L its GPU list, else the header of its table, which carries the CUDA version.
+FAKE_NVIDIA_SMI_GPU_LIST = "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-00000000-0000-0000-0000-000000000000)"
 FAKE_NVIDIA_SMI_OUTPUT = """\
 +-----------------------------------------------------------------------------------------+
 | NVIDIA-SMI 550.54.15              Driver Version: 550.54.15      CUDA Version: 12.4     |
@@ -99,6 +100,10 @@ def install(module_dir: Path, env: dict, *args: str):
     return run_bash(shlex.join(["bash", str(module_dir / "install.sh"), *args]), env, cwd=module_dir.parent)
 
 
+def without_nvidia_smi(path: str) -> str:
+    return os.pathsep.join(p for p in path.split(os.pathsep) if not (Path(p) / "nvidia-smi").exists())
+
+
 def fresh_venv_env(tmp_path: Path, pypi: str, wheel_index: str) -> dict:
     """pip reaches only `pypi` (PIP_INDEX_URL) and the wheel index install.sh is told about."""
     env = hub_env(unreachable_hub_url(), tmp_path)
@@ -154,7 +159,10 @@ def fake_nvidia_smi(tmp_path) -> Path:
     folder = tmp_path / "fake-nvidia-bin"
     folder.mkdir()
     script = folder / "nvidia-smi"
-    script.write_text(f"#!/bin/sh\ncat <<'EOF'\n{FAKE_NVIDIA_SMI_OUTPUT}EOF\n")
+    script.write_text(
+        f"#!/bin/sh\nif [ \"$1\" = -L ]; then echo '{FAKE_NVIDIA_SMI_GPU_LIST}'; exit 0; fi\n"
+        f"cat <<'EOF'\n{FAKE_NVIDIA_SMI_OUTPUT}EOF\n"
+    )
     script.chmod(0o755)
     return folder
 
@@ -187,8 +195,27 @@ def test_without_nvidia_smi_the_cpu_build_is_installed(tmp_path, smollm2):
     module_dir = copy_module(tmp_path)
     (module_dir / ".venv").symlink_to(MODULE_DIR / ".venv", target_is_directory=True)
     env = hub_env(unreachable_hub_url(), tmp_path)
-    env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if not (Path(p) / "nvidia-smi").exists())
+    env["PATH"] = without_nvidia_smi(env["PATH"])
     result = install(module_dir, env, "--small")
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert "no NVIDIA GPU (no nvidia-smi): installing requirements.txt (llama.cpp for the CPU only)" in result.stdout
+
+
+@pytest.mark.parametrize("gpu", [False, True], ids=["cuda-toolkit-without-gpu", "cuda-with-gpu"])
+def test_sourced_by_setup_with_cuda_but_no_gpu_the_cpu_build_goes_in_first(tmp_path, fake_nvidia_smi, smollm2, gpu):
+    module_dir = copy_module(tmp_path)
+    env = hub_env(unreachable_hub_url(), tmp_path)  # the model: SmolLM2, since no Hub answers
+    env["PATH"] = without_nvidia_smi(env["PATH"])
+    if gpu:
+        env["PATH"] = f"{fake_nvidia_smi}{os.pathsep}{env['PATH']}"
+    # What setup.sh has set by the time it sources install.sh on a machine where it found CUDA 13.0 (utils.sh 562-590).
+    script = "installGPU=true\nhasCUDA=true\ncuda_version=13.0\n" + source_like_the_server(module_dir, tmp_path)
+    result = run_bash(script, env, cwd=module_dir)
+
+    assert "status=0" in result.stdout and "errors=[]" in result.stdout, result.stdout + result.stderr
+    assert "shell options unchanged" in result.stdout and "functions left: 0" in result.stdout
+    cpu_first = "setup found CUDA 13.0 but nvidia-smi lists no NVIDIA GPU: installing llama.cpp for the CPU now"
+    assert (cpu_first in result.stdout) == (not gpu)
+    # The project's venv stands in for setup's: its llama-cpp-python is there, so nothing is installed.
+    assert ("checking requirements.txt (llama-cpp-python is installed already)" in result.stdout) == (not gpu)
