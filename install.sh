@@ -7,9 +7,10 @@
 #       when nvidia-smi reports an NVIDIA GPU, unless --cpu; with Metal on Apple silicon; else requirements.txt),
 #       then gets the model with fetch_model.py.
 #   source install.sh install
-#       From the CodeProject.AI server's setup, which has made the venv (venvPythonCmdPath) and installs
-#       requirements.txt itself afterwards: only gets the model, keeping a copy in the server's download cache,
-#       and reports a failure in moduleInstallErrors.
+#       From the CodeProject.AI server's setup, which has made the venv (venvPythonCmdPath) and installs the
+#       requirements file it picks itself afterwards: only gets the model, keeping a copy in the server's download
+#       cache (and, where setup found a CUDA toolkit but there is no GPU, installs the CPU build first), and reports a
+#       failure in moduleInstallErrors.
 #
 # Re-running skips what is already there. --small, or LLAMACHAT_MODEL=small in the environment, installs the
 # small SmolLM2-135M model rather than the default one (which fetch_model.py also falls back to when the
