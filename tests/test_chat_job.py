@@ -104,9 +104,10 @@ def test_a_completed_chat_s_result_has_every_field_and_its_times_stop(clock):
 
 
 def test_every_field_a_client_sees_is_documented_in_modulesettings():
-    # commandId and commandStatus are added by the SDK; error only on failure.
+    # commandId, commandStatus and a queued chat's place are added by chat_answers.py; error only on failure.
     result_fields = {"success", "error", "reply", "stop_reason", "processMs", "inferenceMs", *METRICS}
-    assert set(OUTPUTS) - {"commandId", "commandStatus"} == result_fields
+    assert set(OUTPUTS) - {"commandId", "commandStatus", "queue_position", "estimated_wait_s"} == result_fields
+    assert "queued" in OUTPUTS["commandStatus"]["Description"]
     for reason in [*FINISH_REASONS.values(), "cancelled", "error"]:
         assert reason in OUTPUTS["stop_reason"]["Description"]
 
