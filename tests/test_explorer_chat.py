@@ -406,6 +406,39 @@ def test_multi_turn_chat_sends_the_transcript_as_messages_and_clear_forgets_it(o
     assert "messages" not in chat.calls("chat")[-1][0]
 
 
+def test_regenerate_and_edit_send_the_right_messages(open_chat, server):
+    chat = open_chat(server)
+    chat.settings(max_tokens="12", temperature="0.8")
+    for prompt in ("Name a colour.", "Name a fruit."):
+        chat.send(prompt)
+        chat.wait_state("idle")
+    first_reply = chat.kept_turns()[0]["reply"]
+    history = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": first_reply}]
+
+    regenerate = chat.page.locator(f".{chat.prefix}action[data-action=regenerate]")
+    expect(regenerate).to_have_count(2)
+    expect(regenerate.first).to_be_hidden()  # only the last turn
+    regenerate.last.click()
+    chat.wait_state("idle")
+    (_, _), (original, _), (again, _) = chat.calls("chat")
+    assert again["prompt"] == original["prompt"] == "Name a fruit."
+    assert json.loads(again["messages"]) == json.loads(original["messages"]) == history
+    assert "seed" not in original and 0 <= int(again["seed"]) <= 2147483647  # a new sample
+    final = chat.calls("get_command_status")[-1][1]
+    assert [turn["reply"] for turn in chat.kept_turns()] == [first_reply, final["reply"]]
+    expect(chat.user_bubbles).to_have_text(["Name a colour.", "Name a fruit."])
+
+    chat.page.locator(f".{chat.prefix}action[data-action=edit]").last.click()
+    expect(chat.el("prompt")).to_have_value("Name a fruit.")
+    expect(chat.user_bubbles).to_have_text(["Name a colour."])
+    assert len(chat.kept_turns()) == 1
+    chat.el("prompt").fill("Name a vegetable.")
+    chat.el("prompt").press("Enter")
+    chat.wait_state("idle")
+    edited = chat.calls("chat")[-1][0]
+    assert edited["prompt"] == "Name a vegetable." and json.loads(edited["messages"]) == history
+
+
 def test_turns_left_out_to_fit_the_context_are_reported(open_chat, server):
     chat = open_chat(server)
     prompt = LONG_PROMPT  # turn 2 runs until stopped, however fast the machine

@@ -357,7 +357,8 @@ HOSTILE = """[click me](javascript:alert(1)) [data](data:text/html,<script>alert
 
 def test_hostile_markdown_stays_inert(page, double):
     long_tail = "\n".join(f"{i}: <img src=x onerror=alert({i})> **{i}**" for i in range(5000))
-    reply = HOSTILE + long_tail + "\n\n```js\nunterminated(<script>alert(1)</script>"
+    deep = ">" * 10_000 + " deep\n\n" + "\n".join(" " * (2 * level) + "- level" for level in range(2000))
+    reply = HOSTILE + deep + "\n\n" + long_tail + "\n\n```js\nunterminated(<script>alert(1)</script>"
     chat(page, double, "Be hostile.", reply)
     bubble = page.locator(BUBBLES).last
     found = bubble.evaluate(
@@ -383,6 +384,10 @@ def test_hostile_markdown_stays_inert(page, double):
     assert found["lastCode"] == "unterminated(<script>alert(1)</script>"
     expect(bubble.locator("pre code").first).to_have_text("<img src=x onerror=alert(1)><script>alert(1)</script>")
     assert bubble.locator("strong").count() == 5000
+    # Nesting stops at a fixed depth (the rest is text), so no reply can exhaust the page's stack.
+    assert bubble.evaluate("b => b.querySelectorAll('blockquote').length") <= 17
+    assert bubble.evaluate("b => b.querySelectorAll('ul').length") <= 17
+    assert ">>> deep" in found["text"]
     # (The `page` fixture fails the test on any dialog, page error or request to anything but the server.)
 
 
