@@ -1,22 +1,25 @@
 """LlamaChat_adapter: connects CodeProject.AI Server's request queue to the LlamaChat wrapper.
 
-A chat is a long process: process() returns self.long_process, which the SDK runs in a worker thread while its
-loop keeps answering get_command_status (command_status) and cancel_command (cancel_command_task). The SDK's loop
-waits for process(), so process() only reads the request (bounded by the caps in chat_request.py); fitting the
-conversation to the context, which grows with it, runs in the long process, where a cancel can stop it.
+A chat is a long process, but not the SDK's: SDK 0.0.21 runs one long process per module and refuses any other chat
+while it runs (docs/protocol.md §1.7), and its refusal hands out the running chat's commandId. So process() only
+reads the request (bounded by the caps in chat_request.py) and queues it in chat_queue.ChatQueue, answering at once
+with the chat's own commandId; a worker thread runs the queued chats one after another, and the adapter overrides the
+SDK's get_command_status and cancel_command handlers to answer from that queue. Fitting the conversation to the
+context, which grows with it, runs in the chat, where a cancel can stop it.
 """
 
 from __future__ import annotations
 
 import gc
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import llama_cpp
 from codeproject_ai_sdk import JSON, LogVerbosity, ModuleRunner, RequestData
 
 from chat_job import FINISH_REASONS, ChatJob
+from chat_queue import ChatQueue, QueueClosed, QueuedChat, QueueFull
 from chat_request import ChatError, ChatInputs, ChatRequest
 from context_fit import ContextFitter, FitCancelled
 from llama_chat import LlamaChat, ModelLoadError
@@ -25,13 +28,7 @@ from llama_settings import LlamaSettings
 from thread_policy import ThreadPolicy
 
 SELFTEST_PROMPT = "How many planets are there in the solar system?"
-# Our answer to a chat sent while another runs. The SDK's own would hand out the running chat's commandId, with which
-# anyone could read or cancel someone else's chat (docs/protocol.md §4.2, item 5); clients recognise a busy model by
-# "already in progress".
-BUSY_ERROR = (
-    "The model is busy with another chat (a long running command is already in progress); "
-    "try again when it has finished"
-)
+SHUTTING_DOWN = "The module is shutting down; the chat did not start"
 
 
 def _gpu_library() -> str:
@@ -47,12 +44,10 @@ class LlamaChat_adapter(ModuleRunner):
     def initialise(self) -> None:
         self.llama_chat: LlamaChat | None = None
         self.load_error: str | None = None
-        self.job: ChatJob | None = None
         self.fitter: ContextFitter | None = None
-        # The request process() has read, handed to the long process it starts: (request id, request).
-        self.accepted: tuple[str, ChatRequest] | None = None
-        # A cancel names its command, so a late cancel can never stop the next chat (docs/protocol.md §4.1, item 2).
-        self.cancel_id: str | None = None
+        # Every chat, waiting, running or finished, by its commandId. A cancel marks its own chat, so a late cancel
+        # can never stop the next one (docs/protocol.md §4.1, item 2).
+        self.queue: ChatQueue | None = None
         self.inputs = ChatInputs(os.path.dirname(os.path.abspath(__file__)))
         # Everything that touches the model runs on this one thread: loading, fitting the conversation (tokenizing),
         # generating, thread changes and closing; process() only reads the request. (Only the model-free queries at
@@ -65,6 +60,7 @@ class LlamaChat_adapter(ModuleRunner):
         library = _gpu_library() if self.enable_GPU else ""
         try:
             settings = LlamaSettings.from_env()
+            self.queue = ChatQueue(settings.queue_size, settings.result_ttl)
             self.n_ctx = settings.context_size
             self.threads = ThreadPolicy(pinned=settings.threads)  # 0: adaptive
             self.n_gpu_layers = settings.gpu_layers if library else 0
@@ -104,6 +100,8 @@ class LlamaChat_adapter(ModuleRunner):
             f"with {chat.template_source}"
             f"{'' if chat.system_role else '; the system prompt goes into the first user turn'}",
         )
+        # The queue's one worker (one chat decodes at a time); it hands each chat to the llama thread.
+        threading.Thread(target=self._serve_queue, name="chat-queue", daemon=True).start()
 
     @staticmethod
     def _log(level: str, message: str) -> None:
@@ -119,41 +117,63 @@ class LlamaChat_adapter(ModuleRunner):
         return self.inputs.parse(data)
 
     def process(self, data: RequestData) -> JSON:
-        # Bad input is refused here, before a command exists; a fit that fails ends the command with its error.
-        if self.long_running_command_task is not None and not self.long_running_command_task.done():
-            return {"success": False, "error": BUSY_ERROR}
+        # Bad input is refused here, before a command exists; a fit that fails ends the command with its error. The
+        # answer is a plain result, not a long process for the SDK (see the module's docstring).
         try:
-            self.accepted = (data.request_id, self._read(data))
+            request = self._read(data)
+            chat = self.queue.add(data.request_id, request, request.max_tokens)
         except ChatError as ex:
             return {"success": False, "error": str(ex)}
-        return self.long_process
+        except QueueFull:
+            return {
+                "success": False,
+                "error": f"The chat queue is full: the model is busy and at most {self.queue.capacity} chats may wait "
+                "(CPAI_MODULE_LLAMA_QUEUE_SIZE); try again when one has finished",
+            }
+        except QueueClosed:
+            return {"success": False, "error": SHUTTING_DOWN}
+        position, wait = self.queue.place(chat)
+        if position:
+            return {"success": True, "commandId": chat.command_id, **self._queued(position, wait)}
+        # The SDK's own acknowledgement of a long process, which clients may know.
+        return {
+            "success": True,
+            "message": "Command is running in the background",
+            "commandId": chat.command_id,
+            "commandStatus": "running",
+        }
 
-    def long_process(self, data: RequestData) -> JSON:
-        result = self.llama_thread.submit(self._chat, data).result()
-        # llama-cpp-python 0.3.36 makes a sampler per completion whose native memory sits in a reference cycle, so
-        # only a full collection frees it: without this the process grew 12 % over 100 chats (bench/). Queued behind
-        # the chat, it delays no reply.
-        self.llama_thread.submit(gc.collect)
-        return result
+    def _serve_queue(self) -> None:
+        while (chat := self.queue.take()) is not None:
+            try:
+                result = self.llama_thread.submit(self._chat, chat).result()
+            except Exception as ex:  # a bug, not the chat's failure: end this chat with it and serve the next
+                self.report_error(ex, __file__)
+                result = ChatJob(chat.command_id, "").finish("error", f"The chat failed: {ex}")
+            # llama-cpp-python 0.3.36 makes a sampler per completion whose native memory sits in a reference cycle,
+            # so only a full collection frees it: without this the process grew 12 % over 100 chats (bench/). Queued
+            # behind the chat, it delays no reply.
+            self.llama_thread.submit(gc.collect)
+            self.update_statistics(result)  # the finished chat is what counts (docs/protocol.md §4.2, item 3)
+            self.queue.finish(chat, result)
 
-    def _chat(self, data: RequestData) -> JSON:
+    def _chat(self, queued: QueuedChat) -> JSON:
         chat = self.llama_chat
-        job = ChatJob(data.request_id, chat.model_name if chat else "", bool(chat and chat.fallback_reason))
-        self.job = job
+        job = ChatJob(queued.command_id, chat.model_name if chat else "", bool(chat and chat.fallback_reason))
+        queued.job = job
 
         def cancelled() -> bool:
-            return self.cancel_id == job.command_id
+            return queued.cancel_requested
 
-        accepted, self.accepted = self.accepted, None
         try:
-            request = accepted[1] if accepted and accepted[0] == data.request_id else self._read(data)
             if chat is None:  # cleanup() closed the model before this chat reached the llama thread
-                raise ChatError("The module is shutting down; the chat did not start")
+                raise ChatError(SHUTTING_DOWN)
+            request: ChatRequest = queued.request
             fitted = self.fitter.fit(request, cancelled)
         except ChatError as ex:
-            return self._finished(job.finish("error", str(ex)))
+            return job.finish("error", str(ex))
         except FitCancelled:
-            return self._finished(job.finish("cancelled"))
+            return job.finish("cancelled")
 
         job.threads = self.threads.update(chat.set_threads, force=True)
         job.begin_inference(len(fitted.prompt_tokens), chat.cached_prefix(fitted.prompt_tokens), fitted.dropped_turns)
@@ -188,36 +208,75 @@ class LlamaChat_adapter(ModuleRunner):
         job.count_tokens(chat.generated_tokens)
         if cancelled():
             stop_reason, error = "cancelled", None
-        return self._finished(job.finish(stop_reason, error))
-
-    def _finished(self, result: dict[str, Any]) -> dict[str, Any]:
-        # Count the finished chat: the SDK only counts the "running" acknowledgement (see update_statistics).
-        super().update_statistics(result)
-        return result
+        return job.finish(stop_reason, error)
 
     def update_statistics(self, response: JSON) -> None:
-        if response.get("commandStatus") != "running":
+        # The SDK counts process()'s answer; only a refusal is an inference then, an accepted chat counts when it ends.
+        if response.get("commandStatus") not in ("queued", "running"):
             super().update_statistics(response)
 
-    def command_status(self) -> JSON:
-        job = self.job
-        if job is None or job.command_id != self.long_running_command_id:
-            return {"reply": ""}  # the worker thread has not started this command's job yet
-        return job.status()
+    # --- get_command_status and cancel_command, answered from the queue -----------------------------------------
+    # SDK 0.0.21's handlers know only its single long process; these overrides look the commandId up in the queue.
+    # Ids are the server's request ids (random UUIDs), and no answer names another chat, so only the client that
+    # started a chat can read or cancel it.
+
+    def _get_command_status(self, data: RequestData) -> JSON:
+        chat = self._find(data)
+        if not isinstance(chat, QueuedChat):
+            return chat
+        return {"success": True, "commandId": chat.command_id, **self._progress(chat)}
 
     def _cancel_command_task(self, data: RequestData) -> JSON:
-        # SDK 0.0.21 forgets a command that has already finished when a cancel for it arrives, so a client whose Stop
-        # crossed the end of the reply could no longer read it; the finished command stays answerable.
-        task, command_id = self.long_running_command_task, self.long_running_command_id
-        answer = super()._cancel_command_task(data)
-        if answer.get("success") and self.long_running_command_task is None:
-            self.long_running_command_task, self.long_running_command_id = task, command_id
-        return answer
+        chat = self._find(data)
+        if not isinstance(chat, QueuedChat):
+            return {"success": False, "error": chat["error"]}
+        if chat.result is not None:  # a Stop that crossed the end of the reply: the result stays readable
+            message, state = "The chat had already finished; nothing to cancel", "completed"
+        else:
+            self.queue.cancel(chat.command_id, self._cancelled_while_queued)
+            message, state = "The command has been cancelled", "cancelled"
+        return {"success": True, "message": message, "commandId": chat.command_id, "commandStatus": state}
 
-    def cancel_command_task(self) -> None:
-        # The SDK has checked that the commandId is the current long process before calling this.
-        self.cancel_id = self.long_running_command_id
-        self.force_shutdown = False  # we stop the loop ourselves and keep the partial reply
+    def _find(self, data: RequestData) -> QueuedChat | JSON:
+        """The chat the request's commandId names, or the error answer."""
+        command_id = data.get_value("commandId")
+        if not command_id:
+            return {"success": False, "commandStatus": "unknown", "error": "No command ID provided"}
+        chat = self.queue.get(command_id) if self.queue else None
+        if chat is None:
+            kept = f" ({self.queue.result_ttl} s, CPAI_MODULE_LLAMA_RESULT_TTL)" if self.queue else ""
+            return {
+                "success": False,
+                "commandStatus": "unknown",
+                "error": "No chat has this commandId: it is not one this module gave out, or the chat ended longer "
+                f"ago than results are kept{kept}",
+            }
+        return chat
+
+    def _progress(self, chat: QueuedChat) -> JSON:
+        """What a chat's status says, by its state."""
+        result = chat.result
+        if result is not None:  # fields as the SDK's for a finished long process; the result may set success/error
+            return {"message": "Command has completed", "commandStatus": "completed", "error": None, **result}
+        position, wait = self.queue.place(chat)
+        if position:
+            return {**self._queued(position, wait), "reply": ""}
+        job = chat.job
+        live = job.status() if job is not None else {"reply": ""}  # a worker is about to start it
+        return {"message": "The long running command is still in progress", "commandStatus": "running", **live}
+
+    @staticmethod
+    def _queued(position: int, wait: float | None) -> JSON:
+        return {
+            "message": f"The chat is waiting for the model: number {position} in the queue",
+            "commandStatus": "queued",
+            "queue_position": position,
+            "estimated_wait_s": None if wait is None else round(wait, 1),
+        }
+
+    def _cancelled_while_queued(self, chat: QueuedChat) -> JSON:
+        model = self.llama_chat
+        return ChatJob(chat.command_id, model.model_name if model else "").finish("cancelled")
 
     # --- status, self-test, shutdown ---------------------------------------------------------------------------
 
@@ -234,7 +293,12 @@ class LlamaChat_adapter(ModuleRunner):
             "threads": self.threads.threads,
             "threadMode": self.threads.mode,
             "gpuLayers": self.n_gpu_layers,
+            **self._queue_status(),
         }
+
+    def _queue_status(self) -> JSON:
+        waiting, running = self.queue.counts()
+        return {"queueLength": waiting, "queueSize": self.queue.capacity, "chatsRunning": running}
 
     def _get_module_status(self, data: RequestData | None = None) -> JSON:
         # SDK 0.0.21 calls this with the request for 'status' commands but declares no parameter (TypeError).
@@ -245,12 +309,14 @@ class LlamaChat_adapter(ModuleRunner):
         if self.llama_chat is None:
             print(f"error: Self-test failed: {self.load_error}")
             return {"success": False, "message": f"Self-test failed: {self.load_error}"}
-        request = RequestData()
-        request.request_id = "selftest"
-        request.add_value("prompt", SELFTEST_PROMPT)
-        request.add_value("max_tokens", "48")
-        request.add_value("temperature", "0")
-        result = self.long_process(request)
+        data = RequestData()
+        data.add_value("prompt", SELFTEST_PROMPT)
+        data.add_value("max_tokens", "48")
+        data.add_value("temperature", "0")
+        request = self.inputs.parse(data)
+        # Straight to the llama thread: the command-line self-test has no queue traffic, and one sent through the
+        # server waits its turn on that thread.
+        result = self.llama_thread.submit(self._chat, QueuedChat("selftest", request, request.max_tokens)).result()
         ok = result["success"] and bool(result["reply"].strip())
         summary = (
             f"{result['completion_tokens']} tokens at {result['tokens_per_second']} tokens/s, first token after "
@@ -261,14 +327,13 @@ class LlamaChat_adapter(ModuleRunner):
         return {"success": ok, "message": f"Self-test {verdict}: {summary}", **result}
 
     def cleanup(self) -> None:
-        # The SDK calls this once per main_loop task. Stop a running chat, then free the model on its own thread,
-        # behind that chat.
-        job, chat = self.job, self.llama_chat
+        # The SDK calls this once per main_loop task. Waiting chats end with an error, a running one is stopped, then
+        # the model is freed on its own thread, behind that chat.
+        chat = self.llama_chat
         if chat is None:
             return
         self.llama_chat = None
-        if job is not None:
-            self.cancel_id = job.command_id
+        self.queue.close(lambda queued: ChatJob(queued.command_id, chat.model_name).finish("error", SHUTTING_DOWN))
         self.llama_thread.submit(chat.close).result()
         self.threads.close()
 

@@ -39,6 +39,8 @@ class LlamaSettings:
     threads: int  # CPAI_MODULE_LLAMA_THREADS: CPU threads; 0 = chosen automatically
     gpu_layers: int  # CPAI_MODULE_LLAMA_GPU_LAYERS: layers offloaded to a GPU; -1 = all, 0 = none
     chat_format: str  # CPAI_MODULE_LLAMA_CHAT_FORMAT: one of CHAT_FORMATS; "" = the model's own template
+    queue_size: int  # CPAI_MODULE_LLAMA_QUEUE_SIZE: chats that may wait while the model is busy (chat_queue.py)
+    result_ttl: int  # CPAI_MODULE_LLAMA_RESULT_TTL: seconds a finished chat's result stays readable
 
     @classmethod
     def from_env(
@@ -91,6 +93,12 @@ class LlamaSettings:
                 "CPAI_MODULE_LLAMA_GPU_LAYERS", -1, "model layers offloaded to a GPU; -1 = all, 0 = none"
             ),
             chat_format=_chat_format(value("CPAI_MODULE_LLAMA_CHAT_FORMAT")),
+            queue_size=whole_number(
+                "CPAI_MODULE_LLAMA_QUEUE_SIZE", 0, "chats that may wait while another runs; 0 = none may wait"
+            ),
+            result_ttl=whole_number(
+                "CPAI_MODULE_LLAMA_RESULT_TTL", 1, "seconds a finished chat's reply stays readable, e.g. 300"
+            ),
         )
 
 

@@ -23,7 +23,7 @@ class Poll:
     reply_chars: int
     completion_tokens: int
     prompt_tokens: int
-    running: bool
+    running: bool  # not finished yet: waiting in the module's queue or running
 
 
 @dataclass
@@ -87,7 +87,7 @@ class CpaiClient:
 
     def poll(self, trace: ChatTrace) -> Poll:
         status, at = self.post(f"/v1/{self.module_id}/get_command_status", {"commandId": trace.command_id})
-        running = status.get("commandStatus") == "running"
+        running = status.get("commandStatus") in ("queued", "running")  # not finished: waiting in the queue or running
         if not running and status.get("commandStatus") != "completed":
             raise ChatFailed(f"get_command_status failed: {status.get('error') or status}")
         poll = Poll(

@@ -159,7 +159,7 @@ def chat_through_server(base_url: str, history: list[Message], cancel: bool) -> 
             stopped = cancel
             while True:
                 final, _ = client.post("/v1/LlamaChat/get_command_status", {"commandId": ack["commandId"]})
-                if final.get("commandStatus") != "running":
+                if final.get("commandStatus") not in ("queued", "running"):
                     break
                 if final.get("prompt_tokens") and not stopped:  # prepared: the prompt's evaluation is not measured
                     client.post("/v1/LlamaChat/cancel_command", {"commandId": ack["commandId"]})

@@ -127,7 +127,7 @@ class Soak:
                     self.failures.append(f"chat failed: {answer.get('error')}")
                 self.chat_seconds.append(time.monotonic() - started)
                 return
-            if answer.get("commandStatus") != "running":
+            if answer.get("commandStatus") not in ("queued", "running"):  # queued: behind a cancelled chat still ending
                 self.failures.append(f"chat {command_id} in state {answer.get('commandStatus')}: {answer}")
                 return
             time.sleep(self.poll_s)  # a client's poll interval

@@ -42,7 +42,7 @@ def _lost_answer(state: ServerState, command: str, command_id: str, reason: str)
         "command": command,
         "commandId": command_id,
         "commandStatus": "failed",
-        "error": f"{what} chat was lost because the {reason} while it ran; start a new chat",
+        "error": f"{what} chat was lost because the {reason}; start a new chat",
     }
 
 

@@ -1,7 +1,8 @@
 """The OpenAI-compatible endpoints, `POST /v1/chat/completions` and `GET /v1/models`, on top of the module's own
 protocol: the chat is posted to the module's queue as `POST /v1/text/chat` posts it, then followed with
 get_command_status through the same queue (a short interval while it runs) and stopped with cancel_command when the
-client goes away. The module stays the one engine, so its queue, busy check, metrics and cancel apply to every client.
+client goes away. The module stays the one engine, so its queue, metrics and cancel apply to every client: a chat
+waiting in the module's queue is followed like a running one that has no text yet.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ CHAT_ROUTE = "text/chat"
 FIRST_TEXT_INTERVAL = 0.015
 REPLY_INTERVAL = 0.2  # five updates a second: a smooth enough stream
 DUE_INTERVAL = 0.005  # once max_tokens is due: a few cheap polls, so the last text is seen within ~5 ms
-BUSY_MARK = "already in progress"  # how the module (and the SDK) say another chat runs (llama_chat_adapter.py)
+QUEUE_FULL_MARK = "queue is full"  # how the module refuses a chat when its queue has no room (llama_chat_adapter.py)
+UNFINISHED = ("queued", "running")  # a chat's commandStatus until it has ended
 
 _background: set[asyncio.Task] = set()  # tasks that outlive a disconnected client's handler, held until they finish
 
@@ -75,10 +77,10 @@ async def _start_chat(state: ServerState, values: list[tuple[str, str]]) -> str:
     if state.module.status != ModuleStatus.STARTED:
         raise ApiFailure(503, why_no_answer(state), "unavailable_error")
     answer = await _ask(state, CHAT_ROUTE, values)
-    if answer.get("success") and answer.get("commandStatus") == "running":
+    if answer.get("success") and answer.get("commandStatus") in UNFINISHED:
         return answer["commandId"]
     message = str(answer.get("error") or answer.get("message") or "The module refused the chat")
-    if BUSY_MARK in message:
+    if QUEUE_FULL_MARK in message:
         raise ApiFailure(429, message, "rate_limit_error")
     if not (state.module.status_data or {}).get("model"):
         raise ApiFailure(503, message, "unavailable_error")  # no model loaded: nothing the client can fix
@@ -88,7 +90,11 @@ async def _start_chat(state: ServerState, values: list[tuple[str, str]]) -> str:
 def _next_poll_in(status: dict, max_tokens: int | None) -> float:
     """Seconds until the next poll: FIRST_TEXT_INTERVAL until the first text; then REPLY_INTERVAL, or less when the
     reply reaches max_tokens sooner at the module's speed so far, so that its end is seen within ~DUE_INTERVAL of the
-    module (a reply that stops on its own is seen up to REPLY_INTERVAL late)."""
+    module (a reply that stops on its own is seen up to REPLY_INTERVAL late). A chat waiting in the module's queue is
+    polled every REPLY_INTERVAL, or sooner when it is expected to start sooner."""
+    if status.get("commandStatus") == "queued":
+        wait = status.get("estimated_wait_s")
+        return REPLY_INTERVAL if wait is None else min(REPLY_INTERVAL, max(FIRST_TEXT_INTERVAL, wait))
     if not status.get("reply"):
         return FIRST_TEXT_INTERVAL
     speed, done = status.get("tokens_per_second") or 0, status.get("completion_tokens") or 0
@@ -103,7 +109,7 @@ async def _follow(state: ServerState, command_id: str, max_tokens: int | None) -
     while True:
         status = await _ask(state, f"{module_id}/get_command_status", [("commandId", command_id)])
         yield status
-        if status.get("commandStatus") != "running":
+        if status.get("commandStatus") not in UNFINISHED:
             return
         await asyncio.sleep(_next_poll_in(status, max_tokens))
 
@@ -191,7 +197,7 @@ async def _stream(
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
     except ConnectionResetError:  # the client closed the connection between two chunks
-        if final.get("commandStatus") in (None, "running"):
+        if final.get("commandStatus") in (None, *UNFINISHED):
             _cancel_in_background(state, command_id)
     return response
 

@@ -1,20 +1,17 @@
 """Drives LlamaChat_adapter the way the SDK's main_loop does, without a server: requests are real RequestData
-built from the queue's JSON, long processes run in a worker thread, and status/cancel go through the SDK's own
-_get_command_status / _cancel_command_task."""
+built from the queue's JSON, chats go through process(), and status/cancel through the handlers the SDK's loop
+calls, _get_command_status / _cancel_command_task (the adapter's, answering from its chat queue)."""
 
 from __future__ import annotations
 
 import json
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from codeproject_ai_sdk import RequestData
 
 from live_server import poll
 from llama_chat_adapter import LlamaChat_adapter
-
-_executor = ThreadPoolExecutor(max_workers=2)
 
 # LlamaChat's own live metrics in every chat status and result, on top of the fields of docs/protocol.md §2.2.
 METRICS = {
@@ -55,22 +52,8 @@ def load_adapter(monkeypatch, model_path, **env: str) -> LlamaChat_adapter:
 
 
 def start_chat(adapter: LlamaChat_adapter, **values: Any) -> dict[str, Any]:
-    """What the SDK answers to the chat request: an error, the busy refusal, or the 'running' acknowledgement."""
-    data = request("prompt", **values)
-    output = adapter.process(data)
-    if not callable(output):
-        return output
-    task = adapter.long_running_command_task
-    if task is not None and not task.done():
-        return {
-            "success": False,
-            "commandId": adapter.long_running_command_id,
-            "error": "A long running command is already in progress",
-        }
-    adapter.long_running_command_id = data.request_id
-    adapter.last_long_running_output = None
-    adapter.long_running_command_task = _executor.submit(output, data)
-    return {"success": True, "commandId": data.request_id, "commandStatus": "running"}
+    """What the SDK answers to the chat request: an error, or the chat's 'running' or 'queued' acknowledgement."""
+    return adapter.process(request("prompt", **values))
 
 
 def status(adapter: LlamaChat_adapter, command_id: str) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The adapter on the real SmolLM2 model, driven through the SDK's RequestData and long-process plumbing."""
+"""The adapter on the real SmolLM2 model, driven through the SDK's RequestData and the handlers its loop calls."""
 
 import json
 import subprocess
@@ -24,10 +24,15 @@ def adapter(smollm2):
     adapter.cleanup()
 
 
-def test_process_returns_long_process_for_a_good_chat(adapter):
+def test_a_good_chat_is_accepted_at_once_with_its_own_command_id(adapter):
     from module_harness import request
 
-    assert adapter.process(request("prompt", prompt="Hello")) == adapter.long_process
+    data = request("prompt", prompt="Hello", max_tokens=8)
+    ack = adapter.process(data)  # a plain answer: the SDK sends it as it is, and starts no long process of its own
+    assert ack["success"] is True and ack["commandId"] == data.request_id and ack["commandStatus"] == "running"
+    assert ack["message"] == "Command is running in the background" and "queue_position" not in ack
+    assert adapter.long_running_command_task is None
+    wait_until(lambda: status(adapter, data.request_id)["commandStatus"] == "completed")
 
 
 def test_chat_completes_with_reply_and_metrics(adapter):
@@ -99,14 +104,15 @@ def test_cancel_during_a_long_prompt_stops_within_200_ms_and_the_model_stays_usa
         for i in range(90)
     )
     ack = start_chat(adapter, prompt=long_prompt, max_tokens=0, temperature=0)
-    job = wait_until(lambda: (j := adapter.job) and j.command_id == ack["commandId"] and j.inference_started and j)
+    chat = adapter.queue.get(ack["commandId"])
+    job = wait_until(lambda: (j := chat.job) and j.inference_started and j)
     assert job.prompt_tokens >= 1500
     # On a CPU this slow the prompt is still being evaluated now; a GPU may be past it, and then the cancel stops
     # the generation instead, within the same time.
     mid_prompt = job.first_token_at is None
     asked = time.perf_counter()
     cancel(adapter, ack["commandId"])
-    wait_until(lambda: adapter.long_running_command_task.done(), timeout=5)
+    wait_until(lambda: chat.result is not None, timeout=5)
     assert time.perf_counter() - asked < 0.2
     final = status(adapter, ack["commandId"])
     assert final["stop_reason"] == "cancelled"
@@ -117,15 +123,24 @@ def test_cancel_during_a_long_prompt_stops_within_200_ms_and_the_model_stays_usa
     assert "Paris" in nxt["reply"]
 
 
-def test_a_second_chat_while_one_runs_is_refused(adapter):
-    ack = start_chat(adapter, prompt=STORY, max_tokens=0, temperature=0)
-    assert ack["success"] and ack["commandStatus"] == "running"
-    busy = start_chat(adapter, prompt="Hello?")
-    assert not busy["success"] and "already in progress" in busy["error"] and "busy" in busy["error"]
+def test_a_second_chat_while_one_runs_waits_in_the_queue_and_can_leave_it(adapter):
+    first = start_chat(adapter, prompt=STORY, max_tokens=0, temperature=0)
+    assert first["success"] and first["commandStatus"] == "running"
+    second = start_chat(adapter, prompt="Hello?", max_tokens=8)
+    assert second["success"] and second["commandStatus"] == "queued" and second["commandId"] != first["commandId"]
+    assert second["queue_position"] == 1 and "estimated_wait_s" in second
     # Nobody learns the running chat's commandId, with which they could read or cancel it.
-    assert "commandId" not in busy and ack["commandId"] not in json.dumps(busy)
-    cancel(adapter, ack["commandId"])
-    wait_until(lambda: adapter.long_running_command_task.done())
+    assert first["commandId"] not in json.dumps(second)
+    waiting = status(adapter, second["commandId"])
+    assert waiting["commandStatus"] == "queued" and waiting["queue_position"] == 1 and waiting["reply"] == ""
+    assert first["commandId"] not in json.dumps(waiting)
+    assert cancel(adapter, second["commandId"])["commandStatus"] == "cancelled"
+    final = status(adapter, second["commandId"])  # at once: a queued chat has nothing to stop
+    assert final["commandStatus"] == "completed" and final["stop_reason"] == "cancelled" and final["reply"] == ""
+    assert status(adapter, first["commandId"])["commandStatus"] == "running"  # the running chat carries on
+    cancel(adapter, first["commandId"])
+    wait_until(lambda: status(adapter, first["commandId"])["commandStatus"] == "completed")
+    assert adapter.queue.get(second["commandId"]).job is None  # it never ran
 
 
 def test_second_turn_reuses_the_cache_of_the_first(adapter):

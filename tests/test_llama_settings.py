@@ -30,6 +30,8 @@ def as_environment(settings: LlamaSettings) -> dict[str, str]:
         "CPAI_MODULE_LLAMA_THREADS": str(settings.threads),
         "CPAI_MODULE_LLAMA_GPU_LAYERS": str(settings.gpu_layers),
         "CPAI_MODULE_LLAMA_CHAT_FORMAT": settings.chat_format,
+        "CPAI_MODULE_LLAMA_QUEUE_SIZE": str(settings.queue_size),
+        "CPAI_MODULE_LLAMA_RESULT_TTL": str(settings.result_ttl),
     }
 
 
@@ -51,6 +53,7 @@ def test_defaults_are_what_the_server_passes_from_modulesettings(tmp_path):
     assert settings.model_repo == DECLARED["CPAI_MODULE_LLAMA_MODEL_REPO"].lstrip("@")
     assert settings.context_size == int(DECLARED["CPAI_MODULE_LLAMA_CONTEXT_SIZE"])
     assert (settings.threads, settings.gpu_layers, settings.chat_format) == (0, -1, "")
+    assert (settings.queue_size, settings.result_ttl) == (16, 300)
 
 
 def test_the_environment_overrides_every_default(tmp_path):
@@ -63,6 +66,8 @@ def test_the_environment_overrides_every_default(tmp_path):
         "CPAI_MODULE_LLAMA_THREADS": " 3 ",  # surrounding blanks, as a hand-edited setting may have
         "CPAI_MODULE_LLAMA_GPU_LAYERS": "0",
         "CPAI_MODULE_LLAMA_CHAT_FORMAT": "gemma",
+        "CPAI_MODULE_LLAMA_QUEUE_SIZE": "0",
+        "CPAI_MODULE_LLAMA_RESULT_TTL": "5",
     }
     settings = LlamaSettings.from_env(env, host=LINUX)
     assert as_environment(settings) == {**env, "CPAI_MODULE_LLAMA_THREADS": "3"}
@@ -118,6 +123,20 @@ def test_per_os_layers_change_the_defaults(tmp_path):
             "(model layers offloaded to a GPU; -1 = all, 0 = none)",
         ),
         ("CPAI_MODULE_LLAMA_GPU_LAYERS", "all", "at least -1, not 'all'"),
+        (
+            "CPAI_MODULE_LLAMA_QUEUE_SIZE",
+            "-1",
+            "CPAI_MODULE_LLAMA_QUEUE_SIZE must be a whole number of at least 0, not '-1' (chats that may wait while "
+            "another runs; 0 = none may wait)",
+        ),
+        ("CPAI_MODULE_LLAMA_QUEUE_SIZE", "sixteen", "at least 0, not 'sixteen'"),
+        (
+            "CPAI_MODULE_LLAMA_RESULT_TTL",
+            "0",
+            "CPAI_MODULE_LLAMA_RESULT_TTL must be a whole number of at least 1, not '0' (seconds a finished chat's "
+            "reply stays readable, e.g. 300)",
+        ),
+        ("CPAI_MODULE_LLAMA_RESULT_TTL", "5m", "at least 1, not '5m'"),
         (
             "CPAI_MODULE_LLAMA_MODEL_FILENAME",
             "models/mistral.gguf",

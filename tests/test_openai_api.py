@@ -23,7 +23,8 @@ HELLO = [{"role": "user", "content": "Say hello."}]
 
 @pytest.fixture(scope="module")
 def base_url(smollm2):
-    with running_server(smollm2) as url:
+    # A queue of two, so that a full queue is quick to reach (test_a_full_queue_is_a_rate_limit_error...).
+    with running_server(smollm2, CPAI_MODULE_LLAMA_QUEUE_SIZE="2") as url:
         yield url
 
 
@@ -63,6 +64,11 @@ def test_polls_are_quick_until_the_first_text_then_sparse_until_the_token_limit_
     assert _next_poll_in(near, 512) == pytest.approx(0.07)  # 7 tokens left: polled when they should be done
     assert _next_poll_in({**flowing, "completion_tokens": 512}, 512) == DUE_INTERVAL  # due: polled closely
     assert _next_poll_in({**flowing, "tokens_per_second": 0}, 512) == REPLY_INTERVAL  # one token so far: no speed
+    queued = {"commandStatus": "queued", "reply": "", "queue_position": 1}
+    assert _next_poll_in({**queued, "estimated_wait_s": None}, 512) == REPLY_INTERVAL  # no speed measured yet
+    assert _next_poll_in({**queued, "estimated_wait_s": 30.0}, 512) == REPLY_INTERVAL
+    assert _next_poll_in({**queued, "estimated_wait_s": 0.05}, 512) == 0.05  # due to start: polled then
+    assert _next_poll_in({**queued, "estimated_wait_s": 0.0}, 512) == FIRST_TEXT_INTERVAL
 
 
 def test_models_lists_the_loaded_model(client):
@@ -265,15 +271,45 @@ def test_a_body_that_is_not_json_is_a_400_in_openais_shape(base_url):
     }
 
 
-def test_a_busy_model_is_a_rate_limit_error_with_the_modules_message(base_url, client):
-    native = requests.post(f"{base_url}/v1/text/chat", data={"prompt": STORY, "max_tokens": LONG}, timeout=40).json()
+def native_chat(base_url, **form):
+    answer = requests.post(f"{base_url}/v1/text/chat", data=form, timeout=40).json()
+    assert answer["success"], answer
+    return answer
+
+
+def cancel_and_wait(base_url, *command_ids):
+    for cid in command_ids:
+        requests.post(f"{base_url}/v1/LlamaChat/cancel_command", data={"commandId": cid}, timeout=40)
+    for cid in command_ids:
+        module_final(base_url, f"chatcmpl-{cid}")
+
+
+def test_a_full_queue_is_a_rate_limit_error_with_the_modules_message(base_url, client):
+    # One story runs and two wait: the module's queue of two is full.
+    natives = [native_chat(base_url, prompt=STORY, max_tokens=LONG)["commandId"] for _ in range(3)]
     try:
-        with pytest.raises(openai.RateLimitError, match="already in progress") as caught:
+        with pytest.raises(openai.RateLimitError, match="queue is full") as caught:
             client.chat.completions.create(model="m", messages=HELLO)
-        assert caught.value.status_code == 429
+        assert caught.value.status_code == 429 and "at most 2 chats may wait" in caught.value.message
     finally:
-        requests.post(f"{base_url}/v1/LlamaChat/cancel_command", data={"commandId": native["commandId"]}, timeout=40)
-        module_final(base_url, f"chatcmpl-{native['commandId']}")
+        cancel_and_wait(base_url, *natives)
+
+
+def test_a_chat_that_waits_in_the_queue_streams_once_it_starts(base_url, client):
+    running = native_chat(base_url, prompt=STORY, max_tokens=LONG)["commandId"]
+    try:
+        stream = client.chat.completions.create(model="m", messages=HELLO, max_tokens=8, temperature=0, stream=True)
+        first = next(iter(stream))  # the role, sent at once, before any text
+        assert first.choices[0].delta.role == "assistant" and not first.choices[0].delta.content
+        waiting = module_status(base_url, first.id)
+        ahead = module_status(base_url, f"chatcmpl-{running}")
+        assert waiting["commandStatus"] == "queued" or ahead["commandStatus"] == "completed", (waiting, ahead)
+    finally:
+        cancel_and_wait(base_url, running)
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    final = module_final(base_url, first.id)
+    assert text == final["reply"] != "" and chunks[-1].choices[0].finish_reason in ("stop", "length")
 
 
 def test_a_foreign_web_page_may_not_chat_and_cannot_read_the_models(base_url):

@@ -60,7 +60,7 @@ def follow(base_url, command_id, timeout=120):
         if answer["commandStatus"] == "running":
             running.append(answer)
             return None
-        return answer
+        return None if answer["commandStatus"] == "queued" else answer
 
     final = poll(finished, timeout, f"chat {command_id} to complete", interval=0.01)
     return running, final
@@ -143,21 +143,26 @@ def test_cancel_mid_reply_keeps_the_partial_reply(base_url):
     assert final["completion_tokens"] < int(LONG)
 
 
-def test_a_second_chat_while_one_runs_is_refused_clearly(base_url):
+def test_a_second_chat_while_one_runs_waits_in_the_queue(base_url):
     first = start_chat(base_url, prompt=STORY, max_tokens=LONG)
-    second = post(base_url, "text/chat", prompt="Hello?")
-    assert second["success"] is False
-    assert "already in progress" in second["error"]
-    assert "commandId" not in second  # nobody else's chat id is handed out (docs/protocol.md §4.2, item 5)
-    assert second["code"] == 500 and second["requestId"] != first["commandId"]
+    second = start_chat(base_url, prompt="Hello?", max_tokens="8")
+    assert set(second) == ACK_FIELDS | {"queue_position", "estimated_wait_s"}
+    assert second["commandStatus"] == "queued" and second["queue_position"] == 1 and second["code"] == 200
+    assert second["commandId"] == second["requestId"] != first["commandId"]
+    assert first["commandId"] not in str(second)  # nobody else's chat id is handed out (docs/protocol.md §4.2, item 5)
+    waiting = status(base_url, second["commandId"])
+    assert_fields(waiting, ACK_FIELDS | {"reply", "queue_position", "estimated_wait_s"})
+    assert waiting["commandStatus"] == "queued" and waiting["reply"] == "" and waiting["queue_position"] == 1
     post(base_url, "LlamaChat/cancel_command", commandId=first["commandId"])
     follow(base_url, first["commandId"])
+    _, final = follow(base_url, second["commandId"])  # it starts once the first has ended
+    assert final["success"] is True and final["reply"].strip() and final["stop_reason"] in ("completed", "length")
 
 
 @pytest.mark.parametrize(
     "form, error",
     [
-        ({"commandId": "no-such-command"}, "does not match the current long running command"),
+        ({"commandId": "no-such-command"}, "No chat has this commandId"),
         ({}, "No command ID provided"),
     ],
 )
@@ -167,6 +172,7 @@ def test_unknown_or_missing_command_id_gets_a_clear_error(base_url, form, error)
     for route in ("LlamaChat/get_command_status", "LlamaChat/cancel_command"):
         answer = post(base_url, route, **form)
         assert answer["success"] is False and error in answer["error"], answer
+        assert ack["commandId"] not in str(answer)
 
 
 def test_bad_chat_input_is_refused_before_a_command_starts(base_url):

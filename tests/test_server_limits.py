@@ -192,13 +192,19 @@ def test_command_books_are_bounded_and_a_crash_marks_held_commands_lost():
     tracker = CommandTracker()
     for i in range(MAX_TRACKED_COMMANDS + 50):
         tracker.saw_answer({"commandId": f"c{i}", "commandStatus": "running"})
+    tracker.saw_answer({"commandId": "q1", "commandStatus": "queued"})
+    tracker.saw_answer({"commandId": "q2", "commandStatus": "queued"})
+    tracker.saw_answer({"commandId": "q2", "commandStatus": "running"})  # it left the queue
     tracker.saw_answer({"commandId": "c60", "commandStatus": "completed"})
     tracker.saw_answer({"success": False, "error": "no id"})
     held, lost = tracker.counts()
     assert held == MAX_TRACKED_COMMANDS - 1 and lost == 0
     tracker.module_stopped("module LlamaChat stopped (exit code -9)")
     assert tracker.counts() == (0, MAX_TRACKED_COMMANDS - 1)
-    assert tracker.lost(f"c{MAX_TRACKED_COMMANDS + 49}") == "module LlamaChat stopped (exit code -9)"
+    crash = "module LlamaChat stopped (exit code -9)"
+    assert tracker.lost(f"c{MAX_TRACKED_COMMANDS + 49}") == f"{crash} while it ran"
+    assert tracker.lost("q1") == f"{crash} while it waited in the module's queue"
+    assert tracker.lost("q2") == f"{crash} while it ran"
     assert tracker.lost("c60") is None  # finished before the crash
     assert tracker.lost("c0") is None  # the oldest were dropped to stay bounded
     assert tracker.lost(None) is None
