@@ -128,8 +128,11 @@ class ChatPage:
 
 @pytest.fixture(scope="module")
 def server(smollm2):
-    # The page opened from a file has the origin null, which the server refuses unless told otherwise.
-    with running_server(smollm2, context_size=CONTEXT_SIZE, server_args=("--allow-origin", "null")) as base_url:
+    # The page opened from a file has the origin null, which the server refuses unless told otherwise. One chat may
+    # wait while another runs, so a test can fill the queue.
+    with running_server(
+        smollm2, context_size=CONTEXT_SIZE, server_args=("--allow-origin", "null"), CPAI_MODULE_LLAMA_QUEUE_SIZE="1"
+    ) as base_url:
         yield base_url
 
 
@@ -462,28 +465,65 @@ def test_turns_left_out_to_fit_the_context_are_reported(open_chat, server):
     assert len(json.loads(chat.calls("chat")[-1][0]["messages"])) == 2
 
 
-def test_busy_model_refusal_is_shown_once_and_the_other_chat_left_alone(open_chat, server):
+QUEUED_TEXT = re.compile(r"^In the queue, waiting: 1 chat ahead(, about \d+ s)?\. Stop leaves the queue\.$")
+
+
+def test_a_chat_behind_a_long_one_waits_in_the_queue_and_stop_leaves_it(open_chat, server):
     chat = open_chat(server)
     chat.settings(max_tokens="16")
-    # Another client's chat, a long story up to the end of the context: still running however fast the machine.
-    other = post_form(f"{server}/v1/text/chat", prompt=LONG_PROMPT, max_tokens="2000", temperature="0")
-    assert other["success"]
 
-    def other_status() -> dict:
-        return post_form(f"{server}/v1/LlamaChat/get_command_status", commandId=other["commandId"])
+    def other_client_chats() -> dict:
+        # A long story up to the end of the context: still running (or waiting) however fast the machine.
+        return post_form(f"{server}/v1/text/chat", prompt=LONG_PROMPT, max_tokens="2000", temperature="0")
 
+    def status_of(command_id: str) -> dict:
+        return post_form(f"{server}/v1/LlamaChat/get_command_status", commandId=command_id)
+
+    def cancel(command_id: str) -> None:
+        assert post_form(f"{server}/v1/LlamaChat/cancel_command", commandId=command_id)["success"]
+        poll(lambda: status_of(command_id)["commandStatus"] == "completed", 30, "a chat to end")
+
+    # Queued behind another client's chat, then Stop: the page leaves the queue and gives the prompt back.
+    running = other_client_chats()["commandId"]
     chat.send("Say hello.")
+    expect(chat.el("status")).to_have_text(QUEUED_TEXT, timeout=15_000)
+    chat.wait_state("queued", timeout=5000)
+    expect(chat.user_bubbles).to_have_text(["Say hello."])
+    chat.el("stopBtn").click()
     chat.wait_state("idle", timeout=15_000)
-    ((_, refusal),) = chat.calls("chat")  # one try: the page does not retry, a module queue does the waiting
-    assert refusal["success"] is False and "commandId" not in refusal
-    expect(chat.el("status")).to_have_text(refusal["error"])
-    expect(chat.el("status")).to_have_class(f"{chat.prefix}status {chat.prefix}error")
+    expect(chat.el("status")).to_have_text("Stopped before the model started.")
     expect(chat.el("prompt")).to_have_value("Say hello.")
     expect(chat.user_bubbles).to_have_count(0)
-    assert chat.calls("get_command_status") == [] and chat.calls("cancel_command") == []
-    assert other_status()["commandStatus"] == "running"
-    assert post_form(f"{server}/v1/LlamaChat/cancel_command", commandId=other["commandId"])["success"]
-    poll(lambda: other_status()["commandStatus"] == "completed", 30, "the other chat to stop")
+    ((_, ack),) = chat.calls("chat")
+    ((cancel_fields, cancelled),) = chat.calls("cancel_command")
+    assert cancel_fields["commandId"] == ack["commandId"] and cancelled["success"]
+    answers = [answer for _, answer in chat.calls("get_command_status")]
+    assert answers[0]["commandStatus"] == "queued" and answers[0]["queue_position"] == 1
+    assert answers[-1]["commandStatus"] == "completed" and answers[-1]["stop_reason"] == "cancelled"
+    assert status_of(running)["commandStatus"] == "running"  # the other chat is left alone
+
+    # A full queue (one chat may wait here) is shown as the server's error, once: the page does not retry.
+    waiting = other_client_chats()
+    assert waiting["success"] and status_of(waiting["commandId"])["commandStatus"] == "queued"
+    chat.el("prompt").press("Enter")
+    chat.wait_state("idle", timeout=15_000)
+    refusal = chat.calls("chat")[-1][1]
+    assert refusal["success"] is False and "queue is full" in refusal["error"]
+    expect(chat.el("status")).to_have_text(refusal["error"])
+    expect(chat.el("prompt")).to_have_value("Say hello.")
+    assert len(chat.calls("chat")) == 2
+    cancel(waiting["commandId"])
+
+    # Queued again; once the chat ahead ends, ours starts by itself and its reply arrives.
+    chat.el("prompt").press("Enter")
+    expect(chat.el("status")).to_have_text(QUEUED_TEXT, timeout=15_000)
+    cancel(running)
+    chat.wait_state("idle")
+    expect(chat.el("status")).not_to_have_text(QUEUED_TEXT)
+    assert chat.calls("get_command_status")[-1][1]["reply"] == chat.kept_turns()[-1]["reply"] != ""
+    calls = chat.calls("get_command_status") + chat.calls("cancel_command")
+    used_ids = {fields["commandId"] for fields, _ in calls}
+    assert not used_ids & {running, waiting["commandId"]}  # the page only ever polls or cancels its own chats
 
 
 def test_server_stopped_mid_chat_ends_polling_with_an_error(open_chat, smollm2):
