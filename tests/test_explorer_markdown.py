@@ -436,6 +436,17 @@ def test_a_bad_stored_conversation_is_dropped_with_a_note(page, double, server, 
     expect(page.locator(BUBBLES)).to_have_text(["Yes."])
 
 
+def test_a_conversation_too_large_to_keep_is_not_kept_with_a_note(page, double, server):
+    chat(page, double, "Small", "ok")
+    assert page.evaluate("key => localStorage.getItem(key)", storage_key(server)) is not None
+    chat(page, double, "Huge", "word " * 200_001)  # over the 1,000,000 characters kept
+    expect(el(page, "status")).to_have_text(
+        "This conversation is too large to keep across reloads; Clear starts a new one."
+    )
+    assert page.evaluate("key => localStorage.getItem(key)", storage_key(server)) is None
+    expect(page.locator(BUBBLES)).to_have_count(2)  # the chat itself goes on
+
+
 def test_regenerate_resends_the_same_history_with_a_new_seed(page, double):
     chat(page, double, "Q1", "A1")
     chat(page, double, "Q2", "A2")
