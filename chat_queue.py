@@ -39,11 +39,11 @@ class QueueClosed(Exception):
 @dataclass(eq=False)
 class QueuedChat:
     command_id: str
-    request: Any  # what the worker needs to run it (the adapter's ChatRequest)
+    request: Any  # what the worker needs to run it (the adapter's ChatRequest); dropped once it has finished
     max_tokens: int  # the chat's limit; 0 = none (for the wait estimate)
     state: str = QUEUED
     cancel_requested: bool = False  # a running chat stops at its next token
-    job: ChatJob | None = None  # the running chat's live state, set by its worker
+    job: ChatJob | None = None  # the running chat's live state, set by its worker; dropped once it has finished
     result: dict | None = None  # the finished chat's answer
     forget_at: float = math.inf
 
@@ -204,7 +204,8 @@ class ChatQueue:
         return max(0, len(self._waiting) - self._free_slots())
 
     def _complete(self, chat: QueuedChat, result: dict) -> None:
-        chat.state, chat.result = COMPLETED, result
+        # Only the result is kept: a request may hold megabytes of history, and the job's reply is in the result.
+        chat.state, chat.result, chat.request, chat.job = COMPLETED, result, None, None
         chat.forget_at = self._clock() + self.result_ttl
         self._finished.append(chat)
         while len(self._finished) > MAX_KEPT_RESULTS:

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import llama_cpp
 from codeproject_ai_sdk import JSON, LogVerbosity, ModuleRunner, RequestData
 
+import chat_answers
 from chat_job import FINISH_REASONS, ChatJob
 from chat_queue import ChatQueue, QueueClosed, QueuedChat, QueueFull
 from chat_request import ChatError, ChatInputs, ChatRequest
@@ -125,23 +126,10 @@ class LlamaChat_adapter(ModuleRunner):
         except ChatError as ex:
             return {"success": False, "error": str(ex)}
         except QueueFull:
-            return {
-                "success": False,
-                "error": f"The chat queue is full: the model is busy and at most {self.queue.capacity} chats may wait "
-                "(CPAI_MODULE_LLAMA_QUEUE_SIZE); try again when one has finished",
-            }
+            return chat_answers.queue_full(self.queue)
         except QueueClosed:
             return {"success": False, "error": SHUTTING_DOWN}
-        position, wait = self.queue.place(chat)
-        if position:
-            return {"success": True, "commandId": chat.command_id, **self._queued(position, wait)}
-        # The SDK's own acknowledgement of a long process, which clients may know.
-        return {
-            "success": True,
-            "message": "Command is running in the background",
-            "commandId": chat.command_id,
-            "commandStatus": "running",
-        }
+        return chat_answers.acknowledgement(self.queue, chat)
 
     def _serve_queue(self) -> None:
         while (chat := self.queue.take()) is not None:
@@ -217,62 +205,18 @@ class LlamaChat_adapter(ModuleRunner):
 
     # --- get_command_status and cancel_command, answered from the queue -----------------------------------------
     # SDK 0.0.21's handlers know only its single long process; these overrides look the commandId up in the queue.
-    # Ids are the server's request ids (random UUIDs), and no answer names another chat, so only the client that
-    # started a chat can read or cancel it.
+    # Ids are the server's request ids (random UUIDs), and no answer names another chat (chat_answers.py), so only
+    # the client that started a chat can read or cancel it.
 
     def _get_command_status(self, data: RequestData) -> JSON:
-        chat = self._find(data)
-        if not isinstance(chat, QueuedChat):
-            return chat
-        return {"success": True, "commandId": chat.command_id, **self._progress(chat)}
+        chat = chat_answers.find(self.queue, data.get_value("commandId"))
+        return chat_answers.status(self.queue, chat) if isinstance(chat, QueuedChat) else chat
 
     def _cancel_command_task(self, data: RequestData) -> JSON:
-        chat = self._find(data)
+        chat = chat_answers.find(self.queue, data.get_value("commandId"))
         if not isinstance(chat, QueuedChat):
             return {"success": False, "error": chat["error"]}
-        if chat.result is not None:  # a Stop that crossed the end of the reply: the result stays readable
-            message, state = "The chat had already finished; nothing to cancel", "completed"
-        else:
-            self.queue.cancel(chat.command_id, self._cancelled_while_queued)
-            message, state = "The command has been cancelled", "cancelled"
-        return {"success": True, "message": message, "commandId": chat.command_id, "commandStatus": state}
-
-    def _find(self, data: RequestData) -> QueuedChat | JSON:
-        """The chat the request's commandId names, or the error answer."""
-        command_id = data.get_value("commandId")
-        if not command_id:
-            return {"success": False, "commandStatus": "unknown", "error": "No command ID provided"}
-        chat = self.queue.get(command_id) if self.queue else None
-        if chat is None:
-            kept = f" ({self.queue.result_ttl} s, CPAI_MODULE_LLAMA_RESULT_TTL)" if self.queue else ""
-            return {
-                "success": False,
-                "commandStatus": "unknown",
-                "error": "No chat has this commandId: it is not one this module gave out, or the chat ended longer "
-                f"ago than results are kept{kept}",
-            }
-        return chat
-
-    def _progress(self, chat: QueuedChat) -> JSON:
-        """What a chat's status says, by its state."""
-        result = chat.result
-        if result is not None:  # fields as the SDK's for a finished long process; the result may set success/error
-            return {"message": "Command has completed", "commandStatus": "completed", "error": None, **result}
-        position, wait = self.queue.place(chat)
-        if position:
-            return {**self._queued(position, wait), "reply": ""}
-        job = chat.job
-        live = job.status() if job is not None else {"reply": ""}  # a worker is about to start it
-        return {"message": "The long running command is still in progress", "commandStatus": "running", **live}
-
-    @staticmethod
-    def _queued(position: int, wait: float | None) -> JSON:
-        return {
-            "message": f"The chat is waiting for the model: number {position} in the queue",
-            "commandStatus": "queued",
-            "queue_position": position,
-            "estimated_wait_s": None if wait is None else round(wait, 1),
-        }
+        return chat_answers.cancel(self.queue, chat, self._cancelled_while_queued)
 
     def _cancelled_while_queued(self, chat: QueuedChat) -> JSON:
         model = self.llama_chat

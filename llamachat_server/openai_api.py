@@ -91,10 +91,11 @@ def _next_poll_in(status: dict, max_tokens: int | None) -> float:
     """Seconds until the next poll: FIRST_TEXT_INTERVAL until the first text; then REPLY_INTERVAL, or less when the
     reply reaches max_tokens sooner at the module's speed so far, so that its end is seen within ~DUE_INTERVAL of the
     module (a reply that stops on its own is seen up to REPLY_INTERVAL late). A chat waiting in the module's queue is
-    polled every REPLY_INTERVAL, or sooner when it is expected to start sooner."""
+    polled every REPLY_INTERVAL: closer polls would slow the chat running meanwhile, and the module's wait estimate can
+    be 0 for as long as a reply runs past the typical length. (The chat starts on time in the module; its first text
+    reaches the client at most REPLY_INTERVAL later.)"""
     if status.get("commandStatus") == "queued":
-        wait = status.get("estimated_wait_s")
-        return REPLY_INTERVAL if wait is None else min(REPLY_INTERVAL, max(FIRST_TEXT_INTERVAL, wait))
+        return REPLY_INTERVAL
     if not status.get("reply"):
         return FIRST_TEXT_INTERVAL
     speed, done = status.get("tokens_per_second") or 0, status.get("completion_tokens") or 0

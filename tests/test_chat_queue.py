@@ -103,6 +103,13 @@ def test_cancel_takes_a_waiting_chat_out_of_the_queue_and_asks_a_running_one_to_
     assert queue.cancel("unknown", cancelled) is None
 
 
+def test_a_finished_chat_keeps_only_its_result(queue):
+    chat = queue.add("a", {"history": "megabytes"}, 0)
+    queue.take().job = ChatJob("a", "model")
+    queue.finish(chat, result("a"))
+    assert chat.request is None and chat.job is None and chat.result["stop_reason"] == "completed"
+
+
 def test_a_result_is_forgotten_result_ttl_seconds_after_the_chat_ended(queue, clock):
     chat = queue.add("a", None, 0)
     queue.take()
