@@ -336,6 +336,21 @@ def test_copy_puts_the_exact_markdown_source_on_the_clipboard(page, double):
     expect(page.locator(f"{BUBBLES} .{P}copyCode")).to_have_attribute("data-copied", "yes")
 
 
+def test_copy_works_without_the_clipboard_api(page, double, server):
+    """A page served over plain http from another machine (the Explorer on a LAN address) has no
+    navigator.clipboard; a loopback page does, so the test takes it away: the page falls back to the copy command."""
+    chat(page, double, "Q", "Some *Markdown* source.")
+    page.evaluate("Object.defineProperty(navigator, 'clipboard', { value: undefined })")
+    copy = page.locator(f".{P}action[data-action=copy]").last
+    copy.click()
+    expect(el(page, "status")).to_have_text("Copied.")
+    expect(copy).to_be_focused()
+    reader = page.context.new_page()
+    reader.goto(f"{server}/assets/explorer.css")
+    assert reader.evaluate("navigator.clipboard.readText()") == "Some *Markdown* source."
+    reader.close()
+
+
 HOSTILE = """[click me](javascript:alert(1)) [data](data:text/html,<script>alert(1)</script>) [rel](/v1/x)
 ![pic](https://example.com/x.png) ![local](x)
 
