@@ -3,7 +3,8 @@ rem Installs LlamaChat on Windows; the twin of install.sh. Two ways in:
 rem
 rem   install.bat [--small]
 rem       On its own: makes the virtual environment .venv in the module folder (py -3.11, else python 3.11+),
-rem       installs requirements.txt into it, then gets the model with fetch_model.py.
+rem       installs requirements.txt into it (llama.cpp for the CPU, a prebuilt wheel), then gets the model with
+rem       fetch_model.py. For an NVIDIA GPU, install requirements.windows.cuda<major>.txt into .venv with pip -r.
 rem   call install.bat install
 rem       From the CodeProject.AI server's setup.bat, which has made the venv (venvPythonCmdPath) and installs
 rem       requirements.txt itself afterwards: only gets the model, keeping a copy in the server's download cache,
@@ -66,15 +67,18 @@ echo LlamaChat install: using the existing virtual environment %venv%
 :requirements
 "%python%" -c "import llama_cpp" >nul 2>&1
 if not errorlevel 1 goto :pip_install
-rem llama-cpp-python has no Windows wheel on PyPI: pip compiles it with the C++ compiler of Visual Studio and CMake.
-echo LlamaChat install: installing requirements.txt; compiling llama-cpp-python takes a few minutes and needs
-echo   Visual Studio Build Tools with "Desktop development with C++", and CMake.
+rem PyPI has only llama-cpp-python's source, which needs Visual Studio's C++ compiler; requirements.txt names
+rem llama-cpp-python's own index, which has a prebuilt Windows x64 wheel.
+echo LlamaChat install: installing requirements.txt, llama-cpp-python as the prebuilt CPU wheel from its own index
+echo   (https://abetlen.github.io/llama-cpp-python/whl/cpu). Should that index be out of reach, pip compiles PyPI's
+echo   source instead, which needs Visual Studio Build Tools with "Desktop development with C++", and CMake.
 
 :pip_install
 "%python%" -m pip install --disable-pip-version-check -r "%moduleDir%\requirements.txt"
 if not errorlevel 1 goto :fetch
 echo LlamaChat install: ERROR: pip could not install requirements.txt; see its messages above. If llama-cpp-python
-echo   failed to compile, install Visual Studio Build Tools with "Desktop development with C++" and CMake.
+echo   failed to compile, https://abetlen.github.io/llama-cpp-python/whl/cpu could not be reached: allow it, or install
+echo   Visual Studio Build Tools with "Desktop development with C++" and CMake.
 exit /b 1
 
 :fetch

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
@@ -34,6 +35,8 @@ from llama_settings import LlamaSettings
 from thread_policy import ThreadPolicy
 
 SELFTEST_PROMPT = "How many planets are there in the solar system?"
+# How to fix "no model could be loaded", for the log, the status and a failed self-test.
+NO_MODEL_HINT = "install one with bash install.sh (install.bat on Windows) or python fetch_model.py [--small]"
 SHUTTING_DOWN = "The module is shutting down; the chat did not start"
 
 
@@ -65,6 +68,13 @@ class LlamaChat_adapter(ModuleRunner):
 
         LLAMA_LOG.install(loud=self.log_verbosity == LogVerbosity.Loud)
         library = _gpu_library() if self.enable_GPU else ""
+        # The server's setup runs the self-test (`--selftest`, the SDK's own test for it) with none of the module's
+        # EnvironmentVariables: the settings come from modulesettings.json all the same, but the test uses only the
+        # model files already installed and never starts a 4 GB download, nor waits on the network.
+        self_test = sys.argv[1:2] == ["--selftest"]
+        # SDK 0.0.21's package check before a self-test checks nothing, and fails when the CPU architecture is unknown
+        # (as without PATH).
+        self.selftest_check_pkgs = False
         try:
             settings = LlamaSettings.from_env()
             self.queue = ChatQueue(settings.queue_size, settings.result_ttl, slots=settings.parallel)
@@ -73,7 +83,7 @@ class LlamaChat_adapter(ModuleRunner):
             self.n_gpu_layers = settings.gpu_layers if library else 0
             self.llama_chat = self.llama_thread.submit(
                 LlamaChat,
-                repo_id=settings.model_repo,
+                repo_id="" if self_test else settings.model_repo,
                 fileglob=settings.model_fileglob,
                 filename=settings.model_filename,
                 model_dir=str(settings.model_dir),
@@ -90,8 +100,8 @@ class LlamaChat_adapter(ModuleRunner):
                     BatchDecoder, self.llama_chat.llm, settings.parallel, self.n_ctx
                 ).result()
         except (ModelLoadError, ValueError) as ex:  # ValueError: LlamaSettingsError, an unknown chat format
-            self.load_error = str(ex)
-            self._log("error", f"LlamaChat has no model, every chat will fail until this is fixed: {ex}")
+            self.load_error = f"{ex}; {NO_MODEL_HINT}" if isinstance(ex, ModelLoadError) else str(ex)
+            self._log("error", f"LlamaChat has no model, every chat will fail until this is fixed: {self.load_error}")
             return
 
         chat = self.llama_chat

@@ -202,7 +202,8 @@ def unreachable_hub_url() -> str:
 
 def hub_env(hub_url: str, scratch: Path) -> dict[str, str]:
     """Environment for a subprocess whose Hugging Face Hub is `hub_url` and which can reach nothing else:
-    no token or cache of this machine, no model settings from outside, and pip with no package index."""
+    no token or cache of this machine, no model settings from outside, pip with no package index, and install.sh's
+    llama-cpp-python wheel index on a closed loopback port."""
     env = {
         name: value
         for name, value in os.environ.items()
@@ -214,5 +215,6 @@ def hub_env(hub_url: str, scratch: Path) -> dict[str, str]:
         HF_HUB_DISABLE_TELEMETRY="1",
         PIP_CONFIG_FILE=os.devnull,
         PIP_NO_INDEX="1",
+        LLAMACHAT_WHEEL_INDEX=f"{unreachable_hub_url()}/whl/cpu",
     )
     return env

@@ -7,6 +7,7 @@ Every page is watched: a JavaScript error, an alert dialog or a request leaving 
 from __future__ import annotations
 
 import json
+import re
 import urllib.parse
 import urllib.request
 from contextlib import ExitStack
@@ -26,6 +27,15 @@ CONTEXT_SIZE = 2048  # the module's context (tokens) in the shared test server
 # At temperature 0 SmolLM2 answers this with the same story every time, running on to the 2000-token limit:
 # a chat that is sure to be still running when a test stops it.
 LONG_PROMPT = "Write a long story about a dragon who learns to bake bread."
+
+
+def shows(markdown: str, shown: str, whole: bool = True) -> bool:
+    """Whether a bubble's text can be what the page shows for this Markdown (or, not whole, for a start of it):
+    rendering only drops markup and whitespace, so the shown characters are, in order, the source's, and nearly
+    all of them."""
+    source, shown = re.sub(r"\s", "", markdown), re.sub(r"\s", "", shown)
+    rest = iter(source)
+    return all(char in rest for char in shown) and (not whole or len(shown) >= 0.8 * len(source))
 
 
 def form_fields(request: Request) -> dict:
@@ -107,11 +117,22 @@ class ChatPage:
     def seen(self) -> dict:
         return self.page.evaluate("window.__seen")
 
+    def kept_turns(self) -> list[dict]:
+        """The conversation the page keeps for its server in localStorage: {prompt, reply, meta, failed}."""
+        return self.page.evaluate(
+            """prefix => { const key = Object.keys(localStorage).find(k => k.startsWith(prefix + "conversation "));
+                          return key ? JSON.parse(localStorage.getItem(key)).turns : []; }""",
+            self.prefix,
+        )
+
 
 @pytest.fixture(scope="module")
 def server(smollm2):
-    # The page opened from a file has the origin null, which the server refuses unless told otherwise.
-    with running_server(smollm2, context_size=CONTEXT_SIZE, server_args=("--allow-origin", "null")) as base_url:
+    # The page opened from a file has the origin null, which the server refuses unless told otherwise. One chat may
+    # wait while another runs, so a test can fill the queue.
+    with running_server(
+        smollm2, context_size=CONTEXT_SIZE, server_args=("--allow-origin", "null"), CPAI_MODULE_LLAMA_QUEUE_SIZE="1"
+    ) as base_url:
         yield base_url
 
 
@@ -261,10 +282,13 @@ def test_reply_grows_over_polls_with_live_figures(open_chat, server, smollm2, ho
     assert all(final["reply"].startswith(partial) for partial in partials)
 
     seen = chat.seen()
-    shown_partials = [text for text in seen["replies"] if text != final["reply"]]
-    assert len(shown_partials) >= 2 and all(final["reply"].startswith(text) for text in shown_partials)
+    # Each text shown while it grew is the start of the final reply, rendered (what is left of it, in order).
+    final_shown = chat.assistant_bubbles.last.text_content()
+    partials = [text for text in seen["replies"] if text != final_shown]
+    assert len(partials) >= 2 and all(shows(final["reply"], text, whole=False) for text in partials)
     assert any("tok/s" in text and "tokens" in text for text in seen["stats"]), seen["stats"]
-    expect(chat.assistant_bubbles.last).to_have_text(final["reply"])
+    assert shows(final["reply"], final_shown)
+    assert chat.kept_turns()[-1]["reply"] == final["reply"]
     expect(chat.el("model")).to_have_text(smollm2.name)
     expect(chat.page.locator(f".{chat.prefix}meta").last).to_contain_text(f"{final['completion_tokens']} tokens")
     expect(chat.el("sendBtn")).to_be_visible()
@@ -272,12 +296,16 @@ def test_reply_grows_over_polls_with_live_figures(open_chat, server, smollm2, ho
     expect(chat.el("prompt")).to_have_value("")
 
 
-def test_stop_mid_reply_keeps_the_partial_reply(open_chat, server):
+@pytest.mark.parametrize("how", ["button", "escape"])
+def test_stop_mid_reply_keeps_the_partial_reply(open_chat, server, how):
     chat = open_chat(server)
     chat.settings(max_tokens="1000", temperature="0")
     chat.send(LONG_PROMPT)
     chat.wait_reply_text(40)
-    chat.el("stopBtn").click()
+    if how == "button":
+        chat.el("stopBtn").click()
+    else:
+        chat.page.keyboard.press("Escape")
     chat.wait_state("idle", timeout=30_000)
 
     ((_, ack),) = chat.calls("chat")
@@ -286,7 +314,8 @@ def test_stop_mid_reply_keeps_the_partial_reply(open_chat, server):
     final = chat.calls("get_command_status")[-1][1]
     assert final["stop_reason"] == "cancelled" and 0 < final["completion_tokens"] < 1000
     assert len(final["reply"]) >= 40
-    expect(chat.assistant_bubbles.last).to_have_text(final["reply"])
+    assert shows(final["reply"], chat.assistant_bubbles.last.text_content())
+    assert chat.kept_turns()[-1]["reply"] == final["reply"]
     expect(chat.el("status")).to_have_text("Stopped: the partial reply is kept.")
     expect(chat.page.locator(f".{chat.prefix}meta").last).to_contain_text(f"{final['completion_tokens']} tokens")
     expect(chat.page.locator(f".{chat.prefix}meta").last).to_contain_text("stopped")
@@ -299,8 +328,7 @@ def test_markup_in_a_prompt_is_shown_as_text(open_chat, server):
     chat.send(prompt)
     chat.wait_state("idle")
     expect(chat.user_bubbles.last).to_have_text(prompt)
-    expect(chat.el("transcript").locator("img")).to_have_count(0)
-    expect(chat.assistant_bubbles.last.locator("*")).to_have_count(0)  # the reply is text too
+    expect(chat.el("transcript").locator("img, script, iframe")).to_have_count(0)
     assert not [request for request in chat.api_requests if request.url.endswith("/x")]
     # (open_chat fails the test if a dialog opened)
 
@@ -344,7 +372,8 @@ def test_multi_turn_chat_sends_the_transcript_as_messages_and_clear_forgets_it(o
     chat.wait_state("idle")
     chat.send(second)
     chat.wait_state("idle")
-    replies = chat.assistant_bubbles.all_text_contents()
+    replies = [turn["reply"] for turn in chat.kept_turns()]
+    assert len(replies) == 2 and all(shows(*pair) for pair in zip(replies, chat.assistant_bubbles.all_text_contents()))
 
     (fields1, _), (fields2, _) = chat.calls("chat")
     assert "messages" not in fields1
@@ -356,12 +385,61 @@ def test_multi_turn_chat_sends_the_transcript_as_messages_and_clear_forgets_it(o
     # The model read turn 1 again: its prompt holds both turns' text.
     assert finals[1]["prompt_tokens"] > finals[0]["prompt_tokens"] + finals[0]["completion_tokens"]
 
+    # A reload keeps the conversation, and the model is still sent all of it.
+    shown = chat.assistant_bubbles.all_text_contents()
+    chat.api_requests.clear()  # answers from before a reload cannot be read after it
+    chat.page.reload()
+    expect(chat.user_bubbles).to_have_text([first, second])
+    expect(chat.assistant_bubbles).to_have_text(shown)
+    chat.settings(max_tokens="48", temperature="0")
+    chat.send("And my favourite drink?")
+    chat.wait_state("idle")
+    assert [message["content"] for message in json.loads(chat.calls("chat")[-1][0]["messages"])] == [
+        first,
+        replies[0],
+        second,
+        replies[1],
+    ]
+
     chat.el("clearBtn").click()
     expect(chat.user_bubbles).to_have_count(0)
     expect(chat.el("empty")).to_be_visible()
     chat.send("Hello")
     chat.wait_state("idle")
     assert "messages" not in chat.calls("chat")[-1][0]
+
+
+def test_regenerate_and_edit_send_the_right_messages(open_chat, server):
+    chat = open_chat(server)
+    chat.settings(max_tokens="12", temperature="0.8")
+    for prompt in ("Name a colour.", "Name a fruit."):
+        chat.send(prompt)
+        chat.wait_state("idle")
+    first_reply = chat.kept_turns()[0]["reply"]
+    history = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": first_reply}]
+
+    regenerate = chat.page.locator(f".{chat.prefix}action[data-action=regenerate]")
+    expect(regenerate).to_have_count(2)
+    expect(regenerate.first).to_be_hidden()  # only the last turn
+    regenerate.last.click()
+    chat.wait_state("idle")
+    (_, _), (original, _), (again, _) = chat.calls("chat")
+    assert again["prompt"] == original["prompt"] == "Name a fruit."
+    assert json.loads(again["messages"]) == json.loads(original["messages"]) == history
+    assert "seed" not in original and 0 <= int(again["seed"]) <= 2147483647  # a new sample
+    final = chat.calls("get_command_status")[-1][1]
+    assert [turn["reply"] for turn in chat.kept_turns()] == [first_reply, final["reply"]]
+    expect(chat.user_bubbles).to_have_text(["Name a colour.", "Name a fruit."])
+
+    chat.page.locator(f".{chat.prefix}action[data-action=edit]").last.click()
+    expect(chat.el("prompt")).to_have_value("Name a fruit.")
+    expect(chat.user_bubbles).to_have_text(["Name a colour."])
+    assert len(chat.kept_turns()) == 1
+    chat.el("prompt").fill("Name a vegetable.")
+    chat.el("prompt").press("Enter")
+    chat.wait_state("idle")
+    edited = chat.calls("chat")[-1][0]
+    assert edited["prompt"] == "Name a vegetable." and json.loads(edited["messages"]) == history
 
 
 def test_turns_left_out_to_fit_the_context_are_reported(open_chat, server):
@@ -387,50 +465,65 @@ def test_turns_left_out_to_fit_the_context_are_reported(open_chat, server):
     assert len(json.loads(chat.calls("chat")[-1][0]["messages"])) == 2
 
 
-def test_busy_model_waits_and_never_follows_someone_else_s_chat(open_chat, server):
+QUEUED_TEXT = re.compile(r"^In the queue, waiting: 1 chat ahead(, about \d+ s)?\. Stop leaves the queue\.$")
+
+
+def test_a_chat_behind_a_long_one_waits_in_the_queue_and_stop_leaves_it(open_chat, server):
     chat = open_chat(server)
     chat.settings(max_tokens="16")
 
-    def other_client_chats() -> str:
-        # Started just before the page sends: a long story up to the end of the context, still running however
-        # fast the machine when the page finds the model busy.
-        other = post_form(f"{server}/v1/text/chat", prompt=LONG_PROMPT, max_tokens="2000", temperature="0")
-        assert other["success"]
-        return other["commandId"]
+    def other_client_chats() -> dict:
+        # A long story up to the end of the context: still running (or waiting) however fast the machine.
+        return post_form(f"{server}/v1/text/chat", prompt=LONG_PROMPT, max_tokens="2000", temperature="0")
 
-    def other_status(command_id: str) -> dict:
+    def status_of(command_id: str) -> dict:
         return post_form(f"{server}/v1/LlamaChat/get_command_status", commandId=command_id)
 
-    # Waiting, then giving up with Stop: the other chat is left alone.
-    first_other = other_client_chats()
+    def cancel(command_id: str) -> None:
+        assert post_form(f"{server}/v1/LlamaChat/cancel_command", commandId=command_id)["success"]
+        poll(lambda: status_of(command_id)["commandStatus"] == "completed", 30, "a chat to end")
+
+    # Queued behind another client's chat, then Stop: the page leaves the queue and gives the prompt back.
+    running = other_client_chats()["commandId"]
     chat.send("Say hello.")
-    expect(chat.el("status")).to_contain_text("busy with another chat", timeout=15_000)
-    chat.wait_state("waiting", timeout=5000)
+    expect(chat.el("status")).to_have_text(QUEUED_TEXT, timeout=15_000)
+    chat.wait_state("queued", timeout=5000)
+    expect(chat.user_bubbles).to_have_text(["Say hello."])
     chat.el("stopBtn").click()
-    chat.wait_state("idle", timeout=5000)
+    chat.wait_state("idle", timeout=15_000)
     expect(chat.el("status")).to_have_text("Stopped before the model started.")
     expect(chat.el("prompt")).to_have_value("Say hello.")
     expect(chat.user_bubbles).to_have_count(0)
-    assert chat.calls("cancel_command") == []
-    assert other_status(first_other)["commandStatus"] == "running"
-    assert post_form(f"{server}/v1/LlamaChat/cancel_command", commandId=first_other)["success"]
-    poll(lambda: other_status(first_other)["commandStatus"] == "completed", 30, "the other chat to stop")
+    ((_, ack),) = chat.calls("chat")
+    ((cancel_fields, cancelled),) = chat.calls("cancel_command")
+    assert cancel_fields["commandId"] == ack["commandId"] and cancelled["success"]
+    answers = [answer for _, answer in chat.calls("get_command_status")]
+    assert answers[0]["commandStatus"] == "queued" and answers[0]["queue_position"] == 1
+    assert answers[-1]["commandStatus"] == "completed" and answers[-1]["stop_reason"] == "cancelled"
+    assert status_of(running)["commandStatus"] == "running"  # the other chat is left alone
 
-    # Waiting again; once the other chat ends, ours starts by itself.
-    second_other = other_client_chats()
+    # A full queue (one chat may wait here) is shown as the server's error, once: the page does not retry.
+    waiting = other_client_chats()
+    assert waiting["success"] and status_of(waiting["commandId"])["commandStatus"] == "queued"
     chat.el("prompt").press("Enter")
-    expect(chat.el("status")).to_contain_text("busy with another chat", timeout=15_000)
-    assert post_form(f"{server}/v1/LlamaChat/cancel_command", commandId=second_other)["success"]
-    chat.wait_state("idle")
-    expect(chat.user_bubbles).to_have_text(["Say hello."])
-    assert chat.assistant_bubbles.last.text_content()
+    chat.wait_state("idle", timeout=15_000)
+    refusal = chat.calls("chat")[-1][1]
+    assert refusal["success"] is False and "queue is full" in refusal["error"]
+    expect(chat.el("status")).to_have_text(refusal["error"])
+    expect(chat.el("prompt")).to_have_value("Say hello.")
+    assert len(chat.calls("chat")) == 2
+    cancel(waiting["commandId"])
 
-    refusals = [answer for _, answer in chat.calls("chat") if not answer["success"]]
-    assert len(refusals) >= 2 and all("commandId" not in answer for answer in refusals)
-    used_ids = {
-        fields.get("commandId") for name in ("get_command_status", "cancel_command") for fields, _ in chat.calls(name)
-    }
-    assert not used_ids & {first_other, second_other}
+    # Queued again; once the chat ahead ends, ours starts by itself and its reply arrives.
+    chat.el("prompt").press("Enter")
+    expect(chat.el("status")).to_have_text(QUEUED_TEXT, timeout=15_000)
+    cancel(running)
+    chat.wait_state("idle")
+    expect(chat.el("status")).not_to_have_text(QUEUED_TEXT)
+    assert chat.calls("get_command_status")[-1][1]["reply"] == chat.kept_turns()[-1]["reply"] != ""
+    calls = chat.calls("get_command_status") + chat.calls("cancel_command")
+    used_ids = {fields["commandId"] for fields, _ in calls}
+    assert not used_ids & {running, waiting["commandId"]}  # the page only ever polls or cancels its own chats
 
 
 def test_server_stopped_mid_chat_ends_polling_with_an_error(open_chat, smollm2):
