@@ -195,8 +195,12 @@ class BatchDecoder:
             if not llama_cpp.llama_memory_seq_rm(self._ctx.memory, best.seq_id, cached, -1):
                 cached = 0
                 llama_cpp.llama_memory_seq_rm(self._ctx.memory, best.seq_id, -1, -1)
-            room = self.n_ctx_seq - len(prompt)
-            best.start(chat, self._sampler(chat), room, cached)
+            try:
+                sampler = self._sampler(chat)
+            except (TypeError, ValueError) as ex:  # a sampling setting llama-cpp-python does not take
+                self._end(chat, "error", f"bad sampling settings: {ex}")
+                continue
+            best.start(chat, sampler, self.n_ctx_seq - len(prompt), cached)
 
     def _sampler(self, chat: BatchChat) -> internals.LlamaSampler:
         # llama-cpp-python's own chain for these settings, seeded as create_completion seeds it (the runs hold the

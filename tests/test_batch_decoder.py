@@ -179,6 +179,14 @@ def test_a_prompt_longer_than_the_context_ends_with_an_error(chat, decoder):
         BatchChat([], 8, GREEDY)
 
 
+def test_bad_sampling_settings_end_that_chat_only(chat, decoder, alone):
+    bad = decoder.submit(batch_chat(chat, PROMPTS[1], 8, sampling={"temprature": 0.5}))
+    good = decoder.submit(batch_chat(chat, PROMPTS[1], 8))
+    finished(bad, good)
+    assert bad.stop_reason == "error" and "temprature" in bad.error
+    assert good.reply == alone(PROMPTS[1], 8)
+
+
 def test_closing_cancels_what_runs_and_refuses_more(chat):
     decoder = BatchDecoder(chat.llm, 2, n_ctx=1024)
     streamed = []
