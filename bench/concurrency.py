@@ -33,8 +33,11 @@ from thread_policy import default_max_threads
 
 from . import concurrency_report, machine
 from .__main__ import DEFAULT_MODEL
+from .cpai_client import ChatFailed, CpaiClient
 from .llama_server import LlamaServerEngine
+from .module_bench import chat_fields
 from .report import verdict
+from .threads import start_servers
 from .workload import N_CTX, SAMPLING, SYSTEM_PROMPT
 
 # One prompt per client, each asking for a long text, so that no reply ends long before max_tokens.
@@ -146,6 +149,39 @@ class Server:
         return [_client(job) for job in jobs]
 
 
+class Module:
+    """The module behind our server, started with CPAI_MODULE_LLAMA_PARALLEL as given; each client posts its chat
+    and polls it every poll_s, as the Explorer page does. TTFT is when a client first sees text; tokens/s is the
+    module's own figure; a chat ends for the aggregate when its client sees it completed."""
+
+    def __init__(self, base_url: str, poll_s: float) -> None:
+        self.base_url, self.poll_s = base_url, poll_s
+
+    def run(self, prompts: list[str], system_prompt: str, max_tokens: int) -> list[dict[str, Any]]:
+        started = time.perf_counter()
+
+        def client(prompt: str) -> dict[str, Any]:
+            cpai = CpaiClient(self.base_url)
+            try:
+                trace = cpai.follow(cpai.start_chat(chat_fields(prompt, [], max_tokens, system_prompt)), self.poll_s)
+            finally:
+                cpai.close()
+            final = trace.final
+            if not final.get("success"):
+                raise ChatFailed(f"the chat failed: {final.get('error') or final}")
+            seen = next((p.at for p in trace.polls if p.reply_chars), None)
+            return {
+                "ttft_ms": None if seen is None else (seen - started) * 1000,
+                "tokens_per_second": final["tokens_per_second"] or None,
+                "tokens": final["completion_tokens"],
+                "end_s": trace.polls[-1].at - started,
+                "text": final["reply"],
+            }
+
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            return list(pool.map(client, prompts))
+
+
 def measure(engines: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     for engine in engines.values():  # one-time costs (buffers, template compilation) are not measured
         engine.run(PROMPTS[:1], SYSTEM_PROMPT, 8)
@@ -167,6 +203,11 @@ def measure(engines: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]
                     texts[key] = [chat.pop("text") for chat in chats]
                     runs[key][str(clients)].append(chats)
                 same_replies["batched"] += sum(a == b for a, b in zip(texts["batched"], texts["sequential"]))
+                if "module_parallel" in texts:
+                    pairs = zip(texts["module_parallel"], texts["module_queue"])
+                    same_replies["module_parallel"] = same_replies.get("module_parallel", 0) + sum(
+                        a == b for a, b in pairs
+                    )
                 same_replies["of"] += clients
     results["same_replies"] = same_replies
     results["runs"] = runs
@@ -188,6 +229,12 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=default_max_threads(), help="CPU threads of every engine")
     parser.add_argument("--pause", type=float, default=0.5, metavar="SECONDS", help="before each engine's turn")
     parser.add_argument(
+        "--module",
+        action="store_true",
+        help="also the module through our server: CPAI_MODULE_LLAMA_PARALLEL=1 (the queue) and = the most clients",
+    )
+    parser.add_argument("--poll-ms", type=float, default=50, help="the module's clients' pause between polls")
+    parser.add_argument(
         "--llama-server", type=Path, help="llama.cpp's llama-server binary, the anchor (its row is left out without)"
     )
     machine.add_wait_idle_option(parser)
@@ -196,8 +243,10 @@ def main(argv=None) -> int:
         parser.error(f"no model at {args.model}: run `bash install.sh --small` for SmolLM2-135M, or pass --model PATH")
     if args.llama_server is not None and not args.llama_server.is_file():
         parser.error(f"--llama-server {args.llama_server}: no such file")
-    if args.repeats < 1 or args.tokens < 2 or args.threads < 1 or args.pause < 0:
-        parser.error("--repeats and --threads must be at least 1, --tokens at least 2, --pause at least 0")
+    if args.repeats < 1 or args.tokens < 2 or args.threads < 1 or args.pause < 0 or args.poll_ms <= 0:
+        parser.error(
+            "--repeats and --threads must be at least 1, --tokens at least 2, --pause at least 0, --poll-ms above 0"
+        )
     if not all(1 <= n <= len(PROMPTS) for n in args.clients):
         parser.error(f"--clients must be from 1 to {len(PROMPTS)}")
     args.clients = sorted(set(args.clients))
@@ -217,6 +266,7 @@ def main(argv=None) -> int:
             "n_ctx_per_chat": N_CTX,
             "sequences": n_seq,
             "pause_s": args.pause,
+            "poll_interval_s": args.poll_ms / 1000 if args.module else None,
         },
         "load_start": machine.wait_until_idle(args.wait_idle, say),
     }
@@ -226,6 +276,14 @@ def main(argv=None) -> int:
         stack.callback(chat.close)
         engines: dict[str, Any] = {"sequential": Sequential(chat)}
         engines["batched"] = Batched(chat, n_seq)
+        if args.module:
+            say(f"starting python -m llamachat_server with CPAI_MODULE_LLAMA_PARALLEL 1 and {n_seq}")
+            modules = {
+                key: {"CPAI_MODULE_LLAMA_THREADS": str(args.threads), "CPAI_MODULE_LLAMA_PARALLEL": str(parallel)}
+                for key, parallel in (("module_queue", 1), ("module_parallel", n_seq))
+            }
+            for key, base_url in start_servers(stack, args.model, modules).items():
+                engines[key] = Module(base_url, args.poll_ms / 1000)
         if args.llama_server:
             say(f"starting {args.llama_server} with --parallel {n_seq}")
             log = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "llama-server.log"

@@ -131,17 +131,19 @@ def test_openai_stream_bench_times_the_stream_beside_raw_and_writes_its_files(sm
 def test_concurrency_bench_compares_the_queue_with_the_batched_engine_and_writes_its_files(smollm2, tmp_path):
     files = {"concurrency.json", "concurrency.md", "concurrency.png"}
     args = ("--model", str(smollm2), "--repeats", "1", "--tokens", "6", "--clients", "1", "2", "--pause", "0")
-    out = bench_results("bench.concurrency", tmp_path / "results", files, *args)
+    out = bench_results("bench.concurrency", tmp_path / "results", files, *args, "--module", "--poll-ms", "20")
     assert (out / "concurrency.png").read_bytes().startswith(b"\x89PNG")
     results = json.loads((out / "concurrency.json").read_text())
-    assert set(results["summary"]) == {"sequential", "batched"}  # no --llama-server: its row is left out
+    # No --llama-server: its row is left out.
+    assert set(results["summary"]) == {"sequential", "batched", "module_queue", "module_parallel"}
     for engine, by_clients in results["summary"].items():
         for clients in ("1", "2"):
             assert by_clients[clients]["aggregate_tokens_per_second"]["median"] > 0, (engine, clients)
             assert by_clients[clients]["ttft_ms_p50"] > 0 and by_clients[clients]["tokens"]["n"] == int(clients)
-    assert results["same_replies"]["of"] == 3
+    assert results["same_replies"]["of"] == 3 and "module_parallel" in results["same_replies"]
     goals = {g["goal"]: g for g in results["goals"]}
     assert goals["2 clients: batched aggregate >= 1.5 x sequential"]["measured"] > 0
+    assert goals["2 clients: module_parallel aggregate >= 1.5 x module_queue"]["measured"] > 0
     assert goals["2 clients: batched aggregate >= 0.9 x llama_server"]["met"] is None
     report = (out / "concurrency.md").read_text()
     assert "| batched engine (batch_decoder.py) | 2 |" in report and "pass `--llama-server PATH`" in report
