@@ -204,10 +204,8 @@ def measure(engines: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]
                     runs[key][str(clients)].append(chats)
                 same_replies["batched"] += sum(a == b for a, b in zip(texts["batched"], texts["sequential"]))
                 if "module_parallel" in texts:
-                    pairs = zip(texts["module_parallel"], texts["module_queue"])
-                    same_replies["module_parallel"] = same_replies.get("module_parallel", 0) + sum(
-                        a == b for a, b in pairs
-                    )
+                    same = sum(a == b for a, b in zip(texts["module_parallel"], texts["module_queue"]))
+                    same_replies["module_parallel"] = same_replies.get("module_parallel", 0) + same
                 same_replies["of"] += clients
     results["same_replies"] = same_replies
     results["runs"] = runs
