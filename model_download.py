@@ -10,9 +10,7 @@ from __future__ import annotations
 import http.client
 import os
 import shutil
-import ssl
 import urllib.request
-from contextlib import suppress
 from pathlib import Path
 
 from model_file import ModelRecord, sha256_of, write_record
@@ -31,17 +29,6 @@ def free_disk_bytes(folder: Path) -> int:
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     return shutil.disk_usage(folder).free
-
-
-def tls_context() -> ssl.SSLContext:
-    """The system's certificates plus certifi's (installed with huggingface_hub): a python.org Python on macOS has
-    none of its own until its "Install Certificates" step is run."""
-    context = ssl.create_default_context()
-    with suppress(ImportError):
-        import certifi
-
-        context.load_verify_locations(certifi.where())
-    return context
 
 
 def part_path(target: Path) -> Path:
@@ -104,7 +91,7 @@ def _fetch_rest(url: str, headers: dict[str, str], part, size: int) -> None:
     if have == size:
         return
     request = urllib.request.Request(url, headers={**headers, "Range": f"bytes={have}-"})
-    with urllib.request.urlopen(request, timeout=TIMEOUT_S, context=tls_context()) as response:
+    with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
         if response.status != 206 or not response.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
             # The server sends the whole file instead of the rest: start again from its first byte.
             part.seek(0)
