@@ -22,6 +22,8 @@ DEFAULT = read_default_model()
 MODULE_FILES = (
     "install.sh",
     "fetch_model.py",
+    "model_download.py",
+    "model_file.py",
     "llama_settings.py",
     "llama_chat_adapter.py",
     "requirements.txt",
