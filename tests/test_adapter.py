@@ -1,5 +1,6 @@
 """The adapter on the real SmolLM2 model, driven through the SDK's RequestData and the handlers its loop calls."""
 
+import gc
 import json
 import subprocess
 import sys
@@ -296,6 +297,24 @@ def test_statistics_count_finished_chats_not_acknowledgements(adapter):
     run_chat(adapter, prompt="Hi", max_tokens=4)
     adapter.update_statistics({"success": True, "commandStatus": "running"})  # the SDK's call for the ack
     assert adapter._successful_inferences == before + 1
+
+
+def test_chats_leave_no_samplers_behind_though_the_loaded_objects_are_frozen(smollm2, monkeypatch):
+    # llama-cpp-python makes a sampler per completion inside a reference cycle; the collection after each chat frees
+    # it. initialise() froze what was loaded, so that collection is quick, and must still find the chats' samplers.
+    from llama_cpp._internals import LlamaSampler
+
+    adapter = load_adapter(monkeypatch, smollm2)  # its own: any adapter's cleanup() unfreezes the whole process
+    try:
+        assert gc.get_freeze_count() > 0
+        for _ in range(3):
+            run_chat(adapter, prompt="Hi", max_tokens=4)
+        adapter.llama_thread.submit(lambda: None).result()  # the collection queued behind the last chat has run
+        # The latest completion's sampler is still referenced by the model until the next one replaces it.
+        assert sum(isinstance(o, LlamaSampler) for o in gc.get_objects()) <= 1
+    finally:
+        adapter.cleanup()
+    assert gc.get_freeze_count() == 0
 
 
 def test_module_status_names_the_model_and_the_device(adapter):

@@ -119,13 +119,16 @@ def test_openai_stream_bench_times_the_stream_beside_raw_and_writes_its_files(sm
     args = ("--model", str(smollm2), "--threads", "1", "--repeats", "2", "--tokens", "8")
     out = bench_results("bench.openai_stream", tmp_path / "results", files, *args)
     measured = json.loads((out / "openai_stream.json").read_text())["by_threads"]["1"]
-    assert len(measured["raw"]) == len(measured["openai_stream"]) == 2
+    assert len(measured["raw"]) == len(measured["openai_stream"]) == len(measured["module_quiet"]) == 2
+    assert all(run["tokens"] == 8 and run["module_tokens_per_second"] > 0 for run in measured["module_quiet"])
     for run in measured["openai_stream"]:
         # The client's count is the module's, and the module's own TTFT is read for the same chat.
         assert run["tokens"] == 8 and run["chunks"] >= 1 and run["module_ttft_ms"] > 0
         assert abs(run["ttft_gap_ms"] - (run["ttft_ms"] - run["module_ttft_ms"])) < 0.11  # both rounded to 0.1 ms
     assert set(measured["goals"]) == {"ttft_gap_ms", "ttft_gap_met", "speed_ratio", "speed_met"}
-    assert "| openai client, streamed from /v1/chat/completions |" in (out / "openai_stream.md").read_text()
+    report = (out / "openai_stream.md").read_text()
+    assert "| openai client, streamed from /v1/chat/completions |" in report
+    assert "| module, polled once a second (reference) |" in report and "stream ÷ that module: " in report
 
 
 def test_concurrency_bench_compares_the_queue_with_the_batched_engine_and_writes_its_files(smollm2, tmp_path):

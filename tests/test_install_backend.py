@@ -22,7 +22,7 @@ import pytest
 
 from fetch_model import MODULE_DIR
 from hf_standin import hub_env, unreachable_hub_url
-from test_install_script import MODULE_FILES, run_bash, source_like_the_server
+from test_install_script import copy_module, run_bash, source_like_the_server
 
 # What the fake nvidia-smi prints: with -L its GPU list, else the header of its table, which carries the CUDA version.
 FAKE_NVIDIA_SMI_GPU_LIST = "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-00000000-0000-0000-0000-000000000000)"
@@ -76,15 +76,6 @@ def silent_port() -> Iterator[str]:
         listener.bind(("127.0.0.1", 0))
         listener.listen(8)
         yield f"http://127.0.0.1:{listener.getsockname()[1]}/whl/cpu"
-
-
-def copy_module(tmp_path: Path) -> Path:
-    folder = tmp_path / "LlamaChat"
-    folder.mkdir()
-    for name in [*MODULE_FILES, *(path.name for path in MODULE_DIR.glob("requirements*.txt"))]:
-        (folder / name).parent.mkdir(exist_ok=True)
-        shutil.copy(MODULE_DIR / name, folder / name)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import pytest
 from fetch_model import MODULE_DIR, SMALL_MODEL_FILENAME, read_default_model
 from hf_standin import hub_env, unreachable_hub_url
 from llama_settings import LlamaSettings
+from model_file import ModelRecord, sha256_of, write_record
 
 DEFAULT = read_default_model()
 FILEGLOB = LlamaSettings.from_env({}).model_fileglob
@@ -79,3 +80,17 @@ def test_install_without_the_hub_leaves_a_model_the_module_runs_on(tmp_path):
     assert Path(loaded["model_path"]).name == SMALL_MODEL_FILENAME
     assert DEFAULT.repo_id in loaded["fallback_reason"]  # the warning says why the default model is not used
     assert loaded["reply"].strip() and loaded["completion_tokens"] > 0
+
+
+def test_a_truncated_model_is_not_loaded_but_downloaded_again_at_start(hub, tmp_path, smollm2):
+    models = tmp_path / "models"
+    models.mkdir()
+    model_file = models / DEFAULT.filename
+    model_file.write_bytes(smollm2.read_bytes()[: smollm2.stat().st_size // 2])
+    write_record(model_file, ModelRecord(smollm2.stat().st_size, sha256_of(smollm2), "the test's record"))
+
+    loaded = load_and_chat(hub_env(hub.url, tmp_path), models)
+    assert hub.fetched(DEFAULT.filename)  # huggingface_hub saw the hash differ from the Hub's and fetched it again
+    assert Path(loaded["model_path"]).resolve() == model_file.resolve()
+    assert filecmp.cmp(model_file, smollm2, shallow=False)
+    assert loaded["fallback_reason"] is None and loaded["completion_tokens"] > 0

@@ -15,30 +15,24 @@ import pytest
 
 from fetch_model import MODULE_DIR, SMALL_MODEL_FILENAME, read_default_model
 from hf_standin import hub_env, unreachable_hub_url
+from package_module import runtime_files
 
 DEFAULT = read_default_model()
-# What install.sh and fetch_model.py use: fetch_model.py reads its settings with llama_settings.py, which reads
-# modulesettings.json with the standalone server's code.
-MODULE_FILES = (
-    "install.sh",
-    "fetch_model.py",
-    "llama_settings.py",
-    "llama_chat_adapter.py",
-    "requirements.txt",
-    "modulesettings.json",
-    "llamachat_server/__init__.py",
-    "llamachat_server/settings.py",
-)
 PROJECT_PYTHON = MODULE_DIR / ".venv" / "bin" / "python"
+
+
+def copy_module(tmp_path: Path) -> Path:
+    """A module folder as a user has it: the files the package ships (package_module.py), nothing else."""
+    folder = tmp_path / "LlamaChat"
+    for name in runtime_files():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(MODULE_DIR / name, folder / name)
+    return folder
 
 
 @pytest.fixture
 def module_dir(tmp_path) -> Path:
-    folder = tmp_path / "LlamaChat"
-    folder.mkdir()
-    for name in MODULE_FILES:
-        (folder / name).parent.mkdir(exist_ok=True)
-        shutil.copy(MODULE_DIR / name, folder / name)
+    folder = copy_module(tmp_path)
     (folder / ".venv").symlink_to(MODULE_DIR / ".venv", target_is_directory=True)
     return folder
 
