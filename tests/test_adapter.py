@@ -58,8 +58,8 @@ def test_completion_tokens_are_the_model_s_tokens_not_streamed_pieces(adapter):
     prompt = "Say it again, exactly."
     final = run_chat(adapter, prompt=prompt, messages=json.dumps(history), temperature=0, max_tokens=24)
     assert sum(ord(c) > 0xFFFF for c in final["reply"]) >= 3, final["reply"]
-    usage = adapter.llama_thread.submit(
-        lambda: adapter.llama_chat.do_chat(prompt, None, history, temperature=0, max_tokens=24)
+    usage = adapter.runner.llama_thread.submit(
+        lambda: adapter.runner.llama_chat.do_chat(prompt, None, history, temperature=0, max_tokens=24)
     ).result()["usage"]
     assert final["completion_tokens"] == usage["completion_tokens"] > len(final["reply"])
 
@@ -309,7 +309,7 @@ def test_chats_leave_no_samplers_behind_though_the_loaded_objects_are_frozen(smo
         assert gc.get_freeze_count() > 0
         for _ in range(3):
             run_chat(adapter, prompt="Hi", max_tokens=4)
-        adapter.llama_thread.submit(lambda: None).result()  # the collection queued behind the last chat has run
+        adapter.runner.llama_thread.submit(lambda: None).result()  # the collection queued behind the last chat has run
         # The latest completion's sampler is still referenced by the model until the next one replaces it.
         assert sum(isinstance(o, LlamaSampler) for o in gc.get_objects()) <= 1
     finally:
@@ -405,8 +405,10 @@ def test_adaptive_threads_leave_a_busy_core_to_the_process_using_it(smollm2):
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
     try:
         assert adaptive.module_status()["threadMode"] == "adaptive"
-        assert adaptive.threads.max_threads >= 1
-        wait_until(lambda: adaptive.threads._load.cores() >= 0.8, what="the load monitor to see the busy process")
+        assert adaptive.runner.threads.max_threads >= 1
+        wait_until(
+            lambda: adaptive.runner.threads._load.cores() >= 0.8, what="the load monitor to see the busy process"
+        )
         final = run_chat(adaptive, prompt="Write a long story about a dragon.", max_tokens=24, temperature=0)
         assert final["success"] and final["completion_tokens"] > 0
         assert 1 <= final["threads"] <= usable_cpus() - 1

@@ -218,7 +218,7 @@ def test_real_chat_cancelled_while_being_prepared_stops_before_the_model_runs(sm
     try:
         # Hold the llama thread so the chat is certainly still being prepared when the cancel arrives.
         release = threading.Event()
-        adapter.llama_thread.submit(release.wait)
+        adapter.runner.llama_thread.submit(release.wait)
         history = natural_history(200)
         ack = start_chat(adapter, prompt="Summarise our talk.", messages=json.dumps(history), max_tokens=200)
         assert ack["success"]

@@ -84,7 +84,14 @@ def test_the_package_is_a_zip_of_exactly_the_runtime_files(package):
         if name.split("/")[0] not in LEFT_OUT_FOLDERS and name not in LEFT_OUT_FILES and ".development." not in name
     }
     assert names == shipped  # no __pycache__, model, venv or developer's settings from the working tree either
-    assert {"llama_chat_adapter.py", "modulesettings.json", "requirements.txt", "install.sh", "install.bat"} <= names
+    assert {
+        "llama_chat_adapter.py",
+        "chat_runner.py",
+        "modulesettings.json",
+        "requirements.txt",
+        "install.sh",
+        "install.bat",
+    } <= names
     assert install_mode & stat.S_IXUSR
 
 

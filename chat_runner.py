@@ -1,0 +1,165 @@
+"""ChatRunner: runs a queued chat on the model, from fitting its conversation to the context to its last token.
+
+It owns what running a chat needs: the LlamaChat, the one llama thread every call into the model runs on, the
+ContextFitter, the ThreadPolicy and, with CPAI_MODULE_LLAMA_PARALLEL above 1, batch_decoder's BatchDecoder, which
+decodes the chats together in one context (bench/results/concurrency.md has the measurements). The adapter feeds it
+chats from its queue and answers the SDK; stop() and close() shut it down behind the chat that is running.
+"""
+
+from __future__ import annotations
+
+import gc
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+from codeproject_ai_sdk import JSON
+
+from batch_decoder import BatchChat, BatchDecoder
+from chat_job import FINISH_REASONS, ChatJob
+from chat_queue import QueuedChat
+from chat_request import ChatError, ChatRequest
+from context_fit import ContextFitter, FitCancelled, FittedChat
+from llama_chat import LlamaChat
+from thread_policy import ThreadPolicy
+
+SHUTTING_DOWN = "The module is shutting down; the chat did not start"
+
+
+class ChatRunner:
+    def __init__(self, report_error: Callable[[Exception, str], None]) -> None:
+        self.report_error = report_error  # the SDK's: a bug goes to the server's log
+        self.llama_chat: LlamaChat | None = None  # None until load(), and again once stop() has run
+        self.fitter: ContextFitter | None = None
+        self.threads: ThreadPolicy | None = None
+        self.decoder: BatchDecoder | None = None  # with CPAI_MODULE_LLAMA_PARALLEL > 1: decodes the chats together
+        # Everything that touches the model runs on this one thread: loading, fitting the conversation (tokenizing),
+        # generating, thread changes and closing; process() only reads the request. (Only the model-free queries at
+        # start-up, the GPU backend and the log hook, run on the SDK's thread.) llama.cpp's OpenMP keeps a team of
+        # worker threads for each thread that calls it: chats on the SDK's changing executor threads piled up teams
+        # that fought over the cores and halved generation speed (measured in bench/).
+        self.llama_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
+
+    def load(self, pinned_threads: int, parallel: int, n_ctx: int, **model: Any) -> LlamaChat:
+        """Loads the model (LlamaChat's other keywords) on the llama thread, with parallel > 1 the decoder too.
+
+        pinned_threads: the thread count, 0 for adaptive. Raises what LlamaChat raises (ModelLoadError, ValueError).
+        """
+        self.threads = ThreadPolicy(pinned=pinned_threads)
+        self.llama_chat = self.llama_thread.submit(
+            LlamaChat, n_ctx=n_ctx, n_threads=self.threads.threads, **model
+        ).result()
+        if parallel > 1:
+            # Its worker is then the only thread that computes: the llama thread only loads and tokenizes. A
+            # second OpenMP team, even idle, slowed the working one by ~30 % (bench/concurrency.py).
+            self.decoder = self.llama_thread.submit(BatchDecoder, self.llama_chat.llm, parallel, n_ctx).result()
+        self.fitter = ContextFitter(self.llama_chat)
+        return self.llama_chat
+
+    def run(self, queued: QueuedChat) -> JSON:
+        """Runs a chat: fits it on the llama thread, then generates there or, in parallel mode, in the decoder."""
+        chat = self.llama_chat
+        job = ChatJob(queued.command_id, chat.model_name if chat else "", bool(chat and chat.fallback_reason))
+        queued.job = job
+
+        def cancelled() -> bool:
+            return queued.cancel_requested
+
+        try:
+            if chat is None:  # cleanup() closed the model before this chat reached the llama thread
+                raise ChatError(SHUTTING_DOWN)
+            request: ChatRequest = queued.request
+            fitted = self.llama_thread.submit(self.fitter.fit, request, cancelled).result()
+        except ChatError as ex:
+            return job.finish("error", str(ex))
+        except FitCancelled:
+            return job.finish("cancelled")
+        if self.decoder is not None:
+            return self._generate_batched(job, request, fitted, cancelled)
+        return self.llama_thread.submit(self._generate, job, request, fitted, cancelled).result()
+
+    def collect_garbage(self) -> None:
+        """Queues a full collection on the llama thread, behind the chat that just ended."""
+        # llama-cpp-python 0.3.36 makes a sampler per completion whose native memory sits in a reference cycle,
+        # so only a full collection frees it: without this the process grew 12 % over 100 chats (bench/). Queued
+        # behind the chat, it delays no reply, only a waiting chat's start, by ~7 ms (SmolLM2, this machine).
+        self.llama_thread.submit(gc.collect)
+
+    def _generate(self, job: ChatJob, request: ChatRequest, fitted: FittedChat, cancelled: Callable[[], bool]) -> JSON:
+        chat = self.llama_chat
+        if chat is None:  # cleanup() closed the model before this chat reached the llama thread
+            return job.finish("error", SHUTTING_DOWN)
+        job.threads = self.threads.update(chat.set_threads, force=True)
+        job.begin_inference(len(fitted.prompt_tokens), chat.cached_prefix(fitted.prompt_tokens), fitted.dropped_turns)
+        stop_reason, error = "completed", None
+        stream = None
+        try:
+            stream = chat.do_chat(
+                request.prompt,
+                request.system_prompt,
+                fitted.history,
+                should_abort=cancelled,
+                stream=True,
+                max_tokens=request.max_tokens,
+                **request.sampling,
+            )
+            for chunk in stream:
+                if cancelled():
+                    break
+                job.threads = self.threads.update(chat.set_threads)  # the load may change during a long reply
+                choice = chunk["choices"][0]
+                job.add_text(choice["delta"].get("content") or "", chat.generated_tokens)
+                if choice.get("finish_reason"):
+                    stop_reason = FINISH_REASONS.get(choice["finish_reason"], "completed")
+        except Exception as ex:
+            # A cancel aborts llama_decode, which raises; anything else is a real failure, reported with the text so far
+            if not cancelled():
+                self.report_error(ex, __file__)
+                stop_reason, error = "error", f"Generation failed after {chat.generated_tokens} tokens: {ex}"
+        finally:
+            if stream is not None:
+                stream.close()
+        job.count_tokens(chat.generated_tokens)
+        if cancelled():
+            stop_reason, error = "cancelled", None
+        return job.finish(stop_reason, error)
+
+    def _generate_batched(
+        self, job: ChatJob, request: ChatRequest, fitted: FittedChat, cancelled: Callable[[], bool]
+    ) -> JSON:
+        decoder, chat = self.decoder, self.llama_chat
+        if chat is None:  # cleanup() closed the model before this chat started
+            return job.finish("error", SHUTTING_DOWN)
+        # The template's end-of-turn markers are stop strings too, as create_chat_completion adds them.
+        sampling = {**request.sampling, "stop": [*request.sampling.get("stop", []), *chat.template.stops]}
+        batch = BatchChat(fitted.prompt_tokens, request.max_tokens, sampling, should_abort=cancelled)
+
+        def on_text(text: str, tokens: int) -> None:  # on the decoder's thread, between two steps
+            job.cached_tokens = batch.cached_tokens
+            job.threads = self.threads.update(decoder.set_threads)  # the load may change during a long reply
+            job.add_text(text, tokens)
+
+        batch.on_text = on_text
+        job.threads = self.threads.threads
+        job.begin_inference(len(fitted.prompt_tokens), 0, fitted.dropped_turns)
+        try:
+            decoder.submit(batch)
+        except RuntimeError:  # cleanup() has closed the decoder
+            return job.finish("error", SHUTTING_DOWN)
+        batch.wait()
+        job.cached_tokens = batch.cached_tokens
+        job.count_tokens(batch.completion_tokens)
+        error = batch.error and f"Generation failed after {batch.completion_tokens} tokens: {batch.error}"
+        return job.finish(batch.stop_reason, error)
+
+    def stop(self) -> LlamaChat | None:
+        """From now on a chat that reaches the model ends with SHUTTING_DOWN. Returns the model for close(), None
+        where there is none (it never loaded, or stop() ran before)."""
+        chat, self.llama_chat = self.llama_chat, None
+        return chat
+
+    def close(self, chat: LlamaChat) -> None:
+        """Frees the model stop() returned, once the queue has ended its waiting chats and asked the running to stop."""
+        if self.decoder is not None:
+            self.decoder.close()  # its running chats end as cancelled, as the queue has asked them to
+        self.llama_thread.submit(chat.close).result()  # on its own thread, behind the chat running there
+        self.threads.close()
