@@ -11,7 +11,7 @@ import numpy
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .report import write_files  # noqa: E402
+from .report import goals_table, write_files  # noqa: E402
 from .stats import summary  # noqa: E402
 
 ENGINES = [
@@ -113,15 +113,7 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "## Goals",
         "",
-        "| Goal | Measured | Limit | Met | Detail |",
-        "|---|---|---|---|---|",
-    ]
-    for g in results["goals"]:
-        lines.append(
-            f"| {g['goal']} | {g['measured']} | {g['limit']} | "
-            f"{ {True: 'yes', False: '**no**', None: '–'}[g['met']] } | {g['detail']} |"
-        )
-    lines += [
+        *goals_table(results["goals"]),
         "",
         "## Throughput and latency",
         "",

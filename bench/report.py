@@ -175,12 +175,8 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "## Targets",
         "",
-        "| Target | Measured | Limit | Met | Detail |",
-        "|---|---|---|---|---|",
+        *goals_table(results["targets"], "target"),
     ]
-    for t in results["targets"]:
-        met = {True: "yes", False: "**no**", None: "–"}[t["met"]]
-        lines.append(f"| {t['target']} | {t['measured']} | {t['limit']} | {met} | {t['detail']} |")
 
     lines += [
         "",
@@ -370,6 +366,15 @@ def chart(results: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def goals_table(goals: list[dict[str, Any]], name: str = "goal") -> list[str]:
+    """Markdown lines of a table of targets or goals: what, measured, limit, met, detail."""
+    lines = [f"| {name.capitalize()} | Measured | Limit | Met | Detail |", "|---|---|---|---|---|"]
+    for g in goals:
+        met = {True: "yes", False: "**no**", None: "–"}[g["met"]]
+        lines.append(f"| {g[name]} | {g['measured']} | {g['limit']} | {met} | {g['detail']} |")
+    return lines
 
 
 def verdict(met: bool | None) -> str:

@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .report import write_files  # noqa: E402
+from .report import goals_table, write_files  # noqa: E402
 
 ENGINES = [
     ("raw_all", "raw llama-cpp-python, all cores"),
@@ -116,15 +116,7 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "## Goals",
         "",
-        "| Goal | Measured | Limit | Met | Detail |",
-        "|---|---|---|---|---|",
-    ]
-    for g in results["goals"]:
-        lines.append(
-            f"| {g['goal']} | {g['measured']} | {g['limit']} | "
-            f"{ {True: 'yes', False: '**no**', None: '–'}[g['met']] } | {g['detail']} |"
-        )
-    lines += [
+        *goals_table(results["goals"]),
         "",
         "## Tokens/s, time to first token, threads used",
         "",
