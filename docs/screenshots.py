@@ -47,9 +47,10 @@ def main() -> None:
     with running_server(smollm2_path(), server_args=("--allow-origin", "null")) as base_url, sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         viewport = {"width": 1000, "height": 1200}
-        # Light: in our server's Explorer, the card cut out of the page.
+        # Light: in our server's Explorer (dark at first, as the real one: its toggle), the card cut out of the page.
         page = browser.new_page(viewport=viewport)
         page.goto(f"{base_url}/")
+        page.get_by_role("button", name="Switch to light mode").click()
         chat(page, "LlamaChat_")
         page.locator(".moduleui").screenshot(path=DOCS / "explorer-chat-light.png")
         # Dark: explore.html opened on its own, following the system's dark mode.

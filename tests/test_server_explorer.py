@@ -10,6 +10,7 @@ import pytest
 import requests
 
 from live_server import ROOT, running_server
+from test_explorer_markdown import luminance
 
 STYLE = "._MID_card { color: rgb(1, 2, 3); }"
 MARKUP = """<div class="_MID_card" id="_MID_panel">
@@ -105,3 +106,32 @@ def test_explorer_page_runs_the_module_ui_and_chats_through_the_helpers(base_url
     assert requested and all(url.startswith(base_url) for url in requested)
     assert f"{base_url}/v1/text/chat" in requested
     assert f"{base_url}/v1/LlamaChat/get_command_status" in requested
+
+
+def test_explorer_starts_dark_and_the_toggle_switches_module_uis_too(base_url, browser):
+    """As the real Explorer: dark at first, a header toggle (a labelled button, so also from the keyboard) switches
+    the dark-mode class on <body> that module UIs style themselves by."""
+    with browser.new_context(color_scheme="light") as context:
+        page = context.new_page()
+        page.goto(f"{base_url}/")
+        page.wait_for_selector("#LlamaChat_panel", timeout=30_000)
+        toggle = page.get_by_role("button", name="Switch to light mode")
+
+        def look():
+            return page.evaluate(
+                """() => [document.body.classList.contains("dark-mode"),
+                          getComputedStyle(document.body).backgroundColor,
+                          getComputedStyle(document.querySelector(".card")).backgroundColor]"""
+            )
+
+        dark, body, card = look()
+        assert dark and luminance(body) < 0.2 and luminance(card) < 0.2
+
+        toggle.focus()
+        page.keyboard.press("Enter")
+        dark, body, card = look()
+        assert not dark and luminance(body) > 0.8 and luminance(card) > 0.8
+        assert page.get_by_role("button", name="Switch to dark mode").count() == 1
+
+        page.get_by_role("button", name="Switch to dark mode").click()
+        assert look()[0]

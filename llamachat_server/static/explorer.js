@@ -168,6 +168,19 @@ async function makePOST(path, key, value) {
     }
 }
 
+// ---- Colour mode ----------------------------------------------------------------------------------
+
+// The real Explorer starts dark and switches with a toggle in its header, by the dark-mode class on <body> that
+// module UIs style themselves by.
+function toggleColourMode() {
+    const dark = document.body.classList.toggle("dark-mode");
+    const toggle = document.getElementById("colourModeToggle");
+    const label = dark ? "Switch to light mode" : "Switch to dark mode";
+    toggle.textContent = dark ? "☀️" : "🌙";
+    toggle.setAttribute("aria-label", label);
+    toggle.title = label;
+}
+
 // ---- Loading module UIs ----------------------------------------------------------------------------
 
 const insertedModules = new Set();
@@ -230,4 +243,7 @@ async function runExplorer() {
     }
 }
 
-document.addEventListener("DOMContentLoaded", runExplorer);
+document.addEventListener("DOMContentLoaded", () => {
+    document.getElementById("colourModeToggle").addEventListener("click", toggleColourMode);
+    runExplorer();
+});
