@@ -85,7 +85,9 @@ def _cpu_s(process: psutil.Process) -> float:
 
 
 def test_other_load_sees_another_process_busy():
-    load = OtherLoad(interval_s=0.1)
+    # An interval longer than the test: its own thread must not sample meanwhile, which would leave the second
+    # sample() a window of a few ms to compare with the busy process's whole second (a flake on a loaded machine).
+    load = OtherLoad(interval_s=60.0)
     busy = psutil.Popen([sys.executable, "-c", "while True: pass"])
     try:
         load.sample()  # starts a window with the busy process running
