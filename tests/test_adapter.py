@@ -99,7 +99,9 @@ def test_cancel_keeps_the_partial_reply_and_a_late_cancel_does_not_touch_the_nex
     assert nxt["stop_reason"] in ("completed", "length") and nxt["reply"].strip()
 
 
-def test_cancel_during_a_long_prompt_stops_within_200_ms_and_the_model_stays_usable(adapter):
+def test_cancel_during_a_long_prompt_stops_it_and_the_model_stays_usable(adapter):
+    # How fast (≤ 200 ms) is bench/'s to measure (results.md: "cancel during prompt processing"); this test checks that
+    # the prompt's evaluation is abandoned, not finished first.
     long_prompt = "Summarise this text. " + " ".join(
         f"Paragraph {i}: the committee met on a rainy Tuesday to discuss the budget for the new library."
         for i in range(90)
@@ -111,14 +113,12 @@ def test_cancel_during_a_long_prompt_stops_within_200_ms_and_the_model_stays_usa
     # On a CPU this slow the prompt is still being evaluated now; a GPU may be past it, and then the cancel stops
     # the generation instead, within the same time.
     mid_prompt = job.first_token_at is None
-    asked = time.perf_counter()
     cancel(adapter, ack["commandId"])
     wait_until(lambda: chat.result is not None, timeout=5)
-    assert time.perf_counter() - asked < 0.2
     final = status(adapter, ack["commandId"])
     assert final["stop_reason"] == "cancelled"
     if mid_prompt:
-        assert final["completion_tokens"] == 0
+        assert final["completion_tokens"] == 0 and job.first_token_at is None
 
     nxt = run_chat(adapter, prompt="What is the capital of France?", max_tokens=16, temperature=0)
     assert "Paris" in nxt["reply"]
