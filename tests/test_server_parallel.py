@@ -2,6 +2,9 @@
 chats decode at once (a third waits in the queue), each keeps its own cancel and text, and greedy replies are the
 ones the wrapper gives each chat alone. The batched engine itself is tested in tests/test_batch_decoder.py."""
 
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
 import pytest
 import requests
 
@@ -50,12 +53,17 @@ def test_two_chats_decode_at_once_and_a_third_waits(base_url):
     assert follow(base_url, second)["stop_reason"] == "cancelled"
 
 
-def test_greedy_replies_decoded_together_are_the_ones_each_gets_alone(base_url, smollm2):
+@pytest.fixture(scope="module")
+def alone(smollm2) -> list:
+    """The greedy reply the wrapper gives each prompt on its own."""
     chat = LlamaChat.from_file(smollm2, n_ctx=CONTEXT_SIZE, n_threads=1)
     try:
-        alone = [chat.do_chat(p, temperature=0, max_tokens=24)["choices"][0]["message"]["content"] for p in PROMPTS]
+        return [chat.do_chat(p, temperature=0, max_tokens=24)["choices"][0]["message"]["content"] for p in PROMPTS]
     finally:
         chat.close()
+
+
+def test_greedy_replies_decoded_together_are_the_ones_each_gets_alone(base_url, alone):
     ids = [start_chat(base_url, prompt=p, **GREEDY)["commandId"] for p in PROMPTS]
     finals = [follow(base_url, command_id) for command_id in ids]
     assert [f["reply"] for f in finals] == alone
@@ -67,3 +75,23 @@ def test_greedy_replies_decoded_together_are_the_ones_each_gets_alone(base_url, 
 def test_bad_input_is_still_refused_before_it_is_queued(base_url):
     answer = requests.post(f"{base_url}/v1/text/chat", data={"prompt": " "}, timeout=30).json()
     assert answer["success"] is False and "prompt is missing or blank" in answer["error"]
+
+
+def test_two_openai_streams_at_once_each_get_their_own_greedy_reply(base_url, alone):
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="any", max_retries=0)
+
+    def stream(prompt: str) -> tuple:
+        pieces = client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=24, stream=True
+        )
+        text, finish = "", None
+        for piece in pieces:
+            if piece.choices:
+                text += piece.choices[0].delta.content or ""
+                finish = piece.choices[0].finish_reason or finish
+        return text, finish
+
+    with ThreadPoolExecutor(max_workers=len(PROMPTS)) as pool:
+        results = list(pool.map(stream, PROMPTS))
+    assert [text for text, _ in results] == alone
+    assert all(finish in ("stop", "length") for _, finish in results)
