@@ -202,12 +202,7 @@ def main(argv=None) -> int:
         if "llama_server" in engines:
             results["llama_server"]["binary"] = str(args.llama_server)
 
-    results["duration_s"] = round(time.monotonic() - started, 1)
-    results["targets"] = report.evaluate_targets(results)
-    paths = report.write(results, args.out)
-    for t in results["targets"]:
-        say(f"{report.verdict(t['met'])} {t['target']}: {t['measured']} (limit {t['limit']})")
-    say(f"done in {results['duration_s']} s: " + ", ".join(str(p) for p in paths))
+    report.conclude(results, started, "target", report.evaluate_targets, report.write, args.out, say)
     return 0
 
 

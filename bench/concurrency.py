@@ -36,7 +36,7 @@ from .__main__ import DEFAULT_MODEL
 from .cpai_client import ChatFailed, CpaiClient
 from .llama_server import LlamaServerEngine
 from .module_bench import chat_fields
-from .report import verdict
+from .report import conclude
 from .threads import start_servers
 from .workload import N_CTX, SAMPLING, SYSTEM_PROMPT
 
@@ -291,12 +291,7 @@ def main(argv=None) -> int:
         else:
             say("no --llama-server given: its row is left out")
         results.update(measure(engines, args))
-    results["duration_s"] = round(time.monotonic() - started, 1)
-    results["goals"] = concurrency_report.evaluate_goals(results)
-    paths = concurrency_report.write(results, args.out)
-    for goal in results["goals"]:
-        say(f"{verdict(goal['met'])} {goal['goal']}: {goal['measured']} (limit {goal['limit']})")
-    say(f"done in {results['duration_s']} s: " + ", ".join(str(p) for p in paths))
+    conclude(results, started, "goal", concurrency_report.evaluate_goals, concurrency_report.write, args.out, say)
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -375,6 +376,25 @@ def goals_table(goals: list[dict[str, Any]], name: str = "goal") -> list[str]:
         met = {True: "yes", False: "**no**", None: "–"}[g["met"]]
         lines.append(f"| {g[name]} | {g['measured']} | {g['limit']} | {met} | {g['detail']} |")
     return lines
+
+
+def conclude(
+    results: dict[str, Any],
+    started: float,
+    name: str,
+    evaluate: Callable[[dict[str, Any]], list[dict[str, Any]]],
+    write: Callable[[dict[str, Any], Path], list[Path]],
+    out_dir: Path,
+    say: Callable[[str], None],
+) -> None:
+    """A benchmark's ending: its duration, its targets or goals (`name`: "target" or "goal") judged, the results
+    written, and each verdict said."""
+    results["duration_s"] = round(time.monotonic() - started, 1)
+    results[f"{name}s"] = evaluate(results)
+    paths = write(results, out_dir)
+    for g in results[f"{name}s"]:
+        say(f"{verdict(g['met'])} {g[name]}: {g['measured']} (limit {g['limit']})")
+    say(f"done in {results['duration_s']} s: " + ", ".join(str(p) for p in paths))
 
 
 def verdict(met: bool | None) -> str:

@@ -238,12 +238,7 @@ def main(argv=None) -> int:
             engines[key] = ModuleClient(base_url, args.poll_ms / 1000)
             stack.callback(engines[key].close)
         results.update(measure(engines, args, args.loads))
-    results["duration_s"] = round(time.monotonic() - started, 1)
-    results["goals"] = threads_report.evaluate_goals(results)
-    paths = threads_report.write(results, args.out)
-    for goal in results["goals"]:
-        say(f"{report.verdict(goal['met'])} {goal['goal']}: {goal['measured']} (limit {goal['limit']})")
-    say(f"done in {results['duration_s']} s: " + ", ".join(str(p) for p in paths))
+    report.conclude(results, started, "goal", threads_report.evaluate_goals, threads_report.write, args.out, say)
     return 0
 
 
