@@ -24,6 +24,7 @@ class Poll:
     completion_tokens: int
     prompt_tokens: int
     running: bool  # not finished yet: waiting in the module's queue or running
+    threads: int | None = None  # llama.cpp's thread count the module reported (the adaptive mode may change it)
 
 
 @dataclass
@@ -96,6 +97,7 @@ class CpaiClient:
             running=running,
             completion_tokens=status.get("completion_tokens") or 0,
             prompt_tokens=status.get("prompt_tokens") or 0,
+            threads=status.get("threads"),
         )
         trace.polls.append(poll)
         if not running:

@@ -1,7 +1,8 @@
 """python -m bench.threads: generation speed and time to first token when the CPU is shared, for llama.cpp's thread
 choices: raw llama-cpp-python with a fixed count (all cores, one), and the module through our standalone server,
 polled as a client would, with all cores pinned (the old default), one thread pinned, all cores with
-OMP_WAIT_POLICY=PASSIVE, and the adaptive mode (the default). Under three loads: idle, one core kept busy by a
+OMP_WAIT_POLICY=PASSIVE, and the adaptive mode (the default), the last polled both at --poll-ms and at the
+Explorer page's slower pace (--page-poll-ms). Under three loads: idle, one core kept busy by a
 `while True: pass`, and a second llama.cpp process generating without pause (another AI module). Each load runs in
 a session of its own, as another service's processes do (see thread_policy.py for why that matters). Engines take
 turns within each repeat; writes threads.json, threads.md and threads.png into --out.
@@ -12,6 +13,7 @@ import datetime
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
@@ -96,6 +98,7 @@ class ModuleClient:
         final = trace.final
         if not final.get("success"):
             raise ChatFailed(f"the chat failed: {final.get('error') or final}")
+        seen = Counter(p.threads for p in trace.polls if p.running and p.threads is not None)
         return {
             "ttft_ms": trace.client_ttft_ms(),
             "tokens_per_second": trace.client_tokens_per_second(),
@@ -103,6 +106,7 @@ class ModuleClient:
             "module_ttft_ms": final["time_to_first_token_ms"],
             "module_tokens_per_second": final["tokens_per_second"],
             "threads": final.get("threads"),
+            "threads_seen": dict(sorted(seen.items(), reverse=True)),  # thread count -> polls that saw it running
         }
 
     def close(self) -> None:
@@ -185,6 +189,12 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--poll-ms", type=float, default=100, help="the client's pause between status polls")
     parser.add_argument(
+        "--page-poll-ms",
+        type=float,
+        default=250,
+        help="the pause of a second client of the adaptive module, at the Explorer page's pace",
+    )
+    parser.add_argument(
         "--pause",
         type=float,
         default=1.0,
@@ -198,10 +208,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not args.model.is_file():
         parser.error(f"no model at {args.model}: run `bash install.sh --small` for SmolLM2-135M, or pass --model PATH")
-    if args.repeats < 1 or args.tokens < 2 or args.time_box <= 0 or args.poll_ms <= 0 or args.pause < 0:
+    polls = min(args.poll_ms, args.page_poll_ms)
+    if args.repeats < 1 or args.tokens < 2 or args.time_box <= 0 or polls <= 0 or args.pause < 0:
         parser.error(
-            "--repeats must be at least 1, --tokens at least 2, --time-box and --poll-ms more than 0, "
-            "--pause at least 0"
+            "--repeats must be at least 1, --tokens at least 2, --time-box, --poll-ms and --page-poll-ms more "
+            "than 0, --pause at least 0"
         )
 
     cores = default_max_threads()
@@ -216,6 +227,7 @@ def main(argv=None) -> int:
             "tokens": args.tokens,
             "time_box_s": args.time_box,
             "poll_interval_s": args.poll_ms / 1000,
+            "page_poll_interval_s": args.page_poll_ms / 1000,
             "pause_s": args.pause,
             "all_cores": cores,
             "n_ctx": N_CTX,
@@ -234,8 +246,11 @@ def main(argv=None) -> int:
         stack.callback(llm.close)
         engines: dict[str, Callable] = {"raw_all": RawFixed(llm, cores), "raw_one": RawFixed(llm, 1)}
         say(f"starting python -m llamachat_server for {', '.join(modules)}")
-        for key, base_url in start_servers(stack, args.model, modules).items():
-            engines[key] = ModuleClient(base_url, args.poll_ms / 1000)
+        urls = start_servers(stack, args.model, modules)
+        clients = {key: (url, args.poll_ms) for key, url in urls.items()}
+        clients["module_adaptive_page"] = (urls["module_adaptive"], args.page_poll_ms)
+        for key, (base_url, poll_ms) in clients.items():
+            engines[key] = ModuleClient(base_url, poll_ms / 1000)
             stack.callback(engines[key].close)
         results.update(measure(engines, args, args.loads))
     report.conclude(results, started, "goal", threads_report.evaluate_goals, threads_report.write, args.out, say)

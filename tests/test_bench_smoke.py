@@ -83,6 +83,8 @@ def test_threads_bench_measures_every_thread_choice_and_writes_its_files(smollm2
         "8",
         "--poll-ms",
         "20",
+        "--page-poll-ms",
+        "30",
         "--loads",
         "idle",
         "--time-box",
@@ -105,13 +107,20 @@ def test_threads_bench_measures_every_thread_choice_and_writes_its_files(smollm2
         assert summary["threads"]["median"] == threads, key  # a pinned count is what the module computed with
         # All cores collapse when other work takes a core (the tests share the machine): a reply may be cut off.
         assert summary["tokens"]["median"] <= 8
-    assert 1 <= results["idle"]["module_adaptive"]["summary"]["threads"]["median"] <= cores
+    for key in ("module_adaptive", "module_adaptive_page"):  # one adaptive module, polled at two paces
+        assert 1 <= results["idle"][key]["summary"]["threads"]["median"] <= cores
+        seen = results["idle"][key]["runs"][0]["threads_seen"]
+        assert all(1 <= int(threads) <= cores for threads in seen), seen
     assert [g["goal"].split(":")[0] for g in results["goals"]] == [
         "one core busy",
         "idle",
+        "idle, polled every 20 ms",
+        "idle, polled every 30 ms",
         "beside a 2nd llama.cpp process",
     ]
-    assert "| module, adaptive (the default) |" in (out / "threads.md").read_text()
+    report = (out / "threads.md").read_text()
+    assert "| module, adaptive (the default) |" in report
+    assert "| module, adaptive, polled at the Explorer page's pace |" in report
 
 
 def test_openai_stream_bench_times_the_stream_beside_raw_and_writes_its_files(smollm2, tmp_path):
