@@ -79,6 +79,45 @@ def test_adaptive_rereads_the_load_at_most_once_per_interval_unless_forced(monke
     assert policy.update(applied.append, force=True) == 1 and load.reads == 3
 
 
+class ScriptedMachine:
+    """Stands in for the machine's CPU counters (a real machine's load cannot be scripted): each window lasts one
+    second, in which other processes use the next of the scripted loads, in cores."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.now, self.busy = 0.0, 0.0
+        monkeypatch.setattr(thread_policy.time, "monotonic", lambda: self.now)
+        monkeypatch.setattr(thread_policy, "_machine_busy_s", lambda: self.busy)
+        monkeypatch.setattr(thread_policy, "_own_busy_s", lambda: 0.0)
+
+    def window(self, others_cores: float) -> None:
+        self.now += 1.0
+        self.busy += others_cores
+
+
+def test_a_load_costs_a_thread_only_when_it_fills_two_windows(monkeypatch):
+    machine = ScriptedMachine(monkeypatch)
+    load = OtherLoad(interval_s=3600)  # only the explicit samples below
+    policy = ThreadPolicy(max_threads=2, cpus=2, load=load, log=lambda line: None)
+    counts = []
+    for others in [0.0, 0.6, 0.0, 0.3, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0]:
+        machine.window(others)
+        load.sample()
+        counts.append(policy.update(lambda threads: None, force=True))
+    load.close()
+    # Bursts of one window (a poll answered, accounting noise) cost nothing; a busy core costs a thread from its
+    # second window on; a freed core is taken back at once.
+    assert counts == [2, 2, 2, 2, 2, 2, 1, 1, 2, 2]
+
+
+def test_the_first_window_counts_on_its_own(monkeypatch):
+    machine = ScriptedMachine(monkeypatch)
+    load = OtherLoad(interval_s=3600)
+    machine.window(1.0)
+    assert load.sample() == 1.0
+    assert load.cores() == 1.0  # a module starting beside a busy core takes one thread from its first chat
+    load.close()
+
+
 def _cpu_s(process: psutil.Process) -> float:
     times = process.cpu_times()
     return times.user + times.system
