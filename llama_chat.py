@@ -14,9 +14,9 @@ import llama_cpp
 from llama_cpp import CreateChatCompletionResponse, CreateChatCompletionStreamResponse, Llama
 from llama_cpp.llama_chat_format import chat_formatter_to_chat_completion_handler
 
-from chat_template import choose_template
-from llama_log import LLAMA_LOG
-from model_file import quick_problem
+from llamachat.chat_template import choose_template
+from llamachat.llama_log import LLAMA_LOG
+from llamachat.model_file import quick_problem
 
 DEFAULT_SYSTEM_PROMPT = (
     "You're a helpful assistant who answers questions the user asks of you concisely and accurately."

@@ -21,14 +21,14 @@ import threading
 import llama_cpp
 from codeproject_ai_sdk import JSON, LogVerbosity, ModuleRunner, RequestData
 
-import chat_answers
-from chat_job import ChatJob
-from chat_queue import ChatQueue, QueueClosed, QueuedChat, QueueFull
-from chat_request import ChatError, ChatInputs, ChatRequest
-from chat_runner import SHUTTING_DOWN, ChatRunner
+from llamachat import chat_answers
+from llamachat.chat_job import ChatJob
+from llamachat.chat_queue import ChatQueue, QueueClosed, QueuedChat, QueueFull
+from llamachat.chat_request import ChatError, ChatInputs, ChatRequest
+from llamachat.chat_runner import SHUTTING_DOWN, ChatRunner
 from llama_chat import ModelLoadError
-from llama_log import LLAMA_LOG
-from llama_settings import LlamaSettings
+from llamachat.llama_log import LLAMA_LOG
+from llamachat.llama_settings import LlamaSettings
 
 SELFTEST_PROMPT = "How many planets are there in the solar system?"
 # How to fix "no model could be loaded", for the log, the status and a failed self-test.

@@ -6,9 +6,9 @@ package.sh and package.bat call it, as the server's devops/build/create_packages
 folder, with the module id and version, expecting the zip in the module folder. Python's zipfile writes it (GNU tar's
 `tar -caf x.zip` writes a tar whatever the name).
 
-What ships is what the module needs to install and run, in or out of the server: its Python files (the standalone
-server llamachat_server/ included: llama_settings.py reads modulesettings.json with its settings.py, and it is how
-the module runs without CodeProject.AI), the settings (not *.development.*, which are a developer's), the
+What ships is what the module needs to install and run, in or out of the server: its Python files (the engine in
+llamachat/, and the standalone server llamachat_server/: llamachat/llama_settings.py reads modulesettings.json with
+its settings.py, and it is how the module runs without CodeProject.AI), the settings (not *.development.*, which are a developer's), the
 requirements, the install scripts and the Explorer page. Not the tests, benchmarks, docs, models or virtual
 environments.
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 
 MODULE_DIR = Path(__file__).resolve().parent
 RUNTIME_PATTERNS = ("*.py", "modulesettings*.json", "requirements*.txt", "install.sh", "install.bat", "explore.html")
-RUNTIME_FOLDERS = ("llamachat_server",)
+RUNTIME_FOLDERS = ("llamachat", "llamachat_server")
 NOT_SHIPPED = {Path(__file__).name}  # the packager itself
 
 

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from chat_request import MAX_HISTORY_BYTES, MAX_HISTORY_MESSAGES, ChatRequest
-from context_fit import ContextFitter
+from llamachat.chat_request import MAX_HISTORY_BYTES, MAX_HISTORY_MESSAGES, ChatRequest
+from llamachat.context_fit import ContextFitter
 from llama_chat import LlamaChat
 from tests.live_server import ROOT, running_server
 from tests.model_paths import smollm2_path

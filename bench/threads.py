@@ -22,7 +22,7 @@ import llama_cpp
 from llama_cpp import Llama
 
 from tests.live_server import ROOT, running_server
-from thread_policy import default_max_threads
+from llamachat.thread_policy import default_max_threads
 
 from . import machine, report, threads_report
 from .__main__ import DEFAULT_MODEL

@@ -394,7 +394,7 @@ def test_a_pinned_thread_count_is_used_and_shown(adapter):
 
 
 def test_adaptive_threads_leave_a_busy_core_to_the_process_using_it(smollm2):
-    from thread_policy import usable_cpus
+    from llamachat.thread_policy import usable_cpus
 
     if usable_cpus() < 2:
         pytest.skip("one CPU: there is no core to leave")

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from batch_decoder import BatchChat, BatchDecoder
+from llamachat.batch_decoder import BatchChat, BatchDecoder
 from llama_chat import LlamaChat
 
 GREEDY = {"temperature": 0.0, "top_p": 0.95, "top_k": 40, "min_p": 0.05, "repeat_penalty": 1.0}

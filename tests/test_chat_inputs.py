@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from chat_request import (
+from llamachat.chat_request import (
     MAX_HISTORY_BYTES,
     MAX_HISTORY_MESSAGES,
     MAX_STOP_CHARS,

@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-import chat_job
-from chat_job import FINISH_REASONS, ChatJob
+from llamachat import chat_job
+from llamachat.chat_job import FINISH_REASONS, ChatJob
 from conftest import ROOT
 from module_harness import METRICS
 

@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from chat_job import ChatJob
-from chat_queue import DEFAULT_REPLY_TOKENS, MAX_KEPT_RESULTS, ChatQueue, QueueClosed, QueueFull
+from llamachat.chat_job import ChatJob
+from llamachat.chat_queue import DEFAULT_REPLY_TOKENS, MAX_KEPT_RESULTS, ChatQueue, QueueClosed, QueueFull
 
 
 class FakeClock:

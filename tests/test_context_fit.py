@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from chat_request import ChatError, ChatRequest
-from context_fit import ContextFitter, FitCancelled, reply_room, split_turns
+from llamachat.chat_request import ChatError, ChatRequest
+from llamachat.context_fit import ContextFitter, FitCancelled, reply_room, split_turns
 from module_harness import cancel, load_adapter, start_chat, status, wait_until
 
 

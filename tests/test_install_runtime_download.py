@@ -13,8 +13,8 @@ import pytest
 
 from fetch_model import MODULE_DIR, SMALL_MODEL_FILENAME, read_default_model
 from hf_standin import hub_env, unreachable_hub_url
-from llama_settings import LlamaSettings
-from model_file import ModelRecord, sha256_of, write_record
+from llamachat.llama_settings import LlamaSettings
+from llamachat.model_file import ModelRecord, sha256_of, write_record
 
 DEFAULT = read_default_model()
 FILEGLOB = LlamaSettings.from_env({}).model_fileglob

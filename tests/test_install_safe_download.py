@@ -10,19 +10,19 @@ import pytest
 from fetch_model import read_default_model
 from hf_standin import hub_env, unreachable_hub_url
 from llama_chat import LlamaChat, ModelLoadError
-from model_download import ATTEMPTS
-from model_file import ModelRecord, read_record, sha256_of, write_record
+from llamachat.model_download import ATTEMPTS
+from llamachat.model_file import ModelRecord, read_record, sha256_of, write_record
 from test_install_fetch_model import fetch, gguf_files
 
 DEFAULT = read_default_model()
 DROP_AFTER = 10_000_000  # bytes per connection while the stand-in drops them
 # The test double for the free-space query (a full disk cannot be made here): runs fetch_model.py with
-# model_download.free_disk_bytes answering 50 MB, less than SmolLM2's 98 MB.
+# llamachat.model_download.free_disk_bytes answering 50 MB, less than SmolLM2's 98 MB.
 FAKE_FREE_BYTES = 50_000_000
 WITH_FAKE_FULL_DISK = (
     "-c",
     "import os, runpy, sys; sys.argv = sys.argv[1:]; sys.path.insert(0, os.path.dirname(sys.argv[0])); "
-    f"import model_download; model_download.free_disk_bytes = lambda folder: {FAKE_FREE_BYTES}; "
+    f"import llamachat.model_download as download; download.free_disk_bytes = lambda folder: {FAKE_FREE_BYTES}; "
     "runpy.run_path(sys.argv[0], run_name='__main__')",
 )
 

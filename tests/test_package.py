@@ -86,7 +86,8 @@ def test_the_package_is_a_zip_of_exactly_the_runtime_files(package):
     assert names == shipped  # no __pycache__, model, venv or developer's settings from the working tree either
     assert {
         "llama_chat_adapter.py",
-        "chat_runner.py",
+        "llamachat/__init__.py",
+        "llamachat/chat_runner.py",
         "modulesettings.json",
         "requirements.txt",
         "install.sh",

@@ -29,11 +29,12 @@ CUDA_BUILD = "--config-settings=cmake.args=-DGGML_CUDA=on"
 
 # What each group of files may import: its own requirements file and those it builds on.
 GROUPS = {
-    "the module and the standalone server": (["*.py", "llamachat_server/*.py"], ["requirements.txt"]),
+    "the module and the standalone server": (["*.py", "llamachat/*.py", "llamachat_server/*.py"], ["requirements.txt"]),
     "the tests": (["tests/*.py"], ["requirements.txt", "tests/requirements.txt", "bench/requirements.txt"]),
     "the benchmark": (["bench/*.py"], ["requirements.txt", "bench/requirements.txt"]),
 }
 OUR_OWN = {path.stem for pattern in ("*.py", "tests/*.py", "bench/*.py") for path in ROOT.glob(pattern)} | {
+    "llamachat",
     "llamachat_server",
     "tests",
     "bench",

@@ -183,7 +183,7 @@ def test_bad_chat_input_is_refused_before_a_command_starts(base_url):
 
 def test_the_adaptive_default_shows_its_thread_count_in_the_status_and_the_log(smollm2):
     from live_server import server_log_path, server_status
-    from thread_policy import default_max_threads
+    from llamachat.thread_policy import default_max_threads
 
     with running_server(smollm2, CPAI_MODULE_LLAMA_THREADS="0") as url:
         assert "adaptive threads (up to" in server_log_path(url).read_text()

@@ -56,7 +56,7 @@ def base_url(smollm2, tmp_path_factory):
     """The real module, from a copy of the module folder whose explore.html is the one above."""
     module_dir = tmp_path_factory.mktemp("module")
     for source in ROOT.iterdir():
-        if source.is_file() and source.suffix in (".py", ".json"):
+        if source.is_file() and source.suffix in (".py", ".json") or source.name == "llamachat":
             (module_dir / source.name).symlink_to(source)
     (module_dir / "explore.html").write_text(EXPLORE_HTML)
     with running_server(smollm2, module_dir) as url:

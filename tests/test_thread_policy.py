@@ -8,8 +8,8 @@ import time
 import psutil
 import pytest
 
-import thread_policy
-from thread_policy import OtherLoad, ThreadPolicy, threads_for
+from llamachat import thread_policy
+from llamachat.thread_policy import OtherLoad, ThreadPolicy, threads_for
 
 
 @pytest.mark.parametrize(

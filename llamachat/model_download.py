@@ -13,7 +13,7 @@ import shutil
 import urllib.request
 from pathlib import Path
 
-from model_file import ModelRecord, sha256_of, write_record
+from llamachat.model_file import ModelRecord, sha256_of, write_record
 
 ATTEMPTS = 3  # connections per run; each one resumes where the previous one stopped
 TIMEOUT_S = 30  # per connect or read: a stalled connection counts as a dropped one

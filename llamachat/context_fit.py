@@ -15,7 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
-from chat_request import ChatError, ChatRequest
+from llamachat.chat_request import ChatError, ChatRequest
 
 # With max_tokens 0 ("until the model stops") the reply still needs room: this much, or a quarter of the context.
 MIN_REPLY_ROOM = 512

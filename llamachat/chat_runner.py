@@ -14,13 +14,13 @@ from typing import Any, Callable
 
 from codeproject_ai_sdk import JSON
 
-from batch_decoder import BatchChat, BatchDecoder
-from chat_job import FINISH_REASONS, ChatJob
-from chat_queue import QueuedChat
-from chat_request import ChatError, ChatRequest
-from context_fit import ContextFitter, FitCancelled, FittedChat
+from llamachat.batch_decoder import BatchChat, BatchDecoder
+from llamachat.chat_job import FINISH_REASONS, ChatJob
+from llamachat.chat_queue import QueuedChat
+from llamachat.chat_request import ChatError, ChatRequest
+from llamachat.context_fit import ContextFitter, FitCancelled, FittedChat
 from llama_chat import LlamaChat
-from thread_policy import ThreadPolicy
+from llamachat.thread_policy import ThreadPolicy
 
 SHUTTING_DOWN = "The module is shutting down; the chat did not start"
 

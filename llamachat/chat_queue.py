@@ -18,7 +18,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from chat_job import ChatJob
+from llamachat.chat_job import ChatJob
 
 QUEUED, RUNNING, COMPLETED = "queued", "running", "completed"
 # A bound on the results kept at once, whatever the TTL: cancelling queued chats in a loop finishes them faster than

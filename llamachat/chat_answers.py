@@ -9,7 +9,7 @@ from typing import Callable
 
 from codeproject_ai_sdk import JSON
 
-from chat_queue import ChatQueue, QueuedChat
+from llamachat.chat_queue import ChatQueue, QueuedChat
 
 
 def acknowledgement(queue: ChatQueue, chat: QueuedChat) -> JSON:
