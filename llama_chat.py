@@ -15,17 +15,13 @@ from llama_cpp import CreateChatCompletionResponse, CreateChatCompletionStreamRe
 from llama_cpp.llama_chat_format import chat_formatter_to_chat_completion_handler
 
 from llamachat.chat_template import choose_template
+from llamachat.chat_types import Message, never
 from llamachat.llama_log import LLAMA_LOG
-from llamachat.model_file import quick_problem
+from llamachat.model_file import SMALL_MODEL_FILENAME, quick_problem
 
 DEFAULT_SYSTEM_PROMPT = (
     "You're a helpful assistant who answers questions the user asks of you concisely and accurately."
 )
-
-# The tiny model install.sh puts in the models folder when the Hub can't be reached.
-FALLBACK_MODEL_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-Message = dict[str, str]
 
 
 def conversation(
@@ -44,10 +40,6 @@ def conversation(
 
 class ModelLoadError(RuntimeError):
     """No model could be loaded; the message lists every place that was tried and why it failed."""
-
-
-def _never() -> bool:
-    return False
 
 
 _NO_CALLBACK = llama_cpp.ggml_abort_callback(0)  # a NULL function pointer: llama.cpp then never asks
@@ -96,7 +88,7 @@ class LlamaChat:
             except Exception as ex:
                 tried.append(f"downloading '{fileglob}' from Hugging Face repo '{repo_id}': {_reason(ex)}")
         if self.llm is None:
-            self.llm = self._load_file(os.path.join(model_dir, FALLBACK_MODEL_FILENAME), options, tried)
+            self.llm = self._load_file(os.path.join(model_dir, SMALL_MODEL_FILENAME), options, tried)
             if self.llm is not None:
                 self.fallback_reason = "; ".join(tried)
         if self.llm is None:
@@ -116,7 +108,7 @@ class LlamaChat:
 
         # llama.cpp polls the abort callback between graph nodes, so a cancel also stops the evaluation of a long
         # prompt mid-batch. It asks whatever the current chat's should_abort says.
-        self._should_abort: Callable[[], bool] = _never
+        self._should_abort: Callable[[], bool] = never
         self._abort_callback = llama_cpp.ggml_abort_callback(lambda _data: self._aborting())
 
     @classmethod
@@ -198,7 +190,7 @@ class LlamaChat:
     def _watch(self, should_abort: Callable[[], bool] | None) -> None:
         """Lets should_abort stop llama.cpp in the middle of a computation; None stops asking."""
         LLAMA_LOG.aborting = False
-        self._should_abort = should_abort or _never
+        self._should_abort = should_abort or never
         llama_cpp.llama_set_abort_callback(self.llm.ctx, self._abort_callback if should_abort else _NO_CALLBACK, None)
 
     def _watch_until_first_chunk(

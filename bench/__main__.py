@@ -15,7 +15,7 @@ from typing import Any
 
 import llama_cpp
 
-from llama_chat import FALLBACK_MODEL_FILENAME
+from llamachat.model_file import SMALL_MODEL_FILENAME
 from tests.live_server import ROOT, running_server, server_status
 
 from . import machine, report
@@ -28,7 +28,7 @@ from .module_bench import ModuleEngine, cancel_during_generation, cancel_during_
 from .openai_client import OpenAIStreamEngine
 from .workload import CONVERSATION, N_CTX, Settings, long_prompt
 
-DEFAULT_MODEL = ROOT / "models" / FALLBACK_MODEL_FILENAME  # what `bash install.sh --small` installs
+DEFAULT_MODEL = ROOT / "models" / SMALL_MODEL_FILENAME  # what `bash install.sh --small` installs
 # Engines measured in generation only: the OpenAI stream's conversation would be the module's again (same process,
 # same cache), seen through another client.
 GENERATION_ONLY = ("openai_stream",)

@@ -25,11 +25,11 @@ from typing import Any
 
 import llama_cpp
 
+from llama_chat import LlamaChat
 from llamachat.batch_decoder import BatchChat, BatchDecoder
 from llamachat.chat_job import ChatJob
-from llama_chat import LlamaChat
-from tests.live_server import ROOT
 from llamachat.thread_policy import default_max_threads
+from tests.live_server import ROOT
 
 from . import concurrency_report, machine
 from .__main__ import DEFAULT_MODEL

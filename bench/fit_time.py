@@ -18,9 +18,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from llamachat.chat_request import MAX_HISTORY_BYTES, MAX_HISTORY_MESSAGES, ChatRequest
-from llamachat.context_fit import ContextFitter
 from llama_chat import LlamaChat
+from llamachat.chat_request import MAX_HISTORY_BYTES, MAX_HISTORY_MESSAGES, ChatRequest
+from llamachat.chat_types import Message
+from llamachat.context_fit import ContextFitter
 from tests.live_server import ROOT, running_server
 from tests.model_paths import smollm2_path
 
@@ -35,8 +36,6 @@ WORDS = (
     "the river runs past old mills and quiet farms while people talk about weather markets music books "
     "trains bridges and the long history of their small town"
 ).split()
-
-Message = dict[str, str]
 
 
 def say(text: str) -> None:

@@ -21,8 +21,8 @@ from typing import Any, Callable
 import llama_cpp
 from llama_cpp import Llama
 
-from tests.live_server import ROOT, running_server
 from llamachat.thread_policy import default_max_threads
+from tests.live_server import ROOT, running_server
 
 from . import machine, report, threads_report
 from .__main__ import DEFAULT_MODEL

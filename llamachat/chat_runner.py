@@ -14,12 +14,12 @@ from typing import Any, Callable
 
 from codeproject_ai_sdk import JSON
 
+from llama_chat import LlamaChat
 from llamachat.batch_decoder import BatchChat, BatchDecoder
-from llamachat.chat_job import FINISH_REASONS, ChatJob
+from llamachat.chat_job import STOP_REASON_OF_FINISH_REASON, ChatJob, StopReason
 from llamachat.chat_queue import QueuedChat
 from llamachat.chat_request import ChatError, ChatRequest
 from llamachat.context_fit import ContextFitter, FitCancelled, FittedChat
-from llama_chat import LlamaChat
 from llamachat.thread_policy import ThreadPolicy
 
 SHUTTING_DOWN = "The module is shutting down; the chat did not start"
@@ -64,18 +64,27 @@ class ChatRunner:
         def cancelled() -> bool:
             return queued.cancel_requested
 
+        request: ChatRequest = queued.request
         try:
-            if chat is None:  # cleanup() closed the model before this chat reached the llama thread
-                raise ChatError(SHUTTING_DOWN)
-            request: ChatRequest = queued.request
-            fitted = self.llama_thread.submit(self.fitter.fit, request, cancelled).result()
-        except ChatError as ex:
-            return job.finish("error", str(ex))
+            fitted = self.llama_thread.submit(self._fit, request, cancelled).result()
+            if self.decoder is not None:
+                return self._generate_batched(job, request, fitted, cancelled)
+            return self.llama_thread.submit(self._generate, job, request, fitted, cancelled).result()
+        except ChatError as ex:  # the input does not fit, or the module is shutting down
+            return job.finish(StopReason.ERROR, str(ex))
         except FitCancelled:
-            return job.finish("cancelled")
-        if self.decoder is not None:
-            return self._generate_batched(job, request, fitted, cancelled)
-        return self.llama_thread.submit(self._generate, job, request, fitted, cancelled).result()
+            return job.finish(StopReason.CANCELLED)
+
+    def _model(self) -> LlamaChat:
+        """The model, or ChatError(SHUTTING_DOWN) once stop() has run: checked as a chat reaches each step, since
+        cleanup() may close the model while the chat waits for the llama thread or the decoder."""
+        if self.llama_chat is None:
+            raise ChatError(SHUTTING_DOWN)
+        return self.llama_chat
+
+    def _fit(self, request: ChatRequest, cancelled: Callable[[], bool]) -> FittedChat:
+        self._model()
+        return self.fitter.fit(request, cancelled)
 
     def collect_garbage(self) -> None:
         """Queues a full collection on the llama thread, behind the chat that just ended."""
@@ -85,12 +94,10 @@ class ChatRunner:
         self.llama_thread.submit(gc.collect)
 
     def _generate(self, job: ChatJob, request: ChatRequest, fitted: FittedChat, cancelled: Callable[[], bool]) -> JSON:
-        chat = self.llama_chat
-        if chat is None:  # cleanup() closed the model before this chat reached the llama thread
-            return job.finish("error", SHUTTING_DOWN)
+        chat = self._model()
         job.threads = self.threads.update(chat.set_threads, force=True)
         job.begin_inference(len(fitted.prompt_tokens), chat.cached_prefix(fitted.prompt_tokens), fitted.dropped_turns)
-        stop_reason, error = "completed", None
+        stop_reason, error = StopReason.COMPLETED, None
         stream = None
         try:
             stream = chat.do_chat(
@@ -109,26 +116,24 @@ class ChatRunner:
                 choice = chunk["choices"][0]
                 job.add_text(choice["delta"].get("content") or "", chat.generated_tokens)
                 if choice.get("finish_reason"):
-                    stop_reason = FINISH_REASONS.get(choice["finish_reason"], "completed")
+                    stop_reason = STOP_REASON_OF_FINISH_REASON.get(choice["finish_reason"], StopReason.COMPLETED)
         except Exception as ex:
             # A cancel aborts llama_decode, which raises; anything else is a real failure, reported with the text so far
             if not cancelled():
                 self.report_error(ex, __file__)
-                stop_reason, error = "error", f"Generation failed after {chat.generated_tokens} tokens: {ex}"
+                stop_reason, error = StopReason.ERROR, generation_failed(chat.generated_tokens, ex)
         finally:
             if stream is not None:
                 stream.close()
         job.count_tokens(chat.generated_tokens)
         if cancelled():
-            stop_reason, error = "cancelled", None
+            stop_reason, error = StopReason.CANCELLED, None
         return job.finish(stop_reason, error)
 
     def _generate_batched(
         self, job: ChatJob, request: ChatRequest, fitted: FittedChat, cancelled: Callable[[], bool]
     ) -> JSON:
-        decoder, chat = self.decoder, self.llama_chat
-        if chat is None:  # cleanup() closed the model before this chat started
-            return job.finish("error", SHUTTING_DOWN)
+        decoder, chat = self.decoder, self._model()
         # The template's end-of-turn markers are stop strings too, as create_chat_completion adds them.
         sampling = {**request.sampling, "stop": [*request.sampling.get("stop", []), *chat.template.stops]}
         batch = BatchChat(fitted.prompt_tokens, request.max_tokens, sampling, should_abort=cancelled)
@@ -144,11 +149,11 @@ class ChatRunner:
         try:
             decoder.submit(batch)
         except RuntimeError:  # cleanup() has closed the decoder
-            return job.finish("error", SHUTTING_DOWN)
+            raise ChatError(SHUTTING_DOWN) from None
         batch.wait()
         job.cached_tokens = batch.cached_tokens
         job.count_tokens(batch.completion_tokens)
-        error = batch.error and f"Generation failed after {batch.completion_tokens} tokens: {batch.error}"
+        error = batch.error and generation_failed(batch.completion_tokens, batch.error)
         return job.finish(batch.stop_reason, error)
 
     def stop(self) -> LlamaChat | None:
@@ -163,3 +168,8 @@ class ChatRunner:
             self.decoder.close()  # its running chats end as cancelled, as the queue has asked them to
         self.llama_thread.submit(chat.close).result()  # on its own thread, behind the chat running there
         self.threads.close()
+
+
+def generation_failed(tokens: int, why: object) -> str:
+    """The error of a chat that failed while it generated (it keeps the text it had)."""
+    return f"Generation failed after {tokens} tokens: {why}"

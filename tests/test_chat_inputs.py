@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from conftest import ROOT
 from llamachat.chat_request import (
     MAX_HISTORY_BYTES,
     MAX_HISTORY_MESSAGES,
@@ -16,7 +17,6 @@ from llamachat.chat_request import (
     ChatError,
     ChatInputs,
 )
-from conftest import ROOT
 from module_harness import request
 
 ROUTE_INPUTS = {

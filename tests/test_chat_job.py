@@ -8,9 +8,10 @@ import json
 
 import pytest
 
-from llamachat import chat_job
-from llamachat.chat_job import FINISH_REASONS, ChatJob
 from conftest import ROOT
+from llamachat import chat_job
+from llamachat.chat_job import ChatJob, StopReason
+from llamachat.chat_queue import ChatState
 from module_harness import METRICS
 
 OUTPUTS = {
@@ -94,7 +95,7 @@ def test_one_token_gives_a_time_to_first_token_but_no_speed_yet(clock):
 def test_a_completed_chat_s_result_has_every_field_and_its_times_stop(clock):
     job = streamed_job(clock)
     clock.now = 105.0
-    result = job.finish(FINISH_REASONS["stop"])
+    result = job.finish(StopReason.COMPLETED)
     assert job.done and "error" not in result
     assert set(result) == {"success", "reply", "stop_reason", "processMs", "inferenceMs", *METRICS}
     assert result["success"] is True and result["reply"] == "Hello world" and result["stop_reason"] == "completed"
@@ -106,10 +107,12 @@ def test_a_completed_chat_s_result_has_every_field_and_its_times_stop(clock):
 def test_every_field_a_client_sees_is_documented_in_modulesettings():
     # commandId, commandStatus and a queued chat's place are added by chat_answers.py; error only on failure.
     result_fields = {"success", "error", "reply", "stop_reason", "processMs", "inferenceMs", *METRICS}
-    assert set(OUTPUTS) - {"commandId", "commandStatus", "queue_position", "estimated_wait_s"} == result_fields
-    assert "queued" in OUTPUTS["commandStatus"]["Description"]
-    for reason in [*FINISH_REASONS.values(), "cancelled", "error"]:
-        assert reason in OUTPUTS["stop_reason"]["Description"]
+    answer_fields = {"commandId", "commandStatus", "queue_position", "estimated_wait_s", "queue_full"}
+    assert set(OUTPUTS) - answer_fields == result_fields
+    for state in ChatState:
+        assert state.value in OUTPUTS["commandStatus"]["Description"]
+    for reason in StopReason:
+        assert reason.value in OUTPUTS["stop_reason"]["Description"]
 
 
 def test_a_cancelled_chat_keeps_the_reply_so_far(clock):

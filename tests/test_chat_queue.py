@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from llamachat.chat_job import ChatJob
-from llamachat.chat_queue import DEFAULT_REPLY_TOKENS, MAX_KEPT_RESULTS, ChatQueue, QueueClosed, QueueFull
+from llamachat.chat_queue import DEFAULT_REPLY_TOKENS, MAX_KEPT_RESULTS, ChatQueue, ChatQueueClosed, ChatQueueFull
 
 
 class FakeClock:
@@ -68,10 +68,10 @@ def test_capacity_counts_only_the_chats_that_wait(clock):
     queue.add("b", None, 0)
     queue.add("c", None, 0)
     assert queue.counts() == (2, 0)
-    with pytest.raises(QueueFull):
+    with pytest.raises(ChatQueueFull):
         queue.add("d", None, 0)
     queue.take()
-    with pytest.raises(QueueFull):
+    with pytest.raises(ChatQueueFull):
         queue.add("d", None, 0)
     queue.finish(first, result("a"))  # b now starts as soon as its worker takes it: room for one more
     queue.add("d", None, 0)
@@ -81,7 +81,7 @@ def test_capacity_counts_only_the_chats_that_wait(clock):
 def test_no_queue_at_all_refuses_every_chat_while_one_runs(clock):
     queue = ChatQueue(capacity=0, result_ttl=300, clock=clock)
     first = queue.add("a", None, 0)
-    with pytest.raises(QueueFull):
+    with pytest.raises(ChatQueueFull):
         queue.add("b", None, 0)
     queue.finish(queue.take(), result("a"))
     assert first.result and queue.add("b", None, 0)
@@ -185,7 +185,7 @@ def test_take_waits_for_a_chat_and_close_ends_waiting_chats_and_stops_running_on
     queue.close(lambda chat: result(chat.command_id, "error"))
     assert waiting.result["stop_reason"] == "error" and running.cancel_requested
     assert queue.take(timeout=30) is None
-    with pytest.raises(QueueClosed):
+    with pytest.raises(ChatQueueClosed):
         queue.add("c", None, 0)
     queue.finish(running, result("a", "cancelled"))  # the running chat still ends, and stays readable
     assert queue.get("a").result["stop_reason"] == "cancelled"

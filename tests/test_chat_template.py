@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from llamachat.chat_template import ARCHITECTURE_TEMPLATES, CHATML, GEMMA, TEMPLATES, ChatTemplate, choose_template
 from llama_chat import DEFAULT_SYSTEM_PROMPT, conversation
+from llamachat.chat_template import ARCHITECTURE_TEMPLATES, CHATML, GEMMA, TEMPLATES, ChatTemplate, choose_template
 from llamachat.llama_settings import CHAT_FORMATS
 
 BOS, EOS = 1, 2

@@ -38,7 +38,7 @@ def assert_verified_model(models, smollm2):
     assert read_record(model_file) == ModelRecord(
         smollm2.stat().st_size, sha256_of(smollm2), read_record(model_file).source
     )
-    assert not list(models.glob("*.part"))
+    assert not list(models.glob("*.partial"))
 
 
 def install(hub, tmp_path, models):
@@ -54,7 +54,7 @@ def test_an_interrupted_download_resumes_where_it_stopped(hub, tmp_path, models,
     assert f"the {kept / 1e9:.2f} GB received are kept" in first.stderr and "run the install again" in first.stderr
     assert hub.ranges == [f"bytes={n * DROP_AFTER}-" for n in range(ATTEMPTS)]  # each retry asked for the rest only
     assert gguf_files(models) == []
-    assert (models / f"{DEFAULT.filename}.part").stat().st_size == kept
+    assert (models / f"{DEFAULT.filename}.partial").stat().st_size == kept
 
     hub.ranges.clear()
     hub.bytes_sent = 0
@@ -82,7 +82,7 @@ def test_a_wrong_byte_fails_the_sha256_and_nothing_is_kept(hub, tmp_path, models
 
     assert result.returncode == 1
     assert f"not the {sha256_of(smollm2)}" in result.stderr and "the damaged file was deleted" in result.stderr
-    assert list(models.iterdir()) == []  # no model, no record, no .part to resume from
+    assert list(models.iterdir()) == []  # no model, no record, no .partial to resume from
 
     hub.flip_byte_at = None
     assert install(hub, tmp_path, models).returncode == 0

@@ -71,7 +71,7 @@ def tracked_files() -> set[str]:
 
 
 def test_the_package_is_a_zip_of_exactly_the_runtime_files(package):
-    assert package.name == "LlamaChat-1.0.0.zip"
+    assert package.name == "LlamaChat-2.0.0.zip"
     assert zipfile.is_zipfile(package)  # not a tar under a .zip name
     with zipfile.ZipFile(package) as archive:
         assert archive.testzip() is None

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from llamachat_server.queues import QueueError, QueueFull, RequestQueues, payload_size
+from llamachat_server.queues import QueueError, RequestQueueFull, RequestQueues, payload_size
 
 QUEUE = "llamachat_queue"
 
@@ -117,7 +117,7 @@ def test_the_byte_bound_admits_a_request_that_fills_it_exactly_and_refuses_one_b
         first, filling = payload("x" * 100), payload("y" * 50)
         queues = new_queues(max_queue_bytes=payload_size(first) + payload_size(filling))
         clients = [await send(queues, "x" * 100)]
-        with pytest.raises(QueueFull) as raised:
+        with pytest.raises(RequestQueueFull) as raised:
             await queues.send_request(QUEUE, payload("y" * 51))
         assert str(raised.value).startswith(f"Request queue '{QUEUE}' is full: ")
         assert "this one adds" in str(raised.value) and "try again later (#reqid " in str(raised.value)
@@ -137,7 +137,7 @@ def test_each_queue_has_its_own_bounds():
         queues = new_queues(max_queue_length=1)
         queues.ensure_queue("other_queue")
         full = await send(queues, "one")
-        with pytest.raises(QueueFull, match="1 requests wait for the module \\(at most 1\\)"):
+        with pytest.raises(RequestQueueFull, match="1 requests wait for the module \\(at most 1\\)"):
             await queues.send_request(QUEUE, payload("two"))
         other = await send(queues, "elsewhere", "other_queue")  # another module's queue still takes requests
         assert queues.pending("other_queue")[0] == 1

@@ -14,7 +14,7 @@ from conftest import ROOT
 from llamachat_server.app import create_app
 from llamachat_server.commands import MAX_TRACKED_COMMANDS, CommandTracker
 from llamachat_server.module_process import ModuleProcess
-from llamachat_server.queues import QueueFull, RequestQueues, RequestTimedOut
+from llamachat_server.queues import RequestQueueFull, RequestQueues, RequestTimedOut
 from llamachat_server.server_log import MAX_ENTRY_CHARS, MAX_LIST_COUNT, ServerLog
 from llamachat_server.server_state import STATE, ServerConfig
 
@@ -96,7 +96,7 @@ def test_the_queue_is_bounded_in_bytes_and_in_requests_with_a_clear_error():
         try:
             await queues.send_request(QUEUE, payload(BIG_PROMPT))
             raise AssertionError("a third 5 MB request fitted in a 12 MB queue")
-        except QueueFull as ex:
+        except RequestQueueFull as ex:
             assert "is full" in str(ex) and "MB" in str(ex) and "at most 13 MB" in str(ex)
         assert queues.pending(QUEUE)[0] == 2  # the refused one holds nothing
 
@@ -105,7 +105,7 @@ def test_the_queue_is_bounded_in_bytes_and_in_requests_with_a_clear_error():
         try:
             await queues.send_request(QUEUE, payload("hi"))
             raise AssertionError("a fourth request fitted in a queue of 3")
-        except QueueFull as ex:
+        except RequestQueueFull as ex:
             assert "3 requests wait" in str(ex) and "at most 3" in str(ex)
         queues.post(QUEUE, {"command": "quit", "values": [], "files": [], "urlSegments": []})  # stopping gets through
         assert (await queues.take(QUEUE, 1))["reqtype"] == "prompt"  # oldest first; the quit waits its turn
