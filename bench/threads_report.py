@@ -34,7 +34,8 @@ def _best(results: dict[str, Any], load: str, engines: list[str]) -> float | Non
 
 
 def evaluate_goals(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Issue 15's goals, as ratios within this run; the module's speed is the one its polling client sees."""
+    """The thread policy's goals (listed below), as ratios within this run; the module's speed is the one its polling
+    client sees."""
 
     def goal(name: str, load: str, reference: float | None, limit: float, detail: str) -> dict[str, Any]:
         adaptive = _median(results, load, "module_adaptive")

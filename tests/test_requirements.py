@@ -184,7 +184,7 @@ def test_the_setup_line_loop_reproduction_catches_what_broke_the_original(tmp_pa
     broken.write_text("# a comment\n--extra-index-url https://example.invalid/simple\nllama-cpp-python>=0.3.36,<0.4\n")
     packages, left_behind = run_setup_line_loop(broken, tmp_path)
     assert packages[0]["argv"][3] == "llama-cpp-python"  # no bounds: a future 0.4 would be installed
-    assert left_behind == ["=0.3.36,<0.4"]  # as the issue saw in the venv folder
+    assert left_behind == ["=0.3.36,<0.4"]  # the stray file the original's setup left in the venv folder
     assert packages[0]["argv"][-2:] == ["--extra-index-url", "https://example.invalid/simple"]
 
 
