@@ -8,8 +8,8 @@ import time
 
 import pytest
 
+from live_server import ROOT
 from module_harness import cancel, load_adapter, run_chat, start_chat, status, wait_until
-from tests.conftest import ROOT
 
 # At temperature 0 SmolLM2 tells this story until the context is full (max_tokens 0): a chat still running when a
 # test looks or cancels, however fast the machine.

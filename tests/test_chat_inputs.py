@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import ROOT
+from live_server import ROOT
 from llamachat.chat_request import (
     MAX_HISTORY_BYTES,
     MAX_HISTORY_MESSAGES,

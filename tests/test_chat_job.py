@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from conftest import ROOT
+from live_server import ROOT
 from llamachat import chat_job
 from llamachat.chat_job import ChatJob, StopReason
 from llamachat.chat_queue import ChatState

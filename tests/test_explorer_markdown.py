@@ -16,6 +16,7 @@ import json
 import pytest
 from playwright.sync_api import Page, Route, expect
 
+from css_colours import luminance
 from live_server import running_server
 from test_explorer_chat import form_fields
 
@@ -575,11 +576,6 @@ def test_buttons_are_labelled_and_work_from_the_keyboard(page, double):
     assert page.evaluate("document.activeElement.tagName") == "PRE"
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.dataset.action") == "copy"
-
-
-def luminance(css_color: str) -> float:
-    red, green, blue = (int(part) / 255 for part in css_color[css_color.index("(") + 1 : -1].split(",")[:3])
-    return 0.2126 * red + 0.7152 * green + 0.0722 * blue
 
 
 @pytest.mark.parametrize("theme", ["explorer-dark-mode", "system-dark-mode"])

@@ -15,8 +15,7 @@ import psutil
 import pytest
 import requests
 
-from conftest import ROOT
-from live_server import ServerThread, poll, running_server, server_log_path, server_status
+from live_server import ROOT, ServerThread, poll, running_server, server_log_path, server_status
 from llamachat_server.server_state import ServerConfig
 
 STORY = "Write a very long story about a lighthouse keeper and her cat. Describe every single day in detail."

@@ -22,7 +22,7 @@ import pytest
 
 from fetch_model import MODULE_DIR
 from hf_standin import hub_env, unreachable_hub_url
-from test_install_script import copy_module, run_bash, source_like_the_server
+from install_harness import copy_module, run_bash, source_like_the_server
 
 # What the fake nvidia-smi prints: with -L its GPU list, else the header of its table, which carries the CUDA version.
 FAKE_NVIDIA_SMI_GPU_LIST = "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-00000000-0000-0000-0000-000000000000)"

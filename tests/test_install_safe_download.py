@@ -9,10 +9,10 @@ import pytest
 
 from fetch_model import read_default_model
 from hf_standin import hub_env, unreachable_hub_url
+from install_harness import fetch, gguf_files
 from llama_chat import LlamaChat, ModelLoadError
 from llamachat.model_download import ATTEMPTS
 from llamachat.model_file import ModelRecord, read_record, sha256_of, write_record
-from test_install_fetch_model import fetch, gguf_files
 
 DEFAULT = read_default_model()
 DROP_AFTER = 10_000_000  # bytes per connection while the stand-in drops them

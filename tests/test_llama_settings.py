@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from conftest import ROOT
+from live_server import ROOT
 from llamachat.llama_settings import CHAT_FORMATS, LlamaSettings, LlamaSettingsError
 from llamachat_server.settings import HostPlatform, load_module_settings, module_environment
 

@@ -2,7 +2,7 @@
 
 import json
 
-from tests.conftest import ROOT
+from live_server import ROOT
 
 SERVER_VERSION = (2, 9, 6)  # the server version docs/protocol.md describes
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
 from fetch_model import SMALL_MODEL_FILENAME, read_default_model
 from hf_standin import hub_env, unreachable_hub_url
+from live_server import ROOT
 from llamachat_server.settings import HostPlatform, load_module_settings
 
 SETTINGS = load_module_settings(ROOT)

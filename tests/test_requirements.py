@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from live_server import ROOT
 
 # Every file the server's setup may pick: it looks in the module folder only (utils.sh 1869-1870). tests/ and bench/
 # requirements are for tests/run.sh, which installs them with pip -r.

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
 from fetch_model import SMALL_MODEL_FILENAME, read_default_model
 from hf_standin import default_model_hub
+from live_server import ROOT
 
 DEFAULT = read_default_model()
 

@@ -9,8 +9,8 @@ import re
 import pytest
 import requests
 
+from css_colours import luminance
 from live_server import ROOT, running_server
-from test_explorer_markdown import luminance
 
 STYLE = "._MID_card { color: rgb(1, 2, 3); }"
 MARKUP = """<div class="_MID_card" id="_MID_panel">

@@ -10,7 +10,7 @@ import sys
 import aiohttp
 from aiohttp.test_utils import TestServer
 
-from conftest import ROOT
+from live_server import ROOT
 from llamachat_server.app import create_app
 from llamachat_server.commands import MAX_TRACKED_COMMANDS, CommandTracker
 from llamachat_server.module_process import ModuleProcess

@@ -10,7 +10,7 @@ import requests
 
 from live_server import poll, running_server, server_status
 from llama_chat import LlamaChat
-from test_server_queue import LONG, cancel, follow, start_chat, status
+from module_chat import LONG, cancel, follow, start_chat, status
 
 CONTEXT_SIZE = 2048
 GREEDY = {"temperature": "0", "max_tokens": "24"}

@@ -11,15 +11,12 @@ import uuid
 from dataclasses import dataclass
 
 import pytest
-import requests
 
 from live_server import poll, running_server, server_status
+from module_chat import LONG, cancel, cancel_all, follow, post, start_chat, status
 
 QUEUE_SIZE = 4
 RESULT_TTL = 3  # seconds: short, so that forgetting is quick to see
-STORY = "Write a very long story about a dragon who learns to bake bread. Describe every step in detail."
-# A chat still running when a test looks, however fast the machine (the context is 2048).
-LONG = {"prompt": STORY, "max_tokens": "1900"}
 UNKNOWN = "No chat has this commandId"
 
 
@@ -29,44 +26,6 @@ def base_url(smollm2):
         smollm2, CPAI_MODULE_LLAMA_QUEUE_SIZE=str(QUEUE_SIZE), CPAI_MODULE_LLAMA_RESULT_TTL=str(RESULT_TTL)
     ) as url:
         yield url
-
-
-def post(base_url, route, **form):
-    response = requests.post(f"{base_url}/v1/{route}", data=form, timeout=40)
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
-def start_chat(base_url, **form):
-    ack = post(base_url, "text/chat", **form)
-    assert ack["success"] is True, ack
-    assert ack["commandStatus"] in ("running", "queued"), ack
-    return ack
-
-
-def status(base_url, command_id):
-    return post(base_url, "LlamaChat/get_command_status", commandId=command_id)
-
-
-def cancel(base_url, command_id):
-    return post(base_url, "LlamaChat/cancel_command", commandId=command_id)
-
-
-def follow(base_url, command_id, timeout=120, interval=0.05):
-    """Polls the chat until it has completed; its final answer."""
-
-    def completed():
-        answer = status(base_url, command_id)
-        assert answer["success"] is True or answer["commandStatus"] == "completed", answer
-        return answer if answer["commandStatus"] == "completed" else None
-
-    return poll(completed, timeout, f"chat {command_id} to complete", interval=interval)
-
-
-def cancel_all(base_url, command_ids):
-    for command_id in reversed(command_ids):  # the waiting ones first, so none starts meanwhile
-        cancel(base_url, command_id)
-    return [follow(base_url, command_id) for command_id in command_ids]
 
 
 CLIENTS = 5

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import ROOT
+from live_server import ROOT
 from llamachat_server.routes import Route, RouteMap
 from llamachat_server.settings import HostPlatform, SettingsError, load_module_settings, merge_layer, module_environment
 
