@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import io
 import os
 import re
 import shutil
@@ -301,7 +302,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    sys.stdout.reconfigure(line_buffering=True)  # keep our lines in order with the progress bar on stderr
+    if isinstance(sys.stdout, io.TextIOWrapper):  # not when a caller has replaced it
+        sys.stdout.reconfigure(line_buffering=True)  # keep our lines in order with the progress bar on stderr
     args = parse_args(argv)
     choice = os.environ.get(SMALL_MODEL_CHOICE_VAR, "").strip().lower()
     if choice not in ("", "default", "small"):

@@ -124,8 +124,15 @@ class LlamaChat_adapter(ModuleRunner):
 
     def _start_workers(self) -> None:
         """The queue's workers, one per chat that may decode at a time."""
-        for i in range(self.queue.slots):
+        for i in range(self.chats.slots):
             threading.Thread(target=self._serve_queue, name=f"chat-queue-{i}", daemon=True).start()
+
+    @property
+    def chats(self) -> ChatQueue:
+        """The chat queue. It is made before the model loads, so whatever has a model to run chats on has it."""
+        if self.queue is None:
+            raise ChatError(f"No model is loaded: {self.load_error}")
+        return self.queue
 
     @staticmethod
     def _log(level: str, message: str) -> None:
@@ -136,7 +143,7 @@ class LlamaChat_adapter(ModuleRunner):
     # --- chats -------------------------------------------------------------------------------------------------
 
     def _read(self, data: RequestData) -> ChatRequest:
-        if self.runner.llama_chat is None:
+        if self.runner.llama_chat is None or self.inputs is None:
             raise ChatError(f"No model is loaded: {self.load_error}")
         return self.inputs.parse(data)
 
@@ -145,17 +152,17 @@ class LlamaChat_adapter(ModuleRunner):
         # answer is a plain result, not a long process for the SDK (see the module's docstring).
         try:
             request = self._read(data)
-            chat = self.queue.add(data.request_id, request, request.max_tokens)
+            chat = self.chats.add(data.request_id, request, request.max_tokens)
         except ChatError as ex:
             return {"success": False, "error": str(ex)}
         except ChatQueueFull:
-            return chat_answers.queue_full(self.queue)
+            return chat_answers.queue_full(self.chats)
         except ChatQueueClosed:
             return {"success": False, "error": SHUTTING_DOWN}
-        return chat_answers.acknowledgement(self.queue, chat)
+        return chat_answers.acknowledgement(self.chats, chat)
 
     def _serve_queue(self) -> None:
-        while (chat := self.queue.take()) is not None:
+        while (chat := self.chats.take()) is not None:
             try:
                 result = self.runner.run(chat)
             except Exception as ex:  # a bug, not the chat's failure: end this chat with it and serve the next
@@ -163,7 +170,7 @@ class LlamaChat_adapter(ModuleRunner):
                 result = ChatJob(chat.command_id, "").finish(StopReason.ERROR, f"The chat failed: {ex}")
             self.runner.collect_garbage()  # frees what the finished chat left in reference cycles (see there)
             self.update_statistics(result)  # the finished chat is what counts (docs/protocol.md §4.2, item 3)
-            self.queue.finish(chat, result)
+            self.chats.finish(chat, result)
 
     def update_statistics(self, response: JSON) -> None:
         # The SDK counts process()'s answer; only a refusal is an inference then, an accepted chat counts when it ends.
@@ -177,13 +184,13 @@ class LlamaChat_adapter(ModuleRunner):
 
     def _get_command_status(self, data: RequestData) -> JSON:
         chat = chat_answers.find(self.queue, data.get_value("commandId"))
-        return chat_answers.status(self.queue, chat) if isinstance(chat, QueuedChat) else chat
+        return chat_answers.status(self.chats, chat) if isinstance(chat, QueuedChat) else chat
 
     def _cancel_command_task(self, data: RequestData) -> JSON:
         chat = chat_answers.find(self.queue, data.get_value("commandId"))
         if not isinstance(chat, QueuedChat):
             return {"success": False, "error": chat["error"]}
-        return chat_answers.cancel(self.queue, chat, self._cancelled_while_queued)
+        return chat_answers.cancel(self.chats, chat, self._cancelled_while_queued)
 
     def _cancelled_while_queued(self, chat: QueuedChat) -> JSON:
         model = self.runner.llama_chat
@@ -204,13 +211,13 @@ class LlamaChat_adapter(ModuleRunner):
             "threads": self.runner.threads.threads,
             "threadMode": self.runner.threads.mode,
             "gpuLayers": self.n_gpu_layers,
-            "parallelChats": self.queue.slots,
+            "parallelChats": self.chats.slots,
             **self._queue_status(),
         }
 
     def _queue_status(self) -> JSON:
-        waiting, running = self.queue.counts()
-        return {"queueLength": waiting, "queueSize": self.queue.capacity, "chatsRunning": running}
+        waiting, running = self.chats.counts()
+        return {"queueLength": waiting, "queueSize": self.chats.capacity, "chatsRunning": running}
 
     def _get_module_status(self, data: RequestData | None = None) -> JSON:
         # SDK 0.0.21 calls this with the request for 'status' commands but declares no parameter (TypeError).
@@ -225,7 +232,7 @@ class LlamaChat_adapter(ModuleRunner):
         data.add_value("prompt", SELFTEST_PROMPT)
         data.add_value("max_tokens", "48")
         data.add_value("temperature", "0")
-        request = self.inputs.parse(data)
+        request = self._read(data)
         # Straight to the model, past the queue: the command-line self-test has no queue traffic, and one sent through
         # the server waits its turn on the llama thread (or in the decoder).
         result = self.runner.run(QueuedChat("selftest", request, request.max_tokens))
@@ -244,7 +251,7 @@ class LlamaChat_adapter(ModuleRunner):
         chat = self.runner.stop()
         if chat is None:
             return
-        self.queue.close(
+        self.chats.close(
             lambda queued: ChatJob(queued.command_id, chat.model_name).finish(StopReason.ERROR, SHUTTING_DOWN)
         )
         self.runner.close(chat)

@@ -85,6 +85,12 @@ class _Sequence:
         self.last_used = 0.0
         self.chat: BatchChat | None = None
 
+    @property
+    def active_chat(self) -> BatchChat:
+        """The chat an active sequence decodes (the decode step touches active sequences only)."""
+        assert self.chat is not None, "a free sequence has no chat"
+        return self.chat
+
     def start(self, chat: BatchChat, sampler: internals.LlamaSampler, room: int, cached: int) -> None:
         """room: the tokens the reply may have before the sequence's context is full."""
         self.chat, self.sampler, self.room = chat, sampler, room
@@ -168,7 +174,7 @@ class BatchDecoder:
                 for sequence in self._active():
                     self._forget(sequence)
                     self._finish(sequence, StopReason.ERROR, f"{type(ex).__name__}: {ex}")
-        for chat in [s.chat for s in self._active()] + list(self._waiting):
+        for chat in [s.active_chat for s in self._active()] + list(self._waiting):
             self._end(chat, StopReason.CANCELLED)
 
     def _active(self) -> list[_Sequence]:
@@ -230,7 +236,7 @@ class BatchDecoder:
 
         active = self._active()
         for sequence in active:
-            if sequence.chat.should_abort():
+            if sequence.active_chat.should_abort():
                 self._finish(sequence, StopReason.CANCELLED)
             elif sequence.next_token is not None:
                 add(sequence, sequence.next_token, True)
@@ -255,7 +261,7 @@ class BatchDecoder:
             self._accept(sequence, sequence.sampler.sample(self._ctx, i))
 
     def _accept(self, sequence: _Sequence, token: int) -> None:
-        chat = sequence.chat
+        chat = sequence.active_chat
         if chat.first_token_at is None:
             chat.first_token_at = time.perf_counter()
         # The end-of-generation token ends the reply without being part of it (as in create_completion).
@@ -282,31 +288,29 @@ class BatchDecoder:
     def _stop_position(sequence: _Sequence, before: int) -> int | None:
         """Where the first stop string begins in the reply, looking only where the new text could complete one."""
         start = max(0, before - sequence.longest_stop + 1)
-        found = [i for i in (sequence.text.find(s, start) for s in sequence.chat.stop) if i >= 0]
+        found = [i for i in (sequence.text.find(s, start) for s in sequence.active_chat.stop) if i >= 0]
         return min(found) if found else None
 
     @staticmethod
     def _stop_prefix(sequence: _Sequence) -> int:
         """How many characters at the reply's end could begin a stop string: they are held back until known."""
-        text = sequence.text
+        text, stops = sequence.text, sequence.active_chat.stop
         return max(
-            (n for s in sequence.chat.stop for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])),
+            (n for s in stops for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])),
             default=0,
         )
 
     def _emit(self, sequence: _Sequence, held: int = 0) -> None:
-        chat = sequence.chat
+        chat = sequence.active_chat
         shown = len(sequence.text) - held
         piece = sequence.text[len(chat.reply) : shown] if shown > len(chat.reply) else ""
         chat.reply += piece
         chat.on_text(piece, chat.completion_tokens)
 
     def _finish(self, sequence: _Sequence, stop_reason: StopReason, error: str | None = None) -> None:
-        chat = sequence.chat
-        if stop_reason in (
-            StopReason.COMPLETED,
-            StopReason.LENGTH,
-        ):  # a cancelled or failed chat keeps what it has shown
+        chat = sequence.active_chat
+        # A cancelled or failed chat keeps what it has shown.
+        if stop_reason in (StopReason.COMPLETED, StopReason.LENGTH):
             sequence.text += sequence.decoder.decode(b"", final=True)
             self._emit(sequence)
         sequence.chat, sequence.next_token, sequence.pending = None, None, []

@@ -83,6 +83,7 @@ def status(queue: ChatQueue, chat: QueuedChat) -> JSON:
 def cancel(queue: ChatQueue, chat: QueuedChat, cancelled_result: Callable[[QueuedChat], JSON]) -> JSON:
     """cancel_command: a waiting chat leaves the queue, a running one stops; a finished one stays readable (a Stop that
     crossed the end of the reply)."""
+    state: ChatState | StopReason
     if chat.result is not None:
         message, state = "The chat had already finished; nothing to cancel", ChatState.COMPLETED
     else:

@@ -74,8 +74,9 @@ class ChatJob:
     def metrics(self) -> dict[str, Any]:
         now = self.finished_at or time.perf_counter()
         speed = 0.0
-        if self.first_token_at is not None and self.last_token_at > self.first_token_at:
-            speed = (self._tokens_at_last - self._tokens_at_first) / (self.last_token_at - self.first_token_at)
+        first, last = self.first_token_at, self.last_token_at
+        if first is not None and last is not None and last > first:
+            speed = (self._tokens_at_last - self._tokens_at_first) / (last - first)
         return {
             "model": self.model,
             "model_fallback": self.model_fallback,

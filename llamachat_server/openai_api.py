@@ -63,7 +63,10 @@ def _model_name(state: ServerState) -> str:
 
 
 async def _ask(state: ServerState, route_path: str, values: list[tuple[str, str]]) -> dict:
-    route = state.routes.match("POST", route_path).route
+    matched = state.routes.match("POST", route_path)
+    if matched is None:  # the module's settings declare no such route
+        raise ApiFailure(503, f"The module has no route POST /v1/{route_path}", "unavailable_error")
+    route = matched.route
     payload = {"command": route.command, "values": group_values(values), "files": [], "urlSegments": []}
     try:
         return await ask_module(state, route, payload)
@@ -118,7 +121,7 @@ async def _follow(state: ServerState, command_id: str, max_tokens: int | None) -
 
 def _finish_reason(status: dict) -> str:
     """OpenAI's finish_reason for a finished chat, or ApiFailure for one that failed or was lost."""
-    reason = FINISH_REASON_OF_STOP_REASON.get(status.get("stop_reason"))
+    reason = FINISH_REASON_OF_STOP_REASON.get(str(status.get("stop_reason")))
     if status.get("success") and reason:
         return reason
     message = status.get("error") or status.get("message") or f"The chat ended as {status.get('commandStatus')}"
