@@ -89,7 +89,8 @@ def test_fake_fit_work_grows_with_the_context_not_the_history():
     history = conversation(random.Random(1), 5000)
     fitted = ContextFitter(chat).fit(request(history))
     kept_turns = len(split_turns(fitted.history))
-    assert fitted.dropped_turns > 4000 and kept_turns > 50
+    assert fitted.dropped_turns > 4000
+    assert kept_turns > 50
     # Every message kept, and one turn more, counted once; a few renders of at most the context each.
     assert chat.counted <= len(fitted.history) + 3 + 2  # + the framing probe
     assert chat.rendered_tokens < 5 * chat.n_ctx
@@ -224,12 +225,16 @@ def test_real_chat_cancelled_while_being_prepared_stops_before_the_model_runs(sm
         ack = start_chat(adapter, prompt="Summarise our talk.", messages=json.dumps(history), max_tokens=200)
         assert ack["success"]
         preparing = status(adapter, ack["commandId"])
-        assert preparing["commandStatus"] == "running" and not preparing.get("prompt_tokens")
+        assert preparing["commandStatus"] == "running"
+        assert not preparing.get("prompt_tokens")
         assert cancel(adapter, ack["commandId"])["success"]
         release.set()
         final = wait_until(lambda: (s := status(adapter, ack["commandId"]))["commandStatus"] == "completed" and s)
-        assert final["success"] and final["stop_reason"] == "cancelled"
-        assert final["reply"] == "" and final["prompt_tokens"] == 0 and final["completion_tokens"] == 0
+        assert final["success"]
+        assert final["stop_reason"] == "cancelled"
+        assert final["reply"] == ""
+        assert final["prompt_tokens"] == 0
+        assert final["completion_tokens"] == 0
         assert final["inferenceMs"] == 0  # the model never started on it
     finally:
         adapter.cleanup()

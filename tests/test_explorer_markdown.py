@@ -249,8 +249,10 @@ def test_every_markdown_element_renders_to_its_element(page, double):
     assert seen["quote"] == ["A quoted linewith emphasis."]  # one paragraph, its line break a <br>
     assert seen["ul"] == ["one", "two", "three"]
     assert seen["nested"] == ["two point one", "two point two"]
-    assert seen["ol"] == ["third", "fourth"] and seen["olStart"] == "3"
-    assert seen["th"] == ["Name", "Count"] and seen["td"] == ["a", "1", "b", "22"]
+    assert seen["ol"] == ["third", "fourth"]
+    assert seen["olStart"] == "3"
+    assert seen["th"] == ["Name", "Count"]
+    assert seen["td"] == ["a", "1", "b", "22"]
     assert seen["align"] == ["left", "right"]
     assert seen["lang"] == ["python"]
     assert seen["code"] == ['def greet(name):\n    return f"Hello, {name} <b>!</b>"']
@@ -483,7 +485,8 @@ def test_regenerate_resends_the_same_history_with_a_new_seed(page, double):
             {"role": "assistant", "content": "A1"},
         ]
     )
-    assert "seed" not in original and 0 <= int(again["seed"]) <= 2147483647
+    assert "seed" not in original
+    assert 0 <= int(again["seed"]) <= 2147483647
     double.answer("A2, once more")
     page.locator(f".{P}action[data-action=regenerate]").last.click()
     wait_idle(page)
@@ -560,14 +563,16 @@ def test_a_full_queue_is_an_error_and_not_retried(page, double):
 
 def test_buttons_are_labelled_and_work_from_the_keyboard(page, double):
     transcript = el(page, "transcript")
-    assert transcript.get_attribute("role") == "log" and transcript.get_attribute("aria-live") == "polite"
+    assert transcript.get_attribute("role") == "log"
+    assert transcript.get_attribute("aria-live") == "polite"
     chat(page, double, "Q", "```sh\necho hi\n```")
     names = page.evaluate(
         """id => Array.from(document.getElementById(id).querySelectorAll("button"),
                             b => (b.getAttribute("aria-label") || b.textContent).trim())""",
         f"{P}root",
     )
-    assert all(names) and "Copy code (sh)" in names
+    assert all(names)
+    assert "Copy code (sh)" in names
     # Tab from the conversation's last focusable things to the reply's Copy, and press it.
     page.locator(f"{BUBBLES} .{P}copyCode").focus()
     page.keyboard.press("Enter")

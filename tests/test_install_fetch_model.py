@@ -24,11 +24,14 @@ def test_downloads_the_default_model_as_a_plain_file_then_skips_it(hub, tmp_path
 
     assert first.returncode == 0, first.stderr
     model_file = models / DEFAULT.filename
-    assert model_file.is_file() and not model_file.is_symlink()
+    assert model_file.is_file()
+    assert not model_file.is_symlink()
     assert filecmp.cmp(model_file, smollm2, shallow=False)
     assert hub.fetched(DEFAULT.filename)
-    assert f"Downloading {DEFAULT.filename}" in first.stdout and DEFAULT.repo_id in first.stdout
-    assert f"Model installed: {DEFAULT.filename}" in first.stdout and str(models) in first.stdout
+    assert f"Downloading {DEFAULT.filename}" in first.stdout
+    assert DEFAULT.repo_id in first.stdout
+    assert f"Model installed: {DEFAULT.filename}" in first.stdout
+    assert str(models) in first.stdout
     assert gguf_files(models) == [DEFAULT.filename]  # no fallback next to it, no other quantisation
 
     hub.requests.clear()
@@ -71,7 +74,8 @@ def test_a_file_the_hub_does_not_have_fails_without_fallback(hub, tmp_path):
     result = fetch(env, "--models-dir", str(tmp_path / "models"))
 
     assert result.returncode == 1
-    assert "no-such-model.Q4_K_M.gguf" in result.stderr and "CPAI_MODULE_LLAMA_MODEL_FILENAME" in result.stderr
+    assert "no-such-model.Q4_K_M.gguf" in result.stderr
+    assert "CPAI_MODULE_LLAMA_MODEL_FILENAME" in result.stderr
     assert gguf_files(tmp_path / "models") == []  # a wrong setting is not hidden behind the small model
 
 
@@ -120,4 +124,5 @@ def test_unknown_model_choice_is_a_usage_error(tmp_path):
     result = fetch(env, "--models-dir", str(tmp_path / "models"))
 
     assert result.returncode == 2
-    assert "LLAMACHAT_MODEL='huge'" in result.stderr and "'small' or 'default'" in result.stderr
+    assert "LLAMACHAT_MODEL='huge'" in result.stderr
+    assert "'small' or 'default'" in result.stderr

@@ -51,7 +51,8 @@ def test_an_interrupted_download_resumes_where_it_stopped(hub, tmp_path, models,
 
     assert first.returncode == 1
     kept = ATTEMPTS * DROP_AFTER
-    assert f"the {kept / 1e9:.2f} GB received are kept" in first.stderr and "run the install again" in first.stderr
+    assert f"the {kept / 1e9:.2f} GB received are kept" in first.stderr
+    assert "run the install again" in first.stderr
     assert hub.ranges == [f"bytes={n * DROP_AFTER}-" for n in range(ATTEMPTS)]  # each retry asked for the rest only
     assert gguf_files(models) == []
     assert (models / f"{DEFAULT.filename}.partial").stat().st_size == kept
@@ -81,7 +82,8 @@ def test_a_wrong_byte_fails_the_sha256_and_nothing_is_kept(hub, tmp_path, models
     result = install(hub, tmp_path, models)
 
     assert result.returncode == 1
-    assert f"not the {sha256_of(smollm2)}" in result.stderr and "the damaged file was deleted" in result.stderr
+    assert f"not the {sha256_of(smollm2)}" in result.stderr
+    assert "the damaged file was deleted" in result.stderr
     assert list(models.iterdir()) == []  # no model, no record, no .partial to resume from
 
     hub.flip_byte_at = None
@@ -124,7 +126,8 @@ def test_a_damaged_model_in_models_is_found_at_install_and_replaced(hub, tmp_pat
 
     again = install(hub, tmp_path, models)
     assert again.returncode == 0, again.stderr
-    assert found in again.stdout and "it will be replaced" in again.stdout
+    assert found in again.stdout
+    assert "it will be replaced" in again.stdout
     assert hub.fetched(DEFAULT.filename)
     assert_verified_model(models, smollm2)
 
@@ -172,5 +175,6 @@ def test_the_module_never_loads_a_damaged_model_and_says_why(tmp_path, models, s
 
     with pytest.raises(ModelLoadError) as error:
         LlamaChat(repo_id="", fileglob="", filename=DEFAULT.filename, model_dir=str(models), n_ctx=256)
-    assert f"'{model_file}' is" in str(error.value) and found in str(error.value)
+    assert f"'{model_file}' is" in str(error.value)
+    assert found in str(error.value)
     assert "run the module's install again to replace it" in str(error.value)

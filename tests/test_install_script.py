@@ -73,7 +73,8 @@ def test_sourced_by_the_server_gets_the_model_and_keeps_it_in_the_download_cache
 
     assert "status=0" in result.stdout, result.stdout + result.stderr
     assert "errors=[]" in result.stdout
-    assert "shell options unchanged" in result.stdout and "working directory unchanged" in result.stdout
+    assert "shell options unchanged" in result.stdout
+    assert "working directory unchanged" in result.stdout
     assert "functions left: 0" in result.stdout
     assert hub.fetched(DEFAULT.filename)
     model_file = module_dir / "models" / DEFAULT.filename
@@ -97,7 +98,8 @@ def test_sourced_failure_sets_module_install_errors_and_returns_to_the_server(hu
     assert "status=1" in result.stdout, result.stdout + result.stderr
     assert "errors=[Unable to install the LlamaChat model" in result.stdout
     assert "nobody/no-such-repo" in result.stderr
-    assert "shell options unchanged" in result.stdout and "functions left: 0" in result.stdout
+    assert "shell options unchanged" in result.stdout
+    assert "functions left: 0" in result.stdout
     assert not list((module_dir / "models").glob("*.gguf"))
 
 

@@ -98,14 +98,16 @@ def test_the_package_is_a_zip_of_exactly_the_runtime_files(package):
 
 def test_bad_arguments_are_refused_without_a_zip(tmp_path):
     built = build_package(tmp_path, "--bogus")
-    assert built.returncode == 2 and "unrecognized arguments: --bogus" in built.stderr
+    assert built.returncode == 2
+    assert "unrecognized arguments: --bogus" in built.stderr
     built = subprocess.run(
         ["bash", "package.sh", "LlamaChat", "1.0 beta", "--dest", str(tmp_path)],
         cwd=ROOT,
         capture_output=True,
         text=True,
     )
-    assert built.returncode == 2 and "'1.0 beta' cannot be part of a file name" in built.stderr
+    assert built.returncode == 2
+    assert "'1.0 beta' cannot be part of a file name" in built.stderr
     assert list(tmp_path.iterdir()) == []
 
 

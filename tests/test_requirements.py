@@ -163,7 +163,8 @@ def test_every_line_reaches_pip_whole_through_the_setup_eval(requirements, tmp_p
     assert [p["argv"][3] for p in packages] == specs  # pip got each whole specifier, bounds included
     for package in packages:
         spec = package["argv"][3]
-        assert package["argv"][:3] == ["-m", "pip", "install"] and package["argv"][4:6] == [
+        assert package["argv"][:3] == ["-m", "pip", "install"]
+        assert package["argv"][4:6] == [
             "--target",
             str(tmp_path / "site-packages"),
         ]

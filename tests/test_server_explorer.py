@@ -72,8 +72,10 @@ def test_running_module_lists_its_ui_cut_from_the_markers(base_url):
 
 def test_host_page_is_self_contained(base_url):
     page = requests.get(f"{base_url}/", timeout=10)
-    assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
-    assert 'id="status"' in page.text and 'id="results"' in page.text
+    assert page.status_code == 200
+    assert page.headers["Content-Type"].startswith("text/html")
+    assert 'id="status"' in page.text
+    assert 'id="results"' in page.text
     assert 'id="serviceUrl"' not in page.text  # requests go to the page's own origin
     assets = re.findall(r'(?:src|href)="(/assets/[^"]+)"', page.text)
     assert sorted(assets) == ["/assets/explorer.css", "/assets/explorer.js"]
@@ -103,7 +105,8 @@ def test_explorer_page_runs_the_module_ui_and_chats_through_the_helpers(base_url
         assert page.inner_text("#LlamaChat_reply").strip()
         assert page.inner_text("#status") in ("done: completed", "done: length")
         assert page.locator("#status .text-success").count() == 1
-    assert requested and all(url.startswith(base_url) for url in requested)
+    assert requested
+    assert all(url.startswith(base_url) for url in requested)
     assert f"{base_url}/v1/text/chat" in requested
     assert f"{base_url}/v1/LlamaChat/get_command_status" in requested
 
@@ -125,12 +128,16 @@ def test_explorer_starts_dark_and_the_toggle_switches_module_uis_too(base_url, b
             )
 
         dark, body, card = look()
-        assert dark and luminance(body) < 0.2 and luminance(card) < 0.2
+        assert dark
+        assert luminance(body) < 0.2
+        assert luminance(card) < 0.2
 
         toggle.focus()
         page.keyboard.press("Enter")
         dark, body, card = look()
-        assert not dark and luminance(body) > 0.8 and luminance(card) > 0.8
+        assert not dark
+        assert luminance(body) > 0.8
+        assert luminance(card) > 0.8
         assert page.get_by_role("button", name="Switch to dark mode").count() == 1
 
         page.get_by_role("button", name="Switch to dark mode").click()
