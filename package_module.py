@@ -6,11 +6,11 @@ package.sh and package.bat call it, as the server's devops/build/create_packages
 folder, with the module id and version, expecting the zip in the module folder. Python's zipfile writes it (GNU tar's
 `tar -caf x.zip` writes a tar whatever the name).
 
-What ships is what the module needs to install and run, in or out of the server: its Python files (the standalone
-server llamachat_server/ included: llama_settings.py reads modulesettings.json with its settings.py, and it is how
-the module runs without CodeProject.AI), the settings (not *.development.*, which are a developer's), the
-requirements, the install scripts and the Explorer page. Not the tests, benchmarks, docs, models or virtual
-environments.
+What ships is what the module needs to install and run, in or out of the server: its Python files (the engine in
+llamachat/, and the standalone server llamachat_server/: llamachat/llama_settings.py reads modulesettings.json with
+its settings.py, and it is how the module runs without CodeProject.AI), the settings (not *.development.*, which are
+a developer's), the requirements, the install scripts, the Explorer page and the licence. Not the tests, benchmarks,
+docs, models or virtual environments.
 """
 
 from __future__ import annotations
@@ -21,9 +21,19 @@ import sys
 import zipfile
 from pathlib import Path
 
+from llamachat.model_file import PARTIAL_SUFFIX
+
 MODULE_DIR = Path(__file__).resolve().parent
-RUNTIME_PATTERNS = ("*.py", "modulesettings*.json", "requirements*.txt", "install.sh", "install.bat", "explore.html")
-RUNTIME_FOLDERS = ("llamachat_server",)
+RUNTIME_PATTERNS = (
+    "*.py",
+    "modulesettings*.json",
+    "requirements*.txt",
+    "install.sh",
+    "install.bat",
+    "explore.html",
+    "LICENSE",  # MIT: the notice goes with every copy
+)
+RUNTIME_FOLDERS = ("llamachat", "llamachat_server")
 NOT_SHIPPED = {Path(__file__).name}  # the packager itself
 
 
@@ -46,7 +56,7 @@ def runtime_files(module_dir: Path = MODULE_DIR) -> list[Path]:
 def write_package(module_id: str, version: str, dest: Path, module_dir: Path = MODULE_DIR) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     package = dest / f"{module_id}-{version}.zip"
-    partial = package.with_name(package.name + ".partial")  # the caller moves <id>-<version>.zip: only a whole one
+    partial = package.with_name(package.name + PARTIAL_SUFFIX)  # the caller moves <id>-<version>.zip: only a whole one
     with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for name in runtime_files(module_dir):
             archive.write(module_dir / name, name.as_posix())  # keeps the mode bits: install.sh stays executable
@@ -57,7 +67,7 @@ def write_package(module_id: str, version: str, dest: Path, module_dir: Path = M
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Pack the module's runtime files into <ModuleId>-<Version>.zip.")
     parser.add_argument("module_id", help="the module id, the first key under Modules in modulesettings.json")
-    parser.add_argument("version", help="the module version, e.g. 1.0.0")
+    parser.add_argument("version", help="the module version, e.g. 2.0.0")
     parser.add_argument("--dest", type=Path, default=MODULE_DIR, help="where to write the zip (the module folder)")
     args = parser.parse_args(argv)
     for value in (args.module_id, args.version):

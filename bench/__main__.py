@@ -15,10 +15,10 @@ from typing import Any
 
 import llama_cpp
 
-from llama_chat import FALLBACK_MODEL_FILENAME
 from tests.live_server import ROOT, running_server, server_status
 
 from . import machine, report
+from .console import say
 from .cpai_client import CpaiClient
 from .in_process import RawEngine, WrapperEngine
 from .llama_server import LlamaServerEngine
@@ -26,9 +26,8 @@ from .measure import measure_conversation, measure_generation
 from .memory import raw_rss_curve
 from .module_bench import ModuleEngine, cancel_during_generation, cancel_during_prompt, measure_memory
 from .openai_client import OpenAIStreamEngine
-from .workload import CONVERSATION, N_CTX, Settings, long_prompt
+from .workload import CONVERSATION, DEFAULT_MODEL, N_CTX, Settings, long_prompt
 
-DEFAULT_MODEL = ROOT / "models" / FALLBACK_MODEL_FILENAME  # what `bash install.sh --small` installs
 # Engines measured in generation only: the OpenAI stream's conversation would be the module's again (same process,
 # same cache), seen through another client.
 GENERATION_ONLY = ("openai_stream",)
@@ -107,10 +106,6 @@ def settings_from(args: argparse.Namespace) -> Settings:
         poll_interval_s=args.poll_ms / 1000,
         threads=args.threads,
     )
-
-
-def say(text: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {text}", flush=True)
 
 
 def start_engines(args: argparse.Namespace, settings: Settings, scratch: Path, stack: ExitStack) -> dict[str, Any]:

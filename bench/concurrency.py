@@ -25,20 +25,20 @@ from typing import Any
 
 import llama_cpp
 
-from batch_decoder import BatchChat, BatchDecoder
-from chat_job import ChatJob
 from llama_chat import LlamaChat
+from llamachat.batch_decoder import BatchChat, BatchDecoder
+from llamachat.chat_job import ChatJob
+from llamachat.thread_policy import default_max_threads
 from tests.live_server import ROOT
-from thread_policy import default_max_threads
 
 from . import concurrency_report, machine
-from .__main__ import DEFAULT_MODEL
+from .console import say
 from .cpai_client import ChatFailed, CpaiClient
 from .llama_server import LlamaServerEngine
 from .module_bench import chat_fields
 from .report import conclude
 from .threads import start_servers
-from .workload import N_CTX, SAMPLING, SYSTEM_PROMPT
+from .workload import DEFAULT_MODEL, N_CTX, SAMPLING, SYSTEM_PROMPT
 
 # One prompt per client, each asking for a long text, so that no reply ends long before max_tokens.
 PROMPTS = [
@@ -48,10 +48,6 @@ PROMPTS = [
     "Write a long letter from a gardener to her apprentice about growing tomatoes.",
 ]
 CLIENTS = [1, 2, 4]
-
-
-def say(text: str) -> None:
-    print(f"[bench.concurrency {time.strftime('%H:%M:%S')}] {text}", flush=True)
 
 
 def _client(job: ChatJob) -> dict[str, Any]:

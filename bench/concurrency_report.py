@@ -48,8 +48,8 @@ def _aggregate(results: dict[str, Any], engine: str, clients: int) -> float | No
 
 
 def evaluate_goals(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Issue 10's goals at the most clients measured, as ratios of aggregate tokens/s within this run; the same
-    for the module through the server when it was measured."""
+    """The concurrency goals (listed below) at the most clients measured, as ratios of aggregate tokens/s within this
+    run; the same for the module through the server when it was measured."""
     clients = max(results["settings"]["clients"])
 
     def goal(engine: str, reference: str, limit: float) -> dict[str, Any]:

@@ -18,16 +18,18 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from chat_request import MAX_HISTORY_BYTES, MAX_HISTORY_MESSAGES, ChatRequest
-from context_fit import ContextFitter
 from llama_chat import LlamaChat
+from llamachat.chat_request import MAX_HISTORY_BYTES, MAX_HISTORY_MESSAGES, ChatRequest
+from llamachat.chat_types import Message
+from llamachat.context_fit import ContextFitter
 from tests.live_server import ROOT, running_server
 from tests.model_paths import smollm2_path
 
 from . import machine, report
-from .__main__ import DEFAULT_MODEL
+from .console import say
 from .cpai_client import CpaiClient
 from .stats import summary
+from .workload import DEFAULT_MODEL
 
 CONTEXT_SIZE = 4096  # the module's default
 TARGETS = {"answer_800_pairs_ms": 1000, "prepare_200_exchanges_ms": 200, "other_client_answer_ms": 100}
@@ -35,12 +37,6 @@ WORDS = (
     "the river runs past old mills and quiet farms while people talk about weather markets music books "
     "trains bridges and the long history of their small town"
 ).split()
-
-Message = dict[str, str]
-
-
-def say(text: str) -> None:
-    print(f"[fit_time {time.strftime('%H:%M:%S')}] {text}", flush=True)
 
 
 def pairs_800(_variant: int) -> list[Message]:

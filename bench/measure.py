@@ -7,10 +7,10 @@ each repeat, so a change in the machine's load during the run touches them all a
 
 from typing import Any
 
+from llamachat.chat_types import Message
+
 from .stats import summary
 from .workload import CONVERSATION, GENERATION_PROMPT, Settings
-
-Message = dict[str, str]
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -1,7 +1,7 @@
 """The server's OpenAI-compatible stream (POST /v1/chat/completions, stream=True) as the `openai` package's client
 sees it, with the module's own figures for the same chat: an engine of `python -m bench` and of bench.openai_stream.
 
-Goals (issue 11): client TTFT − module TTFT ≤ 60 ms; stream tokens/s ≥ 0.97 × raw llama-cpp-python.
+Goals: client TTFT − module TTFT ≤ 60 ms; stream tokens/s ≥ 0.97 × raw llama-cpp-python.
 """
 
 from __future__ import annotations

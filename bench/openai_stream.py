@@ -20,13 +20,13 @@ from llamachat_server.openai_api import DUE_INTERVAL, FIRST_TEXT_INTERVAL, REPLY
 from tests.live_server import ROOT, running_server, server_status
 
 from . import machine
-from .__main__ import DEFAULT_MODEL, say
+from .console import say
 from .cpai_client import CpaiClient
 from .in_process import RawEngine
 from .module_bench import ModuleEngine
 from .openai_client import SPEED_GOAL, TTFT_GAP_GOAL_MS, OpenAIStreamEngine
 from .stats import summary
-from .workload import GENERATION_PROMPT, N_CTX, Settings
+from .workload import DEFAULT_MODEL, GENERATION_PROMPT, N_CTX, Settings
 
 QUIET_POLL_S = 1.0  # the reference module chats: one status poll a second, ~0.3 % of the stream's five
 

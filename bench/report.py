@@ -43,7 +43,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's targets, each as ratios or limits taken from this same run."""
+    """The module's speed, cancel and memory targets (listed below), each as ratios or limits from this same run."""
     raw, module = _generation(results, "raw") or {}, _generation(results, "module") or {}
     stream = _generation(results, "openai_stream") or {}
     poll_ms = results["settings"]["poll_interval_s"] * 1000

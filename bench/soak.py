@@ -183,7 +183,8 @@ def run(args: argparse.Namespace, say: Callable[[str], None] = print) -> dict[st
         "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine.describe(),
         "load_1min_at_start": load,
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
+        # A path is recorded by its file name: results carry no local paths.
+        "settings": {k: (v.name if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
         "chats": args.chats,
         "chats_ended": chats_ended,
         "endings": dict(soak.endings),

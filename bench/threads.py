@@ -23,24 +23,20 @@ from typing import Any, Callable
 import llama_cpp
 from llama_cpp import Llama
 
+from llamachat.thread_policy import default_max_threads
 from tests.live_server import ROOT, running_server
-from thread_policy import default_max_threads
 
 from . import machine, report, threads_report
-from .__main__ import DEFAULT_MODEL
+from .console import say
 from .cpai_client import ChatFailed, CpaiClient
 from .measure import summarise
 from .module_bench import chat_fields
 from .neighbour import READY
 from .stream_timing import time_stream
-from .workload import GENERATION_PROMPT, N_CTX, SAMPLING, SYSTEM_PROMPT, chat_messages
+from .workload import DEFAULT_MODEL, GENERATION_PROMPT, N_CTX, SAMPLING, SYSTEM_PROMPT, chat_messages
 
 LOADS = ["idle", "busy_core", "neighbour"]
 SETTLE_S = 1.5  # after a load starts: the scheduler and the module's load monitor (0.5 s windows) see it
-
-
-def say(text: str) -> None:
-    print(f"[bench.threads {time.strftime('%H:%M:%S')}] {text}", flush=True)
 
 
 def _until(deadline: float, stream: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:

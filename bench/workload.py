@@ -3,7 +3,10 @@
 from dataclasses import dataclass
 
 from llama_chat import DEFAULT_SYSTEM_PROMPT
+from llamachat.model_file import SMALL_MODEL_FILENAME
+from tests.live_server import ROOT
 
+DEFAULT_MODEL = ROOT / "models" / SMALL_MODEL_FILENAME  # what `bash install.sh --small` installs
 N_CTX = 4096
 SYSTEM_PROMPT = DEFAULT_SYSTEM_PROMPT
 

@@ -59,10 +59,10 @@ async def ask_module(state: ServerState, route: Route, payload: dict) -> dict:
         except QueueError as ex:
             failure = ex
     lost_reason = state.commands.lost(command_id)  # asked again: the module may have stopped meanwhile
-    if lost_reason and not (answer and answer.get("success")):
+    if lost_reason and command_id and not (answer and answer.get("success")):
         return _lost_answer(state, route.command, command_id, lost_reason)
-    if failure is not None:
-        raise failure
+    if answer is None:
+        raise failure or QueueError(why_no_answer(state))
     return answer
 
 

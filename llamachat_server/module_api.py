@@ -62,7 +62,7 @@ async def update_module_status(request: web.Request) -> web.Response:
         return web.Response(status=404, text=f"No module '{request.match_info['module_id']}'")
     form = await request.post()
     try:
-        status_data = json.loads(form.get("statusData") or "null")
+        status_data = json.loads(str(form.get("statusData") or "null"))
     except json.JSONDecodeError:
         return web.Response(status=400, text="statusData must be a JSON object")
     if isinstance(status_data, dict):

@@ -16,7 +16,7 @@ import sys
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 from enum import Enum
-from typing import Callable
+from typing import Any, Callable
 
 from .server_log import MAX_ENTRY_CHARS, ServerLog, split_level_prefix
 
@@ -58,7 +58,7 @@ def _isolation_options() -> dict:
     """Ctrl+C in the server's terminal must reach only the server, which then stops the module in order."""
     if sys.platform == "win32":
         return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
-    options = {"start_new_session": True}
+    options: dict[str, Any] = {"start_new_session": True}
     if sys.platform.startswith("linux"):
         options["preexec_fn"] = _die_with_parent
     return options
@@ -158,6 +158,7 @@ class ModuleProcess:
                 self._log.add(
                     f"Module {self.name} launched (pid {process.pid}): {' '.join(self.command)}", category=self.name
                 )
+                assert process.stdout is not None and process.stderr is not None  # _spawn pipes both
                 await asyncio.gather(
                     self._pipe_to_log(process.stdout, "information"), self._pipe_to_log(process.stderr, "error")
                 )
@@ -181,14 +182,15 @@ class ModuleProcess:
                 self.restarts += 1
                 self.status = ModuleStatus.RESTARTING
 
-    async def _exited_within(self, seconds: float) -> bool:
+    @staticmethod
+    async def _exited_within(process: asyncio.subprocess.Process, seconds: float) -> bool:
         try:
-            await asyncio.wait_for(asyncio.shield(self._process.wait()), seconds)
+            await asyncio.wait_for(asyncio.shield(process.wait()), seconds)
             return True
         except asyncio.TimeoutError:
             return False
 
-    async def stop(self, ask_to_quit: Callable[[], None]) -> None:
+    async def stop(self, ask_to_quit: Callable[[], object]) -> None:
         """Stops the module: `ask_to_quit` posts the quit command, then terminate, then kill."""
         if self._supervisor is None:
             return
@@ -197,9 +199,9 @@ class ModuleProcess:
         process = self._process
         if process is not None and process.returncode is None:
             ask_to_quit()
-            if not await self._exited_within(self._quit_grace):
+            if not await self._exited_within(process, self._quit_grace):
                 process.terminate()
-                if not await self._exited_within(self._terminate_grace):
+                if not await self._exited_within(process, self._terminate_grace):
                     process.kill()
                     await process.wait()
         # The supervisor ends once the module's last output is logged; a grandchild holding the pipes

@@ -17,7 +17,7 @@ from aiohttp import web
 from .client_api import ask_module, why_no_answer
 from .module_process import ModuleStatus
 from .openai_chat import (
-    FINISH_REASONS,
+    FINISH_REASON_OF_STOP_REASON,
     ChatCompletionRequest,
     OpenAIRequestError,
     chunk,
@@ -27,7 +27,7 @@ from .openai_chat import (
     usage,
 )
 from .payload import group_values
-from .queues import QueueError, QueueFull
+from .queues import QueueError, RequestQueueFull
 from .server_state import STATE, ServerState
 
 CHAT_ROUTE = "text/chat"
@@ -39,7 +39,8 @@ CHAT_ROUTE = "text/chat"
 FIRST_TEXT_INTERVAL = 0.015
 REPLY_INTERVAL = 0.2  # five updates a second: a smooth enough stream
 DUE_INTERVAL = 0.005  # once max_tokens is due: a few cheap polls, so the last text is seen within ~5 ms
-QUEUE_FULL_MARK = "queue is full"  # how the module refuses a chat when its queue has no room (llama_chat_adapter.py)
+# The field of the module's refusal when its chat queue has no room (llamachat/chat_answers.py, docs/protocol.md).
+QUEUE_FULL_FIELD = "queue_full"
 UNFINISHED = ("queued", "running")  # a chat's commandStatus until it has ended
 
 _background: set[asyncio.Task] = set()  # tasks that outlive a disconnected client's handler, held until they finish
@@ -62,11 +63,14 @@ def _model_name(state: ServerState) -> str:
 
 
 async def _ask(state: ServerState, route_path: str, values: list[tuple[str, str]]) -> dict:
-    route = state.routes.match("POST", route_path).route
+    matched = state.routes.match("POST", route_path)
+    if matched is None:  # the module's settings declare no such route
+        raise ApiFailure(503, f"The module has no route POST /v1/{route_path}", "unavailable_error")
+    route = matched.route
     payload = {"command": route.command, "values": group_values(values), "files": [], "urlSegments": []}
     try:
         return await ask_module(state, route, payload)
-    except QueueFull as ex:
+    except RequestQueueFull as ex:
         raise ApiFailure(429, str(ex), "rate_limit_error") from None
     except QueueError as ex:
         raise ApiFailure(503, str(ex), "unavailable_error") from None
@@ -80,7 +84,7 @@ async def _start_chat(state: ServerState, values: list[tuple[str, str]]) -> str:
     if answer.get("success") and answer.get("commandStatus") in UNFINISHED:
         return answer["commandId"]
     message = str(answer.get("error") or answer.get("message") or "The module refused the chat")
-    if QUEUE_FULL_MARK in message:
+    if answer.get(QUEUE_FULL_FIELD):
         raise ApiFailure(429, message, "rate_limit_error")
     if not (state.module.status_data or {}).get("model"):
         raise ApiFailure(503, message, "unavailable_error")  # no model loaded: nothing the client can fix
@@ -117,7 +121,7 @@ async def _follow(state: ServerState, command_id: str, max_tokens: int | None) -
 
 def _finish_reason(status: dict) -> str:
     """OpenAI's finish_reason for a finished chat, or ApiFailure for one that failed or was lost."""
-    reason = FINISH_REASONS.get(status.get("stop_reason"))
+    reason = FINISH_REASON_OF_STOP_REASON.get(str(status.get("stop_reason")))
     if status.get("success") and reason:
         return reason
     message = status.get("error") or status.get("message") or f"The chat ended as {status.get('commandStatus')}"

@@ -16,7 +16,7 @@ from typing import Any
 # Module inputs that take an OpenAI field's value as it is (llama.cpp's servers accept the last three too).
 NUMBER_FIELDS = ("temperature", "top_p", "seed", "top_k", "min_p", "repeat_penalty")
 # The module's stop_reason → OpenAI's finish_reason (a chat cancelled by someone else ended like a stop string).
-FINISH_REASONS = {"completed": "stop", "length": "length", "cancelled": "stop"}
+FINISH_REASON_OF_STOP_REASON = {"completed": "stop", "length": "length", "cancelled": "stop"}
 SYSTEM_ROLES = ("system", "developer")
 
 

@@ -82,7 +82,8 @@ async def _form_parts(request: web.Request) -> tuple[list[dict], list[dict]]:
             f"The form body is malformed ({ex}): send a complete multipart/form-data or "
             f"application/x-www-form-urlencoded body"
         ) from None
-    fields, files = [], []
+    fields: list[tuple[str, str]] = []
+    files: list[dict] = []
     for key, value in form.items():
         if isinstance(value, web.FileField):
             files.append(
@@ -94,7 +95,7 @@ async def _form_parts(request: web.Request) -> tuple[list[dict], list[dict]]:
                 }
             )
         else:
-            fields.append((key, value))
+            fields.append((key, str(value)))  # aiohttp decodes a form's text fields to str
     return group_values(fields), files
 
 

@@ -26,8 +26,8 @@ class RequestTimedOut(QueueError):
     pass
 
 
-class QueueFull(QueueError):
-    pass
+class RequestQueueFull(QueueError):
+    """The server's request queue for a module is full (not the module's own chat queue)."""
 
 
 def payload_size(payload: dict) -> int:
@@ -83,12 +83,12 @@ class RequestQueues:
 
     def _check_room(self, queue: str, waiting: _Queue, size: int, reqid: str) -> None:
         if len(waiting.requests) >= self._max_queue_length:
-            raise QueueFull(
+            raise RequestQueueFull(
                 f"Request queue '{queue}' is full: {len(waiting.requests)} requests wait for the "
                 f"module (at most {self._max_queue_length}); try again later (#reqid {reqid})"
             )
         if waiting.bytes + size > self._max_queue_bytes:
-            raise QueueFull(
+            raise RequestQueueFull(
                 f"Request queue '{queue}' is full: {waiting.bytes / 1e6:.1f} MB of requests wait for the "
                 f"module and this one adds {size / 1e6:.1f} MB (at most "
                 f"{self._max_queue_bytes / 1e6:.0f} MB in all); try again later (#reqid {reqid})"

@@ -13,7 +13,7 @@ import re
 import sys
 from collections import deque
 from datetime import datetime, timezone
-from typing import TextIO
+from typing import Any, TextIO
 
 LEVELS = ("trace", "debug", "information", "warning", "error", "critical")
 _ALIASES = {
@@ -72,7 +72,7 @@ class ServerLog:
         self._echo_from = LEVELS.index(normalise_level(echo_level))
 
     def add(self, entry: str, level: str = "information", category: str = "Server", label: str = "") -> dict:
-        record = {
+        record: dict[str, Any] = {
             "id": self._next_id,
             "timestamp": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"),
             "entry": _ANSI_COLOUR.sub("", truncated(entry, MAX_ENTRY_CHARS)),

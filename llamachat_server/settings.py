@@ -86,13 +86,13 @@ def merge_layer(base: Any, override: Any) -> Any:
             merged[existing] = merge_layer(merged[existing], value) if existing in merged else value
         return merged
     if isinstance(base, list) and isinstance(override, list):
-        merged = list(base)
+        items = list(base)
         for index, value in enumerate(override):
-            if index < len(merged):
-                merged[index] = merge_layer(merged[index], value)
+            if index < len(items):
+                items[index] = merge_layer(items[index], value)
             else:
-                merged.append(value)
-        return merged
+                items.append(value)
+        return items
     return override
 
 

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from live_server import ROOT
 
 
 def run_bench(module: str, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:

@@ -5,16 +5,11 @@ pytest                                   # everything (what .ci/run runs)
 """
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-# The module's files sit at the repository root, as CodeProject.AI expects of a module folder.
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
+# (pytest.ini's pythonpath puts the repository root, the module folder, and tests/ on sys.path.)
 # Nothing in the tests may reach Hugging Face: anything that tries lands on a closed loopback port and fails at once.
 # Tests of the download path point HF_ENDPOINT at their local stand-in instead.
 os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"

@@ -23,6 +23,7 @@ from urllib.parse import unquote, urlsplit
 
 from fetch_model import read_default_model
 from live_server import free_port
+from llamachat.model_file import sha256_of
 
 # A fixed commit id: huggingface_hub requires one (X-Repo-Commit) and stores it next to downloaded files.
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -33,14 +34,8 @@ _RANGE = re.compile(r"^bytes=(?P<start>\d+)-(?P<end>\d*)$")
 _CHUNK = 1 << 20
 
 
-@cache
-def _sha256(path: Path) -> str:
-    # The Hub's ETag for an LFS file is its sha256; huggingface_hub compares it with local files.
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
+# The Hub's ETag for an LFS file is its sha256; huggingface_hub compares it with local files.
+_sha256 = cache(sha256_of)
 
 
 class HubStandin:

@@ -55,7 +55,7 @@ from llamachat_server.__main__ import READY_PREFIX
 from llamachat_server.app import serve
 from llamachat_server.server_state import ServerConfig
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent  # the repository root: the module folder (tests and bench/ use it)
 
 STOP_TIMEOUT = 15.0
 

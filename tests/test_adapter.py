@@ -8,8 +8,8 @@ import time
 
 import pytest
 
+from live_server import ROOT
 from module_harness import cancel, load_adapter, run_chat, start_chat, status, wait_until
-from tests.conftest import ROOT
 
 # At temperature 0 SmolLM2 tells this story until the context is full (max_tokens 0): a chat still running when a
 # test looks or cancels, however fast the machine.
@@ -394,7 +394,7 @@ def test_a_pinned_thread_count_is_used_and_shown(adapter):
 
 
 def test_adaptive_threads_leave_a_busy_core_to_the_process_using_it(smollm2):
-    from thread_policy import usable_cpus
+    from llamachat.thread_policy import usable_cpus
 
     if usable_cpus() < 2:
         pytest.skip("one CPU: there is no core to leave")

@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from batch_decoder import BatchChat, BatchDecoder
 from llama_chat import LlamaChat
+from llamachat.batch_decoder import BatchChat, BatchDecoder
 
 GREEDY = {"temperature": 0.0, "top_p": 0.95, "top_k": 40, "min_p": 0.05, "repeat_penalty": 1.0}
 # Prompts whose greedy reply has no near-tie on SmolLM2: llama.cpp's kernels are not batch-invariant (the logits

@@ -12,11 +12,16 @@ def test_fit_time_bench_measures_every_history_and_writes_json_and_markdown(smol
     results = json.loads((out / "fit_time.json").read_text())
     for name in ("800_pairs", "200_natural_exchanges", "at_the_caps"):
         fitted = results["in_process"][name]
-        assert fitted["dropped_turns"] > 0 and fitted["prompt_tokens"] + 4 <= results["context_size"]
+        assert fitted["dropped_turns"] > 0
+        assert fitted["prompt_tokens"] + 4 <= results["context_size"]
         served = results["server"][name]["runs"][0]
-        assert served["accepted"] and served["outcome"] == "prepared", served
-        assert served["dropped_turns"] > 0 and served["prepare_ms"] >= 0
+        assert served["accepted"], served
+        assert served["outcome"] == "prepared", served
+        assert served["dropped_turns"] > 0
+        assert served["prepare_ms"] >= 0
         cancelled = results["server"][f"{name}_cancelled"]["runs"][0]
-        assert cancelled["cancel_confirmed"] and cancelled["success"] and cancelled["stop_reason"] == "cancelled"
+        assert cancelled["cancel_confirmed"]
+        assert cancelled["success"]
+        assert cancelled["stop_reason"] == "cancelled"
     assert [t["measured_ms"] is not None for t in results["targets"]] == [True] * 5
     assert "| the 800-pair request answered (max) |" in (out / "fit_time.md").read_text()

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from chat_request import (
+from live_server import ROOT
+from llamachat.chat_request import (
     MAX_HISTORY_BYTES,
     MAX_HISTORY_MESSAGES,
     MAX_STOP_CHARS,
@@ -16,7 +17,6 @@ from chat_request import (
     ChatError,
     ChatInputs,
 )
-from conftest import ROOT
 from module_harness import request
 
 ROUTE_INPUTS = {
@@ -52,14 +52,18 @@ def test_every_number_input_of_the_route_is_validated():
 
 def test_a_prompt_alone_gets_every_default_from_modulesettings():
     chat = parse(prompt="Hi")
-    assert chat.prompt == "Hi" and chat.system_prompt is None and chat.history == []
+    assert chat.prompt == "Hi"
+    assert chat.system_prompt is None
+    assert chat.history == []
     for name in NUMBER_INPUTS:
         if name != "seed":
             default = number_parser(name)(ROUTE_INPUTS[name]["DefaultValue"])
             value = parsed_number(chat, name)
-            assert value == default and type(value) is type(default), name
+            assert value == default, name
+            assert type(value) is type(default), name
     assert ROUTE_INPUTS["seed"]["DefaultValue"] == "-1"
-    assert "seed" not in chat.sampling and "stop" not in chat.sampling  # -1: a new random seed each time
+    assert "seed" not in chat.sampling
+    assert "stop" not in chat.sampling  # -1: a new random seed each time
 
 
 @pytest.mark.parametrize("blank", ["", "   "])

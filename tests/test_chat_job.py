@@ -8,9 +8,10 @@ import json
 
 import pytest
 
-import chat_job
-from chat_job import FINISH_REASONS, ChatJob
-from conftest import ROOT
+from live_server import ROOT
+from llamachat import chat_job
+from llamachat.chat_job import ChatJob, StopReason
+from llamachat.chat_queue import ChatState
 from module_harness import METRICS
 
 OUTPUTS = {
@@ -54,10 +55,16 @@ def test_a_poll_before_the_first_token_shows_an_empty_reply_and_no_speed(clock):
     clock.now = 100.25
     status = job.status()
     assert set(status) == {"success", "reply", *METRICS}
-    assert status["success"] is True and status["reply"] == "" and not job.done
-    assert status["model"] == "SmolLM2.gguf" and status["model_fallback"] is True
-    assert status["time_to_first_token_ms"] is None and status["tokens_per_second"] == 0.0
-    assert status["elapsed_ms"] == 250 and status["completion_tokens"] == 0 and status["threads"] is None
+    assert status["success"] is True
+    assert status["reply"] == ""
+    assert not job.done
+    assert status["model"] == "SmolLM2.gguf"
+    assert status["model_fallback"] is True
+    assert status["time_to_first_token_ms"] is None
+    assert status["tokens_per_second"] == 0.0
+    assert status["elapsed_ms"] == 250
+    assert status["completion_tokens"] == 0
+    assert status["threads"] is None
 
 
 def test_the_reply_grows_with_its_token_counts_and_speed_counts_from_the_first_token(clock):
@@ -74,7 +81,8 @@ def test_a_piece_without_new_tokens_adds_text_but_does_not_slow_the_speed(clock)
     job = streamed_job(clock)
     clock.now = 110.0  # a held-back piece of a multi-byte character, flushed long after its token
     job.add_text("!", 5)
-    assert job.status()["reply"] == "Hello world!" and job.status()["tokens_per_second"] == 4.0
+    assert job.status()["reply"] == "Hello world!"
+    assert job.status()["tokens_per_second"] == 4.0
 
 
 def test_token_counts_never_go_back(clock):
@@ -88,51 +96,65 @@ def test_one_token_gives_a_time_to_first_token_but_no_speed_yet(clock):
     job = ChatJob("cmd-1", "m.gguf")
     clock.now = 100.125
     job.add_text("Hi", 1)
-    assert job.status()["time_to_first_token_ms"] == 125 and job.status()["tokens_per_second"] == 0.0
+    assert job.status()["time_to_first_token_ms"] == 125
+    assert job.status()["tokens_per_second"] == 0.0
 
 
 def test_a_completed_chat_s_result_has_every_field_and_its_times_stop(clock):
     job = streamed_job(clock)
     clock.now = 105.0
-    result = job.finish(FINISH_REASONS["stop"])
-    assert job.done and "error" not in result
+    result = job.finish(StopReason.COMPLETED)
+    assert job.done
+    assert "error" not in result
     assert set(result) == {"success", "reply", "stop_reason", "processMs", "inferenceMs", *METRICS}
-    assert result["success"] is True and result["reply"] == "Hello world" and result["stop_reason"] == "completed"
+    assert result["success"] is True
+    assert result["reply"] == "Hello world"
+    assert result["stop_reason"] == "completed"
     assert (result["processMs"], result["inferenceMs"], result["elapsed_ms"]) == (5000, 4000, 5000)
     clock.now = 200.0  # polled later: the finished chat's figures stay as they were
-    assert job.result() == result and job.status()["elapsed_ms"] == 5000
+    assert job.result() == result
+    assert job.status()["elapsed_ms"] == 5000
 
 
 def test_every_field_a_client_sees_is_documented_in_modulesettings():
     # commandId, commandStatus and a queued chat's place are added by chat_answers.py; error only on failure.
     result_fields = {"success", "error", "reply", "stop_reason", "processMs", "inferenceMs", *METRICS}
-    assert set(OUTPUTS) - {"commandId", "commandStatus", "queue_position", "estimated_wait_s"} == result_fields
-    assert "queued" in OUTPUTS["commandStatus"]["Description"]
-    for reason in [*FINISH_REASONS.values(), "cancelled", "error"]:
-        assert reason in OUTPUTS["stop_reason"]["Description"]
+    answer_fields = {"commandId", "commandStatus", "queue_position", "estimated_wait_s", "queue_full"}
+    assert set(OUTPUTS) - answer_fields == result_fields
+    for state in ChatState:
+        assert state.value in OUTPUTS["commandStatus"]["Description"]
+    for reason in StopReason:
+        assert reason.value in OUTPUTS["stop_reason"]["Description"]
 
 
 def test_a_cancelled_chat_keeps_the_reply_so_far(clock):
     job = streamed_job(clock)
     clock.now = 103.5
     result = job.finish("cancelled")
-    assert result["success"] is True and result["stop_reason"] == "cancelled" and "error" not in result
-    assert result["reply"] == "Hello world" and result["completion_tokens"] == 5
+    assert result["success"] is True
+    assert result["stop_reason"] == "cancelled"
+    assert "error" not in result
+    assert result["reply"] == "Hello world"
+    assert result["completion_tokens"] == 5
 
 
 def test_a_chat_that_fails_says_why_and_keeps_the_reply_so_far(clock):
     job = streamed_job(clock)
     result = job.finish("error", "llama_decode returned -3")
-    assert result["success"] is False and result["stop_reason"] == "error"
-    assert result["error"] == "llama_decode returned -3" and result["reply"] == "Hello world"
+    assert result["success"] is False
+    assert result["stop_reason"] == "error"
+    assert result["error"] == "llama_decode returned -3"
+    assert result["reply"] == "Hello world"
 
 
 def test_a_chat_that_fails_before_the_model_ran_has_no_inference_time(clock):
     job = ChatJob("cmd-1", "m.gguf")
     clock.now = 100.5
     result = job.finish("error", "prompt is too long")
-    assert result["inferenceMs"] == 0 and result["processMs"] == 500
-    assert result["prompt_tokens"] == 0 and result["time_to_first_token_ms"] is None
+    assert result["inferenceMs"] == 0
+    assert result["processMs"] == 500
+    assert result["prompt_tokens"] == 0
+    assert result["time_to_first_token_ms"] is None
 
 
 def test_the_thread_count_shows_in_status_and_result(clock):

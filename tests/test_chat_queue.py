@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from chat_job import ChatJob
-from chat_queue import DEFAULT_REPLY_TOKENS, MAX_KEPT_RESULTS, ChatQueue, QueueClosed, QueueFull
+from llamachat.chat_job import ChatJob
+from llamachat.chat_queue import DEFAULT_REPLY_TOKENS, MAX_KEPT_RESULTS, ChatQueue, ChatQueueClosed, ChatQueueFull
 
 
 class FakeClock:
@@ -50,12 +50,14 @@ def queue(clock):
 def test_chats_start_in_arrival_order_one_at_a_time(queue):
     chats = [queue.add(f"id{i}", f"request {i}", 0) for i in range(4)]
     assert [queue.place(c)[0] for c in chats] == [0, 1, 2, 3]  # the first starts as soon as the worker takes it
-    assert queue.take() is chats[0] and chats[0].state == "running"
+    assert queue.take() is chats[0]
+    assert chats[0].state == "running"
     assert queue.take(timeout=0) is None  # the one slot is busy
     assert [queue.place(c)[0] for c in chats] == [0, 1, 2, 3]
     for i in range(4):
         queue.finish(chats[i], result(chats[i].command_id))
-        assert chats[i].state == "completed" and queue.get(f"id{i}").result["stop_reason"] == "completed"
+        assert chats[i].state == "completed"
+        assert queue.get(f"id{i}").result["stop_reason"] == "completed"
         if i < 3:
             assert queue.take() is chats[i + 1]
             assert [queue.place(c)[0] for c in chats[i + 2 :]] == list(range(1, 3 - i))
@@ -68,10 +70,10 @@ def test_capacity_counts_only_the_chats_that_wait(clock):
     queue.add("b", None, 0)
     queue.add("c", None, 0)
     assert queue.counts() == (2, 0)
-    with pytest.raises(QueueFull):
+    with pytest.raises(ChatQueueFull):
         queue.add("d", None, 0)
     queue.take()
-    with pytest.raises(QueueFull):
+    with pytest.raises(ChatQueueFull):
         queue.add("d", None, 0)
     queue.finish(first, result("a"))  # b now starts as soon as its worker takes it: room for one more
     queue.add("d", None, 0)
@@ -81,20 +83,25 @@ def test_capacity_counts_only_the_chats_that_wait(clock):
 def test_no_queue_at_all_refuses_every_chat_while_one_runs(clock):
     queue = ChatQueue(capacity=0, result_ttl=300, clock=clock)
     first = queue.add("a", None, 0)
-    with pytest.raises(QueueFull):
+    with pytest.raises(ChatQueueFull):
         queue.add("b", None, 0)
     queue.finish(queue.take(), result("a"))
-    assert first.result and queue.add("b", None, 0)
+    assert first.result
+    assert queue.add("b", None, 0)
 
 
 def test_cancel_takes_a_waiting_chat_out_of_the_queue_and_asks_a_running_one_to_stop(queue):
     running, second, third = (queue.add(i, None, 0) for i in ("a", "b", "c"))
     queue.take()
     assert queue.cancel("b", cancelled) is second
-    assert second.state == "completed" and second.result["stop_reason"] == "cancelled"
-    assert second.result["reply"] == "" and second.result["success"] is True
+    assert second.state == "completed"
+    assert second.result["stop_reason"] == "cancelled"
+    assert second.result["reply"] == ""
+    assert second.result["success"] is True
     assert queue.place(third) == (1, None)  # moved up
-    assert queue.cancel("a", cancelled) is running and running.cancel_requested and running.result is None
+    assert queue.cancel("a", cancelled) is running
+    assert running.cancel_requested
+    assert running.result is None
     queue.finish(running, result("a", "cancelled"))
     assert queue.take() is third  # the cancelled chat never runs
     before = dict(third.result or {})
@@ -107,7 +114,9 @@ def test_a_finished_chat_keeps_only_its_result(queue):
     chat = queue.add("a", {"history": "megabytes"}, 0)
     queue.take().job = ChatJob("a", "model")
     queue.finish(chat, result("a"))
-    assert chat.request is None and chat.job is None and chat.result["stop_reason"] == "completed"
+    assert chat.request is None
+    assert chat.job is None
+    assert chat.result["stop_reason"] == "completed"
 
 
 def test_a_result_is_forgotten_result_ttl_seconds_after_the_chat_ended(queue, clock):
@@ -118,7 +127,8 @@ def test_a_result_is_forgotten_result_ttl_seconds_after_the_chat_ended(queue, cl
     clock.now += 299.9
     assert queue.get("a") is chat
     clock.now += 0.1
-    assert queue.get("a") is None and queue.cancel("a", cancelled) is None
+    assert queue.get("a") is None
+    assert queue.cancel("a", cancelled) is None
 
 
 def test_a_chat_cancelled_while_waiting_is_forgotten_after_the_ttl_too(queue, clock):
@@ -126,7 +136,8 @@ def test_a_chat_cancelled_while_waiting_is_forgotten_after_the_ttl_too(queue, cl
     queue.add("b", None, 0)
     queue.cancel("b", cancelled)
     clock.now += 300
-    assert queue.get("b") is None and queue.get("a") is not None  # a still waits: never forgotten
+    assert queue.get("b") is None
+    assert queue.get("a") is not None  # a still waits: never forgotten
 
 
 def test_at_most_max_kept_results_are_kept_whatever_the_ttl(clock):
@@ -136,7 +147,8 @@ def test_at_most_max_kept_results_are_kept_whatever_the_ttl(clock):
     for i in range(MAX_KEPT_RESULTS + 1):
         queue.add(f"c{i}", None, 0)
         queue.cancel(f"c{i}", cancelled)
-    assert queue.get("c0") is None and queue.get("c1") is not None
+    assert queue.get("c0") is None
+    assert queue.get("c1") is not None
     assert queue.get("blocker") is blocker  # a running chat is never forgotten
 
 
@@ -183,9 +195,10 @@ def test_take_waits_for_a_chat_and_close_ends_waiting_chats_and_stops_running_on
     assert taken == [running]
     waiting = queue.add("b", None, 0)
     queue.close(lambda chat: result(chat.command_id, "error"))
-    assert waiting.result["stop_reason"] == "error" and running.cancel_requested
+    assert waiting.result["stop_reason"] == "error"
+    assert running.cancel_requested
     assert queue.take(timeout=30) is None
-    with pytest.raises(QueueClosed):
+    with pytest.raises(ChatQueueClosed):
         queue.add("c", None, 0)
     queue.finish(running, result("a", "cancelled"))  # the running chat still ends, and stays readable
     assert queue.get("a").result["stop_reason"] == "cancelled"
@@ -197,14 +210,17 @@ def test_a_worker_blocked_in_take_wakes_when_the_queue_closes(queue):
     worker.start()
     queue.close(cancelled)
     worker.join(30)
-    assert not worker.is_alive() and taken == [None]
+    assert not worker.is_alive()
+    assert taken == [None]
 
 
 def test_several_slots_run_that_many_chats_and_share_the_wait(clock):
     queue = ChatQueue(capacity=4, result_ttl=300, slots=2, clock=clock)
     chats = [queue.add(f"c{i}", None, 50) for i in range(4)]
     assert [queue.place(c)[0] for c in chats] == [0, 0, 1, 2]
-    assert queue.take() is chats[0] and queue.take() is chats[1] and queue.take(timeout=0) is None
+    assert queue.take() is chats[0]
+    assert queue.take() is chats[1]
+    assert queue.take(timeout=0) is None
     queue.estimate.record(measured(tokens=50, tokens_per_second=100.0, first_token_ms=0))
     # Two running chats with 50 tokens to go each, shared by two slots: 0.5 s.
     assert queue.place(chats[2]) == (1, pytest.approx(0.5))

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from chat_template import ARCHITECTURE_TEMPLATES, CHATML, GEMMA, TEMPLATES, ChatTemplate, choose_template
 from llama_chat import DEFAULT_SYSTEM_PROMPT, conversation
-from llama_settings import CHAT_FORMATS
+from llamachat.chat_template import ARCHITECTURE_TEMPLATES, CHATML, GEMMA, TEMPLATES, ChatTemplate, choose_template
+from llamachat.llama_settings import CHAT_FORMATS
 
 BOS, EOS = 1, 2
 DROPS_SYSTEM = (  # a template that has no system role and silently leaves the system text out

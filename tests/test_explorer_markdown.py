@@ -16,6 +16,7 @@ import json
 import pytest
 from playwright.sync_api import Page, Route, expect
 
+from css_colours import luminance
 from live_server import running_server
 from test_explorer_chat import form_fields
 
@@ -248,8 +249,10 @@ def test_every_markdown_element_renders_to_its_element(page, double):
     assert seen["quote"] == ["A quoted linewith emphasis."]  # one paragraph, its line break a <br>
     assert seen["ul"] == ["one", "two", "three"]
     assert seen["nested"] == ["two point one", "two point two"]
-    assert seen["ol"] == ["third", "fourth"] and seen["olStart"] == "3"
-    assert seen["th"] == ["Name", "Count"] and seen["td"] == ["a", "1", "b", "22"]
+    assert seen["ol"] == ["third", "fourth"]
+    assert seen["olStart"] == "3"
+    assert seen["th"] == ["Name", "Count"]
+    assert seen["td"] == ["a", "1", "b", "22"]
     assert seen["align"] == ["left", "right"]
     assert seen["lang"] == ["python"]
     assert seen["code"] == ['def greet(name):\n    return f"Hello, {name} <b>!</b>"']
@@ -482,7 +485,8 @@ def test_regenerate_resends_the_same_history_with_a_new_seed(page, double):
             {"role": "assistant", "content": "A1"},
         ]
     )
-    assert "seed" not in original and 0 <= int(again["seed"]) <= 2147483647
+    assert "seed" not in original
+    assert 0 <= int(again["seed"]) <= 2147483647
     double.answer("A2, once more")
     page.locator(f".{P}action[data-action=regenerate]").last.click()
     wait_idle(page)
@@ -559,14 +563,16 @@ def test_a_full_queue_is_an_error_and_not_retried(page, double):
 
 def test_buttons_are_labelled_and_work_from_the_keyboard(page, double):
     transcript = el(page, "transcript")
-    assert transcript.get_attribute("role") == "log" and transcript.get_attribute("aria-live") == "polite"
+    assert transcript.get_attribute("role") == "log"
+    assert transcript.get_attribute("aria-live") == "polite"
     chat(page, double, "Q", "```sh\necho hi\n```")
     names = page.evaluate(
         """id => Array.from(document.getElementById(id).querySelectorAll("button"),
                             b => (b.getAttribute("aria-label") || b.textContent).trim())""",
         f"{P}root",
     )
-    assert all(names) and "Copy code (sh)" in names
+    assert all(names)
+    assert "Copy code (sh)" in names
     # Tab from the conversation's last focusable things to the reply's Copy, and press it.
     page.locator(f"{BUBBLES} .{P}copyCode").focus()
     page.keyboard.press("Enter")
@@ -575,11 +581,6 @@ def test_buttons_are_labelled_and_work_from_the_keyboard(page, double):
     assert page.evaluate("document.activeElement.tagName") == "PRE"
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.dataset.action") == "copy"
-
-
-def luminance(css_color: str) -> float:
-    red, green, blue = (int(part) / 255 for part in css_color[css_color.index("(") + 1 : -1].split(",")[:3])
-    return 0.2126 * red + 0.7152 * green + 0.0722 * blue
 
 
 @pytest.mark.parametrize("theme", ["explorer-dark-mode", "system-dark-mode"])

@@ -34,7 +34,8 @@ def test_every_id_class_and_css_name_of_the_explorer_parts_is_prefixed(page_text
     parts = extract_explorer_ui(page_text)
     ids = re.findall(r'\bid="([^"]+)"', parts["html"])
     classes = [name for value in re.findall(r'\bclass="([^"]+)"', parts["html"]) for name in value.split()]
-    assert ids and classes
+    assert ids
+    assert classes
     assert [name for name in ids + classes if not name.startswith("_MID_")] == []
 
     # Strip declarations; what is left are selectors, at-rules and keyframe names.

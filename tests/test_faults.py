@@ -15,8 +15,7 @@ import psutil
 import pytest
 import requests
 
-from conftest import ROOT
-from live_server import ServerThread, poll, running_server, server_log_path, server_status
+from live_server import ROOT, ServerThread, poll, running_server, server_log_path, server_status
 from llamachat_server.server_state import ServerConfig
 
 STORY = "Write a very long story about a lighthouse keeper and her cat. Describe every single day in detail."
@@ -41,7 +40,8 @@ def post(base_url, route, timeout=40, **form):
 
 def start_chat(base_url, **form):
     ack = post(base_url, "text/chat", **form)
-    assert ack["success"] is True and ack["commandStatus"] == "running", ack
+    assert ack["success"] is True, ack
+    assert ack["commandStatus"] == "running", ack
     return ack["commandId"]
 
 
@@ -62,7 +62,8 @@ def next_chat_completes(base_url, timeout=90):
         60,
         "the chat to complete",
     )
-    assert final["success"] is True and final["reply"], final
+    assert final["success"] is True, final
+    assert final["reply"], final
 
 
 def restarted(base_url, old_pid):
@@ -74,7 +75,8 @@ def restarted(base_url, old_pid):
 
 
 def assert_lost(answer, command_id):
-    assert answer["success"] is False and answer["commandId"] == command_id, answer
+    assert answer["success"] is False, answer
+    assert answer["commandId"] == command_id, answer
     assert answer["commandStatus"] == "failed"
     assert "chat was lost because the module LlamaChat stopped (exit code -9)" in answer["error"], answer
 
@@ -162,7 +164,8 @@ def test_sigterm_mid_chat_stops_server_and_module_quickly_and_clients_hear_why(s
         server.send_signal(signal.SIGTERM)
         gone, alive = psutil.wait_procs([server, module], timeout=15)
         poller.join(15)
-        assert not alive and not poller.is_alive(), "the server, its module or a client hung"
+        assert not alive, "the server, its module or a client hung"
+        assert not poller.is_alive(), "the server, its module or a client hung"
         assert time.monotonic() - started < 8
         assert {p.pid: p.returncode for p in gone}[server.pid] == 0
         assert "Module LlamaChat stopped" in server_log_path(base_url).read_text()
@@ -179,7 +182,8 @@ def test_a_client_waiting_when_the_server_stops_hears_that_it_is_shutting_down(t
         poll(lambda: server_status(server.url)["queued"] == 1, 10, "the request to wait in the queue")
         server.stop()
         answer = waiting.result(timeout=15).json()
-    assert answer["success"] is False and "The server is shutting down" in answer["error"], answer
+    assert answer["success"] is False, answer
+    assert "The server is shutting down" in answer["error"], answer
 
 
 def test_a_truncated_gguf_gives_a_clear_error_naming_the_file(smollm2, tmp_path):
@@ -189,7 +193,9 @@ def test_a_truncated_gguf_gives_a_clear_error_naming_the_file(smollm2, tmp_path)
     with running_server(truncated) as base_url:
         answer = post(base_url, "text/chat", prompt="Hi", max_tokens="4")
         assert answer["success"] is False, answer
-        assert "No model is loaded" in answer["error"] and truncated.name in answer["error"], answer
+        assert "No model is loaded" in answer["error"], answer
+        assert truncated.name in answer["error"], answer
         status = server_status(base_url)
-        assert status["status"] == "Started" and truncated.name in status["statusData"]["loadError"]
+        assert status["status"] == "Started"
+        assert truncated.name in status["statusData"]["loadError"]
         assert requests.get(f"{base_url}/v1/server/status/ping", timeout=10).json()["success"] is True

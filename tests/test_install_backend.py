@@ -22,7 +22,7 @@ import pytest
 
 from fetch_model import MODULE_DIR
 from hf_standin import hub_env, unreachable_hub_url
-from test_install_script import copy_module, run_bash, source_like_the_server
+from install_harness import copy_module, run_bash, source_like_the_server
 
 # What the fake nvidia-smi prints: with -L its GPU list, else the header of its table, which carries the CUDA version.
 FAKE_NVIDIA_SMI_GPU_LIST = "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-00000000-0000-0000-0000-000000000000)"
@@ -115,7 +115,8 @@ def test_a_reachable_wheel_index_gives_pip_the_prebuilt_wheels(tmp_path, bare_ve
     )
     # pip looked in the wheel index too; the stand-in has no packages, so the install stops with a clear error.
     assert any(path.startswith("/whl/cpu/") for path in package_index.paths), package_index.paths
-    assert result.returncode == 1 and "pip could not install requirements.txt" in result.stderr
+    assert result.returncode == 1
+    assert "pip could not install requirements.txt" in result.stderr
     assert not (module_dir / "models").exists()
 
 
@@ -131,8 +132,10 @@ def test_an_unreachable_wheel_index_means_pypis_source_without_waiting_on_it(
     assert "llama-cpp-python compiled from PyPI's source" in result.stdout
     # pip never got the silent index (it would wait and retry on it); it asked PyPI, here the empty stand-in.
     assert f"Looking in indexes: {package_index.url}/pypi/\n" in result.stdout
-    assert package_index.paths and all(path.startswith("/pypi/") for path in package_index.paths)
-    assert result.returncode == 1 and "pip could not install requirements.txt" in result.stderr
+    assert package_index.paths
+    assert all(path.startswith("/pypi/") for path in package_index.paths)
+    assert result.returncode == 1
+    assert "pip could not install requirements.txt" in result.stderr
 
 
 def test_wheel_index_none_compiles_for_this_cpu_without_asking_any_index(tmp_path, bare_venv, package_index):
@@ -142,7 +145,8 @@ def test_wheel_index_none_compiles_for_this_cpu_without_asking_any_index(tmp_pat
 
     assert "LLAMACHAT_WHEEL_INDEX=none: installing requirements.txt with llama-cpp-python compiled" in result.stdout
     assert f"Looking in indexes: {package_index.url}/pypi/\n" in result.stdout
-    assert result.returncode == 1 and "pip could not install requirements.txt" in result.stderr
+    assert result.returncode == 1
+    assert "pip could not install requirements.txt" in result.stderr
 
 
 @pytest.fixture
@@ -204,8 +208,10 @@ def test_sourced_by_setup_with_cuda_but_no_gpu_the_cpu_build_goes_in_first(tmp_p
     script = "installGPU=true\nhasCUDA=true\ncuda_version=13.0\n" + source_like_the_server(module_dir, tmp_path)
     result = run_bash(script, env, cwd=module_dir)
 
-    assert "status=0" in result.stdout and "errors=[]" in result.stdout, result.stdout + result.stderr
-    assert "shell options unchanged" in result.stdout and "functions left: 0" in result.stdout
+    assert "status=0" in result.stdout, result.stdout + result.stderr
+    assert "errors=[]" in result.stdout, result.stdout + result.stderr
+    assert "shell options unchanged" in result.stdout
+    assert "functions left: 0" in result.stdout
     cpu_first = "setup found CUDA 13.0 but nvidia-smi lists no NVIDIA GPU: installing llama.cpp for the CPU now"
     assert (cpu_first in result.stdout) == (not gpu)
     # The project's venv stands in for setup's: its llama-cpp-python is there, so nothing is installed.

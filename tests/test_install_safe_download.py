@@ -9,20 +9,20 @@ import pytest
 
 from fetch_model import read_default_model
 from hf_standin import hub_env, unreachable_hub_url
+from install_harness import fetch, gguf_files
 from llama_chat import LlamaChat, ModelLoadError
-from model_download import ATTEMPTS
-from model_file import ModelRecord, read_record, sha256_of, write_record
-from test_install_fetch_model import fetch, gguf_files
+from llamachat.model_download import ATTEMPTS
+from llamachat.model_file import ModelRecord, read_record, sha256_of, write_record
 
 DEFAULT = read_default_model()
 DROP_AFTER = 10_000_000  # bytes per connection while the stand-in drops them
 # The test double for the free-space query (a full disk cannot be made here): runs fetch_model.py with
-# model_download.free_disk_bytes answering 50 MB, less than SmolLM2's 98 MB.
+# llamachat.model_download.free_disk_bytes answering 50 MB, less than SmolLM2's 98 MB.
 FAKE_FREE_BYTES = 50_000_000
 WITH_FAKE_FULL_DISK = (
     "-c",
     "import os, runpy, sys; sys.argv = sys.argv[1:]; sys.path.insert(0, os.path.dirname(sys.argv[0])); "
-    f"import model_download; model_download.free_disk_bytes = lambda folder: {FAKE_FREE_BYTES}; "
+    f"import llamachat.model_download as download; download.free_disk_bytes = lambda folder: {FAKE_FREE_BYTES}; "
     "runpy.run_path(sys.argv[0], run_name='__main__')",
 )
 
@@ -38,7 +38,7 @@ def assert_verified_model(models, smollm2):
     assert read_record(model_file) == ModelRecord(
         smollm2.stat().st_size, sha256_of(smollm2), read_record(model_file).source
     )
-    assert not list(models.glob("*.part"))
+    assert not list(models.glob("*.partial"))
 
 
 def install(hub, tmp_path, models):
@@ -51,10 +51,11 @@ def test_an_interrupted_download_resumes_where_it_stopped(hub, tmp_path, models,
 
     assert first.returncode == 1
     kept = ATTEMPTS * DROP_AFTER
-    assert f"the {kept / 1e9:.2f} GB received are kept" in first.stderr and "run the install again" in first.stderr
+    assert f"the {kept / 1e9:.2f} GB received are kept" in first.stderr
+    assert "run the install again" in first.stderr
     assert hub.ranges == [f"bytes={n * DROP_AFTER}-" for n in range(ATTEMPTS)]  # each retry asked for the rest only
     assert gguf_files(models) == []
-    assert (models / f"{DEFAULT.filename}.part").stat().st_size == kept
+    assert (models / f"{DEFAULT.filename}.partial").stat().st_size == kept
 
     hub.ranges.clear()
     hub.bytes_sent = 0
@@ -81,8 +82,9 @@ def test_a_wrong_byte_fails_the_sha256_and_nothing_is_kept(hub, tmp_path, models
     result = install(hub, tmp_path, models)
 
     assert result.returncode == 1
-    assert f"not the {sha256_of(smollm2)}" in result.stderr and "the damaged file was deleted" in result.stderr
-    assert list(models.iterdir()) == []  # no model, no record, no .part to resume from
+    assert f"not the {sha256_of(smollm2)}" in result.stderr
+    assert "the damaged file was deleted" in result.stderr
+    assert list(models.iterdir()) == []  # no model, no record, no .partial to resume from
 
     hub.flip_byte_at = None
     assert install(hub, tmp_path, models).returncode == 0
@@ -124,7 +126,8 @@ def test_a_damaged_model_in_models_is_found_at_install_and_replaced(hub, tmp_pat
 
     again = install(hub, tmp_path, models)
     assert again.returncode == 0, again.stderr
-    assert found in again.stdout and "it will be replaced" in again.stdout
+    assert found in again.stdout
+    assert "it will be replaced" in again.stdout
     assert hub.fetched(DEFAULT.filename)
     assert_verified_model(models, smollm2)
 
@@ -172,5 +175,6 @@ def test_the_module_never_loads_a_damaged_model_and_says_why(tmp_path, models, s
 
     with pytest.raises(ModelLoadError) as error:
         LlamaChat(repo_id="", fileglob="", filename=DEFAULT.filename, model_dir=str(models), n_ctx=256)
-    assert f"'{model_file}' is" in str(error.value) and found in str(error.value)
+    assert f"'{model_file}' is" in str(error.value)
+    assert found in str(error.value)
     assert "run the module's install again to replace it" in str(error.value)

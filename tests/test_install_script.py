@@ -7,27 +7,15 @@ install.sh reuses an existing .venv, as on any re-run, which spares the tests co
 
 import filecmp
 import shlex
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from fetch_model import MODULE_DIR, SMALL_MODEL_FILENAME, read_default_model
 from hf_standin import hub_env, unreachable_hub_url
-from package_module import runtime_files
+from install_harness import copy_module, run_bash, source_like_the_server
 
 DEFAULT = read_default_model()
-PROJECT_PYTHON = MODULE_DIR / ".venv" / "bin" / "python"
-
-
-def copy_module(tmp_path: Path) -> Path:
-    """A module folder as a user has it: the files the package ships (package_module.py), nothing else."""
-    folder = tmp_path / "LlamaChat"
-    for name in runtime_files():
-        (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(MODULE_DIR / name, folder / name)
-    return folder
 
 
 @pytest.fixture
@@ -35,10 +23,6 @@ def module_dir(tmp_path) -> Path:
     folder = copy_module(tmp_path)
     (folder / ".venv").symlink_to(MODULE_DIR / ".venv", target_is_directory=True)
     return folder
-
-
-def run_bash(script: str, env: dict, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", "-c", script], env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
 def test_standalone_install_without_the_hub_ends_with_smollm2(module_dir, tmp_path, smollm2):
@@ -83,38 +67,14 @@ def test_standalone_install_rejects_unknown_options(module_dir, tmp_path):
     assert not (module_dir / "models").exists()
 
 
-def source_like_the_server(module_dir: Path, tmp_path: Path, python: Path = PROJECT_PYTHON) -> str:
-    """A bash script that sets the variables the server's setup.sh gives install scripts, sources install.sh
-    the way it does, then reports what the script left in the shell that sourced it."""
-    server_vars = {
-        "moduleDirPath": module_dir,
-        "moduleDirName": module_dir.name,
-        "venvPythonCmdPath": python,
-        "downloadDirPath": tmp_path / "downloads",
-        "modulesDir": "modules",
-        "assetsDir": "assets",
-        "verbosity": "quiet",
-        "moduleInstallErrors": "",
-    }
-    assignments = "\n".join(f"{name}={shlex.quote(str(value))}" for name, value in server_vars.items())
-    return f"""{assignments}
-options_before="$(set +o) $-"; dir_before="$PWD"
-source "$moduleDirPath/install.sh" install
-echo "status=$?"
-echo "errors=[$moduleInstallErrors]"
-[ "$(set +o) $-" = "$options_before" ] && echo "shell options unchanged"
-[ "$PWD" = "$dir_before" ] && echo "working directory unchanged"
-echo "functions left: $(declare -F | grep -c llamachat_)"
-"""
-
-
 def test_sourced_by_the_server_gets_the_model_and_keeps_it_in_the_download_cache(hub, module_dir, tmp_path, smollm2):
     script = source_like_the_server(module_dir, tmp_path)
     result = run_bash(script, hub_env(hub.url, tmp_path), cwd=module_dir)
 
     assert "status=0" in result.stdout, result.stdout + result.stderr
     assert "errors=[]" in result.stdout
-    assert "shell options unchanged" in result.stdout and "working directory unchanged" in result.stdout
+    assert "shell options unchanged" in result.stdout
+    assert "working directory unchanged" in result.stdout
     assert "functions left: 0" in result.stdout
     assert hub.fetched(DEFAULT.filename)
     model_file = module_dir / "models" / DEFAULT.filename
@@ -138,7 +98,8 @@ def test_sourced_failure_sets_module_install_errors_and_returns_to_the_server(hu
     assert "status=1" in result.stdout, result.stdout + result.stderr
     assert "errors=[Unable to install the LlamaChat model" in result.stdout
     assert "nobody/no-such-repo" in result.stderr
-    assert "shell options unchanged" in result.stdout and "functions left: 0" in result.stdout
+    assert "shell options unchanged" in result.stdout
+    assert "functions left: 0" in result.stdout
     assert not list((module_dir / "models").glob("*.gguf"))
 
 

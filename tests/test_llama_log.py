@@ -4,7 +4,7 @@ import pytest
 import requests
 
 from live_server import poll, running_server, server_log_path
-from llama_log import LLAMA_LOG, LlamaLog
+from llamachat.llama_log import LLAMA_LOG, LlamaLog
 
 # ggml_log_level values of the bundled llama.cpp
 DEBUG, INFO, WARN, ERROR, CONT = 1, 2, 3, 4, 5

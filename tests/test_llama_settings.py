@@ -9,8 +9,8 @@ import shutil
 
 import pytest
 
-from conftest import ROOT
-from llama_settings import CHAT_FORMATS, LlamaSettings, LlamaSettingsError
+from live_server import ROOT
+from llamachat.llama_settings import CHAT_FORMATS, LlamaSettings, LlamaSettingsError
 from llamachat_server.settings import HostPlatform, load_module_settings, module_environment
 
 LINUX = HostPlatform("linux", "x64")
@@ -197,6 +197,6 @@ def test_an_unreadable_settings_file_is_a_settings_error(tmp_path):
 
 
 def test_chat_formats_are_the_templates_the_module_has():
-    from chat_template import TEMPLATES
+    from llamachat.chat_template import TEMPLATES
 
     assert set(CHAT_FORMATS) == set(TEMPLATES)

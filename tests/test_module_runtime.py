@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import ROOT
+from live_server import ROOT
 from llamachat_server.settings import HostPlatform, load_module_settings
 
 HOSTS = [

@@ -2,7 +2,7 @@
 
 import json
 
-from tests.conftest import ROOT
+from live_server import ROOT
 
 SERVER_VERSION = (2, 9, 6)  # the server version docs/protocol.md describes
 
@@ -15,12 +15,15 @@ def version(text):
 
 
 def test_module_is_valid_for_the_server():
-    assert module_id == "LlamaChat" and module["Name"]
+    assert module_id == "LlamaChat"
+    assert module["Name"]
     launch = module["LaunchSettings"]
     assert launch.get("Runtime") or launch.get("Command")
     assert (ROOT / launch["FilePath"]).is_file()
-    assert module["InstallOptions"]["Platforms"] and module["RouteMaps"]
-    assert launch["Runtime"] == "python3.11" and launch["RuntimeLocation"] in ("Local", "Shared", "System")
+    assert module["InstallOptions"]["Platforms"]
+    assert module["RouteMaps"]
+    assert launch["Runtime"] == "python3.11"
+    assert launch["RuntimeLocation"] in ("Local", "Shared", "System")
 
 
 def test_version_is_the_newest_release_and_compatible_with_the_server():
@@ -29,12 +32,14 @@ def test_version_is_the_newest_release_and_compatible_with_the_server():
     assert module["Version"] == max((r["ModuleVersion"] for r in releases), key=version)
     current = next(r for r in releases if r["ModuleVersion"] == module["Version"])
     low, high = current["ServerVersionRange"]
-    assert version(low) <= SERVER_VERSION and (not high or SERVER_VERSION <= version(high))
+    assert version(low) <= SERVER_VERSION
+    assert not high or SERVER_VERSION <= version(high)
 
 
 def test_platforms_exclude_only_what_cannot_run_it():
     platforms = module["InstallOptions"]["Platforms"]
-    assert "all" in platforms and all(p == "all" or p.startswith("!") for p in platforms)
+    assert "all" in platforms
+    assert all(p == "all" or p.startswith("!") for p in platforms)
 
 
 def test_chat_route_as_clients_expect_it():
@@ -47,7 +52,8 @@ def test_chat_route_as_clients_expect_it():
     )
     assert module["PublishingInfo"]["Category"] == "Generative AI"  # the Explorer tab it appears on
     names = [i["Name"] for i in route["Inputs"]]
-    assert names[:1] == ["prompt"] and {
+    assert names[:1] == ["prompt"]
+    assert {
         "system_prompt",
         "max_tokens",
         "temperature",

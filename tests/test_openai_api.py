@@ -77,16 +77,19 @@ def test_polls_are_quick_until_the_first_text_then_sparse_until_the_token_limit_
 
 def test_models_lists_the_loaded_model(client):
     models = client.models.list().data
-    assert [m.id for m in models] == ["SmolLM2-135M-Instruct.Q4_1.gguf"] and models[0].owned_by == "llamachat"
+    assert [m.id for m in models] == ["SmolLM2-135M-Instruct.Q4_1.gguf"]
+    assert models[0].owned_by == "llamachat"
 
 
 def test_a_completion_is_the_modules_reply_with_its_token_counts(base_url, client):
     answer = client.chat.completions.create(model="whatever", messages=HELLO, max_tokens=40, temperature=0)
     final = module_final(base_url, answer.id)
     choice = answer.choices[0]
-    assert choice.message.role == "assistant" and choice.message.content == final["reply"] != ""
+    assert choice.message.role == "assistant"
+    assert choice.message.content == final["reply"] != ""
     assert choice.finish_reason == {"completed": "stop", "length": "length"}[final["stop_reason"]]
-    assert answer.object == "chat.completion" and answer.model == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert answer.object == "chat.completion"
+    assert answer.model == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert answer.usage.prompt_tokens == final["prompt_tokens"] > 0
     assert answer.usage.completion_tokens == final["completion_tokens"] > 0
     assert answer.usage.total_tokens == final["prompt_tokens"] + final["completion_tokens"]
@@ -119,14 +122,16 @@ def test_max_tokens_ends_the_reply_with_finish_reason_length(client):
     answer = client.chat.completions.create(
         model="m", messages=[{"role": "user", "content": STORY}], max_completion_tokens=5
     )
-    assert answer.choices[0].finish_reason == "length" and answer.usage.completion_tokens == 5
+    assert answer.choices[0].finish_reason == "length"
+    assert answer.usage.completion_tokens == 5
 
 
 def test_a_stop_string_ends_the_reply_before_it(client):
     answer = client.chat.completions.create(
         model="m", messages=[{"role": "user", "content": STORY}], max_tokens=60, stop=[" "], temperature=0
     )
-    assert answer.choices[0].finish_reason == "stop" and " " not in answer.choices[0].message.content
+    assert answer.choices[0].finish_reason == "stop"
+    assert " " not in answer.choices[0].message.content
     assert answer.usage.completion_tokens < 60
 
 
@@ -140,20 +145,23 @@ def test_a_stream_sends_the_reply_as_deltas_then_finish_reason_then_usage(base_u
     )
     chunks = list(stream)
     final = module_final(base_url, chunks[0].id)
-    assert {c.id for c in chunks} == {chunks[0].id} and {c.object for c in chunks} == {"chat.completion.chunk"}
+    assert {c.id for c in chunks} == {chunks[0].id}
+    assert {c.object for c in chunks} == {"chat.completion.chunk"}
     assert chunks[0].choices[0].delta.role == "assistant"
     with_choice = [c for c in chunks if c.choices]
     contents = [c.choices[0].delta.content for c in with_choice[1:-1]]
     assert all(contents)
     assert "".join(contents) == final["reply"]
     assert [c.choices[0].finish_reason for c in with_choice] == [None] * (len(with_choice) - 1) + ["length"]
-    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == final["completion_tokens"] == 40
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage.completion_tokens == final["completion_tokens"] == 40
     assert chunks[-1].usage.prompt_tokens == final["prompt_tokens"]
 
 
 def test_a_stream_without_include_usage_has_no_usage_chunk(client):
     chunks = list(client.chat.completions.create(model="m", messages=HELLO, max_tokens=5, stream=True))
-    assert all(c.choices and c.usage is None for c in chunks) and chunks[-1].choices[0].finish_reason is not None
+    assert all(c.choices and c.usage is None for c in chunks)
+    assert chunks[-1].choices[0].finish_reason is not None
 
 
 def test_the_raw_stream_is_server_sent_events_ending_with_done(base_url):
@@ -164,14 +172,17 @@ def test_the_raw_stream_is_server_sent_events_ending_with_done(base_url):
         stream=True,
         timeout=60,
     )
-    assert response.status_code == 200 and response.headers["Content-Type"] == "text/event-stream"
+    assert response.status_code == 200
+    assert response.headers["Content-Type"] == "text/event-stream"
     body = response.content.decode()
     assert body.endswith("\n\ndata: [DONE]\n\n")
     events = body[: -len("data: [DONE]\n\n")].split("\n\n")
-    assert events[-1] == "" and all(e.startswith("data: {") and "\n" not in e for e in events[:-1])
+    assert events[-1] == ""
+    assert all(e.startswith("data: {") and "\n" not in e for e in events[:-1])
     parsed = [json.loads(e[len("data: ") :]) for e in events[:-1]]
     assert parsed[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
-    assert parsed[-1]["choices"][0]["delta"] == {} and parsed[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert parsed[-1]["choices"][0]["delta"] == {}
+    assert parsed[-1]["choices"][0]["finish_reason"] in ("stop", "length")
     assert all(set(p) == {"id", "object", "created", "model", "choices"} for p in parsed)
 
 
@@ -186,7 +197,9 @@ def test_a_client_that_goes_away_mid_stream_cancels_its_chat(base_url, client):
             break
     stream.close()
     final = module_final(base_url, completion_id)
-    assert final["stop_reason"] == "cancelled" and 0 < final["completion_tokens"] < LONG and final["reply"]
+    assert final["stop_reason"] == "cancelled"
+    assert 0 < final["completion_tokens"] < LONG
+    assert final["reply"]
     logged = f"chat {command_id(completion_id)[:LOGGED_ID_CHARS]}… cancelled"
     poll(lambda: logged in server_log_path(base_url).read_text(), 10, "the server to log the cancel")
     # The model is free again: the next chat is taken, not refused as busy.
@@ -254,7 +267,8 @@ def test_a_client_that_goes_away_at_once_leaves_no_chat_running(base_url):
 def test_bad_requests_raise_bad_request_error_with_the_reason(client, fields, says):
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model="m", messages=HELLO, **fields)
-    assert caught.value.status_code == 400 and says in caught.value.message
+    assert caught.value.status_code == 400
+    assert says in caught.value.message
     assert caught.value.body["type"] == "invalid_request_error"
 
 
@@ -296,7 +310,8 @@ def test_a_full_queue_is_a_rate_limit_error_with_the_modules_message(base_url, c
     try:
         with pytest.raises(openai.RateLimitError, match="queue is full") as caught:
             client.chat.completions.create(model="m", messages=HELLO)
-        assert caught.value.status_code == 429 and "at most 2 chats may wait" in caught.value.message
+        assert caught.value.status_code == 429
+        assert "at most 2 chats may wait" in caught.value.message
     finally:
         cancel_and_wait(base_url, *natives)
 
@@ -306,7 +321,8 @@ def test_a_chat_that_waits_in_the_queue_streams_once_it_starts(base_url, client)
     try:
         stream = client.chat.completions.create(model="m", messages=HELLO, max_tokens=8, temperature=0, stream=True)
         first = next(iter(stream))  # the role, sent at once, before any text
-        assert first.choices[0].delta.role == "assistant" and not first.choices[0].delta.content
+        assert first.choices[0].delta.role == "assistant"
+        assert not first.choices[0].delta.content
         waiting = module_status(base_url, first.id)
         ahead = module_status(base_url, f"chatcmpl-{running}")
         assert waiting["commandStatus"] == "queued" or ahead["commandStatus"] == "completed", (waiting, ahead)
@@ -315,13 +331,15 @@ def test_a_chat_that_waits_in_the_queue_streams_once_it_starts(base_url, client)
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     final = module_final(base_url, first.id)
-    assert text == final["reply"] != "" and chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert text == final["reply"] != ""
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
 
 
 def test_a_foreign_web_page_may_not_chat_and_cannot_read_the_models(base_url):
     evil = {"Origin": "https://evil.example"}
     chat = requests.post(f"{base_url}/v1/chat/completions", json={"messages": HELLO}, headers=evil, timeout=10)
-    assert chat.status_code == 403 and "Access-Control-Allow-Origin" not in chat.headers
+    assert chat.status_code == 403
+    assert "Access-Control-Allow-Origin" not in chat.headers
     assert "evil.example" in chat.json()["error"]
     models = requests.get(f"{base_url}/v1/models", headers=evil, timeout=10)
     assert "Access-Control-Allow-Origin" not in models.headers  # the page cannot read it
@@ -336,7 +354,8 @@ def test_a_local_web_page_can_read_a_stream(base_url):
         headers={"Origin": origin},
         timeout=60,
     )
-    assert response.status_code == 200 and response.headers["Access-Control-Allow-Origin"] == origin
+    assert response.status_code == 200
+    assert response.headers["Access-Control-Allow-Origin"] == origin
     assert response.text.endswith("data: [DONE]\n\n")
 
 
@@ -346,5 +365,6 @@ def test_no_module_is_a_503_saying_why(tmp_path):
         lonely = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
         with pytest.raises(openai.InternalServerError, match="module LlamaChat is NotStarted") as caught:
             lonely.chat.completions.create(model="m", messages=HELLO)
-        assert caught.value.status_code == 503 and caught.value.body["type"] == "unavailable_error"
+        assert caught.value.status_code == 503
+        assert caught.value.body["type"] == "unavailable_error"
         assert lonely.models.list().data == []  # no model has been reported

@@ -98,7 +98,8 @@ def test_the_token_limit_is_kept_for_the_servers_poll_schedule():
 )
 def test_fields_that_would_change_the_reply_unseen_are_refused(body, param, says):
     error = refusal(messages=[{"role": "user", "content": "Hi"}], **body)
-    assert error.param == param and says in str(error)
+    assert error.param == param
+    assert says in str(error)
 
 
 @pytest.mark.parametrize(
@@ -116,7 +117,8 @@ def test_fields_that_would_change_the_reply_unseen_are_refused(body, param, says
 )
 def test_messages_the_module_cannot_read_are_refused(messages, says):
     error = refusal(messages=messages)
-    assert error.param == "messages" and says in str(error)
+    assert error.param == "messages"
+    assert says in str(error)
 
 
 def test_a_body_that_is_not_an_object_is_refused():

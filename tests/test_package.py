@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
 from fetch_model import SMALL_MODEL_FILENAME, read_default_model
 from hf_standin import hub_env, unreachable_hub_url
+from live_server import ROOT
 from llamachat_server.settings import HostPlatform, load_module_settings
 
 SETTINGS = load_module_settings(ROOT)
@@ -71,7 +71,7 @@ def tracked_files() -> set[str]:
 
 
 def test_the_package_is_a_zip_of_exactly_the_runtime_files(package):
-    assert package.name == "LlamaChat-1.0.0.zip"
+    assert package.name == "LlamaChat-2.0.0.zip"
     assert zipfile.is_zipfile(package)  # not a tar under a .zip name
     with zipfile.ZipFile(package) as archive:
         assert archive.testzip() is None
@@ -86,7 +86,8 @@ def test_the_package_is_a_zip_of_exactly_the_runtime_files(package):
     assert names == shipped  # no __pycache__, model, venv or developer's settings from the working tree either
     assert {
         "llama_chat_adapter.py",
-        "chat_runner.py",
+        "llamachat/__init__.py",
+        "llamachat/chat_runner.py",
         "modulesettings.json",
         "requirements.txt",
         "install.sh",
@@ -97,14 +98,16 @@ def test_the_package_is_a_zip_of_exactly_the_runtime_files(package):
 
 def test_bad_arguments_are_refused_without_a_zip(tmp_path):
     built = build_package(tmp_path, "--bogus")
-    assert built.returncode == 2 and "unrecognized arguments: --bogus" in built.stderr
+    assert built.returncode == 2
+    assert "unrecognized arguments: --bogus" in built.stderr
     built = subprocess.run(
         ["bash", "package.sh", "LlamaChat", "1.0 beta", "--dest", str(tmp_path)],
         cwd=ROOT,
         capture_output=True,
         text=True,
     )
-    assert built.returncode == 2 and "'1.0 beta' cannot be part of a file name" in built.stderr
+    assert built.returncode == 2
+    assert "'1.0 beta' cannot be part of a file name" in built.stderr
     assert list(tmp_path.iterdir()) == []
 
 

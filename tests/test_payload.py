@@ -194,7 +194,9 @@ def test_text_that_is_not_utf8_is_refused_naming_the_byte(data, content_type, wh
 )
 def test_a_broken_multipart_body_is_refused_as_malformed(data, content_type, problem):
     error = error_for(data, content_type)
-    assert error.startswith("The form body is malformed (") and error.endswith(FORM_MALFORMED) and problem in error
+    assert error.startswith("The form body is malformed (")
+    assert error.endswith(FORM_MALFORMED)
+    assert problem in error
 
 
 def test_a_value_nested_deeper_than_the_limit_is_refused_naming_its_key():

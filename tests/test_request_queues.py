@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from llamachat_server.queues import QueueError, QueueFull, RequestQueues, payload_size
+from llamachat_server.queues import QueueError, RequestQueueFull, RequestQueues, payload_size
 
 QUEUE = "llamachat_queue"
 
@@ -107,7 +107,8 @@ def test_a_request_taken_and_then_abandoned_gets_no_late_answer_and_is_not_faile
         client.cancel()
         await asyncio.gather(client, return_exceptions=True)
         assert queues.answer(request["reqid"], "{}") is False  # nobody waits for it any more
-        assert queues.fail_taken(QUEUE, "module stopped") == 0 and queues.fail_all("stopping") == 0
+        assert queues.fail_taken(QUEUE, "module stopped") == 0
+        assert queues.fail_all("stopping") == 0
 
     asyncio.run(scenario())
 
@@ -117,10 +118,11 @@ def test_the_byte_bound_admits_a_request_that_fills_it_exactly_and_refuses_one_b
         first, filling = payload("x" * 100), payload("y" * 50)
         queues = new_queues(max_queue_bytes=payload_size(first) + payload_size(filling))
         clients = [await send(queues, "x" * 100)]
-        with pytest.raises(QueueFull) as raised:
+        with pytest.raises(RequestQueueFull) as raised:
             await queues.send_request(QUEUE, payload("y" * 51))
         assert str(raised.value).startswith(f"Request queue '{QUEUE}' is full: ")
-        assert "this one adds" in str(raised.value) and "try again later (#reqid " in str(raised.value)
+        assert "this one adds" in str(raised.value)
+        assert "try again later (#reqid " in str(raised.value)
         assert queues.pending(QUEUE) == (1, payload_size(first))  # the refused one holds nothing
         clients.append(await send(queues, "y" * 50))
         assert queues.pending(QUEUE) == (2, payload_size(first) + payload_size(filling))
@@ -137,7 +139,7 @@ def test_each_queue_has_its_own_bounds():
         queues = new_queues(max_queue_length=1)
         queues.ensure_queue("other_queue")
         full = await send(queues, "one")
-        with pytest.raises(QueueFull, match="1 requests wait for the module \\(at most 1\\)"):
+        with pytest.raises(RequestQueueFull, match="1 requests wait for the module \\(at most 1\\)"):
             await queues.send_request(QUEUE, payload("two"))
         other = await send(queues, "elsewhere", "other_queue")  # another module's queue still takes requests
         assert queues.pending("other_queue")[0] == 1
@@ -163,8 +165,10 @@ def test_fail_taken_fails_only_what_that_module_took_and_the_rest_carry_on():
                 await client
             assert str(raised.value) == f"module LlamaChat stopped (#reqid {request['reqid']})"
         assert queues.fail_taken(QUEUE, "again") == 0  # each is failed once
-        assert queues.pending(QUEUE)[0] == 1 and not waiting.done()  # not taken yet: a restarted module gets it
-        assert queues.answer(other["reqid"], '{"ok": true}') and await elsewhere == {"ok": True}
+        assert queues.pending(QUEUE)[0] == 1
+        assert not waiting.done()  # not taken yet: a restarted module gets it
+        assert queues.answer(other["reqid"], '{"ok": true}')
+        assert await elsewhere == {"ok": True}
         waiting.cancel()
         await asyncio.gather(waiting, return_exceptions=True)
 
@@ -180,7 +184,8 @@ def test_fail_all_fails_every_waiting_client_taken_or_not():
         errors = [str(error) for error in await asyncio.gather(*clients, return_exceptions=True)]
         assert errors[0] == f"The server is stopping (#reqid {taken['reqid']})"
         assert errors[1].startswith("The server is stopping (#reqid ")
-        assert queues.pending(QUEUE) == (0, 0) and queues.fail_all("again") == 0
+        assert queues.pending(QUEUE) == (0, 0)
+        assert queues.fail_all("again") == 0
 
     asyncio.run(scenario())
 
@@ -207,6 +212,7 @@ def test_a_posted_request_has_no_waiter_and_ignores_the_bounds():
         request = await queues.take(QUEUE, 1)
         assert (request["reqid"], request["reqtype"], request["payload"]["command"]) == (reqid, "quit", "quit")
         assert queues.answer(reqid, "{}") is False  # nobody waits for its answer
-        assert queues.fail_taken(QUEUE, "stopped") == 0 and queues.fail_all("stopping") == 0
+        assert queues.fail_taken(QUEUE, "stopped") == 0
+        assert queues.fail_all("stopping") == 0
 
     asyncio.run(scenario())

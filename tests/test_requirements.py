@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from live_server import ROOT
 
 # Every file the server's setup may pick: it looks in the module folder only (utils.sh 1869-1870). tests/ and bench/
 # requirements are for tests/run.sh, which installs them with pip -r.
@@ -29,11 +29,12 @@ CUDA_BUILD = "--config-settings=cmake.args=-DGGML_CUDA=on"
 
 # What each group of files may import: its own requirements file and those it builds on.
 GROUPS = {
-    "the module and the standalone server": (["*.py", "llamachat_server/*.py"], ["requirements.txt"]),
+    "the module and the standalone server": (["*.py", "llamachat/*.py", "llamachat_server/*.py"], ["requirements.txt"]),
     "the tests": (["tests/*.py"], ["requirements.txt", "tests/requirements.txt", "bench/requirements.txt"]),
     "the benchmark": (["bench/*.py"], ["requirements.txt", "bench/requirements.txt"]),
 }
 OUR_OWN = {path.stem for pattern in ("*.py", "tests/*.py", "bench/*.py") for path in ROOT.glob(pattern)} | {
+    "llamachat",
     "llamachat_server",
     "tests",
     "bench",
@@ -162,7 +163,8 @@ def test_every_line_reaches_pip_whole_through_the_setup_eval(requirements, tmp_p
     assert [p["argv"][3] for p in packages] == specs  # pip got each whole specifier, bounds included
     for package in packages:
         spec = package["argv"][3]
-        assert package["argv"][:3] == ["-m", "pip", "install"] and package["argv"][4:6] == [
+        assert package["argv"][:3] == ["-m", "pip", "install"]
+        assert package["argv"][4:6] == [
             "--target",
             str(tmp_path / "site-packages"),
         ]
@@ -183,7 +185,7 @@ def test_the_setup_line_loop_reproduction_catches_what_broke_the_original(tmp_pa
     broken.write_text("# a comment\n--extra-index-url https://example.invalid/simple\nllama-cpp-python>=0.3.36,<0.4\n")
     packages, left_behind = run_setup_line_loop(broken, tmp_path)
     assert packages[0]["argv"][3] == "llama-cpp-python"  # no bounds: a future 0.4 would be installed
-    assert left_behind == ["=0.3.36,<0.4"]  # as the issue saw in the venv folder
+    assert left_behind == ["=0.3.36,<0.4"]  # the stray file the original's setup left in the venv folder
     assert packages[0]["argv"][-2:] == ["--extra-index-url", "https://example.invalid/simple"]
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
 from fetch_model import SMALL_MODEL_FILENAME, read_default_model
 from hf_standin import default_model_hub
+from live_server import ROOT
 
 DEFAULT = read_default_model()
 
@@ -24,8 +24,10 @@ DEFAULT = read_default_model()
 def module_copy(tmp_path) -> Path:
     """The module's runtime files in a folder of their own, with an empty models folder."""
     folder = tmp_path / "LlamaChat"
-    (folder / "llamachat_server").mkdir(parents=True)
-    for path in [*ROOT.glob("*.py"), *ROOT.glob("modulesettings*.json"), *ROOT.glob("llamachat_server/*.py")]:
+    (folder / "llamachat").mkdir(parents=True)
+    (folder / "llamachat_server").mkdir()
+    runtime = [*ROOT.glob("*.py"), *ROOT.glob("modulesettings*.json"), *ROOT.glob("llamachat*/*.py")]
+    for path in runtime:
         (folder / path.relative_to(ROOT)).write_bytes(path.read_bytes())
     (folder / "models").mkdir()
     return folder

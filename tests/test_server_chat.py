@@ -76,9 +76,12 @@ def test_form_chat_streams_a_growing_reply(base_url):
     ack = start_chat(base_url, prompt=STORY, max_tokens=LONG, temperature="0")
     assert set(ack) == ACK_FIELDS
     assert ack["message"] == "Command is running in the background"
-    assert ack["commandStatus"] == "running" and ack["code"] == 200 and ack["command"] == "prompt"
+    assert ack["commandStatus"] == "running"
+    assert ack["code"] == 200
+    assert ack["command"] == "prompt"
     assert ack["commandId"] == ack["requestId"]
-    assert ack["moduleId"] == "LlamaChat" and ack["processedBy"] == "localhost"
+    assert ack["moduleId"] == "LlamaChat"
+    assert ack["processedBy"] == "localhost"
 
     running = []
 
@@ -92,9 +95,11 @@ def test_form_chat_streams_a_growing_reply(base_url):
     _, final = follow(base_url, ack["commandId"])
     for answer in running:
         assert_fields(answer, RUNNING_FIELDS)
-        assert answer["success"] is True and answer["commandStatus"] == "running"
+        assert answer["success"] is True
+        assert answer["commandStatus"] == "running"
         assert answer["message"] == "The long running command is still in progress"
-        assert answer["command"] == "get_command_status" and answer["requestId"] != ack["commandId"]
+        assert answer["command"] == "get_command_status"
+        assert answer["requestId"] != ack["commandId"]
         assert answer["commandId"] == ack["commandId"]
     partials = [answer["reply"] for answer in running if answer["reply"]]
     assert all(final["reply"].startswith(partial) for partial in partials)
@@ -106,21 +111,26 @@ def test_form_chat_completes_with_every_field(base_url):
     running, final = follow(base_url, ack["commandId"])
     assert all(final["reply"].startswith(answer["reply"]) for answer in running)  # if any was seen: fast or not
     assert_fields(final, COMPLETED_FIELDS)
-    assert final["success"] is True and final["error"] is None
-    assert final["message"] == "Command has completed" and final["commandStatus"] == "completed"
+    assert final["success"] is True
+    assert final["error"] is None
+    assert final["message"] == "Command has completed"
+    assert final["commandStatus"] == "completed"
     assert final["stop_reason"] in ("completed", "length")
     assert final["reply"].strip()
     assert final["completion_tokens"] <= 40
-    assert isinstance(final["processMs"], int) and isinstance(final["inferenceMs"], int)
+    assert isinstance(final["processMs"], int)
+    assert isinstance(final["inferenceMs"], int)
 
 
 def test_json_request_payload_chat_works_too(base_url):
     body = {"values": [{"key": "prompt", "value": ["Say hello."]}, {"key": "max_tokens", "value": ["12"]}]}
     response = requests.post(f"{base_url}/v1/text/chat", json=body, timeout=40)
     ack = response.json()
-    assert ack["success"] is True and ack["commandStatus"] == "running", ack
+    assert ack["success"] is True, ack
+    assert ack["commandStatus"] == "running", ack
     _, final = follow(base_url, ack["commandId"])
-    assert final["success"] is True and final["reply"].strip()
+    assert final["success"] is True
+    assert final["reply"].strip()
     assert final["completion_tokens"] <= 12
 
 
@@ -132,14 +142,18 @@ def test_cancel_mid_reply_keeps_the_partial_reply(base_url):
 
     cancelled = post(base_url, "LlamaChat/cancel_command", commandId=ack["commandId"])
     assert set(cancelled) == CANCEL_FIELDS
-    assert cancelled["success"] is True and cancelled["message"] == "The command has been cancelled"
-    assert cancelled["commandId"] == ack["commandId"] and cancelled["commandStatus"] == "cancelled"
-    assert cancelled["command"] == "cancel_command" and cancelled["requestId"] != ack["commandId"]
+    assert cancelled["success"] is True
+    assert cancelled["message"] == "The command has been cancelled"
+    assert cancelled["commandId"] == ack["commandId"]
+    assert cancelled["commandStatus"] == "cancelled"
+    assert cancelled["command"] == "cancel_command"
+    assert cancelled["requestId"] != ack["commandId"]
 
     _, final = follow(base_url, ack["commandId"])
     assert_fields(final, COMPLETED_FIELDS)
     assert final["stop_reason"] == "cancelled"
-    assert final["reply"].startswith(partial) and final["reply"].strip()
+    assert final["reply"].startswith(partial)
+    assert final["reply"].strip()
     assert final["completion_tokens"] < int(LONG)
 
 
@@ -147,16 +161,22 @@ def test_a_second_chat_while_one_runs_waits_in_the_queue(base_url):
     first = start_chat(base_url, prompt=STORY, max_tokens=LONG)
     second = start_chat(base_url, prompt="Hello?", max_tokens="8")
     assert set(second) == ACK_FIELDS | {"queue_position", "estimated_wait_s"}
-    assert second["commandStatus"] == "queued" and second["queue_position"] == 1 and second["code"] == 200
+    assert second["commandStatus"] == "queued"
+    assert second["queue_position"] == 1
+    assert second["code"] == 200
     assert second["commandId"] == second["requestId"] != first["commandId"]
     assert first["commandId"] not in str(second)  # nobody else's chat id is handed out (docs/protocol.md §4.2, item 5)
     waiting = status(base_url, second["commandId"])
     assert_fields(waiting, ACK_FIELDS | {"reply", "queue_position", "estimated_wait_s"})
-    assert waiting["commandStatus"] == "queued" and waiting["reply"] == "" and waiting["queue_position"] == 1
+    assert waiting["commandStatus"] == "queued"
+    assert waiting["reply"] == ""
+    assert waiting["queue_position"] == 1
     post(base_url, "LlamaChat/cancel_command", commandId=first["commandId"])
     follow(base_url, first["commandId"])
     _, final = follow(base_url, second["commandId"])  # it starts once the first has ended
-    assert final["success"] is True and final["reply"].strip() and final["stop_reason"] in ("completed", "length")
+    assert final["success"] is True
+    assert final["reply"].strip()
+    assert final["stop_reason"] in ("completed", "length")
 
 
 @pytest.mark.parametrize(
@@ -171,26 +191,30 @@ def test_unknown_or_missing_command_id_gets_a_clear_error(base_url, form, error)
     follow(base_url, ack["commandId"])
     for route in ("LlamaChat/get_command_status", "LlamaChat/cancel_command"):
         answer = post(base_url, route, **form)
-        assert answer["success"] is False and error in answer["error"], answer
+        assert answer["success"] is False, answer
+        assert error in answer["error"], answer
         assert ack["commandId"] not in str(answer)
 
 
 def test_bad_chat_input_is_refused_before_a_command_starts(base_url):
     answer = post(base_url, "text/chat", prompt="Hi", max_tokens="lots")
-    assert answer["success"] is False and "max_tokens" in answer["error"]
+    assert answer["success"] is False
+    assert "max_tokens" in answer["error"]
     assert "commandId" not in answer
 
 
 def test_the_adaptive_default_shows_its_thread_count_in_the_status_and_the_log(smollm2):
     from live_server import server_log_path, server_status
-    from thread_policy import default_max_threads
+    from llamachat.thread_policy import default_max_threads
 
     with running_server(smollm2, CPAI_MODULE_LLAMA_THREADS="0") as url:
         assert "adaptive threads (up to" in server_log_path(url).read_text()
         status_data = poll(lambda: server_status(url)["statusData"], 10, "the module's status data")
-        assert status_data["threadMode"] == "adaptive" and 1 <= status_data["threads"] <= default_max_threads()
+        assert status_data["threadMode"] == "adaptive"
+        assert 1 <= status_data["threads"] <= default_max_threads()
         ack = start_chat(url, prompt=STORY, max_tokens="24", temperature="0")
         running, final = follow(url, ack["commandId"])
         for answer in running + [final]:
             assert answer["threads"] is None or 1 <= answer["threads"] <= default_max_threads()
-        assert final["success"] and 1 <= final["threads"] <= default_max_threads()
+        assert final["success"]
+        assert 1 <= final["threads"] <= default_max_threads()

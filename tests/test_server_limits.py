@@ -10,11 +10,11 @@ import sys
 import aiohttp
 from aiohttp.test_utils import TestServer
 
-from conftest import ROOT
+from live_server import ROOT
 from llamachat_server.app import create_app
 from llamachat_server.commands import MAX_TRACKED_COMMANDS, CommandTracker
 from llamachat_server.module_process import ModuleProcess
-from llamachat_server.queues import QueueFull, RequestQueues, RequestTimedOut
+from llamachat_server.queues import RequestQueueFull, RequestQueues, RequestTimedOut
 from llamachat_server.server_log import MAX_ENTRY_CHARS, MAX_LIST_COUNT, ServerLog
 from llamachat_server.server_state import STATE, ServerConfig
 
@@ -96,8 +96,10 @@ def test_the_queue_is_bounded_in_bytes_and_in_requests_with_a_clear_error():
         try:
             await queues.send_request(QUEUE, payload(BIG_PROMPT))
             raise AssertionError("a third 5 MB request fitted in a 12 MB queue")
-        except QueueFull as ex:
-            assert "is full" in str(ex) and "MB" in str(ex) and "at most 13 MB" in str(ex)
+        except RequestQueueFull as ex:
+            assert "is full" in str(ex)
+            assert "MB" in str(ex)
+            assert "at most 13 MB" in str(ex)
         assert queues.pending(QUEUE)[0] == 2  # the refused one holds nothing
 
         small = asyncio.create_task(queues.send_request(QUEUE, payload("hi")))  # small ones still fit...
@@ -105,15 +107,17 @@ def test_the_queue_is_bounded_in_bytes_and_in_requests_with_a_clear_error():
         try:
             await queues.send_request(QUEUE, payload("hi"))
             raise AssertionError("a fourth request fitted in a queue of 3")
-        except QueueFull as ex:
-            assert "3 requests wait" in str(ex) and "at most 3" in str(ex)
+        except RequestQueueFull as ex:
+            assert "3 requests wait" in str(ex)
+            assert "at most 3" in str(ex)
         queues.post(QUEUE, {"command": "quit", "values": [], "files": [], "urlSegments": []})  # stopping gets through
         assert (await queues.take(QUEUE, 1))["reqtype"] == "prompt"  # oldest first; the quit waits its turn
 
         for task in (first, second, small):  # the clients go: their requests leave, the quit stays
             task.cancel()
         await asyncio.gather(first, second, small, return_exceptions=True)
-        assert queues.pending(QUEUE)[0] == 1 and (await queues.take(QUEUE, 1))["reqtype"] == "quit"
+        assert queues.pending(QUEUE)[0] == 1
+        assert (await queues.take(QUEUE, 1))["reqtype"] == "quit"
         assert queues.pending(QUEUE) == (0, 0)
 
     asyncio.run(scenario())
@@ -123,17 +127,18 @@ def test_log_entries_are_cut_with_a_marker_and_the_log_is_bounded():
     log = ServerLog(echo=None, capacity=100, max_chars=200_000)
     record = log.add("y" * 5_000_000, "warning", category="c" * 1000, label="l" * 1000)
     assert len(record["entry"]) < MAX_ENTRY_CHARS + 100
-    assert record["entry"].startswith("y" * 100) and record["entry"].endswith(
-        f"[... {5_000_000 - MAX_ENTRY_CHARS} more characters cut]"
-    )
-    assert len(record["category"]) < 200 and len(record["label"]) < 200
+    assert record["entry"].startswith("y" * 100)
+    assert record["entry"].endswith(f"[... {5_000_000 - MAX_ENTRY_CHARS} more characters cut]")
+    assert len(record["category"]) < 200
+    assert len(record["label"]) < 200
 
     for i in range(40):  # 40 × 5 MB sent: the log keeps at most its 200,000 characters
         log.add(f"{i}" + "z" * 5_000_000)
     assert log.chars <= 200_000
     kept = log.list(0, 1000)
     assert kept[-1]["entry"].startswith("39z")
-    assert len(kept) < 40 and all(e["id"] > record["id"] for e in kept)  # the oldest went first
+    assert len(kept) < 40
+    assert all(e["id"] > record["id"] for e in kept)  # the oldest went first
 
     for i in range(150):
         log.add(f"short {i}")
@@ -152,7 +157,8 @@ def test_log_list_count_is_capped_and_pages_on_with_last_id(tmp_path):
             assert len(first) == MAX_LIST_COUNT
             async with client.get(url, params={"count": "5000", "last_id": str(first[-1]["id"])}) as response:
                 rest = (await response.json())["entries"]
-        assert rest and rest[0]["id"] == first[-1]["id"] + 1
+        assert rest
+        assert rest[0]["id"] == first[-1]["id"] + 1
         assert rest[-1]["entry"] == f"entry {MAX_LIST_COUNT + 499}"
 
     run_with_server(scenario, tmp_path)
@@ -179,7 +185,8 @@ def test_a_module_output_line_over_the_limit_is_logged_cut_and_reading_goes_on()
         await wait_until(lambda: "after the long line" in entries(), 20, "the line after the long one")
         await wait_until(lambda: any(e.startswith("BBB") for e in entries()), 20, "the long stderr line")
         long_entry = next(e for e in entries() if e.startswith("AAA"))
-        assert long_entry.endswith("more bytes cut]") and len(long_entry) < MAX_ENTRY_CHARS + 100
+        assert long_entry.endswith("more bytes cut]")
+        assert len(long_entry) < MAX_ENTRY_CHARS + 100
         assert module.status.value == "Starting"  # still supervised, not crashed: the process runs on
         assert module.pid is not None
         await module.stop(lambda: None)
@@ -198,7 +205,8 @@ def test_command_books_are_bounded_and_a_crash_marks_held_commands_lost():
     tracker.saw_answer({"commandId": "c60", "commandStatus": "completed"})
     tracker.saw_answer({"success": False, "error": "no id"})
     held, lost = tracker.counts()
-    assert held == MAX_TRACKED_COMMANDS - 1 and lost == 0
+    assert held == MAX_TRACKED_COMMANDS - 1
+    assert lost == 0
     tracker.module_stopped("module LlamaChat stopped (exit code -9)")
     assert tracker.counts() == (0, MAX_TRACKED_COMMANDS - 1)
     crash = "module LlamaChat stopped (exit code -9)"
@@ -221,13 +229,17 @@ def test_an_unexpected_exception_becomes_a_json_500_with_cors_and_is_logged(tmp_
         app.router.add_get("/test/fail", failing_handler)
         async with TestServer(app, host="127.0.0.1") as server, aiohttp.ClientSession() as client:
             async with client.get(server.make_url("/test/fail"), headers={"Origin": "http://localhost:8080"}) as r:
-                assert r.status == 500 and r.content_type == "application/json"
+                assert r.status == 500
+                assert r.content_type == "application/json"
                 assert "Access-Control-Allow-Origin" in r.headers
                 body = await r.json()
             async with client.get(server.make_url("/v1/server/status/ping")) as r:
                 assert (await r.json())["success"] is True  # still serving
-        assert body["success"] is False and body["code"] == 500
-        assert "GET /test/fail" in body["error"] and "KeyError" in body["error"] and "server log" in body["error"]
+        assert body["success"] is False
+        assert body["code"] == 500
+        assert "GET /test/fail" in body["error"]
+        assert "KeyError" in body["error"]
+        assert "server log" in body["error"]
         logged = [e for e in app[STATE].log.list(0, 1000) if e["level"] == "error"]
         assert any("Traceback" in e["entry"] and "no such thing" in e["entry"] for e in logged)
 

@@ -44,17 +44,20 @@ def base_url(smollm2):
 def test_module_gets_the_environment_the_real_server_builds(base_url, smollm2):
     env = psutil.Process(server_status(base_url)["pid"]).environ()
     assert env["CPAI_PORT"] == str(urlparse(base_url).port)
-    assert env["CPAI_MODULE_ID"] == "LlamaChat" and env["CPAI_MODULE_NAME"] == "LlamaChat"
+    assert env["CPAI_MODULE_ID"] == "LlamaChat"
+    assert env["CPAI_MODULE_NAME"] == "LlamaChat"
     assert env["CPAI_MODULE_QUEUENAME"] == "llamachat_queue"
     assert env["CPAI_MODULE_SERVER_LAUNCHED"] == "true"
-    assert env["CPAI_LOG_VERBOSITY"] == "Quiet" and env["CPAI_MODULE_PARALLELISM"] == "1"
+    assert env["CPAI_LOG_VERBOSITY"] == "Quiet"
+    assert env["CPAI_MODULE_PARALLELISM"] == "1"
     assert env["CPAI_MODULE_ENABLE_GPU"] == "True"
     assert env["CPAI_MODULE_PATH"] == str(ROOT)
     assert env["CPAI_MODULE_LLAMA_MODEL_REPO"] == "TheBloke/Mistral-7B-Instruct-v0.2-GGUF"  # '@' stripped
     # --model and --env win over the module's settings.
     assert env["CPAI_MODULE_LLAMA_MODEL_DIR"] == str(smollm2.resolve().parent)
     assert env["CPAI_MODULE_LLAMA_MODEL_FILENAME"] == smollm2.name
-    assert env["CPAI_MODULE_LLAMA_CONTEXT_SIZE"] == "2048" and env["CPAI_MODULE_LLAMA_THREADS"] == "2"
+    assert env["CPAI_MODULE_LLAMA_CONTEXT_SIZE"] == "2048"
+    assert env["CPAI_MODULE_LLAMA_THREADS"] == "2"
 
 
 def log_entries(base_url):
@@ -65,7 +68,8 @@ def test_module_output_and_status_reach_the_server(base_url, smollm2):
     module_lines = [e for e in log_entries(base_url) if e["category"] == "LlamaChat"]
     # The module prints "info: Using model ...": the level is read from the prefix, which leaves the text.
     (using,) = [e for e in module_lines if "Using model" in e["entry"]]
-    assert using["entry"].startswith("Using model '") and smollm2.name in using["entry"]
+    assert using["entry"].startswith("Using model '")
+    assert smollm2.name in using["entry"]
     assert using["level"] == "information"
     # The SDK posts its status every 2 s; LlamaChat adds its model to it, and the device this llama.cpp build uses.
     status_data = poll(lambda: server_status(base_url)["statusData"], 10, "the module's status data")
@@ -90,7 +94,8 @@ def test_module_error_lines_are_logged_as_errors(smollm2):
             10,
             "the module's error line",
         )
-    assert error["level"] == "error" and error["category"] == "LlamaChat"
+    assert error["level"] == "error"
+    assert error["category"] == "LlamaChat"
     assert error["entry"].startswith(
         "LlamaChat has no model, every chat will fail until this is fixed: CPAI_MODULE_LLAMA_CHAT_FORMAT must be one of"
     )
@@ -102,11 +107,13 @@ def test_killed_module_is_reported_crashed_then_restarted_and_chats_again(base_u
 
     poll(lambda: server_status(base_url)["status"] == "Crashed", 10, "the status Crashed", interval=0.02)
     after = poll(lambda: (s := server_status(base_url))["status"] == "Started" and s, 60, "the restart")
-    assert after["pid"] != before["pid"] and after["restarts"] == before["restarts"] + 1
+    assert after["pid"] != before["pid"]
+    assert after["restarts"] == before["restarts"] + 1
     assert any("crashed" in e["entry"] and e["level"] == "error" for e in log_entries(base_url))
 
     final = finished(base_url, chat(base_url))
-    assert final["success"] is True and final["reply"].strip()
+    assert final["success"] is True
+    assert final["reply"].strip()
 
 
 def test_ctrl_c_stops_server_and_module_quickly_even_mid_chat(smollm2):

@@ -10,7 +10,7 @@ import requests
 
 from live_server import poll, running_server, server_status
 from llama_chat import LlamaChat
-from test_server_queue import LONG, cancel, follow, start_chat, status
+from module_chat import LONG, cancel, follow, start_chat, status
 
 CONTEXT_SIZE = 2048
 GREEDY = {"temperature": "0", "max_tokens": "24"}
@@ -28,7 +28,8 @@ def test_two_chats_decode_at_once_and_a_third_waits(base_url):
     first, second = (start_chat(base_url, **LONG)["commandId"] for _ in range(2))
     third = start_chat(base_url, prompt=PROMPTS[0], max_tokens="8")
     try:
-        assert third["commandStatus"] == "queued" and third["queue_position"] == 1, third
+        assert third["commandStatus"] == "queued", third
+        assert third["queue_position"] == 1, third
 
         # Both replies grow while both run: neither waits for the other.
         def both_generating():
@@ -41,12 +42,17 @@ def test_two_chats_decode_at_once_and_a_third_waits(base_url):
 
         # Stopping one keeps its text and leaves the other running; the waiting chat takes the free place.
         stopped = cancel(base_url, first)
-        assert stopped["success"] is True and stopped["commandStatus"] == "cancelled"
+        assert stopped["success"] is True
+        assert stopped["commandStatus"] == "cancelled"
         final = follow(base_url, first)
-        assert final["stop_reason"] == "cancelled" and final["reply"].strip() and final["completion_tokens"] > 0
+        assert final["stop_reason"] == "cancelled"
+        assert final["reply"].strip()
+        assert final["completion_tokens"] > 0
         assert status(base_url, second)["commandStatus"] == "running"
         waited = follow(base_url, third["commandId"])
-        assert waited["success"] is True and waited["stop_reason"] in ("completed", "length") and waited["reply"]
+        assert waited["success"] is True
+        assert waited["stop_reason"] in ("completed", "length")
+        assert waited["reply"]
     finally:
         for command_id in (first, second, third["commandId"]):
             cancel(base_url, command_id)
@@ -68,13 +74,17 @@ def test_greedy_replies_decoded_together_are_the_ones_each_gets_alone(base_url, 
     finals = [follow(base_url, command_id) for command_id in ids]
     assert [f["reply"] for f in finals] == alone
     for final in finals:
-        assert final["success"] is True and final["completion_tokens"] <= 24 and final["tokens_per_second"] > 0
-        assert final["time_to_first_token_ms"] > 0 and final["prompt_tokens"] > 0
+        assert final["success"] is True
+        assert final["completion_tokens"] <= 24
+        assert final["tokens_per_second"] > 0
+        assert final["time_to_first_token_ms"] > 0
+        assert final["prompt_tokens"] > 0
 
 
 def test_bad_input_is_still_refused_before_it_is_queued(base_url):
     answer = requests.post(f"{base_url}/v1/text/chat", data={"prompt": " "}, timeout=30).json()
-    assert answer["success"] is False and "prompt is missing or blank" in answer["error"]
+    assert answer["success"] is False
+    assert "prompt is missing or blank" in answer["error"]
 
 
 def test_two_openai_streams_at_once_each_get_their_own_greedy_reply(base_url, alone):

@@ -11,8 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from conftest import ROOT
-from live_server import serve_in_thread
+from live_server import ROOT, serve_in_thread
 from llamachat_server.server_state import ServerConfig
 
 QUEUE = "llamachat_queue"

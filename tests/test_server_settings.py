@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import ROOT
+from live_server import ROOT
 from llamachat_server.routes import Route, RouteMap
 from llamachat_server.settings import HostPlatform, SettingsError, load_module_settings, merge_layer, module_environment
 
@@ -138,14 +138,16 @@ def test_at_sign_keeps_a_value_verbatim_and_slashes_turn_on_windows(module_dir):
     settings = load_module_settings(module_dir, WINDOWS)
     env = module_environment(settings, port=1, python="py", data_dir=module_dir, base_env={}, host=WINDOWS)
     assert env["DEMO_REPO"] == "org/name"  # '@' stripped, slash kept
-    assert env["DEMO_DIR"].endswith("\\models") and "/" not in env["DEMO_DIR"]
+    assert env["DEMO_DIR"].endswith("\\models")
+    assert "/" not in env["DEMO_DIR"]
     assert env["DEMO_URL"] == "https://example.invalid/a/b"  # URLs keep their slashes
 
 
 def test_llamachat_settings_give_the_documented_environment(tmp_path):
     settings = load_module_settings(ROOT, LINUX)
     env = module_environment(settings, port=5000, python="py", data_dir=tmp_path, base_env={}, host=LINUX)
-    assert env["CPAI_MODULE_ID"] == "LlamaChat" and env["CPAI_MODULE_QUEUENAME"] == "llamachat_queue"
+    assert env["CPAI_MODULE_ID"] == "LlamaChat"
+    assert env["CPAI_MODULE_QUEUENAME"] == "llamachat_queue"
     assert env["CPAI_MODULE_LLAMA_MODEL_REPO"] == "TheBloke/Mistral-7B-Instruct-v0.2-GGUF"
     assert env["CPAI_MODULE_LLAMA_MODEL_DIR"] == "./models"
     assert env["CPAI_MODULE_PARALLELISM"] == "1"

@@ -25,9 +25,11 @@ def test_soak_runs_chats_with_cancels_and_bad_inputs_and_writes_its_results(smol
         str(tmp_path),
     )
     result = json.loads((tmp_path / "soak.json").read_text())
-    assert result["chats_ended"] == 4 and sum(result["endings"].values()) == 4, done.stdout + done.stderr
+    assert result["chats_ended"] == 4, done.stdout + done.stderr
+    assert sum(result["endings"].values()) == 4, done.stdout + done.stderr
     assert result["failure_count"] == 0, result["failures"]
-    assert result["bad_inputs_sent"] == 4 and result["module_restarts"] == 0
+    assert result["bad_inputs_sent"] == 4
+    assert result["module_restarts"] == 0
     assert [row["chats"] for row in result["rss_curve"]] == [2, 4]
     assert all(row["server_mb"] > 10 and row["module_mb"] > 50 for row in result["rss_curve"])
     assert set(result["rss_growth_pct"]) == {"server", "module"}

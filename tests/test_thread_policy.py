@@ -8,8 +8,8 @@ import time
 import psutil
 import pytest
 
-import thread_policy
-from thread_policy import OtherLoad, ThreadPolicy, threads_for
+from llamachat import thread_policy
+from llamachat.thread_policy import OtherLoad, ThreadPolicy, threads_for
 
 
 @pytest.mark.parametrize(
@@ -48,20 +48,27 @@ class FakeLoad:
 def test_a_pinned_count_is_never_changed_and_reads_no_load():
     applied = []
     policy = ThreadPolicy(pinned=3, cpus=2)
-    assert policy.mode == "fixed" and policy.threads == policy.max_threads == 3
-    assert policy.update(applied.append, force=True) == 3 and applied == []
+    assert policy.mode == "fixed"
+    assert policy.threads == policy.max_threads == 3
+    assert policy.update(applied.append, force=True) == 3
+    assert applied == []
 
 
 def test_adaptive_applies_a_new_count_only_when_it_changes_and_logs_it():
     load, applied, logged = FakeLoad(0.0), [], []
     policy = ThreadPolicy(max_threads=2, cpus=2, load=load, log=logged.append)
-    assert policy.mode == "adaptive" and policy.threads == 2
-    assert policy.update(applied.append, force=True) == 2 and applied == [] and logged == []
+    assert policy.mode == "adaptive"
+    assert policy.threads == 2
+    assert policy.update(applied.append, force=True) == 2
+    assert applied == []
+    assert logged == []
     load.value = 1.0
-    assert policy.update(applied.append, force=True) == 1 and applied == [1]
+    assert policy.update(applied.append, force=True) == 1
+    assert applied == [1]
     assert logged == ["info: llama.cpp now uses 1 of 2 threads: other processes use 1.0 of 2 CPUs"]
     load.value = 0.05
-    assert policy.update(applied.append, force=True) == 2 and applied == [1, 2]
+    assert policy.update(applied.append, force=True) == 2
+    assert applied == [1, 2]
     policy.close()
     assert load.closed
 
@@ -73,10 +80,14 @@ def test_adaptive_rereads_the_load_at_most_once_per_interval_unless_forced(monke
     policy = ThreadPolicy(max_threads=2, cpus=2, load=load)
     policy.update(applied.append)
     load.value = 1.0
-    assert policy.update(applied.append) == 2 and load.reads == 1  # within the interval: no new reading
+    assert policy.update(applied.append) == 2
+    assert load.reads == 1  # within the interval: no new reading
     now[0] += thread_policy.SAMPLE_INTERVAL_S
-    assert policy.update(applied.append) == 1 and load.reads == 2 and applied == [1]
-    assert policy.update(applied.append, force=True) == 1 and load.reads == 3
+    assert policy.update(applied.append) == 1
+    assert load.reads == 2
+    assert applied == [1]
+    assert policy.update(applied.append, force=True) == 1
+    assert load.reads == 3
 
 
 class ScriptedMachine:

@@ -1,6 +1,6 @@
 """Downloads one model file safely: room on the disk first, resumable, and only kept when its SHA-256 is right.
 
-The bytes go to `<model>.part`; an interrupted download leaves it there and the next run asks the server for the
+The bytes go to `<model>.partial`; an interrupted download leaves it there and the next run asks the server for the
 rest only (an HTTP Range request). The finished file gets its hash checked before it takes the model's name, so a
 file in models/ is always either whole and verified or not there at all.
 """
@@ -13,11 +13,10 @@ import shutil
 import urllib.request
 from pathlib import Path
 
-from model_file import ModelRecord, sha256_of, write_record
+from llamachat.model_file import PARTIAL_SUFFIX, READ_BLOCK, ModelRecord, sha256_of, write_record
 
 ATTEMPTS = 3  # connections per run; each one resumes where the previous one stopped
 TIMEOUT_S = 30  # per connect or read: a stalled connection counts as a dropped one
-_BLOCK = 1 << 20
 
 
 class DownloadError(Exception):
@@ -32,7 +31,7 @@ def free_disk_bytes(folder: Path) -> int:
 
 
 def part_path(target: Path) -> Path:
-    return target.with_name(target.name + ".part")
+    return target.with_name(target.name + PARTIAL_SUFFIX)
 
 
 def gigabytes(size: int) -> str:
@@ -97,7 +96,7 @@ def _fetch_rest(url: str, headers: dict[str, str], part, size: int) -> None:
             part.seek(0)
             part.truncate()
         with tqdm(total=size, initial=part.tell(), unit="B", unit_scale=True, desc=part.name) as bar:
-            while block := response.read(_BLOCK):
+            while block := response.read(READ_BLOCK):
                 part.write(block)
                 bar.update(len(block))
     if part.tell() != size:

@@ -2,11 +2,10 @@
 
 The SDK runs one long process per module and refuses the rest (docs/protocol.md §1.7), so LlamaChat keeps its own
 queue: every chat is accepted while there is room, waits its turn, and is reachable through its own commandId only.
-A worker takes the oldest waiting chat whenever one of the `slots` is free (today one slot: one chat decodes at a
-time), runs it and hands back its result, which stays readable for `result_ttl` seconds and is then forgotten, so
-memory stays bounded. Decoding several chats at once needs only slots=N and a worker that takes a chat (take(0)) for
-each free sequence, watches each chat's cancel_requested and finishes each on its own. Pure logic, no model and no
-SDK: tests/test_chat_queue.py drives it with a fake clock.
+A worker takes the oldest waiting chat whenever one of the `slots` is free (one slot, or CPAI_MODULE_LLAMA_PARALLEL
+of them: one worker each), runs it and hands back its result, which stays readable for `result_ttl` seconds and is
+then forgotten, so memory stays bounded. Pure logic, no model and no SDK: tests/test_chat_queue.py drives it with a
+fake clock.
 """
 
 from __future__ import annotations
@@ -16,11 +15,22 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, Callable
 
-from chat_job import ChatJob
+from llamachat.chat_job import ChatJob, StopReason
 
-QUEUED, RUNNING, COMPLETED = "queued", "running", "completed"
+
+class ChatState(str, Enum):
+    """Where a chat is: its commandStatus in the module's answers. A str, so it serialises as its value."""
+
+    QUEUED = "queued"  # waiting for a slot
+    RUNNING = "running"
+    COMPLETED = "completed"  # finished, however it ended (its result's stop_reason says how)
+
+    __str__ = str.__str__  # f"{state}" is its value, not "ChatState.QUEUED"
+
+
 # A bound on the results kept at once, whatever the TTL: cancelling queued chats in a loop finishes them faster than
 # any model could, and each would otherwise be kept for the whole TTL.
 MAX_KEPT_RESULTS = 1000
@@ -30,11 +40,11 @@ RECENT_CHATS = 16
 DEFAULT_REPLY_TOKENS = 256
 
 
-class QueueFull(Exception):
+class ChatQueueFull(Exception):
     """No room: `capacity` chats already wait."""
 
 
-class QueueClosed(Exception):
+class ChatQueueClosed(Exception):
     """The module is shutting down: no chat starts any more."""
 
 
@@ -43,7 +53,7 @@ class QueuedChat:
     command_id: str
     request: Any  # what the worker needs to run it (the adapter's ChatRequest); dropped once it has finished
     max_tokens: int  # the chat's limit; 0 = none (for the wait estimate)
-    state: str = QUEUED
+    state: ChatState = ChatState.QUEUED
     cancel_requested: bool = False  # a running chat stops at its next token
     job: ChatJob | None = None  # the running chat's live state, set by its worker; dropped once it has finished
     result: dict | None = None  # the finished chat's answer
@@ -67,7 +77,7 @@ class WaitEstimate:
             self._speeds.append(result["tokens_per_second"])
         if result.get("time_to_first_token_ms") is not None:
             self._first_token_s.append(result["time_to_first_token_ms"] / 1000)
-        if result.get("stop_reason") in ("completed", "length") and result.get("completion_tokens"):
+        if result.get("stop_reason") in (StopReason.COMPLETED, StopReason.LENGTH) and result.get("completion_tokens"):
             self._reply_tokens.append(result["completion_tokens"])
 
     def reply_tokens(self, max_tokens: int) -> float:
@@ -110,15 +120,15 @@ class ChatQueue:
     # --- for the SDK's threads ---------------------------------------------------------------------------------
 
     def add(self, command_id: str, request: Any, max_tokens: int) -> QueuedChat:
-        """Queues a chat; QueueFull when `capacity` chats wait already, QueueClosed when shutting down."""
+        """Queues a chat; ChatQueueFull when `capacity` chats wait already, ChatQueueClosed when shutting down."""
         with self._lock:
             self._forget_expired()
             if self._closed:
-                raise QueueClosed()
+                raise ChatQueueClosed()
             if command_id in self._chats:
                 raise ValueError(f"commandId {command_id} is already in use")
             if len(self._waiting) + 1 - self._free_slots() > self.capacity:  # it would wait, and there is no room
-                raise QueueFull()
+                raise ChatQueueFull()
             chat = QueuedChat(command_id, request, max_tokens)
             self._waiting.append(chat)
             self._chats[command_id] = chat
@@ -135,7 +145,7 @@ class ChatQueue:
         """(queue_position, estimated wait in seconds) of a waiting chat: 1 starts next. Position 0 for a chat that
         runs, or starts as soon as its worker wakes (a slot is free for it), or has finished."""
         with self._lock:
-            if chat.state != QUEUED:
+            if chat.state != ChatState.QUEUED:
                 return 0, None
             index = self._waiting.index(chat)
             position = index + 1 - self._free_slots()
@@ -150,10 +160,10 @@ class ChatQueue:
             chat = self._chats.get(command_id)
             if chat is None:
                 return None
-            if chat.state == QUEUED:
+            if chat.state == ChatState.QUEUED:
                 self._waiting.remove(chat)
                 self._complete(chat, cancelled_result(chat))
-            elif chat.state == RUNNING:
+            elif chat.state == ChatState.RUNNING:
                 chat.cancel_requested = True
             return chat
 
@@ -172,7 +182,7 @@ class ChatQueue:
             if not ready or self._closed:
                 return None
             chat = self._waiting.popleft()
-            chat.state = RUNNING
+            chat.state = ChatState.RUNNING
             self._running.append(chat)
             return chat
 
@@ -207,7 +217,7 @@ class ChatQueue:
 
     def _complete(self, chat: QueuedChat, result: dict) -> None:
         # Only the result is kept: a request may hold megabytes of history, and the job's reply is in the result.
-        chat.state, chat.result, chat.request, chat.job = COMPLETED, result, None, None
+        chat.state, chat.result, chat.request, chat.job = ChatState.COMPLETED, result, None, None
         chat.forget_at = self._clock() + self.result_ttl
         self._finished.append(chat)
         while len(self._finished) > MAX_KEPT_RESULTS:

@@ -15,7 +15,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
-from chat_request import ChatError, ChatRequest
+from llamachat.chat_request import ChatError, ChatRequest
+from llamachat.chat_types import Message, never
 
 # With max_tokens 0 ("until the model stops") the reply still needs room: this much, or a quarter of the context.
 MIN_REPLY_ROOM = 512
@@ -24,8 +25,6 @@ COUNT_CACHE_SIZE = 4096
 # Renders guided by the estimate before halving the range instead (only a template far from the estimate needs it).
 GUIDED_RENDERS = 3
 _PROBE = "x"
-
-Message = dict[str, str]
 
 
 class FitCancelled(Exception):
@@ -51,10 +50,6 @@ def split_turns(history: list[Message]) -> list[list[Message]]:
             turns.append([])
         turns[-1].append(message)
     return turns
-
-
-def _never() -> bool:
-    return False
 
 
 class ContextFitter:
@@ -97,7 +92,7 @@ class ContextFitter:
         except Exception as ex:  # the template's own checks, e.g. roles that must alternate
             raise ChatError(f"The model's chat template rejected the conversation: {ex}") from None
 
-    def fit(self, request: ChatRequest, cancelled: Callable[[], bool] = _never) -> FittedChat:
+    def fit(self, request: ChatRequest, cancelled: Callable[[], bool] = never) -> FittedChat:
         """The newest turns that fit with the prompt and room for the reply; raises FitCancelled as soon as
         cancelled() says so, and ChatError when even the prompt alone does not fit."""
         room = reply_room(request, self.chat.n_ctx)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from llamachat_server.settings import HostPlatform, SettingsError, expand_option, load_module_settings
 
-MODULE_DIR = Path(__file__).resolve().parent
+MODULE_DIR = Path(__file__).resolve().parent.parent  # the module folder, above this package
 # The names of chat_template.TEMPLATES (tests/test_llama_settings.py keeps the two equal): chat_template imports
 # llama_cpp, which fetch_model.py cannot rely on while the server's setup is still installing packages.
 CHAT_FORMATS = ("chatml", "gemma", "phi3")

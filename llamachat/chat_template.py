@@ -60,7 +60,8 @@ class ChatTemplate:
         )
         self._extra_stops = extra_stops
 
-    def __call__(self, *, messages: list[dict[str, Any]], **kwargs: Any) -> llama_chat_format.ChatFormatterResponse:
+    # messages: the plain dicts llama-cpp-python's message TypedDicts describe (list[Any] accepts both).
+    def __call__(self, *, messages: list[Any], **kwargs: Any) -> llama_chat_format.ChatFormatterResponse:
         response = self._jinja(messages=messages, **kwargs)
         stops = response.stop if isinstance(response.stop, list) else [response.stop]
         response.stop = [s for s in stops + self._extra_stops if s]

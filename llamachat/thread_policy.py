@@ -139,8 +139,8 @@ class ThreadPolicy:
 
     def update(self, set_threads: Callable[[int], None], force: bool = False) -> int:
         """Re-chooses the count when SAMPLE_INTERVAL_S has passed (or force), applies it if it changed, returns it."""
-        if not self.adaptive or (not force and time.monotonic() - self._checked_at < SAMPLE_INTERVAL_S):
-            return self.threads
+        if self._load is None or (not force and time.monotonic() - self._checked_at < SAMPLE_INTERVAL_S):
+            return self.threads  # pinned (no load is measured), or checked a moment ago
         self._checked_at = time.monotonic()
         others = self._load.cores()
         threads = threads_for(others, self.cpus, self.max_threads)

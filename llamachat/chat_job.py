@@ -3,10 +3,23 @@
 from __future__ import annotations
 
 import time
+from enum import Enum
 from typing import Any
 
+
+class StopReason(str, Enum):
+    """How a chat ended: its result's stop_reason. A str, so it compares with and serialises as its value."""
+
+    COMPLETED = "completed"  # the model ended its reply, or a stop string did
+    LENGTH = "length"  # max_tokens, or the context, ran out
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+    __str__ = str.__str__  # f"{reason}" is its value, not "StopReason.COMPLETED"
+
+
 # llama-cpp-python's finish_reason -> our stop_reason
-FINISH_REASONS = {"stop": "completed", "length": "length"}
+STOP_REASON_OF_FINISH_REASON = {"stop": StopReason.COMPLETED, "length": StopReason.LENGTH}
 
 
 class ChatJob:
@@ -27,7 +40,7 @@ class ChatJob:
         self.cached_tokens = 0
         self.dropped_turns = 0
         self.completion_tokens = 0
-        self.stop_reason: str | None = None
+        self.stop_reason: StopReason | None = None
         self.error: str | None = None
         self.threads: int | None = None  # llama.cpp's CPU threads now (the adaptive mode may change it mid-reply)
 
@@ -49,7 +62,7 @@ class ChatJob:
     def count_tokens(self, completion_tokens: int) -> None:
         self.completion_tokens = max(self.completion_tokens, completion_tokens)
 
-    def finish(self, stop_reason: str, error: str | None = None) -> dict[str, Any]:
+    def finish(self, stop_reason: StopReason, error: str | None = None) -> dict[str, Any]:
         self.stop_reason, self.error = stop_reason, error
         self.finished_at = time.perf_counter()
         return self.result()
@@ -61,8 +74,9 @@ class ChatJob:
     def metrics(self) -> dict[str, Any]:
         now = self.finished_at or time.perf_counter()
         speed = 0.0
-        if self.first_token_at is not None and self.last_token_at > self.first_token_at:
-            speed = (self._tokens_at_last - self._tokens_at_first) / (self.last_token_at - self.first_token_at)
+        first, last = self.first_token_at, self.last_token_at
+        if first is not None and last is not None and last > first:
+            speed = (self._tokens_at_last - self._tokens_at_first) / (last - first)
         return {
             "model": self.model,
             "model_fallback": self.model_fallback,

@@ -14,7 +14,11 @@ from pathlib import Path
 
 GGUF_MAGIC = b"GGUF"
 RECORD_SUFFIX = ".download.json"
-_BLOCK = 1 << 20
+# A file being written takes this suffix until it is whole: a download (kept to resume from), a copy, a package.
+PARTIAL_SUFFIX = ".partial"
+READ_BLOCK = 1 << 20  # bytes read at a time from a model file or a download
+# The small model: what `install.sh --small` installs, and what the module loads when the configured one fails.
+SMALL_MODEL_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @dataclass(frozen=True)
@@ -67,7 +71,7 @@ def quick_problem(model: Path) -> str | None:
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
-        while block := f.read(_BLOCK):
+        while block := f.read(READ_BLOCK):
             digest.update(block)
     return digest.hexdigest()
 

@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import gc
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 from codeproject_ai_sdk import JSON
 
-from batch_decoder import BatchChat, BatchDecoder
-from chat_job import FINISH_REASONS, ChatJob
-from chat_queue import QueuedChat
-from chat_request import ChatError, ChatRequest
-from context_fit import ContextFitter, FitCancelled, FittedChat
-from llama_chat import LlamaChat
-from thread_policy import ThreadPolicy
+from llama_chat import ChunkStream, LlamaChat
+from llamachat.batch_decoder import BatchChat, BatchDecoder
+from llamachat.chat_job import STOP_REASON_OF_FINISH_REASON, ChatJob, StopReason
+from llamachat.chat_queue import QueuedChat
+from llamachat.chat_request import ChatError, ChatRequest
+from llamachat.context_fit import ContextFitter, FitCancelled, FittedChat
+from llamachat.thread_policy import ThreadPolicy
 
 SHUTTING_DOWN = "The module is shutting down; the chat did not start"
 
@@ -29,8 +29,9 @@ class ChatRunner:
     def __init__(self, report_error: Callable[[Exception, str], None]) -> None:
         self.report_error = report_error  # the SDK's: a bug goes to the server's log
         self.llama_chat: LlamaChat | None = None  # None until load(), and again once stop() has run
-        self.fitter: ContextFitter | None = None
-        self.threads: ThreadPolicy | None = None
+        # Set by load(); a chat reaches them only once a model is loaded (run() asks _model() first).
+        self.fitter: ContextFitter
+        self.threads: ThreadPolicy
         self.decoder: BatchDecoder | None = None  # with CPAI_MODULE_LLAMA_PARALLEL > 1: decodes the chats together
         # Everything that touches the model runs on this one thread: loading, fitting the conversation (tokenizing),
         # generating, thread changes and closing; process() only reads the request. (Only the model-free queries at
@@ -45,15 +46,14 @@ class ChatRunner:
         pinned_threads: the thread count, 0 for adaptive. Raises what LlamaChat raises (ModelLoadError, ValueError).
         """
         self.threads = ThreadPolicy(pinned=pinned_threads)
-        self.llama_chat = self.llama_thread.submit(
-            LlamaChat, n_ctx=n_ctx, n_threads=self.threads.threads, **model
-        ).result()
+        chat = self.llama_thread.submit(LlamaChat, n_ctx=n_ctx, n_threads=self.threads.threads, **model).result()
         if parallel > 1:
             # Its worker is then the only thread that computes: the llama thread only loads and tokenizes. A
             # second OpenMP team, even idle, slowed the working one by ~30 % (bench/concurrency.py).
-            self.decoder = self.llama_thread.submit(BatchDecoder, self.llama_chat.llm, parallel, n_ctx).result()
-        self.fitter = ContextFitter(self.llama_chat)
-        return self.llama_chat
+            self.decoder = self.llama_thread.submit(BatchDecoder, chat.llm, parallel, n_ctx).result()
+        self.fitter = ContextFitter(chat)
+        self.llama_chat = chat
+        return chat
 
     def run(self, queued: QueuedChat) -> JSON:
         """Runs a chat: fits it on the llama thread, then generates there or, in parallel mode, in the decoder."""
@@ -64,18 +64,27 @@ class ChatRunner:
         def cancelled() -> bool:
             return queued.cancel_requested
 
+        request: ChatRequest = queued.request
         try:
-            if chat is None:  # cleanup() closed the model before this chat reached the llama thread
-                raise ChatError(SHUTTING_DOWN)
-            request: ChatRequest = queued.request
-            fitted = self.llama_thread.submit(self.fitter.fit, request, cancelled).result()
-        except ChatError as ex:
-            return job.finish("error", str(ex))
+            fitted = self.llama_thread.submit(self._fit, request, cancelled).result()
+            if self.decoder is not None:
+                return self._generate_batched(self.decoder, job, request, fitted, cancelled)
+            return self.llama_thread.submit(self._generate, job, request, fitted, cancelled).result()
+        except ChatError as ex:  # the input does not fit, or the module is shutting down
+            return job.finish(StopReason.ERROR, str(ex))
         except FitCancelled:
-            return job.finish("cancelled")
-        if self.decoder is not None:
-            return self._generate_batched(job, request, fitted, cancelled)
-        return self.llama_thread.submit(self._generate, job, request, fitted, cancelled).result()
+            return job.finish(StopReason.CANCELLED)
+
+    def _model(self) -> LlamaChat:
+        """The model, or ChatError(SHUTTING_DOWN) once stop() has run: checked as a chat reaches each step, since
+        cleanup() may close the model while the chat waits for the llama thread or the decoder."""
+        if self.llama_chat is None:
+            raise ChatError(SHUTTING_DOWN)
+        return self.llama_chat
+
+    def _fit(self, request: ChatRequest, cancelled: Callable[[], bool]) -> FittedChat:
+        self._model()
+        return self.fitter.fit(request, cancelled)
 
     def collect_garbage(self) -> None:
         """Queues a full collection on the llama thread, behind the chat that just ended."""
@@ -85,15 +94,13 @@ class ChatRunner:
         self.llama_thread.submit(gc.collect)
 
     def _generate(self, job: ChatJob, request: ChatRequest, fitted: FittedChat, cancelled: Callable[[], bool]) -> JSON:
-        chat = self.llama_chat
-        if chat is None:  # cleanup() closed the model before this chat reached the llama thread
-            return job.finish("error", SHUTTING_DOWN)
+        chat = self._model()
         job.threads = self.threads.update(chat.set_threads, force=True)
         job.begin_inference(len(fitted.prompt_tokens), chat.cached_prefix(fitted.prompt_tokens), fitted.dropped_turns)
-        stop_reason, error = "completed", None
-        stream = None
+        stop_reason, error = StopReason.COMPLETED, None
+        stream: ChunkStream | None = None
         try:
-            stream = chat.do_chat(
+            chunks = chat.do_chat(
                 request.prompt,
                 request.system_prompt,
                 fitted.history,
@@ -102,33 +109,37 @@ class ChatRunner:
                 max_tokens=request.max_tokens,
                 **request.sampling,
             )
+            stream = cast(ChunkStream, chunks)  # stream=True: the generator of chunks
             for chunk in stream:
                 if cancelled():
                     break
                 job.threads = self.threads.update(chat.set_threads)  # the load may change during a long reply
                 choice = chunk["choices"][0]
-                job.add_text(choice["delta"].get("content") or "", chat.generated_tokens)
-                if choice.get("finish_reason"):
-                    stop_reason = FINISH_REASONS.get(choice["finish_reason"], "completed")
+                job.add_text(str(choice["delta"].get("content") or ""), chat.generated_tokens)
+                if finish_reason := choice.get("finish_reason"):
+                    stop_reason = STOP_REASON_OF_FINISH_REASON.get(finish_reason, StopReason.COMPLETED)
         except Exception as ex:
             # A cancel aborts llama_decode, which raises; anything else is a real failure, reported with the text so far
             if not cancelled():
                 self.report_error(ex, __file__)
-                stop_reason, error = "error", f"Generation failed after {chat.generated_tokens} tokens: {ex}"
+                stop_reason, error = StopReason.ERROR, generation_failed(chat.generated_tokens, ex)
         finally:
             if stream is not None:
                 stream.close()
         job.count_tokens(chat.generated_tokens)
         if cancelled():
-            stop_reason, error = "cancelled", None
+            stop_reason, error = StopReason.CANCELLED, None
         return job.finish(stop_reason, error)
 
     def _generate_batched(
-        self, job: ChatJob, request: ChatRequest, fitted: FittedChat, cancelled: Callable[[], bool]
+        self,
+        decoder: BatchDecoder,
+        job: ChatJob,
+        request: ChatRequest,
+        fitted: FittedChat,
+        cancelled: Callable[[], bool],
     ) -> JSON:
-        decoder, chat = self.decoder, self.llama_chat
-        if chat is None:  # cleanup() closed the model before this chat started
-            return job.finish("error", SHUTTING_DOWN)
+        chat = self._model()
         # The template's end-of-turn markers are stop strings too, as create_chat_completion adds them.
         sampling = {**request.sampling, "stop": [*request.sampling.get("stop", []), *chat.template.stops]}
         batch = BatchChat(fitted.prompt_tokens, request.max_tokens, sampling, should_abort=cancelled)
@@ -144,11 +155,12 @@ class ChatRunner:
         try:
             decoder.submit(batch)
         except RuntimeError:  # cleanup() has closed the decoder
-            return job.finish("error", SHUTTING_DOWN)
+            raise ChatError(SHUTTING_DOWN) from None
         batch.wait()
+        assert batch.stop_reason is not None  # wait() returns once the chat has ended
         job.cached_tokens = batch.cached_tokens
         job.count_tokens(batch.completion_tokens)
-        error = batch.error and f"Generation failed after {batch.completion_tokens} tokens: {batch.error}"
+        error = batch.error and generation_failed(batch.completion_tokens, batch.error)
         return job.finish(batch.stop_reason, error)
 
     def stop(self) -> LlamaChat | None:
@@ -163,3 +175,8 @@ class ChatRunner:
             self.decoder.close()  # its running chats end as cancelled, as the queue has asked them to
         self.llama_thread.submit(chat.close).result()  # on its own thread, behind the chat running there
         self.threads.close()
+
+
+def generation_failed(tokens: int, why: object) -> str:
+    """The error of a chat that failed while it generated (it keeps the text it had)."""
+    return f"Generation failed after {tokens} tokens: {why}"

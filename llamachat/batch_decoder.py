@@ -26,13 +26,12 @@ import llama_cpp
 from llama_cpp import Llama
 from llama_cpp import _internals as internals
 
+from llamachat.chat_job import StopReason
+from llamachat.chat_types import never
+
 # A newcomer's prompt tokens evaluated per step beside the generating chats: small enough that they wait one chunk
 # (~0.1 s for SmolLM2 on two cores) rather than a whole prompt, large enough to keep prompt evaluation efficient.
 PROMPT_CHUNK = 128
-
-
-def _never() -> bool:
-    return False
 
 
 class BatchChat:
@@ -57,11 +56,11 @@ class BatchChat:
         self.seed: int | None = sampling.pop("seed", None)
         self.sampling = sampling  # create_completion's names: temperature, top_p, top_k, min_p, repeat_penalty
         self.on_text = on_text or (lambda _text, _tokens: None)
-        self.should_abort = should_abort or _never
+        self.should_abort = should_abort or never
         self.reply = ""
         self.completion_tokens = 0
         self.cached_tokens = 0
-        self.stop_reason: str | None = None  # completed, length, cancelled or error, as ChatJob's
+        self.stop_reason: StopReason | None = None
         self.error: str | None = None
         self.submitted_at = time.perf_counter()
         self.first_token_at: float | None = None
@@ -85,6 +84,12 @@ class _Sequence:
         self.tokens: list[int] = []  # what this sequence holds in the KV cache, in order
         self.last_used = 0.0
         self.chat: BatchChat | None = None
+
+    @property
+    def active_chat(self) -> BatchChat:
+        """The chat an active sequence decodes (the decode step touches active sequences only)."""
+        assert self.chat is not None, "a free sequence has no chat"
+        return self.chat
 
     def start(self, chat: BatchChat, sampler: internals.LlamaSampler, room: int, cached: int) -> None:
         """room: the tokens the reply may have before the sequence's context is full."""
@@ -168,9 +173,9 @@ class BatchDecoder:
             except Exception as ex:  # a failing callback must not leave every other chat waiting forever
                 for sequence in self._active():
                     self._forget(sequence)
-                    self._finish(sequence, "error", f"{type(ex).__name__}: {ex}")
-        for chat in [s.chat for s in self._active()] + list(self._waiting):
-            self._end(chat, "cancelled")
+                    self._finish(sequence, StopReason.ERROR, f"{type(ex).__name__}: {ex}")
+        for chat in [s.active_chat for s in self._active()] + list(self._waiting):
+            self._end(chat, StopReason.CANCELLED)
 
     def _active(self) -> list[_Sequence]:
         return [s for s in self._sequences if s.chat is not None]
@@ -183,14 +188,16 @@ class BatchDecoder:
                 return
             chat = self._waiting.popleft()
             if chat.should_abort():
-                self._end(chat, "cancelled")
+                self._end(chat, StopReason.CANCELLED)
                 continue
             prompt = chat.prompt_tokens
             best = max(free, key=lambda s: (Llama.longest_token_prefix(s.tokens, prompt), -s.last_used))
             # Like llama-cpp-python, a fully cached prompt re-evaluates its last token, for fresh logits.
             cached = min(Llama.longest_token_prefix(best.tokens, prompt), len(prompt) - 1)
             if len(prompt) >= self.n_ctx_seq:
-                self._end(chat, "error", f"the prompt has {len(prompt)} tokens; the context holds {self.n_ctx_seq}")
+                self._end(
+                    chat, StopReason.ERROR, f"the prompt has {len(prompt)} tokens; the context holds {self.n_ctx_seq}"
+                )
                 continue
             if not llama_cpp.llama_memory_seq_rm(self._ctx.memory, best.seq_id, cached, -1):
                 cached = 0
@@ -198,7 +205,7 @@ class BatchDecoder:
             try:
                 sampler = self._sampler(chat)
             except (TypeError, ValueError) as ex:  # a sampling setting llama-cpp-python does not take
-                self._end(chat, "error", f"bad sampling settings: {ex}")
+                self._end(chat, StopReason.ERROR, f"bad sampling settings: {ex}")
                 continue
             best.start(chat, sampler, self.n_ctx_seq - len(prompt), cached)
 
@@ -229,8 +236,8 @@ class BatchDecoder:
 
         active = self._active()
         for sequence in active:
-            if sequence.chat.should_abort():
-                self._finish(sequence, "cancelled")
+            if sequence.active_chat.should_abort():
+                self._finish(sequence, StopReason.CANCELLED)
             elif sequence.next_token is not None:
                 add(sequence, sequence.next_token, True)
                 sequence.next_token = None
@@ -248,18 +255,18 @@ class BatchDecoder:
         if code != 0:
             for sequence in {id(s): s for _, s in outputs}.values():
                 self._forget(sequence)
-                self._finish(sequence, "error", f"llama_decode returned {code}")
+                self._finish(sequence, StopReason.ERROR, f"llama_decode returned {code}")
             return
         for i, sequence in outputs:
             self._accept(sequence, sequence.sampler.sample(self._ctx, i))
 
     def _accept(self, sequence: _Sequence, token: int) -> None:
-        chat = sequence.chat
+        chat = sequence.active_chat
         if chat.first_token_at is None:
             chat.first_token_at = time.perf_counter()
         # The end-of-generation token ends the reply without being part of it (as in create_completion).
         if llama_cpp.llama_vocab_is_eog(self._vocab, token):
-            self._finish(sequence, "completed")
+            self._finish(sequence, StopReason.COMPLETED)
             return
         chat.completion_tokens += 1
         sequence.next_token = token
@@ -268,12 +275,12 @@ class BatchDecoder:
         stop_at = self._stop_position(sequence, before)
         if stop_at is not None:
             sequence.text = sequence.text[:stop_at]
-            self._finish(sequence, "completed")
+            self._finish(sequence, StopReason.COMPLETED)
         elif chat.completion_tokens >= sequence.room or (
             # Like create_completion, a character cut by max_tokens is completed first (at most 3 more tokens).
             chat.completion_tokens >= sequence.max_tokens and not sequence.decoder.getstate()[0]
         ):
-            self._finish(sequence, "length")
+            self._finish(sequence, StopReason.LENGTH)
         else:
             self._emit(sequence, held=self._stop_prefix(sequence))
 
@@ -281,28 +288,29 @@ class BatchDecoder:
     def _stop_position(sequence: _Sequence, before: int) -> int | None:
         """Where the first stop string begins in the reply, looking only where the new text could complete one."""
         start = max(0, before - sequence.longest_stop + 1)
-        found = [i for i in (sequence.text.find(s, start) for s in sequence.chat.stop) if i >= 0]
+        found = [i for i in (sequence.text.find(s, start) for s in sequence.active_chat.stop) if i >= 0]
         return min(found) if found else None
 
     @staticmethod
     def _stop_prefix(sequence: _Sequence) -> int:
         """How many characters at the reply's end could begin a stop string: they are held back until known."""
-        text = sequence.text
+        text, stops = sequence.text, sequence.active_chat.stop
         return max(
-            (n for s in sequence.chat.stop for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])),
+            (n for s in stops for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])),
             default=0,
         )
 
     def _emit(self, sequence: _Sequence, held: int = 0) -> None:
-        chat = sequence.chat
+        chat = sequence.active_chat
         shown = len(sequence.text) - held
         piece = sequence.text[len(chat.reply) : shown] if shown > len(chat.reply) else ""
         chat.reply += piece
         chat.on_text(piece, chat.completion_tokens)
 
-    def _finish(self, sequence: _Sequence, stop_reason: str, error: str | None = None) -> None:
-        chat = sequence.chat
-        if stop_reason in ("completed", "length"):  # a cancelled or failed chat keeps what it has shown
+    def _finish(self, sequence: _Sequence, stop_reason: StopReason, error: str | None = None) -> None:
+        chat = sequence.active_chat
+        # A cancelled or failed chat keeps what it has shown.
+        if stop_reason in (StopReason.COMPLETED, StopReason.LENGTH):
             sequence.text += sequence.decoder.decode(b"", final=True)
             self._emit(sequence)
         sequence.chat, sequence.next_token, sequence.pending = None, None, []
@@ -316,7 +324,7 @@ class BatchDecoder:
         sequence.tokens = []
 
     @staticmethod
-    def _end(chat: BatchChat, stop_reason: str, error: str | None = None) -> None:
+    def _end(chat: BatchChat, stop_reason: StopReason, error: str | None = None) -> None:
         chat.stop_reason, chat.error = stop_reason, error
         chat.finished_at = time.perf_counter()
         chat._done.set()

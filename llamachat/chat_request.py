@@ -1,18 +1,21 @@
 """A chat request read from the queued RequestData and checked against the route's inputs in modulesettings.json.
 
 The route's Inputs (DefaultValue, MinValue, MaxValue) are the one place defaults and ranges are written down, so the
-API docs, the Explorer page and this validation cannot drift apart.
+API docs, the Explorer page and this validation cannot drift apart. They are read as the server reads them (// comments
+and per-OS layers included), by the same reader as the module's settings (llamachat_server/settings.py).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from codeproject_ai_sdk import RequestData
+
+from llamachat_server.settings import load_module_settings
 
 CHAT_ROUTE = "text/chat"
 MAX_STOP_STRINGS = 4
@@ -43,10 +46,8 @@ class ChatRequest:
 class ChatInputs:
     """Parses and validates the inputs of the chat route."""
 
-    def __init__(self, module_path: str) -> None:
-        with open(os.path.join(module_path, "modulesettings.json"), encoding="utf-8") as f:
-            modules = json.load(f)["Modules"]
-        routes = [route for module in modules.values() for route in module.get("RouteMaps", [])]
+    def __init__(self, module_dir: Path) -> None:
+        routes = load_module_settings(module_dir).route_maps
         route = next(r for r in routes if r["Route"] == CHAT_ROUTE)
         self.specs = {spec["Name"]: spec for spec in route["Inputs"]}
 
