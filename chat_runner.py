@@ -17,7 +17,7 @@ from codeproject_ai_sdk import JSON
 from batch_decoder import BatchChat, BatchDecoder
 from chat_job import FINISH_REASONS, ChatJob
 from chat_queue import QueuedChat
-from chat_request import ChatError, ChatRequest
+from chat_request import INVALID_JSON_SCHEMA, ChatError, ChatRequest
 from context_fit import ContextFitter, FitCancelled, FittedChat
 from llama_chat import LlamaChat
 from thread_policy import ThreadPolicy
@@ -68,14 +68,31 @@ class ChatRunner:
             if chat is None:  # cleanup() closed the model before this chat reached the llama thread
                 raise ChatError(SHUTTING_DOWN)
             request: ChatRequest = queued.request
-            fitted = self.llama_thread.submit(self.fitter.fit, request, cancelled).result()
+            fitted, extra = self.llama_thread.submit(self._prepare, request, cancelled).result()
         except ChatError as ex:
-            return job.finish("error", str(ex))
+            return job.finish("error", str(ex), ex.code, ex.param)
         except FitCancelled:
             return job.finish("cancelled")
+        if request.logprobs:
+            job.logprobs = []
         if self.decoder is not None:
-            return self._generate_batched(job, request, fitted, cancelled)
-        return self.llama_thread.submit(self._generate, job, request, fitted, cancelled).result()
+            return self._generate_batched(job, request, fitted, extra, cancelled)
+        return self.llama_thread.submit(self._generate, job, request, fitted, extra, cancelled).result()
+
+    def _prepare(self, request: ChatRequest, cancelled: Callable[[], bool]) -> tuple[FittedChat, dict[str, Any]]:
+        """On the llama thread: the conversation fitted to the context, and the sampling keywords that need the
+        model (the grammar llama.cpp has parsed); ChatError for what the model cannot take."""
+        chat, extra = self.llama_chat, {}
+        bias = request.sampling.get("logit_bias") or {}
+        if bias and max(bias) >= chat.llm.n_vocab():
+            last = chat.llm.n_vocab() - 1
+            raise ChatError(f"logit_bias names token {max(bias)}, but the model's tokens are 0 to {last}", "logit_bias")
+        if request.json_schema is not None:
+            try:
+                extra["grammar"] = chat.grammar(request.json_schema)
+            except ValueError as ex:
+                raise ChatError(str(ex), "json_schema", INVALID_JSON_SCHEMA) from None
+        return self.fitter.fit(request, cancelled), extra
 
     def collect_garbage(self) -> None:
         """Queues a full collection on the llama thread, behind the chat that just ended."""
@@ -84,7 +101,14 @@ class ChatRunner:
         # behind the chat, it delays no reply, only a waiting chat's start, by ~7 ms (SmolLM2, this machine).
         self.llama_thread.submit(gc.collect)
 
-    def _generate(self, job: ChatJob, request: ChatRequest, fitted: FittedChat, cancelled: Callable[[], bool]) -> JSON:
+    def _generate(
+        self,
+        job: ChatJob,
+        request: ChatRequest,
+        fitted: FittedChat,
+        extra: dict[str, Any],
+        cancelled: Callable[[], bool],
+    ) -> JSON:
         chat = self.llama_chat
         if chat is None:  # cleanup() closed the model before this chat reached the llama thread
             return job.finish("error", SHUTTING_DOWN)
@@ -98,14 +122,20 @@ class ChatRunner:
                 request.system_prompt,
                 fitted.history,
                 should_abort=cancelled,
+                as_sent=request.as_sent,
+                prefill=request.prefill,
+                top_logprobs=request.top_logprobs if request.logprobs else None,
                 stream=True,
                 max_tokens=request.max_tokens,
                 **request.sampling,
+                **extra,
             )
             for chunk in stream:
                 if cancelled():
                     break
                 job.threads = self.threads.update(chat.set_threads)  # the load may change during a long reply
+                if job.logprobs is not None:
+                    job.logprobs.extend(chat.token_logprobs[len(job.logprobs) :])
                 choice = chunk["choices"][0]
                 job.add_text(choice["delta"].get("content") or "", chat.generated_tokens)
                 if choice.get("finish_reason"):
@@ -124,17 +154,30 @@ class ChatRunner:
         return job.finish(stop_reason, error)
 
     def _generate_batched(
-        self, job: ChatJob, request: ChatRequest, fitted: FittedChat, cancelled: Callable[[], bool]
+        self,
+        job: ChatJob,
+        request: ChatRequest,
+        fitted: FittedChat,
+        extra: dict[str, Any],
+        cancelled: Callable[[], bool],
     ) -> JSON:
         decoder, chat = self.decoder, self.llama_chat
         if chat is None:  # cleanup() closed the model before this chat started
             return job.finish("error", SHUTTING_DOWN)
         # The template's end-of-turn markers are stop strings too, as create_chat_completion adds them.
-        sampling = {**request.sampling, "stop": [*request.sampling.get("stop", []), *chat.template.stops]}
-        batch = BatchChat(fitted.prompt_tokens, request.max_tokens, sampling, should_abort=cancelled)
+        sampling = {**request.sampling, **extra, "stop": [*request.sampling.get("stop", []), *chat.template.stops]}
+        batch = BatchChat(
+            fitted.prompt_tokens,
+            request.max_tokens,
+            sampling,
+            should_abort=cancelled,
+            top_logprobs=request.top_logprobs,
+        )
 
         def on_text(text: str, tokens: int) -> None:  # on the decoder's thread, between two steps
             job.cached_tokens = batch.cached_tokens
+            if job.logprobs is not None:
+                job.logprobs.extend(batch.logprobs[len(job.logprobs) :])
             job.threads = self.threads.update(decoder.set_threads)  # the load may change during a long reply
             job.add_text(text, tokens)
 

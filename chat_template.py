@@ -61,7 +61,12 @@ class ChatTemplate:
         self._extra_stops = extra_stops
 
     def __call__(self, *, messages: list[dict[str, Any]], **kwargs: Any) -> llama_chat_format.ChatFormatterResponse:
-        response = self._jinja(messages=messages, **kwargs)
+        # A conversation that ends with the assistant's text is continued (prefill, as llama-server does): the
+        # turns before it are rendered up to the assistant's cue, then its text follows, unclosed.
+        prefill = messages[-1]["content"] if messages and messages[-1]["role"] == "assistant" else None
+        response = self._jinja(messages=messages[:-1] if prefill is not None else messages, **kwargs)
+        if prefill is not None:
+            response.prompt += prefill
         stops = response.stop if isinstance(response.stop, list) else [response.stop]
         response.stop = [s for s in stops + self._extra_stops if s]
         return response

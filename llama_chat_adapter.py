@@ -130,7 +130,7 @@ class LlamaChat_adapter(ModuleRunner):
             request = self._read(data)
             chat = self.queue.add(data.request_id, request, request.max_tokens)
         except ChatError as ex:
-            return {"success": False, "error": str(ex)}
+            return ex.answer()
         except QueueFull:
             return chat_answers.queue_full(self.queue)
         except QueueClosed:
@@ -183,6 +183,7 @@ class LlamaChat_adapter(ModuleRunner):
             "modelPath": chat.model_path,
             "fallbackReason": chat.fallback_reason,
             "chatTemplate": chat.template_source,
+            "llamaCppPython": llama_cpp.__version__,  # with the model, what a reply depends on (system_fingerprint)
             "contextSize": chat.n_ctx,
             "threads": self.runner.threads.threads,
             "threadMode": self.runner.threads.mode,

@@ -167,3 +167,26 @@ def test_a_folded_conversation_renders_with_gemma_and_keeps_the_system_prompt():
         "<start_of_turn>model\nHello!<end_of_turn>\n"
         "<start_of_turn>user\nAnd?<end_of_turn>\n<start_of_turn>model\n"
     )
+
+
+def test_a_conversation_as_sent_has_no_default_system_prompt_and_keeps_system_messages_in_place():
+    history = [{"role": "system", "content": "Be brief."}, *HISTORY, {"role": "system", "content": "In French."}]
+    assert conversation("And?", None, history, system_role=True, as_sent=True) == [
+        *history,
+        {"role": "user", "content": "And?"},
+    ]
+    assert conversation("Hi", None, [], system_role=True, as_sent=True) == [{"role": "user", "content": "Hi"}]
+    # Without a system role, each system message goes to the head of the next user turn.
+    assert conversation("And?", None, history, system_role=False, as_sent=True) == [
+        {"role": "user", "content": "Be brief.\n\nHi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "In French.\n\nAnd?"},
+    ]
+
+
+def test_a_last_assistant_message_is_continued_not_closed():
+    """Prefill: the turns before it are rendered up to the assistant's cue, then its text, unclosed."""
+    template = ChatTemplate(CHATML, "<|im_end|>", "", EOS, [])
+    messages = conversation("Count to three.", None, [], system_role=True, as_sent=True, prefill="One,")
+    assert messages[-1] == {"role": "assistant", "content": "One,"}
+    assert template.render(messages) == ("<|im_start|>user\nCount to three.<|im_end|>\n<|im_start|>assistant\nOne,")
