@@ -46,19 +46,36 @@ _background: set[asyncio.Task] = set()  # tasks that outlive a disconnected clie
 
 
 class ApiFailure(Exception):
-    """An answer in OpenAI's error shape: HTTP status, message, type."""
+    """An answer in OpenAI's error shape: HTTP status, message, type, and the field at fault and the error's code
+    where there are."""
 
-    def __init__(self, status: int, message: str, error_type: str) -> None:
+    def __init__(
+        self, status: int, message: str, error_type: str, param: str | None = None, code: str | None = None
+    ) -> None:
         super().__init__(message)
-        self.status, self.error_type = status, error_type
+        self.status, self.error_type, self.param, self.code = status, error_type, param, code
+
+    def body(self) -> dict:
+        return error_body(str(self), self.error_type, self.param, self.code)
 
     def response(self) -> web.Response:
-        return web.json_response(error_body(str(self), self.error_type), status=self.status)
+        return web.json_response(self.body(), status=self.status)
+
+
+def _refusal(answer: dict, message: str) -> ApiFailure:
+    """The 400 for a chat the module refused or ended because of its input, naming the input and kind it reports."""
+    return ApiFailure(400, message, "invalid_request_error", answer.get("error_param"), answer.get("error_code"))
 
 
 def _model_name(state: ServerState) -> str:
     """The loaded model's file name, as the module reports it in its status; the module's name until it has."""
     return (state.module.status_data or {}).get("model") or state.settings.name
+
+
+def _fingerprint(state: ServerState) -> str:
+    """system_fingerprint: what answers, the model and the llama-cpp-python build (its reply changes with either)."""
+    status = state.module.status_data or {}
+    return f"{_model_name(state)}/llama-cpp-python-{status.get('llamaCppPython') or 'unknown'}"
 
 
 async def _ask(state: ServerState, route_path: str, values: list[tuple[str, str]]) -> dict:
@@ -84,7 +101,7 @@ async def _start_chat(state: ServerState, values: list[tuple[str, str]]) -> str:
         raise ApiFailure(429, message, "rate_limit_error")
     if not (state.module.status_data or {}).get("model"):
         raise ApiFailure(503, message, "unavailable_error")  # no model loaded: nothing the client can fix
-    raise ApiFailure(400, message, "invalid_request_error")
+    raise _refusal(answer, message)
 
 
 def _next_poll_in(status: dict, max_tokens: int | None) -> float:
@@ -116,12 +133,21 @@ async def _follow(state: ServerState, command_id: str, max_tokens: int | None) -
 
 
 def _finish_reason(status: dict) -> str:
-    """OpenAI's finish_reason for a finished chat, or ApiFailure for one that failed or was lost."""
+    """OpenAI's finish_reason for a finished chat, or ApiFailure for one that failed or was lost: a 400 when its
+    input was at fault (a conversation too long for the context, a schema llama.cpp could not parse)."""
     reason = FINISH_REASONS.get(status.get("stop_reason"))
     if status.get("success") and reason:
         return reason
-    message = status.get("error") or status.get("message") or f"The chat ended as {status.get('commandStatus')}"
-    raise ApiFailure(500, str(message), "server_error")
+    message = str(status.get("error") or status.get("message") or f"The chat ended as {status.get('commandStatus')}")
+    if status.get("error_param") or status.get("error_code"):
+        raise _refusal(status, message)
+    raise ApiFailure(500, message, "server_error")
+
+
+def _started(status: dict) -> bool:
+    """Whether the chat is past the checks that can refuse it (its prompt fitted, its grammar parsed): generating,
+    or over."""
+    return status.get("commandStatus") not in UNFINISHED or bool(status.get("prompt_tokens"))
 
 
 def _in_background(coroutine) -> asyncio.Task:
@@ -171,37 +197,53 @@ async def _complete(state: ServerState, command_id: str, created: int, max_token
     final = {}
     async for status in _follow(state, command_id, max_tokens):
         final = status
-    body = completion(
-        f"chatcmpl-{command_id}", created, _model_name(state), final.get("reply") or "", _finish_reason(final), final
-    )
+    reply, reason = final.get("reply") or "", _finish_reason(final)
+    body = completion(f"chatcmpl-{command_id}", created, _model_name(state), reply, reason, final, _fingerprint(state))
     return web.json_response(body)
 
 
 async def _stream(
     request: web.Request, state: ServerState, command_id: str, created: int, chat: ChatCompletionRequest
 ) -> web.StreamResponse:
-    completion_id, model = f"chatcmpl-{command_id}", _model_name(state)
+    """The chat as server-sent events. Nothing is sent until the chat has started generating, so that a chat the
+    module refuses on the way (a conversation too long, a schema llama.cpp cannot parse) gets its HTTP error."""
+    completion_id, model, fingerprint = f"chatcmpl-{command_id}", _model_name(state), _fingerprint(state)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    statuses = _follow(state, command_id, chat.max_tokens)
+    status: dict = {}
+    async for status in statuses:
+        if _started(status):
+            break
+    if status.get("commandStatus") not in UNFINISHED and not status.get("success"):
+        _finish_reason(status)  # raises the chat's error as an HTTP answer
     await response.prepare(request)
 
     async def send(event: dict) -> None:
         await response.write(f"data: {json.dumps(event)}\n\n".encode())
 
-    sent, final = 0, {}
+    def piece(delta: dict | None, finish_reason: str | None = None, logprobs: list | None = None, **extra) -> dict:
+        return chunk(completion_id, created, model, fingerprint, delta, finish_reason, logprobs, **extra)
+
+    sent, sent_logprobs, final = 0, 0, status
     try:
-        await send(chunk(completion_id, created, model, {"role": "assistant", "content": ""}))
+        await send(piece({"role": "assistant", "content": ""}, logprobs=[] if chat.logprobs else None))
         try:
-            async for status in _follow(state, command_id, chat.max_tokens):
+            while True:
                 final, reply = status, status.get("reply") or ""
+                entries = status.get("logprobs")
                 if len(reply) > sent:
-                    await send(chunk(completion_id, created, model, {"content": reply[sent:]}))
-                    sent = len(reply)
-            await send(chunk(completion_id, created, model, {}, _finish_reason(final)))
+                    new_logprobs = entries[sent_logprobs:] if entries is not None else None
+                    await send(piece({"content": reply[sent:]}, logprobs=new_logprobs))
+                    sent, sent_logprobs = len(reply), len(entries or [])
+                if status.get("commandStatus") not in UNFINISHED:
+                    break
+                status = await statuses.__anext__()
+            await send(piece({}, _finish_reason(final)))
         except ApiFailure as ex:  # the status line has gone: the error travels as an event, which clients raise
-            await send(error_body(str(ex), ex.error_type))
+            await send(ex.body())
             return response
         if chat.include_usage:
-            await send(chunk(completion_id, created, model, None, usage=usage(final)))
+            await send(piece(None, usage=usage(final)))
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
     except ConnectionResetError:  # the client closed the connection between two chunks
@@ -233,17 +275,29 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         raise
 
 
-async def list_models(request: web.Request) -> web.Response:
-    """The loaded model, once the module has reported it."""
-    state = request.app[STATE]
+def _loaded_model(state: ServerState) -> dict | None:
+    """The loaded model as OpenAI describes a model, once the module has reported it."""
     model = (state.module.status_data or {}).get("model")
     started = state.module.started
-    models = [
-        {"id": model, "object": "model", "created": int(started.timestamp()) if started else 0, "owned_by": "llamachat"}
-    ]
-    return web.json_response({"object": "list", "data": models if model else []})
+    created = int(started.timestamp()) if started else 0
+    return {"id": model, "object": "model", "created": created, "owned_by": "llamachat"} if model else None
+
+
+async def list_models(request: web.Request) -> web.Response:
+    model = _loaded_model(request.app[STATE])
+    return web.json_response({"object": "list", "data": [model] if model else []})
+
+
+async def retrieve_model(request: web.Request) -> web.Response:
+    """GET /v1/models/{id}: the loaded model under its id, else OpenAI's 404."""
+    model, wanted = _loaded_model(request.app[STATE]), request.match_info["model"]
+    if model is None or model["id"] != wanted:
+        message = f"The model '{wanted}' does not exist" + (f": the one loaded is '{model['id']}'" if model else "")
+        return web.json_response(error_body(message, "invalid_request_error", "model", "model_not_found"), status=404)
+    return web.json_response(model)
 
 
 def add_openai_routes(app: web.Application) -> None:
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model}", retrieve_model)
