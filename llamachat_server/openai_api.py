@@ -18,6 +18,7 @@ from .client_api import ask_module, why_no_answer
 from .module_process import ModuleStatus
 from .openai_chat import (
     FINISH_REASONS,
+    OPENAI_PARAMS,
     ChatCompletionRequest,
     OpenAIRequestError,
     chunk,
@@ -64,7 +65,8 @@ class ApiFailure(Exception):
 
 def _refusal(answer: dict, message: str) -> ApiFailure:
     """The 400 for a chat the module refused or ended because of its input, naming the input and kind it reports."""
-    return ApiFailure(400, message, "invalid_request_error", answer.get("error_param"), answer.get("error_code"))
+    param = answer.get("error_param")
+    return ApiFailure(400, message, "invalid_request_error", OPENAI_PARAMS.get(param, param), answer.get("error_code"))
 
 
 def _model_name(state: ServerState) -> str:

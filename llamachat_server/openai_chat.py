@@ -31,6 +31,8 @@ NUMBER_FIELDS = (
     "repeat_penalty",
 )
 ANY_OBJECT = {"type": "object"}  # the schema of response_format json_object: any JSON object
+# The module's inputs that OpenAI names differently, for the param of an error the module reports.
+OPENAI_PARAMS = {"conversation": "messages", "json_schema": "response_format"}
 # The module's stop_reason → OpenAI's finish_reason (a chat cancelled by someone else ended like a stop string).
 FINISH_REASONS = {"completed": "stop", "length": "length", "cancelled": "stop"}
 SYSTEM_ROLES = ("system", "developer")

@@ -265,7 +265,7 @@ def test_images_and_a_conversation_without_a_users_message_are_refused(client):
         client.chat.completions.create(model="m", messages=[{"role": "user", "content": image}])
     with pytest.raises(openai.BadRequestError, match="must end with a user message") as caught:
         client.chat.completions.create(model="m", messages=[{"role": "system", "content": "Be brief."}])
-    assert caught.value.param == "conversation"
+    assert caught.value.param == "messages"
 
 
 def test_a_body_that_is_not_json_is_a_400_in_openais_shape(base_url):
