@@ -27,6 +27,7 @@ from .openai_chat import (
     parse_chat_request,
     usage,
 )
+from .openai_tools import message_deltas
 from .payload import group_values
 from .queues import QueueError, QueueFull
 from .server_state import STATE, ServerState
@@ -195,12 +196,26 @@ async def _start_for_client(state: ServerState, values: list[tuple[str, str]]) -
         raise
 
 
-async def _complete(state: ServerState, command_id: str, created: int, max_tokens: int | None) -> web.Response:
-    final = {}
-    async for status in _follow(state, command_id, max_tokens):
-        final = status
+def _message(chat: ChatCompletionRequest, final: dict) -> tuple[dict, str]:
+    """The assistant's message and finish_reason for a finished chat: with tools, its calls or its text."""
     reply, reason = final.get("reply") or "", _finish_reason(final)
-    body = completion(f"chatcmpl-{command_id}", created, _model_name(state), reply, reason, final, _fingerprint(state))
+    if chat.tools is None:
+        return {"role": "assistant", "content": reply}, reason
+    try:
+        message = chat.tools.message(reply, complete=reason == "stop")
+    except ValueError as ex:
+        raise ApiFailure(500, str(ex), "server_error") from None
+    return message, "tool_calls" if message.get("tool_calls") else reason
+
+
+async def _complete(state: ServerState, command_id: str, created: int, chat: ChatCompletionRequest) -> web.Response:
+    final = {}
+    async for status in _follow(state, command_id, chat.max_tokens):
+        final = status
+    message, reason = _message(chat, final)
+    body = completion(
+        f"chatcmpl-{command_id}", created, _model_name(state), message, reason, final, _fingerprint(state)
+    )
     return web.json_response(body)
 
 
@@ -233,14 +248,18 @@ async def _stream(
             while True:
                 final, reply = status, status.get("reply") or ""
                 entries = status.get("logprobs")
-                if len(reply) > sent:
+                if len(reply) > sent and chat.tools is None:  # calls are sent once complete, below
                     new_logprobs = entries[sent_logprobs:] if entries is not None else None
                     await send(piece({"content": reply[sent:]}, logprobs=new_logprobs))
                     sent, sent_logprobs = len(reply), len(entries or [])
                 if status.get("commandStatus") not in UNFINISHED:
                     break
                 status = await statuses.__anext__()
-            await send(piece({}, _finish_reason(final)))
+            message, reason = _message(chat, final)
+            if chat.tools is not None:
+                for delta in message_deltas(message):
+                    await send(piece(delta))
+            await send(piece({}, reason))
         except ApiFailure as ex:  # the status line has gone: the error travels as an event, which clients raise
             await send(ex.body())
             return response
@@ -254,24 +273,31 @@ async def _stream(
     return response
 
 
+def _failure(chat: ChatCompletionRequest, failure: ApiFailure) -> web.Response:
+    if chat.tools is not None and failure.param == "response_format":  # the grammar came from the tools
+        failure.param = "tools"
+    return failure.response()
+
+
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     try:
         chat = parse_chat_request(json.loads(await request.text()))
-        command_id = await _start_for_client(state, chat.values)
     except (json.JSONDecodeError, RecursionError, UnicodeDecodeError):
         return ApiFailure(400, "The body must be a JSON object in UTF-8", "invalid_request_error").response()
     except OpenAIRequestError as ex:
         return web.json_response(error_body(str(ex), "invalid_request_error", ex.param), status=400)
+    try:
+        command_id = await _start_for_client(state, chat.values)
     except ApiFailure as ex:
-        return ex.response()
+        return _failure(chat, ex)
     created = int(time.time())
     try:
         if chat.stream:
             return await _stream(request, state, command_id, created, chat)
-        return await _complete(state, command_id, created, chat.max_tokens)
+        return await _complete(state, command_id, created, chat)
     except ApiFailure as ex:
-        return ex.response()
+        return _failure(chat, ex)
     except asyncio.CancelledError:  # the client went away: aiohttp cancels its handler
         _cancel_in_background(state, command_id)
         raise

@@ -17,6 +17,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from .openai_tools import ToolCalling, ToolsError, calls_message, result_message, tool_calling
+
 # Module inputs that take an OpenAI field's value as it is (llama.cpp's servers accept top_k, min_p and
 # repeat_penalty too).
 NUMBER_FIELDS = (
@@ -53,6 +55,7 @@ class ChatCompletionRequest:
     include_usage: bool
     max_tokens: int | None  # the client's, if it gave one (the module's default applies otherwise)
     logprobs: bool = False
+    tools: ToolCalling | None = None  # with tools the reply is calls or text, sent once it is complete
 
 
 def error_body(message: str, error_type: str, param: str | None = None, code: str | None = None) -> dict:
@@ -64,9 +67,8 @@ def _unsupported(body: dict) -> tuple[str, str] | None:
     n = body.get("n")
     if n is not None and n != 1:
         return "n", f"n must be 1: the model answers one chat at a time, so it gives one choice, not {n!r}"
-    for name in ("tools", "functions"):
-        if body.get(name):
-            return name, f"{name} (function calling) is not supported: send the conversation as text"
+    if body.get("functions"):
+        return "functions", "functions (the old form of function calling) is not supported: use tools"
     if body.get("audio") or body.get("modalities") not in (None, ["text"]):
         return "modalities", "only text output is supported"
     return None
@@ -91,24 +93,30 @@ def _text_of(content: Any, where: str) -> str:
     raise OpenAIRequestError(f"{where}.content must be a string or a list of text parts", "messages")
 
 
-def _conversation(messages: Any) -> str:
-    """The module's `conversation` input: OpenAI's messages as JSON, in order, developer messages as system ones."""
+def _conversation(messages: Any, tools: ToolCalling | None) -> str:
+    """The module's `conversation` input: OpenAI's messages as JSON, in order, developer messages as system ones,
+    tool calls and results as openai_tools.py writes them, and the tools' description first where there are any."""
     if not isinstance(messages, list) or not messages:
         raise OpenAIRequestError('messages must be a non-empty list of {"role", "content"} objects', "messages")
-    turns = []
+    turns = [{"role": "system", "content": tools.prompt}] if tools else []
+    calls_seen: dict[str, str] = {}
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         role = message.get("role") if isinstance(message, dict) else None
-        if role not in SYSTEM_ROLES + ("user", "assistant"):
+        if role not in SYSTEM_ROLES + ("user", "assistant", "tool"):
             raise OpenAIRequestError(
-                f"{where}.role must be 'system', 'developer', 'user' or 'assistant', not {role!r} "
-                f"(tool messages are not supported)",
-                "messages",
+                f"{where}.role must be 'system', 'developer', 'user', 'assistant' or 'tool', not {role!r}", "messages"
             )
-        if message.get("tool_calls") or message.get("function_call"):
-            raise OpenAIRequestError(f"{where}: tool calls are not supported", "messages")
+        if message.get("function_call"):
+            raise OpenAIRequestError(f"{where}: function_call is not supported: use tool_calls", "messages")
+        if role == "assistant" and message.get("tool_calls"):
+            turns.append(calls_message(message, where, calls_seen))
+            continue
         text = _text_of(message.get("content"), where)
-        turns.append({"role": "system" if role in SYSTEM_ROLES else role, "content": text})
+        if role == "tool":
+            turns.append(result_message(message, text, where, calls_seen))
+        else:
+            turns.append({"role": "system" if role in SYSTEM_ROLES else role, "content": text})
     return json.dumps(turns)
 
 
@@ -180,10 +188,17 @@ def parse_chat_request(body: Any) -> ChatCompletionRequest:
     trim = body.get("trim_history", False)
     if not isinstance(trim, bool):
         raise OpenAIRequestError("trim_history must be true or false", "trim_history")
-    values = [("conversation", _conversation(body.get("messages"))), ("trim_history", json.dumps(trim))]
+    try:
+        tools = tool_calling(body)
+        conversation = _conversation(body.get("messages"), tools)
+    except ToolsError as ex:
+        raise OpenAIRequestError(str(ex), ex.param) from None
+    values = [("conversation", conversation), ("trim_history", json.dumps(trim))]
     schema = _json_schema(body.get("response_format"))
-    if schema is not None:
-        values.append(("json_schema", json.dumps(schema)))
+    if schema is not None and tools:
+        raise OpenAIRequestError("response_format and tools cannot be combined: the reply is one or the other", "tools")
+    if schema is not None or tools:
+        values.append(("json_schema", json.dumps(tools.schema if tools else schema)))
     logprobs = _logprobs(body)
     if logprobs:
         values.append(("logprobs", "true"))
@@ -203,7 +218,7 @@ def parse_chat_request(body: Any) -> ChatCompletionRequest:
     options = body.get("stream_options") or {}
     if not isinstance(stream, bool) or not isinstance(options, dict):
         raise OpenAIRequestError("stream must be true or false and stream_options an object", "stream")
-    return ChatCompletionRequest(values, stream, bool(options.get("include_usage")), max_tokens, logprobs)
+    return ChatCompletionRequest(values, stream, bool(options.get("include_usage")), max_tokens, logprobs, tools)
 
 
 def usage(status: dict) -> dict:
@@ -218,7 +233,7 @@ def logprobs_of(entries: list | None) -> dict | None:
 
 
 def completion(
-    completion_id: str, created: int, model: str, reply: str, finish_reason: str, status: dict, fingerprint: str
+    completion_id: str, created: int, model: str, message: dict, finish_reason: str, status: dict, fingerprint: str
 ) -> dict:
     return {
         "id": completion_id,
@@ -229,7 +244,7 @@ def completion(
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": reply},
+                "message": message,
                 "logprobs": logprobs_of(status.get("logprobs")),
                 "finish_reason": finish_reason,
             }
