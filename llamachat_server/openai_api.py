@@ -21,6 +21,7 @@ from .openai_chat import (
     OPENAI_PARAMS,
     ChatCompletionRequest,
     OpenAIRequestError,
+    choice,
     chunk,
     completion,
     error_body,
@@ -208,69 +209,101 @@ def _message(chat: ChatCompletionRequest, final: dict) -> tuple[dict, str]:
     return message, "tool_calls" if message.get("tool_calls") else reason
 
 
-async def _complete(state: ServerState, command_id: str, created: int, chat: ChatCompletionRequest) -> web.Response:
+async def _final(state: ServerState, command_id: str, max_tokens: int | None) -> dict:
     final = {}
-    async for status in _follow(state, command_id, chat.max_tokens):
+    async for status in _follow(state, command_id, max_tokens):
         final = status
-    message, reason = _message(chat, final)
-    body = completion(
-        f"chatcmpl-{command_id}", created, _model_name(state), message, reason, final, _fingerprint(state)
-    )
-    return web.json_response(body)
+    return final
+
+
+async def _complete(
+    state: ServerState, command_ids: list[str], created: int, chat: ChatCompletionRequest
+) -> web.Response:
+    finals = await asyncio.gather(*(_final(state, command_id, chat.max_tokens) for command_id in command_ids))
+    choices = [choice(i, *_message(chat, final), final.get("logprobs")) for i, final in enumerate(finals)]
+    model, fingerprint = _model_name(state), _fingerprint(state)
+    return web.json_response(completion(f"chatcmpl-{command_ids[0]}", created, model, choices, finals, fingerprint))
 
 
 async def _stream(
-    request: web.Request, state: ServerState, command_id: str, created: int, chat: ChatCompletionRequest
+    request: web.Request, state: ServerState, command_ids: list[str], created: int, chat: ChatCompletionRequest
 ) -> web.StreamResponse:
-    """The chat as server-sent events. Nothing is sent until the chat has started generating, so that a chat the
-    module refuses on the way (a conversation too long, a schema llama.cpp cannot parse) gets its HTTP error."""
-    completion_id, model, fingerprint = f"chatcmpl-{command_id}", _model_name(state), _fingerprint(state)
+    """The chats (one per choice) as server-sent events. Nothing is sent until every chat has started generating, so
+    that a chat the module refuses on the way (a conversation too long, a schema llama.cpp cannot parse) gets its
+    HTTP error."""
+    completion_id, model, fingerprint = f"chatcmpl-{command_ids[0]}", _model_name(state), _fingerprint(state)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    statuses = _follow(state, command_id, chat.max_tokens)
-    status: dict = {}
-    async for status in statuses:
-        if _started(status):
-            break
-    if status.get("commandStatus") not in UNFINISHED and not status.get("success"):
-        _finish_reason(status)  # raises the chat's error as an HTTP answer
-    await response.prepare(request)
+    updates: asyncio.Queue[tuple[int, dict]] = asyncio.Queue()
+
+    async def follow(index: int, command_id: str) -> None:
+        async for status in _follow(state, command_id, chat.max_tokens):
+            await updates.put((index, status))
+
+    followers = [asyncio.ensure_future(follow(i, command_id)) for i, command_id in enumerate(command_ids)]
+    latest: dict[int, dict] = {}
+    try:
+        while len(latest) < len(command_ids) or not all(_started(status) for status in latest.values()):
+            index, latest[index] = await updates.get()
+        for status in latest.values():
+            if status.get("commandStatus") not in UNFINISHED and not status.get("success"):
+                _finish_reason(status)  # raises the chat's error as an HTTP answer
+        await response.prepare(request)
+        await _send_choices(response, chat, latest, updates, completion_id, created, model, fingerprint)
+    except ConnectionResetError:  # the client closed the connection between two chunks
+        for command_id in command_ids:
+            _cancel_in_background(state, command_id)  # a finished chat stays as it was
+    finally:
+        for follower in followers:
+            follower.cancel()
+    return response
+
+
+async def _send_choices(
+    response: web.StreamResponse,
+    chat: ChatCompletionRequest,
+    latest: dict[int, dict],
+    updates: asyncio.Queue,
+    completion_id: str,
+    created: int,
+    model: str,
+    fingerprint: str,
+) -> None:
+    """The chunks of every choice as its chat's statuses come, from the latest seen so far."""
 
     async def send(event: dict) -> None:
         await response.write(f"data: {json.dumps(event)}\n\n".encode())
 
-    def piece(delta: dict | None, finish_reason: str | None = None, logprobs: list | None = None, **extra) -> dict:
-        return chunk(completion_id, created, model, fingerprint, delta, finish_reason, logprobs, **extra)
+    def piece(index: int, delta: dict | None, finish_reason: str | None = None, logprobs: list | None = None) -> dict:
+        return chunk(completion_id, created, model, fingerprint, delta, finish_reason, logprobs, index=index)
 
-    sent, sent_logprobs, final = 0, 0, status
+    sent, sent_logprobs, finals = [0] * len(latest), [0] * len(latest), {}
+    waiting = sorted(latest.items())
     try:
-        await send(piece({"role": "assistant", "content": ""}, logprobs=[] if chat.logprobs else None))
-        try:
-            while True:
-                final, reply = status, status.get("reply") or ""
-                entries = status.get("logprobs")
-                if len(reply) > sent and chat.tools is None:  # calls are sent once complete, below
-                    new_logprobs = entries[sent_logprobs:] if entries is not None else None
-                    await send(piece({"content": reply[sent:]}, logprobs=new_logprobs))
-                    sent, sent_logprobs = len(reply), len(entries or [])
-                if status.get("commandStatus") not in UNFINISHED:
-                    break
-                status = await statuses.__anext__()
-            message, reason = _message(chat, final)
-            if chat.tools is not None:
-                for delta in message_deltas(message):
-                    await send(piece(delta))
-            await send(piece({}, reason))
-        except ApiFailure as ex:  # the status line has gone: the error travels as an event, which clients raise
-            await send(ex.body())
-            return response
-        if chat.include_usage:
-            await send(piece(None, usage=usage(final)))
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
-    except ConnectionResetError:  # the client closed the connection between two chunks
-        if final.get("commandStatus") in (None, *UNFINISHED):
-            _cancel_in_background(state, command_id)
-    return response
+        for index in range(len(latest)):
+            await send(piece(index, {"role": "assistant", "content": ""}, logprobs=[] if chat.logprobs else None))
+        while len(finals) < len(latest):
+            index, status = waiting.pop(0) if waiting else await updates.get()
+            reply, entries = status.get("reply") or "", status.get("logprobs")
+            if len(reply) > sent[index] and chat.tools is None:  # calls are sent once complete, below
+                new_logprobs = entries[sent_logprobs[index] :] if entries is not None else None
+                await send(piece(index, {"content": reply[sent[index] :]}, logprobs=new_logprobs))
+                sent[index], sent_logprobs[index] = len(reply), len(entries or [])
+            if status.get("commandStatus") not in UNFINISHED:
+                message, reason = _message(chat, status)
+                if chat.tools is not None:
+                    for delta in message_deltas(message):
+                        await send(piece(index, delta))
+                await send(piece(index, {}, reason))
+                finals[index] = status
+    except ApiFailure as ex:  # the status line has gone: the error travels as an event, which clients raise
+        await send(ex.body())
+        return
+    if chat.include_usage:
+        await send(
+            chunk(completion_id, created, model, fingerprint, None, usage=usage([finals[i] for i in sorted(finals)]))
+        )
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
 
 
 def _failure(chat: ChatCompletionRequest, failure: ApiFailure) -> web.Response:
@@ -287,19 +320,30 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return ApiFailure(400, "The body must be a JSON object in UTF-8", "invalid_request_error").response()
     except OpenAIRequestError as ex:
         return web.json_response(error_body(str(ex), "invalid_request_error", ex.param), status=400)
+    command_ids = []
     try:
-        command_id = await _start_for_client(state, chat.values)
+        for values in chat.choice_values():  # one chat per choice: decoded together with parallel decoding on
+            command_ids.append(await _start_for_client(state, values))
     except ApiFailure as ex:
+        for command_id in command_ids:
+            _cancel_in_background(state, command_id)
         return _failure(chat, ex)
+    except asyncio.CancelledError:
+        for command_id in command_ids:
+            _cancel_in_background(state, command_id)
+        raise
     created = int(time.time())
     try:
         if chat.stream:
-            return await _stream(request, state, command_id, created, chat)
-        return await _complete(state, command_id, created, chat)
+            return await _stream(request, state, command_ids, created, chat)
+        return await _complete(state, command_ids, created, chat)
     except ApiFailure as ex:
+        for command_id in command_ids:  # the others of n > 1 are of no use now
+            _cancel_in_background(state, command_id)
         return _failure(chat, ex)
     except asyncio.CancelledError:  # the client went away: aiohttp cancels its handler
-        _cancel_in_background(state, command_id)
+        for command_id in command_ids:
+            _cancel_in_background(state, command_id)
         raise
 
 

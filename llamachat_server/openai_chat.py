@@ -5,7 +5,7 @@ Pure translation, no I/O: openai_api.py does the talking. The messages go to the
 input, as the client sent them (no default system prompt, system messages where they are, a last assistant message
 continued) and with `trim_history` off, so a conversation too long for the context is an error, as OpenAI's;
 a client that wants the oldest turns left out instead sends `"trim_history": true` (not an OpenAI field).
-Fields that would change the reply in a way the module cannot honour (n > 1, tools, images) are refused with a 400
+Fields that would change the reply in a way the module cannot honour (images, audio) are refused with a 400
 rather than ignored; fields that change nothing here (user, store, metadata...) are accepted and ignored, as
 llama-server does.
 """
@@ -33,6 +33,8 @@ NUMBER_FIELDS = (
     "repeat_penalty",
 )
 ANY_OBJECT = {"type": "object"}  # the schema of response_format json_object: any JSON object
+# Choices one request may ask for: each is a chat of its own in the module's queue, whose size bounds them anyway.
+MAX_CHOICES = 8
 # The module's inputs that OpenAI names differently, for the param of an error the module reports.
 OPENAI_PARAMS = {"conversation": "messages", "json_schema": "response_format"}
 # The module's stop_reason → OpenAI's finish_reason (a chat cancelled by someone else ended like a stop string).
@@ -56,6 +58,15 @@ class ChatCompletionRequest:
     max_tokens: int | None  # the client's, if it gave one (the module's default applies otherwise)
     logprobs: bool = False
     tools: ToolCalling | None = None  # with tools the reply is calls or text, sent once it is complete
+    n: int = 1  # choices: one chat each
+
+    def choice_values(self) -> list[list[tuple[str, str]]]:
+        """The inputs of each choice's chat: a seed, if given, counts up, so that sampled choices differ."""
+        if self.n == 1:
+            return [self.values]
+        seed = next((int(value) for name, value in self.values if name == "seed"), None)
+        others = [(name, value) for name, value in self.values if name != "seed"]
+        return [others + ([("seed", str(seed + i))] if seed is not None else []) for i in range(self.n)]
 
 
 def error_body(message: str, error_type: str, param: str | None = None, code: str | None = None) -> dict:
@@ -64,9 +75,9 @@ def error_body(message: str, error_type: str, param: str | None = None, code: st
 
 def _unsupported(body: dict) -> tuple[str, str] | None:
     """(field, why) for the first field that asks for something the module cannot do; None if there is none."""
-    n = body.get("n")
-    if n is not None and n != 1:
-        return "n", f"n must be 1: the model answers one chat at a time, so it gives one choice, not {n!r}"
+    n = body.get("n", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
+        return "n", f"n must be a whole number from 1 to {MAX_CHOICES}, not {n!r}"
     if body.get("functions"):
         return "functions", "functions (the old form of function calling) is not supported: use tools"
     if body.get("audio") or body.get("modalities") not in (None, ["text"]):
@@ -218,12 +229,14 @@ def parse_chat_request(body: Any) -> ChatCompletionRequest:
     options = body.get("stream_options") or {}
     if not isinstance(stream, bool) or not isinstance(options, dict):
         raise OpenAIRequestError("stream must be true or false and stream_options an object", "stream")
-    return ChatCompletionRequest(values, stream, bool(options.get("include_usage")), max_tokens, logprobs, tools)
+    n = body.get("n", 1)
+    return ChatCompletionRequest(values, stream, bool(options.get("include_usage")), max_tokens, logprobs, tools, n)
 
 
-def usage(status: dict) -> dict:
-    """OpenAI's usage from the module's token counts."""
-    prompt, completion = int(status.get("prompt_tokens") or 0), int(status.get("completion_tokens") or 0)
+def usage(statuses: list[dict]) -> dict:
+    """OpenAI's usage from the module's token counts of each choice's chat: the prompt once, the replies summed."""
+    prompt = int(statuses[0].get("prompt_tokens") or 0) if statuses else 0
+    completion = sum(int(status.get("completion_tokens") or 0) for status in statuses)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
@@ -232,8 +245,12 @@ def logprobs_of(entries: list | None) -> dict | None:
     return None if entries is None else {"content": entries, "refusal": None}
 
 
+def choice(index: int, message: dict, finish_reason: str, logprobs: list | None) -> dict:
+    return {"index": index, "message": message, "logprobs": logprobs_of(logprobs), "finish_reason": finish_reason}
+
+
 def completion(
-    completion_id: str, created: int, model: str, message: dict, finish_reason: str, status: dict, fingerprint: str
+    completion_id: str, created: int, model: str, choices: list[dict], finals: list[dict], fingerprint: str
 ) -> dict:
     return {
         "id": completion_id,
@@ -241,15 +258,8 @@ def completion(
         "created": created,
         "model": model,
         "system_fingerprint": fingerprint,
-        "choices": [
-            {
-                "index": 0,
-                "message": message,
-                "logprobs": logprobs_of(status.get("logprobs")),
-                "finish_reason": finish_reason,
-            }
-        ],
-        "usage": usage(status),
+        "choices": choices,
+        "usage": usage(finals),
     }
 
 
@@ -261,10 +271,12 @@ def chunk(
     delta: dict | None,
     finish_reason: str | None = None,
     logprobs: list | None = None,
+    index: int = 0,
     **extra: Any,
 ) -> dict:
-    """One `chat.completion.chunk`; delta None gives no choice (the usage chunk), extra fields go at the top level."""
-    choice = {"index": 0, "delta": delta, "logprobs": logprobs_of(logprobs), "finish_reason": finish_reason}
+    """One `chat.completion.chunk` of choice `index`; delta None gives no choice (the usage chunk), extra fields go at
+    the top level."""
+    choice = {"index": index, "delta": delta, "logprobs": logprobs_of(logprobs), "finish_reason": finish_reason}
     return {
         "id": completion_id,
         "object": "chat.completion.chunk",

@@ -122,7 +122,7 @@ def _functions(tools: Any) -> dict[str, dict]:
         name = function.get("name") if isinstance(function, dict) else None
         if not isinstance(name, str) or not name:
             raise ToolsError(f'tools[{i}] must be {{"type": "function", "function": {{"name": ...}}}}', "tools")
-        parameters = function.get("parameters") or EMPTY_PARAMETERS
+        parameters = function.get("parameters", EMPTY_PARAMETERS)
         if not isinstance(parameters, dict):
             raise ToolsError(f"tools[{i}].function.parameters must be a JSON Schema object", "tools")
         functions[name] = parameters

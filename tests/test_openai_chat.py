@@ -126,8 +126,10 @@ def test_the_token_limit_is_kept_for_the_servers_poll_schedule():
 @pytest.mark.parametrize(
     "body, param, says",
     [
-        ({"n": 2}, "n", "n must be 1"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "function calling"),
+        ({"n": 0}, "n", "n must be a whole number from 1 to 8"),
+        ({"n": 9}, "n", "n must be a whole number from 1 to 8"),
+        ({"tools": [{"type": "function"}]}, "tools", "tools[0] must be"),
+        ({"functions": [{"name": "f"}]}, "functions", "use tools"),
         ({"response_format": {"type": "xml"}}, "response_format", '{"type": "json_object"}'),
         ({"response_format": {"type": "json_schema"}}, "response_format", '"json_schema": {"name"'),
         ({"response_format": {"type": "json_object", "schema": []}}, "response_format", "JSON Schema object"),
@@ -152,10 +154,11 @@ def test_fields_that_would_change_the_reply_unseen_are_refused(body, param, says
     [
         (None, "non-empty list"),
         ([], "non-empty list"),
-        ([{"role": "tool", "content": "42"}], "tool messages are not supported"),
+        ([{"role": "tool", "content": "42", "tool_call_id": "x"}], "must name a tool call of an earlier"),
+        ([{"role": "robot", "content": "42"}], "'assistant' or 'tool', not 'robot'"),
         ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "'image_url' parts"),
         ([{"role": "user", "content": 5}], "string or a list of text parts"),
-        ([{"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}], "tool calls"),
+        ([{"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}], "tool_calls[0] must be"),
     ],
 )
 def test_messages_the_module_cannot_read_are_refused(messages, says):
@@ -167,7 +170,18 @@ def test_a_body_that_is_not_an_object_is_refused():
     assert "JSON object" in str(pytest.raises(OpenAIRequestError, parse_chat_request, ["Hi"]).value)
 
 
+def test_n_choices_count_their_seeds_up_so_that_they_differ():
+    hi = [{"role": "user", "content": "Hi"}]
+    seeds = [dict(v).get("seed") for v in parse_chat_request({"messages": hi, "n": 3, "seed": 7}).choice_values()]
+    assert seeds == ["7", "8", "9"]
+    unseeded = parse_chat_request({"messages": hi, "n": 2}).choice_values()
+    assert len(unseeded) == 2 and all("seed" not in dict(v) for v in unseeded)
+
+
 def test_usage_from_the_modules_counts_and_the_usage_chunk_has_no_choice():
-    counted = usage({"prompt_tokens": 21, "completion_tokens": 5})
+    counted = usage([{"prompt_tokens": 21, "completion_tokens": 5}])
     assert counted == {"prompt_tokens": 21, "completion_tokens": 5, "total_tokens": 26}
+    # n > 1: the prompt once, every choice's reply
+    both = usage([{"prompt_tokens": 21, "completion_tokens": 5}, {"prompt_tokens": 21, "completion_tokens": 7}])
+    assert both == {"prompt_tokens": 21, "completion_tokens": 12, "total_tokens": 33}
     assert chunk("id", 1, "m", "fp", None, usage=counted)["choices"] == []

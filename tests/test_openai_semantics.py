@@ -173,3 +173,24 @@ def test_the_native_api_keeps_its_default_system_prompt_and_trimming(base_url, t
 
     done = poll(final, 60, "the native chat to end")
     assert done["prompt_tokens"] > template_tokens(HI) and done["dropped_turns"] == 0
+
+
+def test_n_choices_are_chats_of_their_own_with_usage_summed(base_url, client):
+    answer = client.chat.completions.create(model=MODEL, messages=HI, n=3, max_tokens=6)
+    assert [c.index for c in answer.choices] == [0, 1, 2]
+    assert all(c.finish_reason in ("stop", "length") and c.message.content for c in answer.choices)
+    assert answer.usage.completion_tokens <= 18 and answer.usage.prompt_tokens > 0
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL, messages=HI, n=2, max_tokens=6, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    texts, finished = {0: "", 1: ""}, {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finished[choice.index] = choice.finish_reason
+    assert sorted(finished) == [0, 1] and all(texts.values())
+    usage = chunks[-1].usage
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens and 2 <= usage.completion_tokens <= 12
