@@ -61,6 +61,7 @@ class ChatRequest:
     trim_history: bool = True  # False: a conversation that does not fit is an error, nothing is left out
     json_schema: str | None = None  # the GBNF grammar the reply is constrained to (from the json_schema input)
     logprobs: bool = False  # report each generated token's log probability
+    tools: list[dict[str, Any]] | None = None  # OpenAI-style tools, for a chat template that renders them
     top_logprobs: int = 0  # with logprobs: the most likely alternatives reported at each position
 
 
@@ -91,6 +92,7 @@ class ChatInputs:
             trim_history=self._switch(data, "trim_history"),
             json_schema=_grammar(data.get_value("json_schema")),
             logprobs=self._switch(data, "logprobs"),
+            tools=_tools(data.get_value("tools")),
             top_logprobs=self._number(data, "top_logprobs"),
         )
         conversation = data.get_value("conversation")
@@ -241,6 +243,24 @@ def _grammar(raw: str | None) -> str | None:
         return json_grammar(schema)
     except SchemaError as ex:
         raise ChatError(f"json_schema cannot be enforced: {ex}", "json_schema", INVALID_JSON_SCHEMA) from None
+
+
+def _tools(raw: str | None) -> list[dict[str, Any]] | None:
+    """The tools a template that renders them is given: a JSON array of {"type": "function", "function": {...}}."""
+    if raw is None or not raw.strip():
+        return None
+    how = 'tools must be a JSON array of {"type": "function", "function": {"name": ..., "parameters": {...}}}'
+    try:
+        tools = json.loads(raw)
+    except (json.JSONDecodeError, RecursionError):
+        raise ChatError(how, "tools") from None
+    named = isinstance(tools, list) and all(
+        isinstance(t, dict) and isinstance(t.get("function"), dict) and isinstance(t["function"].get("name"), str)
+        for t in tools
+    )
+    if not named:
+        raise ChatError(how, "tools")
+    return tools
 
 
 def _logit_bias(raw: str | None) -> dict[int, float] | None:

@@ -125,6 +125,7 @@ class ChatRunner:
                 as_sent=request.as_sent,
                 prefill=request.prefill,
                 top_logprobs=request.top_logprobs if request.logprobs else None,
+                tools=request.tools,
                 stream=True,
                 max_tokens=request.max_tokens,
                 **request.sampling,

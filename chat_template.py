@@ -76,8 +76,16 @@ class ChatTemplate:
         """The stop strings __call__ adds to every prompt's (for engines that tokenize the prompt themselves)."""
         return [s for s in [self._jinja.eos_token, *self._extra_stops] if s]
 
-    def render(self, messages: list[dict[str, Any]]) -> str:
-        return self(messages=messages).prompt
+    def render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
+        return self(messages=messages, tools=tools).prompt
+
+    def renders_tools(self) -> bool:
+        """Renders a probe: a template that describes tools to its model shows a tool's name."""
+        probe = [{"type": "function", "function": {"name": _MARKER.strip(), "parameters": {"type": "object"}}}]
+        try:
+            return _MARKER.strip() in self.render([{"role": "user", "content": "hi"}], tools=probe)
+        except Exception:
+            return False
 
     def supports_system_role(self) -> bool:
         """Renders a probe: templates without a system role either raise or drop the system text."""

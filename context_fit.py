@@ -95,8 +95,9 @@ class ContextFitter:
         self, prompt: str, system_prompt: str | None, history: list[Message], request: ChatRequest | None = None
     ) -> list[int]:
         shape = {"as_sent": request.as_sent, "prefill": request.prefill} if request else {}
+        tools = {"tools": request.tools} if request and request.tools else {}
         try:
-            return self.chat.tokenize_messages(self.chat.messages(prompt, system_prompt, history, **shape))
+            return self.chat.tokenize_messages(self.chat.messages(prompt, system_prompt, history, **shape), **tools)
         except Exception as ex:  # the template's own checks, e.g. roles that must alternate
             raise ChatError(f"The model's chat template rejected the conversation: {ex}") from None
 

@@ -136,6 +136,7 @@ class LlamaChat:
         self.template = choice.template
         self.template_source = choice.source
         self.system_role = self.template.supports_system_role()
+        self.renders_tools = self.template.renders_tools()
         self.llm.chat_handler = chat_formatter_to_chat_completion_handler(self.template)
 
         # llama.cpp polls the abort callback between graph nodes, so a cancel also stops the evaluation of a long
@@ -174,9 +175,11 @@ class LlamaChat:
         """The conversation as the template will see it (conversation() says how)."""
         return conversation(prompt, system_prompt, history, self.system_role, as_sent, prefill)
 
-    def tokenize_messages(self, messages: list[Message]) -> list[int]:
-        """The prompt tokens create_chat_completion will evaluate for these messages."""
-        return self.llm.tokenize(self.template.render(messages).encode("utf-8"), add_bos=False, special=True)
+    def tokenize_messages(self, messages: list[Message], tools: list[dict] | None = None) -> list[int]:
+        """The prompt tokens create_chat_completion will evaluate for these messages (and tools, where the template
+        renders them)."""
+        prompt = self.template.render(messages, tools)
+        return self.llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
 
     def count_tokens(self, text: str) -> int:
         """The tokens of a message's text on its own, as the template's rendering tokenizes it."""

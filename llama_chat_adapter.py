@@ -183,6 +183,7 @@ class LlamaChat_adapter(ModuleRunner):
             "modelPath": chat.model_path,
             "fallbackReason": chat.fallback_reason,
             "chatTemplate": chat.template_source,
+            "templateRendersTools": chat.renders_tools,  # the OpenAI API then has the template describe tools
             "llamaCppPython": llama_cpp.__version__,  # with the model, what a reply depends on (system_fingerprint)
             "contextSize": chat.n_ctx,
             "threads": self.runner.threads.threads,

@@ -315,7 +315,8 @@ def _failure(chat: ChatCompletionRequest, failure: ApiFailure) -> web.Response:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     try:
-        chat = parse_chat_request(json.loads(await request.text()))
+        renders_tools = bool((state.module.status_data or {}).get("templateRendersTools"))
+        chat = parse_chat_request(json.loads(await request.text()), renders_tools)
     except (json.JSONDecodeError, RecursionError, UnicodeDecodeError):
         return ApiFailure(400, "The body must be a JSON object in UTF-8", "invalid_request_error").response()
     except OpenAIRequestError as ex:

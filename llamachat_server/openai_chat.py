@@ -188,7 +188,7 @@ def _stop_text(stop: Any) -> str | None:
     raise OpenAIRequestError("stop must be a string or a list of strings", "stop")
 
 
-def parse_chat_request(body: Any) -> ChatCompletionRequest:
+def parse_chat_request(body: Any, template_renders_tools: bool = False) -> ChatCompletionRequest:
     """The chat route's inputs for an OpenAI chat request; OpenAIRequestError for one the module cannot run. Ranges
     (temperature 0-2, at most 4 stop strings...) are the module's to check: it answers with what to fix."""
     if not isinstance(body, dict):
@@ -200,7 +200,7 @@ def parse_chat_request(body: Any) -> ChatCompletionRequest:
     if not isinstance(trim, bool):
         raise OpenAIRequestError("trim_history must be true or false", "trim_history")
     try:
-        tools = tool_calling(body)
+        tools = tool_calling(body, template_renders_tools)
         conversation = _conversation(body.get("messages"), tools)
     except ToolsError as ex:
         raise OpenAIRequestError(str(ex), ex.param) from None
@@ -210,6 +210,8 @@ def parse_chat_request(body: Any) -> ChatCompletionRequest:
         raise OpenAIRequestError("response_format and tools cannot be combined: the reply is one or the other", "tools")
     if schema is not None or tools:
         values.append(("json_schema", json.dumps(tools.schema if tools else schema)))
+    if tools and tools.template_tools:
+        values.append(("tools", json.dumps(tools.template_tools)))
     logprobs = _logprobs(body)
     if logprobs:
         values.append(("logprobs", "true"))

@@ -1,5 +1,6 @@
-"""Function calling on OpenAI's API, in the module's terms: the tools are described to the model in a system message,
-and its reply is constrained (the module's json_schema input, a llama.cpp grammar) to one JSON object, either
+"""Function calling on OpenAI's API, in the module's terms: the tools are described to the model by its own chat
+template where that renders tools (the module's tools input), else in a system message; either way its reply is
+constrained (the module's json_schema input, a llama.cpp grammar) to one JSON object, either
 `{"tool_calls": [{"name": ..., "arguments": {...}}]}` with each function's arguments following its own parameters
 schema, or, where the model may choose (tool_choice auto), `{"content": "..."}`. So every call parses and its
 arguments validate. Earlier calls and their results go back into the conversation in the same form: an assistant's
@@ -19,9 +20,9 @@ from typing import Any
 MAX_PARALLEL_CALLS = 4
 TOOLS_PROMPT = (
     "You can call functions. To call one, reply with JSON only: "
-    '{{"tool_calls": [{{"name": "<function name>", "arguments": {{<arguments>}}}}]}}{more}.{otherwise} '
-    "The functions, with the JSON Schema of their arguments:\n{functions}"
+    '{{"tool_calls": [{{"name": "<function name>", "arguments": {{<arguments>}}}}]}}{more}.{otherwise}'
 )
+FUNCTIONS_PROMPT = " The functions, with the JSON Schema of their arguments:\n{functions}"
 OTHERWISE = ' To answer without calling one, reply with {"content": "<your answer>"}.'
 EMPTY_PARAMETERS = {"type": "object", "properties": {}}
 
@@ -38,9 +39,10 @@ class ToolsError(ValueError):
 class ToolCalling:
     """What a request's tools make of its conversation and its reply."""
 
-    prompt: str  # the system message that describes the functions
+    prompt: str  # the system message that says how to call, and describes the functions unless the template does
     schema: dict  # what the reply must be (the module's json_schema)
     may_answer: bool  # tool_choice auto: the reply may be text instead of calls
+    template_tools: list[dict] | None  # the tools for the model's own template to describe (the module's tools)
 
     def message(self, reply: str, complete: bool) -> dict:
         """The assistant message for the model's reply: its tool calls, or its text. An incomplete reply (cut by
@@ -64,8 +66,10 @@ class ToolCalling:
         return {"role": "assistant", "content": None, "tool_calls": calls}
 
 
-def tool_calling(body: dict) -> ToolCalling | None:
-    """The tool calling a request asks for; None without tools, or with tool_choice none."""
+def tool_calling(body: dict, template_renders_tools: bool = False) -> ToolCalling | None:
+    """The tool calling a request asks for; None without tools, or with tool_choice none. Where the model's chat
+    template renders tools, it describes them (in the form the model was trained on) and the system message only says
+    how to call them."""
     tools, choice = body.get("tools"), body.get("tool_choice", "auto")
     if not tools:
         if body.get("tool_choice") not in (None, "none"):
@@ -103,13 +107,15 @@ def tool_calling(body: dict) -> ToolCalling | None:
         schema = {"anyOf": [envelope, text]}
     else:
         schema = envelope
+    more = f", with up to {MAX_PARALLEL_CALLS} calls in the list" if parallel else ""
+    prompt = TOOLS_PROMPT.format(more=more, otherwise=OTHERWISE if may_answer else "")
+    if template_renders_tools:
+        return ToolCalling(prompt, schema, may_answer, [t for t in tools if t["function"]["name"] in callable_])
     described = "\n".join(
         json.dumps({"name": name, "description": _description(tools, name), "parameters": parameters})
         for name, parameters in callable_.items()
     )
-    more = f", with up to {MAX_PARALLEL_CALLS} calls in the list" if parallel else ""
-    prompt = TOOLS_PROMPT.format(more=more, otherwise=OTHERWISE if may_answer else "", functions=described)
-    return ToolCalling(prompt, schema, may_answer)
+    return ToolCalling(prompt + FUNCTIONS_PROMPT.format(functions=described), schema, may_answer, None)
 
 
 def _functions(tools: Any) -> dict[str, dict]:

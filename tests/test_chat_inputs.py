@@ -289,3 +289,10 @@ def test_logit_bias_is_token_ids_and_bounded_biases():
     assert parse(prompt="Hi", logit_bias='{"42": -100, "7": 2.5}').sampling["logit_bias"] == {42: -100.0, 7: 2.5}
     for bad in ('{"a": 1}', '{"1": 101}', '{"1": true}', "[1]", "{"):
         assert "logit_bias must be a JSON object" in refusal(prompt="Hi", logit_bias=bad)
+
+
+def test_tools_for_a_template_are_a_json_array_of_named_functions():
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    assert parse(prompt="Hi", tools=json.dumps(tools)).tools == tools and parse(prompt="Hi").tools is None
+    for bad in ('{"name": "f"}', '[{"function": {}}]', "[1]", "["):
+        assert "tools must be a JSON array" in refusal(prompt="Hi", tools=bad)

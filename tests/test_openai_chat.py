@@ -185,3 +185,23 @@ def test_usage_from_the_modules_counts_and_the_usage_chunk_has_no_choice():
     both = usage([{"prompt_tokens": 21, "completion_tokens": 5}, {"prompt_tokens": 21, "completion_tokens": 7}])
     assert both == {"prompt_tokens": 21, "completion_tokens": 12, "total_tokens": 33}
     assert chunk("id", 1, "m", "fp", None, usage=counted)["choices"] == []
+
+
+WEATHER = {
+    "type": "function",
+    "function": {"name": "get_weather", "description": "Weather now.", "parameters": {"type": "object"}},
+}
+
+
+@pytest.mark.parametrize("renders_tools", [False, True])
+def test_tools_are_described_by_the_template_where_it_can_else_in_the_system_message(renders_tools):
+    body = {"messages": [{"role": "user", "content": "Weather?"}], "tools": [WEATHER], "tool_choice": "required"}
+    values = dict(parse_chat_request(body, template_renders_tools=renders_tools).values)
+    system = json.loads(values["conversation"])[0]
+    assert system["role"] == "system" and '{"tool_calls": [{"name": "<function name>"' in system["content"]
+    schema = json.loads(values["json_schema"])
+    assert schema["properties"]["tool_calls"]["items"]["anyOf"][0]["properties"]["name"] == {"const": "get_weather"}
+    if renders_tools:  # the template describes the tools, in the form its model knows
+        assert json.loads(values["tools"]) == [WEATHER] and "Weather now." not in system["content"]
+    else:
+        assert "tools" not in values and "Weather now." in system["content"]
