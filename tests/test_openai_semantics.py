@@ -14,23 +14,18 @@ import requests
 from llama_cpp import Llama
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from live_server import poll, running_server
+from live_server import poll
+from model_paths import SMOLLM2_FILENAME
 
-MODEL = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL = SMOLLM2_FILENAME
 CONTEXT = 2048  # running_server's
 HI = [{"role": "user", "content": "Hi"}]
 
 
 @pytest.fixture(scope="module")
-def base_url(smollm2):
-    with running_server(smollm2) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def client(base_url):
+def client(smollm2_server):
     # The package's own retries left on: a 400 must not be sent again (a 5xx would be, twice more).
-    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="any key", timeout=120)
+    return openai.OpenAI(base_url=f"{smollm2_server}/v1", api_key="any key", timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +44,11 @@ def template_tokens(smollm2):
     return count
 
 
-def test_a_prompt_longer_than_the_context_is_a_400_context_length_exceeded_sent_once(base_url):
+def test_a_prompt_longer_than_the_context_is_a_400_context_length_exceeded_sent_once(smollm2_server):
     sent = []
     # The package's own retries left on (2): a 400 must not be sent again, as a 5xx would be.
     counting = httpx.Client(event_hooks={"request": [sent.append]}, timeout=120)
-    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="any key", http_client=counting)
+    client = openai.OpenAI(base_url=f"{smollm2_server}/v1", api_key="any key", http_client=counting)
     long = [{"role": "user", "content": "word " * (CONTEXT + 100)}]
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model=MODEL, messages=long, max_tokens=8)
@@ -110,7 +105,7 @@ def test_a_last_assistant_message_is_continued(client, template_tokens):
     assert answer.choices[0].finish_reason in ("stop", "length")
 
 
-def test_a_stop_string_that_reads_as_a_json_list_is_one_stop_string(base_url, client):
+def test_a_stop_string_that_reads_as_a_json_list_is_one_stop_string(smollm2_server, client):
     """'[" "]' stops at those five characters, not at every space: with it the greedy reply is the one without stop
     strings (both runs start from the same cache state, after the same other chat)."""
     story = [{"role": "user", "content": "Write a story about a dragon who bakes bread."}]
@@ -161,13 +156,13 @@ def test_answers_and_chunks_carry_a_system_fingerprint_of_model_and_build(client
     assert {c.system_fingerprint for c in chunks} == {answer.system_fingerprint}
 
 
-def test_the_native_api_keeps_its_default_system_prompt_and_trimming(base_url, template_tokens):
+def test_the_native_api_keeps_its_default_system_prompt_and_trimming(smollm2_server, template_tokens):
     """text/chat is unchanged: its default system prompt is added (more tokens than the template alone gives)."""
-    chat = requests.post(f"{base_url}/v1/text/chat", data={"prompt": "Hi", "max_tokens": "1"}, timeout=40).json()
+    chat = requests.post(f"{smollm2_server}/v1/text/chat", data={"prompt": "Hi", "max_tokens": "1"}, timeout=40).json()
 
     def final():
         answer = requests.post(
-            f"{base_url}/v1/LlamaChat/get_command_status", data={"commandId": chat["commandId"]}, timeout=40
+            f"{smollm2_server}/v1/LlamaChat/get_command_status", data={"commandId": chat["commandId"]}, timeout=40
         ).json()
         return answer if answer["commandStatus"] == "completed" else None
 
@@ -175,7 +170,7 @@ def test_the_native_api_keeps_its_default_system_prompt_and_trimming(base_url, t
     assert done["prompt_tokens"] > template_tokens(HI) and done["dropped_turns"] == 0
 
 
-def test_n_choices_are_chats_of_their_own_with_usage_summed(base_url, client):
+def test_n_choices_are_chats_of_their_own_with_usage_summed(smollm2_server, client):
     answer = client.chat.completions.create(model=MODEL, messages=HI, n=3, max_tokens=6)
     assert [c.index for c in answer.choices] == [0, 1, 2]
     assert all(c.finish_reason in ("stop", "length") and c.message.content for c in answer.choices)

@@ -18,25 +18,15 @@ from llama_cpp import Llama
 from pydantic import BaseModel, Field
 
 from json_schemas import SCHEMAS
-from live_server import poll, running_server
+from live_server import poll
+from model_paths import SMOLLM2_FILENAME
 
-MODEL = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL = SMOLLM2_FILENAME
 ROOM = 300  # tokens: far more than any of the bounded schemas' replies can take
 
 
-@pytest.fixture(scope="module")
-def base_url(smollm2):
-    with running_server(smollm2) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def client(base_url):
-    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="any key", max_retries=0, timeout=120)
-
-
-def structured(client, name: str, schema: dict, **fields):
-    return client.chat.completions.create(
+def structured(openai_client, name: str, schema: dict, **fields):
+    return openai_client.chat.completions.create(
         model=MODEL,
         messages=[{"role": "user", "content": f"Reply with JSON describing a {name.replace('_', ' ')}."}],
         response_format={"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}},
@@ -46,29 +36,29 @@ def structured(client, name: str, schema: dict, **fields):
 
 
 @pytest.mark.parametrize("name", SCHEMAS)
-def test_every_structured_reply_validates_against_its_schema(client, name):
-    answer = structured(client, name, SCHEMAS[name])
+def test_every_structured_reply_validates_against_its_schema(openai_client, name):
+    answer = structured(openai_client, name, SCHEMAS[name])
     assert answer.choices[0].finish_reason == "stop"
     jsonschema.validate(json.loads(answer.choices[0].message.content), SCHEMAS[name])
 
 
-def test_a_streamed_structured_reply_validates_too(client):
+def test_a_streamed_structured_reply_validates_too(openai_client):
     schema = SCHEMAS["order_lines"]
-    chunks = list(structured(client, "order", schema, stream=True))
+    chunks = list(structured(openai_client, "order", schema, stream=True))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert chunks[-1].choices[0].finish_reason == "stop"
     jsonschema.validate(json.loads(text), schema)
 
 
-def test_json_object_is_any_object_and_llama_cpp_pythons_schema_form_is_honoured(client):
+def test_json_object_is_any_object_and_llama_cpp_pythons_schema_form_is_honoured(openai_client):
     messages = [{"role": "user", "content": "Describe a cat as JSON."}]
-    answer = client.chat.completions.create(
+    answer = openai_client.chat.completions.create(
         model=MODEL, messages=messages, response_format={"type": "json_object"}, max_tokens=ROOM, temperature=0
     )
     if answer.choices[0].finish_reason == "stop":  # an object's strings are unbounded: a reply may run to max_tokens
         assert isinstance(json.loads(answer.choices[0].message.content), dict)
     schema = SCHEMAS["person"]
-    answer = client.chat.completions.create(
+    answer = openai_client.chat.completions.create(
         model=MODEL, messages=messages, response_format={"type": "json_object", "schema": schema}, max_tokens=ROOM
     )
     jsonschema.validate(json.loads(answer.choices[0].message.content), schema)
@@ -83,10 +73,10 @@ def test_json_object_is_any_object_and_llama_cpp_pythons_schema_form_is_honoured
         ({"type": "teapot"}, "Unrecognized schema"),
     ],
 )
-def test_a_schema_that_cannot_be_enforced_is_a_400_naming_the_problem(client, schema, says):
+def test_a_schema_that_cannot_be_enforced_is_a_400_naming_the_problem(openai_client, schema, says):
     for stream in (False, True):
         with pytest.raises(openai.BadRequestError) as caught:
-            structured(client, "thing", schema, stream=stream)
+            structured(openai_client, "thing", schema, stream=stream)
         assert says in caught.value.message and caught.value.code == "invalid_json_schema"
         assert caught.value.param == "response_format"
 
@@ -98,8 +88,8 @@ class Pet(BaseModel):
     toys: list[Annotated[str, Field(max_length=12)]] = Field(max_length=3)
 
 
-def test_the_openai_package_parses_a_pydantic_model(client):
-    completion = client.chat.completions.parse(
+def test_the_openai_package_parses_a_pydantic_model(openai_client):
+    completion = openai_client.chat.completions.parse(
         model=MODEL,
         messages=[{"role": "user", "content": "Describe a pet."}],
         response_format=Pet,
@@ -109,23 +99,23 @@ def test_the_openai_package_parses_a_pydantic_model(client):
     assert isinstance(pet, Pet) and 0 <= pet.age <= 30
 
 
-def test_langchain_with_structured_output_returns_the_model(base_url):
-    chat = ChatOpenAI(base_url=f"{base_url}/v1", api_key="any key", model=MODEL, max_retries=0, max_tokens=ROOM)
+def test_langchain_with_structured_output_returns_the_model(smollm2_server):
+    chat = ChatOpenAI(base_url=f"{smollm2_server}/v1", api_key="any key", model=MODEL, max_retries=0, max_tokens=ROOM)
     pet = chat.with_structured_output(Pet, method="json_schema").invoke("Describe a pet.")
     assert isinstance(pet, Pet) and pet.species in ("cat", "dog", "bird")
 
 
-def test_the_native_api_takes_a_json_schema(base_url):
+def test_the_native_api_takes_a_json_schema(smollm2_server):
     schema = SCHEMAS["refs"]
     started = requests.post(
-        f"{base_url}/v1/text/chat",
+        f"{smollm2_server}/v1/text/chat",
         data={"prompt": "Two points, as JSON.", "json_schema": json.dumps(schema), "max_tokens": str(ROOM)},
         timeout=40,
     ).json()
 
     def final():
         answer = requests.post(
-            f"{base_url}/v1/LlamaChat/get_command_status", data={"commandId": started["commandId"]}, timeout=40
+            f"{smollm2_server}/v1/LlamaChat/get_command_status", data={"commandId": started["commandId"]}, timeout=40
         ).json()
         return answer if answer["commandStatus"] == "completed" else None
 
@@ -137,8 +127,8 @@ def test_the_native_api_takes_a_json_schema(base_url):
 SAY_HI = [{"role": "user", "content": "Say hello to the world in a long sentence."}]
 
 
-def test_logprobs_are_raw_llama_cpp_pythons_token_for_token(client, smollm2):
-    answer = client.chat.completions.create(
+def test_logprobs_are_raw_llama_cpp_pythons_token_for_token(openai_client, smollm2):
+    answer = openai_client.chat.completions.create(
         model=MODEL, messages=SAY_HI, max_tokens=12, temperature=0, logprobs=True, top_logprobs=5
     )
     ours = answer.choices[0].logprobs.content
@@ -158,9 +148,9 @@ def test_logprobs_are_raw_llama_cpp_pythons_token_for_token(client, smollm2):
         assert bytes(mine.bytes).decode("utf-8", errors="ignore") == mine.token
 
 
-def test_streamed_logprobs_come_with_their_text(client):
+def test_streamed_logprobs_come_with_their_text(openai_client):
     chunks = list(
-        client.chat.completions.create(
+        openai_client.chat.completions.create(
             model=MODEL,
             messages=SAY_HI,
             max_tokens=16,
@@ -183,17 +173,17 @@ def vocab(smollm2):
     return Llama(model_path=str(smollm2), vocab_only=True, verbose=False)
 
 
-def test_logit_bias_plus_100_makes_its_token_the_only_one_and_minus_100_bans_it(client, vocab):
-    first = client.chat.completions.create(
+def test_logit_bias_plus_100_makes_its_token_the_only_one_and_minus_100_bans_it(openai_client, vocab):
+    first = openai_client.chat.completions.create(
         model=MODEL, messages=SAY_HI, max_tokens=1, temperature=0, logprobs=True, top_logprobs=2
     )
     greedy, runner_up = first.choices[0].logprobs.content[0], first.choices[0].logprobs.content[0].top_logprobs[1]
     token_id = _token_id(vocab, runner_up.token)
-    forced = client.chat.completions.create(
+    forced = openai_client.chat.completions.create(
         model=MODEL, messages=SAY_HI, max_tokens=4, logit_bias={str(token_id): 100}, logprobs=True
     )
     assert [e.token for e in forced.choices[0].logprobs.content] == [runner_up.token] * 4
-    banned = client.chat.completions.create(
+    banned = openai_client.chat.completions.create(
         model=MODEL,
         messages=SAY_HI,
         max_tokens=1,
@@ -210,8 +200,8 @@ def _token_id(vocab: Llama, text: str) -> int:
     return ids[0]
 
 
-def test_presence_and_frequency_penalties_are_taken(client):
-    answer = client.chat.completions.create(
+def test_presence_and_frequency_penalties_are_taken(openai_client):
+    answer = openai_client.chat.completions.create(
         model=MODEL, messages=SAY_HI, max_tokens=4, presence_penalty=1.5, frequency_penalty=-1.5
     )
     assert answer.usage.completion_tokens > 0
