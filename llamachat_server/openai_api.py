@@ -219,7 +219,15 @@ async def _final(state: ServerState, command_id: str, max_tokens: int | None) ->
 async def _complete(
     state: ServerState, command_ids: list[str], created: int, chat: ChatCompletionRequest
 ) -> web.Response:
-    finals = await asyncio.gather(*(_final(state, command_id, chat.max_tokens) for command_id in command_ids))
+    followers = [asyncio.ensure_future(_final(state, command_id, chat.max_tokens)) for command_id in command_ids]
+    try:
+        # wait(), not gather(): a cancel (the client went away) reaches this handler at once, whatever a follower
+        # is in the middle of.
+        await asyncio.wait(followers)
+    finally:
+        for follower in followers:
+            follower.cancel()
+    finals = [follower.result() for follower in followers]
     choices = [choice(i, *_message(chat, final), final.get("logprobs")) for i, final in enumerate(finals)]
     model, fingerprint = _model_name(state), _fingerprint(state)
     return web.json_response(completion(f"chatcmpl-{command_ids[0]}", created, model, choices, finals, fingerprint))
