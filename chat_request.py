@@ -28,6 +28,9 @@ MAX_HISTORY_MESSAGES = 10_000
 SAMPLING_INPUTS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty")
 CONVERSATION_ROLES = ("system", "user", "assistant")
 MAX_LOGIT_BIASES = 300  # OpenAI's own cap
+# A JSON schema or a tools list is turned into a grammar or rendered on the SDK's request loop: far beyond any real
+# schema (OpenAI allows ~15,000 characters of enum values), this refuses only abuse.
+MAX_SCHEMA_BYTES = 256 * 1024
 # What a ChatError's code says to a client (the OpenAI API answers both with a 400 and this code).
 CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
 INVALID_JSON_SCHEMA = "invalid_json_schema"
@@ -235,6 +238,7 @@ def _grammar(raw: str | None) -> str | None:
     compiled, never a reply left unconstrained."""
     if raw is None or not raw.strip():
         return None
+    _bounded(raw, "json_schema")
     try:
         schema = json.loads(raw)
     except (json.JSONDecodeError, RecursionError) as ex:
@@ -245,11 +249,18 @@ def _grammar(raw: str | None) -> str | None:
         raise ChatError(f"json_schema cannot be enforced: {ex}", "json_schema", INVALID_JSON_SCHEMA) from None
 
 
+def _bounded(raw: str, name: str) -> None:
+    size = len(raw.encode("utf-8"))
+    if size > MAX_SCHEMA_BYTES:
+        raise ChatError(f"{name} may hold at most {MAX_SCHEMA_BYTES} bytes (MAX_SCHEMA_BYTES), not {size}", name)
+
+
 def _tools(raw: str | None) -> list[dict[str, Any]] | None:
     """The tools a template that renders them is given: a JSON array of {"type": "function", "function": {...}}."""
     if raw is None or not raw.strip():
         return None
     how = 'tools must be a JSON array of {"type": "function", "function": {"name": ..., "parameters": {...}}}'
+    _bounded(raw, "tools")
     try:
         tools = json.loads(raw)
     except (json.JSONDecodeError, RecursionError):

@@ -296,3 +296,9 @@ def test_tools_for_a_template_are_a_json_array_of_named_functions():
     assert parse(prompt="Hi", tools=json.dumps(tools)).tools == tools and parse(prompt="Hi").tools is None
     for bad in ('{"name": "f"}', '[{"function": {}}]', "[1]", "["):
         assert "tools must be a JSON array" in refusal(prompt="Hi", tools=bad)
+
+
+def test_a_schema_or_tools_beyond_the_size_cap_are_refused():
+    huge = json.dumps({"enum": ["x" * 1000] * 300})
+    assert "json_schema may hold at most" in refusal(prompt="Hi", json_schema=huge)
+    assert "tools may hold at most" in refusal(prompt="Hi", tools=f"[{huge}]")
