@@ -11,13 +11,14 @@ from pathlib import Path
 from typing import Any, Callable, cast
 
 import llama_cpp
-from llama_cpp import CreateChatCompletionResponse, CreateChatCompletionStreamResponse, Llama
+from llama_cpp import CreateChatCompletionResponse, CreateChatCompletionStreamResponse, Llama, LlamaGrammar
 from llama_cpp.llama_chat_format import chat_formatter_to_chat_completion_handler
 
 from llamachat.chat_template import choose_template
 from llamachat.chat_types import Message, never
 from llamachat.llama_log import LLAMA_LOG
 from llamachat.model_file import SMALL_MODEL_FILENAME, quick_problem
+from llamachat.token_logprobs import logprobs_entry
 
 DEFAULT_SYSTEM_PROMPT = (
     "You're a helpful assistant who answers questions the user asks of you concisely and accurately."
@@ -25,17 +26,35 @@ DEFAULT_SYSTEM_PROMPT = (
 
 
 def conversation(
-    prompt: str, system_prompt: str | None, history: list[Message] | None, system_role: bool
+    prompt: str,
+    system_prompt: str | None,
+    history: list[Message] | None,
+    system_role: bool,
+    as_sent: bool = False,
+    prefill: str | None = None,
 ) -> list[Message]:
-    """System prompt (None = the default), earlier turns, then the new prompt, as a template with or without a
-    system role needs them."""
-    system_prompt = system_prompt or DEFAULT_SYSTEM_PROMPT
+    """System prompt, earlier turns, the new prompt, then any assistant text to continue (prefill), as a template
+    with or without a system role needs them. A system prompt of None is the default one, unless the conversation
+    is as the client sent it (as_sent): then only the system messages in its history are there, where they are."""
     turns = list(history or []) + [{"role": "user", "content": prompt}]
+    if prefill is not None:
+        turns.append({"role": "assistant", "content": prefill})
+    if not as_sent:
+        turns.insert(0, {"role": "system", "content": system_prompt or DEFAULT_SYSTEM_PROMPT})
     if system_role:
-        return [{"role": "system", "content": system_prompt}] + turns
-    # Templates without a system role (Mistral, Gemma) get it at the head of the first user turn instead.
-    first = turns[0]
-    return [{"role": first["role"], "content": f"{system_prompt}\n\n{first['content']}"}] + turns[1:]
+        return turns
+    # Templates without a system role (Mistral, Gemma) get each system message at the head of the next user turn.
+    folded: list[Message] = []
+    pending: list[str] = []
+    for message in turns:
+        if message["role"] == "system":
+            pending.append(message["content"])
+        elif message["role"] == "user" and pending:
+            folded.append({"role": "user", "content": "\n\n".join([*pending, message["content"]])})
+            pending = []
+        else:
+            folded.append(message)
+    return folded
 
 
 class ModelLoadError(RuntimeError):
@@ -52,12 +71,18 @@ class _CountingLlama(Llama):
     pieces of a multi-byte character and anything that may begin a stop string."""
 
     generated_tokens = 0
+    top_logprobs: int | None = None  # not None: each generated token's logprobs go to token_logprobs
+    token_logprobs: list[dict[str, Any]] = []
 
     def sample(self, *args: Any, **kwargs: Any) -> int:
         token = super().sample(*args, **kwargs)
+        idx = kwargs.get("idx")  # generate() passes it by name
         # The end-of-generation token ends the reply without being part of it (as in llama-cpp-python's usage).
         if not llama_cpp.llama_vocab_is_eog(self._model.vocab, token):
             self.generated_tokens += 1
+            if self.top_logprobs is not None:
+                index = idx - self.n_tokens if idx is not None else -1  # as Llama.sample finds the logits
+                self.token_logprobs.append(logprobs_entry(self, self.ctx, index, token, self.top_logprobs))
         return token
 
 
@@ -108,6 +133,7 @@ class LlamaChat:
         self.template = choice.template
         self.template_source = choice.source
         self.system_role = self.template.supports_system_role()
+        self.renders_tools = self.template.renders_tools()
         self.llm.chat_handler = chat_formatter_to_chat_completion_handler(self.template)
 
         # llama.cpp polls the abort callback between graph nodes, so a cancel also stops the evaluation of a long
@@ -136,18 +162,38 @@ class LlamaChat:
             return None
 
     def messages(
-        self, prompt: str, system_prompt: str | None = None, history: list[Message] | None = None
+        self,
+        prompt: str,
+        system_prompt: str | None = None,
+        history: list[Message] | None = None,
+        as_sent: bool = False,
+        prefill: str | None = None,
     ) -> list[Message]:
-        """The conversation as the template will see it: system prompt, earlier turns, then the new prompt."""
-        return conversation(prompt, system_prompt, history, self.system_role)
+        """The conversation as the template will see it (conversation() says how)."""
+        return conversation(prompt, system_prompt, history, self.system_role, as_sent, prefill)
 
-    def tokenize_messages(self, messages: list[Message]) -> list[int]:
-        """The prompt tokens create_chat_completion will evaluate for these messages."""
-        return self.llm.tokenize(self.template.render(messages).encode("utf-8"), add_bos=False, special=True)
+    def tokenize_messages(self, messages: list[Message], tools: list[dict] | None = None) -> list[int]:
+        """The prompt tokens create_chat_completion will evaluate for these messages (and tools, where the template
+        renders them)."""
+        prompt = self.template.render(messages, tools)
+        return self.llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
 
     def count_tokens(self, text: str) -> int:
         """The tokens of a message's text on its own, as the template's rendering tokenizes it."""
         return len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+
+    @property
+    def token_logprobs(self) -> list[dict[str, Any]]:
+        """With do_chat's top_logprobs: the logprobs of each token generated so far, in OpenAI's shape."""
+        return self.llm.token_logprobs
+
+    def grammar(self, gbnf: str) -> LlamaGrammar:
+        """A grammar llama.cpp has parsed; ValueError for one it cannot (its log says where)."""
+        probe = llama_cpp.llama_sampler_init_grammar(self.llm._model.vocab, gbnf.encode("utf-8"), b"root")
+        if not probe:
+            raise ValueError("llama.cpp could not parse the grammar made from json_schema; simplify the schema")
+        llama_cpp.llama_sampler_free(probe)
+        return LlamaGrammar.from_string(gbnf)
 
     @property
     def generated_tokens(self) -> int:
@@ -166,6 +212,9 @@ class LlamaChat:
         system_prompt: str | None = None,
         history: list[Message] | None = None,
         should_abort: Callable[[], bool] | None = None,
+        as_sent: bool = False,
+        prefill: str | None = None,
+        top_logprobs: int | None = None,
         **kwargs: Any,
     ) -> CreateChatCompletionResponse | Iterator[CreateChatCompletionStreamResponse]:
         """Generates the reply to a prompt, after the earlier turns in history.
@@ -176,12 +225,16 @@ class LlamaChat:
             should_abort: polled by llama.cpp while it computes, True stops it (llama_decode then raises
                 RuntimeError). Without stream it is asked throughout; with stream only until the first chunk, while
                 the prompt is evaluated: after that the caller stops the stream between chunks;
-            **kwargs: passed to create_chat_completion (max_tokens, temperature, stream, stop, seed...).
+            as_sent, prefill: as for messages();
+            top_logprobs: not None: each generated token's logprobs, with this many alternatives, are appended to
+                token_logprobs as it is sampled;
+            **kwargs: passed to create_chat_completion (max_tokens, temperature, stream, stop, seed, grammar...).
         """
         self._watch(should_abort)
         self.llm.generated_tokens = 0
+        self.llm.top_logprobs, self.llm.token_logprobs = top_logprobs, []
         # Plain dicts, as llama-cpp-python's message TypedDicts describe them (list[Any] accepts both).
-        messages: list[Any] = self.messages(prompt, system_prompt, history)
+        messages: list[Any] = self.messages(prompt, system_prompt, history, as_sent, prefill)
         result = self.llm.create_chat_completion(messages=messages, **kwargs)
         if should_abort is not None and kwargs.get("stream"):
             return self._watch_until_first_chunk(cast(ChunkStream, result))  # stream=True: the generator of chunks

@@ -154,7 +154,7 @@ class LlamaChat_adapter(ModuleRunner):
             request = self._read(data)
             chat = self.chats.add(data.request_id, request, request.max_tokens)
         except ChatError as ex:
-            return {"success": False, "error": str(ex)}
+            return ex.answer()
         except ChatQueueFull:
             return chat_answers.queue_full(self.chats)
         except ChatQueueClosed:
@@ -207,6 +207,8 @@ class LlamaChat_adapter(ModuleRunner):
             "modelPath": chat.model_path,
             "fallbackReason": chat.fallback_reason,
             "chatTemplate": chat.template_source,
+            "templateRendersTools": chat.renders_tools,  # the OpenAI API then has the template describe tools
+            "llamaCppPython": llama_cpp.__version__,  # with the model, what a reply depends on (system_fingerprint)
             "contextSize": chat.n_ctx,
             "threads": self.runner.threads.threads,
             "threadMode": self.runner.threads.mode,

@@ -23,15 +23,28 @@ from collections import deque
 from typing import Any, Callable
 
 import llama_cpp
-from llama_cpp import Llama
+from llama_cpp import Llama, LogitsProcessorList
 from llama_cpp import _internals as internals
 
 from llamachat.chat_job import StopReason
 from llamachat.chat_types import never
+from llamachat.token_logprobs import logprobs_entry
 
 # A newcomer's prompt tokens evaluated per step beside the generating chats: small enough that they wait one chunk
 # (~0.1 s for SmolLM2 on two cores) rather than a whole prompt, large enough to keep prompt evaluation efficient.
 PROMPT_CHUNK = 128
+
+
+def _biased(logit_bias: dict[int, float]) -> Callable:
+    """A logits processor adding each token's bias to its score."""
+
+    def add_bias(_input_ids, scores):
+        biased = scores.copy()
+        for token, bias in logit_bias.items():
+            biased[token] += bias
+        return biased
+
+    return add_bias
 
 
 class BatchChat:
@@ -46,6 +59,7 @@ class BatchChat:
         sampling: dict[str, Any] | None = None,
         on_text: Callable[[str, int], None] | None = None,
         should_abort: Callable[[], bool] | None = None,
+        top_logprobs: int | None = None,
     ) -> None:
         if not prompt_tokens:
             raise ValueError("a chat needs at least one prompt token")
@@ -54,7 +68,10 @@ class BatchChat:
         self.max_tokens = max_tokens
         self.stop: list[str] = [s for s in sampling.pop("stop", None) or [] if s]
         self.seed: int | None = sampling.pop("seed", None)
-        self.sampling = sampling  # create_completion's names: temperature, top_p, top_k, min_p, repeat_penalty
+        # create_completion's names: temperature, top_p, top_k, min_p, the penalties, logit_bias, grammar
+        self.sampling = sampling
+        self.top_logprobs = top_logprobs  # not None: each token's logprobs go to logprobs, as LlamaChat's
+        self.logprobs: list[dict[str, Any]] = []
         self.on_text = on_text or (lambda _text, _tokens: None)
         self.should_abort = should_abort or never
         self.reply = ""
@@ -217,6 +234,8 @@ class BatchDecoder:
         settings = dict(chat.sampling)
         if "temperature" in settings:
             settings["temp"] = settings.pop("temperature")
+        if "logit_bias" in settings:  # create_completion turns it into a logits processor; _init_sampler takes that
+            settings["logits_processor"] = LogitsProcessorList([_biased(settings.pop("logit_bias"))])
         return llm._init_sampler(**settings)
 
     def _step(self) -> None:
@@ -258,7 +277,11 @@ class BatchDecoder:
                 self._finish(sequence, StopReason.ERROR, f"llama_decode returned {code}")
             return
         for i, sequence in outputs:
-            self._accept(sequence, sequence.sampler.sample(self._ctx, i))
+            token = sequence.sampler.sample(self._ctx, i)
+            chat = sequence.active_chat
+            if chat.top_logprobs is not None and not llama_cpp.llama_vocab_is_eog(self._vocab, token):
+                chat.logprobs.append(logprobs_entry(self.llm, self._ctx.ctx, i, token, chat.top_logprobs))
+            self._accept(sequence, token)
 
     def _accept(self, sequence: _Sequence, token: int) -> None:
         chat = sequence.active_chat

@@ -42,6 +42,9 @@ class ChatJob:
         self.completion_tokens = 0
         self.stop_reason: StopReason | None = None
         self.error: str | None = None
+        self.error_code: str | None = None  # with an error: what kind, where a client may act on it
+        self.error_param: str | None = None  # with an error: the input at fault
+        self.logprobs: list[dict[str, Any]] | None = None  # with logprobs asked for: one entry per token
         self.threads: int | None = None  # llama.cpp's CPU threads now (the adaptive mode may change it mid-reply)
 
     def begin_inference(self, prompt_tokens: int, cached_tokens: int, dropped_turns: int) -> None:
@@ -62,8 +65,10 @@ class ChatJob:
     def count_tokens(self, completion_tokens: int) -> None:
         self.completion_tokens = max(self.completion_tokens, completion_tokens)
 
-    def finish(self, stop_reason: StopReason, error: str | None = None) -> dict[str, Any]:
-        self.stop_reason, self.error = stop_reason, error
+    def finish(
+        self, stop_reason: StopReason, error: str | None = None, code: str | None = None, param: str | None = None
+    ) -> dict[str, Any]:
+        self.stop_reason, self.error, self.error_code, self.error_param = stop_reason, error, code, param
         self.finished_at = time.perf_counter()
         return self.result()
 
@@ -92,7 +97,10 @@ class ChatJob:
 
     def status(self) -> dict[str, Any]:
         """What a poll sees while the chat runs."""
-        return {"success": True, "reply": self.reply, **self.metrics()}
+        return {"success": True, "reply": self.reply, **self._logprobs(), **self.metrics()}
+
+    def _logprobs(self) -> dict[str, Any]:
+        return {} if self.logprobs is None else {"logprobs": list(self.logprobs)}
 
     def result(self) -> dict[str, Any]:
         """The command's final output; the SDK merges it into every later get_command_status answer."""
@@ -103,10 +111,11 @@ class ChatJob:
             "stop_reason": self.stop_reason,
             "processMs": _ms(end - self.started),
             "inferenceMs": _ms(end - self.inference_started) if self.inference_started else 0,
+            **self._logprobs(),
             **self.metrics(),
         }
         if self.error is not None:
-            result["error"] = self.error
+            result.update(error=self.error, error_code=self.error_code, error_param=self.error_param)
         return result
 
 

@@ -18,7 +18,7 @@ from llama_chat import ChunkStream, LlamaChat
 from llamachat.batch_decoder import BatchChat, BatchDecoder
 from llamachat.chat_job import STOP_REASON_OF_FINISH_REASON, ChatJob, StopReason
 from llamachat.chat_queue import QueuedChat
-from llamachat.chat_request import ChatError, ChatRequest
+from llamachat.chat_request import INVALID_JSON_SCHEMA, ChatError, ChatRequest
 from llamachat.context_fit import ContextFitter, FitCancelled, FittedChat
 from llamachat.thread_policy import ThreadPolicy
 
@@ -66,12 +66,14 @@ class ChatRunner:
 
         request: ChatRequest = queued.request
         try:
-            fitted = self.llama_thread.submit(self._fit, request, cancelled).result()
+            fitted, extra = self.llama_thread.submit(self._prepare, request, cancelled).result()
+            if request.logprobs:
+                job.logprobs = []
             if self.decoder is not None:
-                return self._generate_batched(self.decoder, job, request, fitted, cancelled)
-            return self.llama_thread.submit(self._generate, job, request, fitted, cancelled).result()
+                return self._generate_batched(self.decoder, job, request, fitted, extra, cancelled)
+            return self.llama_thread.submit(self._generate, job, request, fitted, extra, cancelled).result()
         except ChatError as ex:  # the input does not fit, or the module is shutting down
-            return job.finish(StopReason.ERROR, str(ex))
+            return job.finish(StopReason.ERROR, str(ex), ex.code, ex.param)
         except FitCancelled:
             return job.finish(StopReason.CANCELLED)
 
@@ -82,9 +84,20 @@ class ChatRunner:
             raise ChatError(SHUTTING_DOWN)
         return self.llama_chat
 
-    def _fit(self, request: ChatRequest, cancelled: Callable[[], bool]) -> FittedChat:
-        self._model()
-        return self.fitter.fit(request, cancelled)
+    def _prepare(self, request: ChatRequest, cancelled: Callable[[], bool]) -> tuple[FittedChat, dict[str, Any]]:
+        """On the llama thread: the conversation fitted to the context, and the sampling keywords that need the
+        model (the grammar llama.cpp has parsed); ChatError for what the model cannot take."""
+        chat, extra = self._model(), {}
+        bias = request.sampling.get("logit_bias") or {}
+        if bias and max(bias) >= chat.llm.n_vocab():
+            last = chat.llm.n_vocab() - 1
+            raise ChatError(f"logit_bias names token {max(bias)}, but the model's tokens are 0 to {last}", "logit_bias")
+        if request.json_schema is not None:
+            try:
+                extra["grammar"] = chat.grammar(request.json_schema)
+            except ValueError as ex:
+                raise ChatError(str(ex), "json_schema", INVALID_JSON_SCHEMA) from None
+        return self.fitter.fit(request, cancelled), extra
 
     def collect_garbage(self) -> None:
         """Queues a full collection on the llama thread, behind the chat that just ended."""
@@ -93,7 +106,14 @@ class ChatRunner:
         # behind the chat, it delays no reply, only a waiting chat's start, by ~7 ms (SmolLM2, this machine).
         self.llama_thread.submit(gc.collect)
 
-    def _generate(self, job: ChatJob, request: ChatRequest, fitted: FittedChat, cancelled: Callable[[], bool]) -> JSON:
+    def _generate(
+        self,
+        job: ChatJob,
+        request: ChatRequest,
+        fitted: FittedChat,
+        extra: dict[str, Any],
+        cancelled: Callable[[], bool],
+    ) -> JSON:
         chat = self._model()
         job.threads = self.threads.update(chat.set_threads, force=True)
         job.begin_inference(len(fitted.prompt_tokens), chat.cached_prefix(fitted.prompt_tokens), fitted.dropped_turns)
@@ -105,15 +125,22 @@ class ChatRunner:
                 request.system_prompt,
                 fitted.history,
                 should_abort=cancelled,
+                as_sent=request.as_sent,
+                prefill=request.prefill,
+                top_logprobs=request.top_logprobs if request.logprobs else None,
+                tools=request.tools,
                 stream=True,
                 max_tokens=request.max_tokens,
                 **request.sampling,
+                **extra,
             )
             stream = cast(ChunkStream, chunks)  # stream=True: the generator of chunks
             for chunk in stream:
                 if cancelled():
                     break
                 job.threads = self.threads.update(chat.set_threads)  # the load may change during a long reply
+                if job.logprobs is not None:
+                    job.logprobs.extend(chat.token_logprobs[len(job.logprobs) :])
                 choice = chunk["choices"][0]
                 job.add_text(str(choice["delta"].get("content") or ""), chat.generated_tokens)
                 if finish_reason := choice.get("finish_reason"):
@@ -137,15 +164,24 @@ class ChatRunner:
         job: ChatJob,
         request: ChatRequest,
         fitted: FittedChat,
+        extra: dict[str, Any],
         cancelled: Callable[[], bool],
     ) -> JSON:
         chat = self._model()
         # The template's end-of-turn markers are stop strings too, as create_chat_completion adds them.
-        sampling = {**request.sampling, "stop": [*request.sampling.get("stop", []), *chat.template.stops]}
-        batch = BatchChat(fitted.prompt_tokens, request.max_tokens, sampling, should_abort=cancelled)
+        sampling = {**request.sampling, **extra, "stop": [*request.sampling.get("stop", []), *chat.template.stops]}
+        batch = BatchChat(
+            fitted.prompt_tokens,
+            request.max_tokens,
+            sampling,
+            should_abort=cancelled,
+            top_logprobs=request.top_logprobs,
+        )
 
         def on_text(text: str, tokens: int) -> None:  # on the decoder's thread, between two steps
             job.cached_tokens = batch.cached_tokens
+            if job.logprobs is not None:
+                job.logprobs.extend(batch.logprobs[len(job.logprobs) :])
             job.threads = self.threads.update(decoder.set_threads)  # the load may change during a long reply
             job.add_text(text, tokens)
 

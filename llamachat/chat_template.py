@@ -62,7 +62,12 @@ class ChatTemplate:
 
     # messages: the plain dicts llama-cpp-python's message TypedDicts describe (list[Any] accepts both).
     def __call__(self, *, messages: list[Any], **kwargs: Any) -> llama_chat_format.ChatFormatterResponse:
-        response = self._jinja(messages=messages, **kwargs)
+        # A conversation that ends with the assistant's text is continued (prefill, as llama-server does): the
+        # turns before it are rendered up to the assistant's cue, then its text follows, unclosed.
+        prefill = messages[-1]["content"] if messages and messages[-1]["role"] == "assistant" else None
+        response = self._jinja(messages=messages[:-1] if prefill is not None else messages, **kwargs)
+        if prefill is not None:
+            response.prompt += prefill
         stops = response.stop if isinstance(response.stop, list) else [response.stop]
         response.stop = [s for s in stops + self._extra_stops if s]
         return response
@@ -72,8 +77,16 @@ class ChatTemplate:
         """The stop strings __call__ adds to every prompt's (for engines that tokenize the prompt themselves)."""
         return [s for s in [self._jinja.eos_token, *self._extra_stops] if s]
 
-    def render(self, messages: list[dict[str, Any]]) -> str:
-        return self(messages=messages).prompt
+    def render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
+        return self(messages=messages, tools=tools).prompt
+
+    def renders_tools(self) -> bool:
+        """Renders a probe: a template that describes tools to its model shows a tool's name."""
+        probe = [{"type": "function", "function": {"name": _MARKER.strip(), "parameters": {"type": "object"}}}]
+        try:
+            return _MARKER.strip() in self.render([{"role": "user", "content": "hi"}], tools=probe)
+        except Exception:
+            return False
 
     def supports_system_role(self) -> bool:
         """Renders a probe: templates without a system role either raise or drop the system text."""

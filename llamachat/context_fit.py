@@ -15,7 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
-from llamachat.chat_request import ChatError, ChatRequest
+from llamachat.chat_request import CONTEXT_LENGTH_EXCEEDED, ChatError, ChatRequest
 from llamachat.chat_types import Message, never
 
 # With max_tokens 0 ("until the model stops") the reply still needs room: this much, or a quarter of the context.
@@ -86,36 +86,57 @@ class ContextFitter:
             self._overhead = {"user": (extra + 1) // 2, "assistant": extra // 2}
         return self._overhead
 
-    def _tokens(self, prompt: str, system_prompt: str | None, history: list[Message]) -> list[int]:
+    def _tokens(
+        self, prompt: str, system_prompt: str | None, history: list[Message], request: ChatRequest | None = None
+    ) -> list[int]:
+        shape = {"as_sent": request.as_sent, "prefill": request.prefill} if request else {}
+        tools = {"tools": request.tools} if request and request.tools else {}
         try:
-            return self.chat.tokenize_messages(self.chat.messages(prompt, system_prompt, history))
+            return self.chat.tokenize_messages(self.chat.messages(prompt, system_prompt, history, **shape), **tools)
         except Exception as ex:  # the template's own checks, e.g. roles that must alternate
             raise ChatError(f"The model's chat template rejected the conversation: {ex}") from None
 
     def fit(self, request: ChatRequest, cancelled: Callable[[], bool] = never) -> FittedChat:
         """The newest turns that fit with the prompt and room for the reply; raises FitCancelled as soon as
-        cancelled() says so, and ChatError when even the prompt alone does not fit."""
+        cancelled() says so, and ChatError when even the prompt alone does not fit (or, with trim_history off,
+        the whole conversation). System messages before the first turn are kept, as the system prompt is."""
         room = reply_room(request, self.chat.n_ctx)
         limit = self.chat.n_ctx - room
-        turns = split_turns(request.history)
+        pinned = 0
+        while pinned < len(request.history) and request.history[pinned]["role"] == "system":
+            pinned += 1
+        head, turns = request.history[:pinned], split_turns(request.history[pinned:])
+        why = "max_tokens" if request.max_tokens else "the minimum kept for a reply"
+        lower = " or lower max_tokens." if request.max_tokens else "."
 
         def render(keep_from: int) -> list[int]:
             if cancelled():
                 raise FitCancelled()
-            kept = [message for turn in turns[keep_from:] for message in turn]
-            return self._tokens(request.prompt, request.system_prompt, kept)
+            kept = head + [message for turn in turns[keep_from:] for message in turn]
+            return self._tokens(request.prompt, request.system_prompt, kept, request)
 
+        if not request.trim_history:
+            whole = render(0)
+            if len(whole) > limit:
+                raise ChatError(
+                    f"The conversation does not fit the model's context: it takes {len(whole)} tokens and the reply "
+                    f"needs {room} more ({why}), but the context holds {self.chat.n_ctx}. Leave out earlier messages"
+                    f"{lower} (or allow trim_history, which leaves out the oldest turns)",
+                    "messages",
+                    CONTEXT_LENGTH_EXCEEDED,
+                )
+            return FittedChat(list(request.history), whole, 0)
         alone = render(len(turns))
         if len(alone) > limit:
-            why = "max_tokens" if request.max_tokens else "the minimum kept for a reply"
             raise ChatError(
                 f"The prompt does not fit the model's context: it takes {len(alone)} tokens (system prompt included) "
                 f"and the reply needs {room} more ({why}), "
-                f"but the context holds {self.chat.n_ctx}. Shorten the prompt"
-                + (" or lower max_tokens." if request.max_tokens else ".")
+                f"but the context holds {self.chat.n_ctx}. Shorten the prompt{lower}",
+                "messages",
+                CONTEXT_LENGTH_EXCEEDED,
             )
         if not turns:
-            return FittedChat([], alone, 0)
+            return FittedChat(head, alone, 0)
 
         overhead = self.overhead()
         # estimate[k]: the prompt's tokens with turns[k:] kept, known from the newest turn back to the oldest counted.
@@ -148,5 +169,5 @@ class ContextFitter:
                 fits, fitting_tokens = k, tokens
             else:
                 too_long = k
-        kept = [message for turn in turns[fits:] for message in turn]
+        kept = head + [message for turn in turns[fits:] for message in turn]
         return FittedChat(kept, fitting_tokens, fits)

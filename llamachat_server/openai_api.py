@@ -18,14 +18,17 @@ from .client_api import ask_module, why_no_answer
 from .module_process import ModuleStatus
 from .openai_chat import (
     FINISH_REASON_OF_STOP_REASON,
+    OPENAI_PARAMS,
     ChatCompletionRequest,
     OpenAIRequestError,
+    choice,
     chunk,
     completion,
     error_body,
     parse_chat_request,
     usage,
 )
+from .openai_tools import message_deltas
 from .payload import group_values
 from .queues import QueueError, RequestQueueFull
 from .server_state import STATE, ServerState
@@ -47,19 +50,38 @@ _background: set[asyncio.Task] = set()  # tasks that outlive a disconnected clie
 
 
 class ApiFailure(Exception):
-    """An answer in OpenAI's error shape: HTTP status, message, type."""
+    """An answer in OpenAI's error shape: HTTP status, message, type, and the field at fault and the error's code
+    where there are."""
 
-    def __init__(self, status: int, message: str, error_type: str) -> None:
+    def __init__(
+        self, status: int, message: str, error_type: str, param: str | None = None, code: str | None = None
+    ) -> None:
         super().__init__(message)
-        self.status, self.error_type = status, error_type
+        self.status, self.error_type, self.param, self.code = status, error_type, param, code
+
+    def body(self) -> dict:
+        return error_body(str(self), self.error_type, self.param, self.code)
 
     def response(self) -> web.Response:
-        return web.json_response(error_body(str(self), self.error_type), status=self.status)
+        return web.json_response(self.body(), status=self.status)
+
+
+def _refusal(answer: dict, message: str) -> ApiFailure:
+    """The 400 for a chat the module refused or ended because of its input, naming the input and kind it reports."""
+    param = answer.get("error_param")
+    named = OPENAI_PARAMS.get(param, param) if param is not None else None
+    return ApiFailure(400, message, "invalid_request_error", named, answer.get("error_code"))
 
 
 def _model_name(state: ServerState) -> str:
     """The loaded model's file name, as the module reports it in its status; the module's name until it has."""
     return (state.module.status_data or {}).get("model") or state.settings.name
+
+
+def _fingerprint(state: ServerState) -> str:
+    """system_fingerprint: what answers, the model and the llama-cpp-python build (its reply changes with either)."""
+    status = state.module.status_data or {}
+    return f"{_model_name(state)}/llama-cpp-python-{status.get('llamaCppPython') or 'unknown'}"
 
 
 async def _ask(state: ServerState, route_path: str, values: list[tuple[str, str]]) -> dict:
@@ -88,7 +110,7 @@ async def _start_chat(state: ServerState, values: list[tuple[str, str]]) -> str:
         raise ApiFailure(429, message, "rate_limit_error")
     if not (state.module.status_data or {}).get("model"):
         raise ApiFailure(503, message, "unavailable_error")  # no model loaded: nothing the client can fix
-    raise ApiFailure(400, message, "invalid_request_error")
+    raise _refusal(answer, message)
 
 
 def _next_poll_in(status: dict, max_tokens: int | None) -> float:
@@ -120,12 +142,21 @@ async def _follow(state: ServerState, command_id: str, max_tokens: int | None) -
 
 
 def _finish_reason(status: dict) -> str:
-    """OpenAI's finish_reason for a finished chat, or ApiFailure for one that failed or was lost."""
+    """OpenAI's finish_reason for a finished chat, or ApiFailure for one that failed or was lost: a 400 when its
+    input was at fault (a conversation too long for the context, a schema llama.cpp could not parse)."""
     reason = FINISH_REASON_OF_STOP_REASON.get(str(status.get("stop_reason")))
     if status.get("success") and reason:
         return reason
-    message = status.get("error") or status.get("message") or f"The chat ended as {status.get('commandStatus')}"
-    raise ApiFailure(500, str(message), "server_error")
+    message = str(status.get("error") or status.get("message") or f"The chat ended as {status.get('commandStatus')}")
+    if status.get("error_param") or status.get("error_code"):
+        raise _refusal(status, message)
+    raise ApiFailure(500, message, "server_error")
+
+
+def _started(status: dict) -> bool:
+    """Whether the chat is past the checks that can refuse it (its prompt fitted, its grammar parsed): generating,
+    or over."""
+    return status.get("commandStatus") not in UNFINISHED or bool(status.get("prompt_tokens"))
 
 
 def _in_background(coroutine) -> asyncio.Task:
@@ -171,83 +202,189 @@ async def _start_for_client(state: ServerState, values: list[tuple[str, str]]) -
         raise
 
 
-async def _complete(state: ServerState, command_id: str, created: int, max_tokens: int | None) -> web.Response:
+def _message(chat: ChatCompletionRequest, final: dict) -> tuple[dict, str]:
+    """The assistant's message and finish_reason for a finished chat: with tools, its calls or its text."""
+    reply, reason = final.get("reply") or "", _finish_reason(final)
+    if chat.tools is None:
+        return {"role": "assistant", "content": reply}, reason
+    try:
+        message = chat.tools.message(reply, complete=reason == "stop")
+    except ValueError as ex:
+        raise ApiFailure(500, str(ex), "server_error") from None
+    return message, "tool_calls" if message.get("tool_calls") else reason
+
+
+async def _final(state: ServerState, command_id: str, max_tokens: int | None) -> dict:
     final = {}
     async for status in _follow(state, command_id, max_tokens):
         final = status
-    body = completion(
-        f"chatcmpl-{command_id}", created, _model_name(state), final.get("reply") or "", _finish_reason(final), final
-    )
-    return web.json_response(body)
+    return final
+
+
+async def _complete(
+    state: ServerState, command_ids: list[str], created: int, chat: ChatCompletionRequest
+) -> web.Response:
+    followers = [asyncio.ensure_future(_final(state, command_id, chat.max_tokens)) for command_id in command_ids]
+    try:
+        # wait(), not gather(): a cancel (the client went away) reaches this handler at once, whatever a follower
+        # is in the middle of.
+        await asyncio.wait(followers)
+    finally:
+        for follower in followers:
+            follower.cancel()
+    finals = [follower.result() for follower in followers]
+    choices = [choice(i, *_message(chat, final), final.get("logprobs")) for i, final in enumerate(finals)]
+    model, fingerprint = _model_name(state), _fingerprint(state)
+    return web.json_response(completion(f"chatcmpl-{command_ids[0]}", created, model, choices, finals, fingerprint))
 
 
 async def _stream(
-    request: web.Request, state: ServerState, command_id: str, created: int, chat: ChatCompletionRequest
+    request: web.Request, state: ServerState, command_ids: list[str], created: int, chat: ChatCompletionRequest
 ) -> web.StreamResponse:
-    completion_id, model = f"chatcmpl-{command_id}", _model_name(state)
+    """The chats (one per choice) as server-sent events. Nothing is sent until every chat has started generating, so
+    that a chat the module refuses on the way (a conversation too long, a schema llama.cpp cannot parse) gets its
+    HTTP error."""
+    completion_id, model, fingerprint = f"chatcmpl-{command_ids[0]}", _model_name(state), _fingerprint(state)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    await response.prepare(request)
+    updates: asyncio.Queue[tuple[int, dict]] = asyncio.Queue()
+
+    async def follow(index: int, command_id: str) -> None:
+        async for status in _follow(state, command_id, chat.max_tokens):
+            await updates.put((index, status))
+
+    followers = [asyncio.ensure_future(follow(i, command_id)) for i, command_id in enumerate(command_ids)]
+    latest: dict[int, dict] = {}
+    try:
+        while len(latest) < len(command_ids) or not all(_started(status) for status in latest.values()):
+            index, latest[index] = await updates.get()
+        for status in latest.values():
+            if status.get("commandStatus") not in UNFINISHED and not status.get("success"):
+                _finish_reason(status)  # raises the chat's error as an HTTP answer
+        await response.prepare(request)
+        await _send_choices(response, chat, latest, updates, completion_id, created, model, fingerprint)
+    except ConnectionResetError:  # the client closed the connection between two chunks
+        for command_id in command_ids:
+            _cancel_in_background(state, command_id)  # a finished chat stays as it was
+    finally:
+        for follower in followers:
+            follower.cancel()
+    return response
+
+
+async def _send_choices(
+    response: web.StreamResponse,
+    chat: ChatCompletionRequest,
+    latest: dict[int, dict],
+    updates: asyncio.Queue,
+    completion_id: str,
+    created: int,
+    model: str,
+    fingerprint: str,
+) -> None:
+    """The chunks of every choice as its chat's statuses come, from the latest seen so far."""
 
     async def send(event: dict) -> None:
         await response.write(f"data: {json.dumps(event)}\n\n".encode())
 
-    sent, final = 0, {}
+    def piece(index: int, delta: dict | None, finish_reason: str | None = None, logprobs: list | None = None) -> dict:
+        return chunk(completion_id, created, model, fingerprint, delta, finish_reason, logprobs, index=index)
+
+    sent, sent_logprobs = [0] * len(latest), [0] * len(latest)
+    finals: dict[int, dict] = {}
+    waiting = sorted(latest.items())
     try:
-        await send(chunk(completion_id, created, model, {"role": "assistant", "content": ""}))
-        try:
-            async for status in _follow(state, command_id, chat.max_tokens):
-                final, reply = status, status.get("reply") or ""
-                if len(reply) > sent:
-                    await send(chunk(completion_id, created, model, {"content": reply[sent:]}))
-                    sent = len(reply)
-            await send(chunk(completion_id, created, model, {}, _finish_reason(final)))
-        except ApiFailure as ex:  # the status line has gone: the error travels as an event, which clients raise
-            await send(error_body(str(ex), ex.error_type))
-            return response
-        if chat.include_usage:
-            await send(chunk(completion_id, created, model, None, usage=usage(final)))
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
-    except ConnectionResetError:  # the client closed the connection between two chunks
-        if final.get("commandStatus") in (None, *UNFINISHED):
-            _cancel_in_background(state, command_id)
-    return response
+        for index in range(len(latest)):
+            await send(piece(index, {"role": "assistant", "content": ""}, logprobs=[] if chat.logprobs else None))
+        while len(finals) < len(latest):
+            index, status = waiting.pop(0) if waiting else await updates.get()
+            reply, entries = status.get("reply") or "", status.get("logprobs")
+            if len(reply) > sent[index] and chat.tools is None:  # calls are sent once complete, below
+                new_logprobs = entries[sent_logprobs[index] :] if entries is not None else None
+                await send(piece(index, {"content": reply[sent[index] :]}, logprobs=new_logprobs))
+                sent[index], sent_logprobs[index] = len(reply), len(entries or [])
+            if status.get("commandStatus") not in UNFINISHED:
+                message, reason = _message(chat, status)
+                if chat.tools is not None:
+                    for delta in message_deltas(message):
+                        await send(piece(index, delta))
+                await send(piece(index, {}, reason))
+                finals[index] = status
+    except ApiFailure as ex:  # the status line has gone: the error travels as an event, which clients raise
+        await send(ex.body())
+        return
+    if chat.include_usage:
+        await send(
+            chunk(completion_id, created, model, fingerprint, None, usage=usage([finals[i] for i in sorted(finals)]))
+        )
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+
+
+def _failure(chat: ChatCompletionRequest, failure: ApiFailure) -> web.Response:
+    if chat.tools is not None and failure.param == "response_format":  # the grammar came from the tools
+        failure.param = "tools"
+    return failure.response()
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     try:
-        chat = parse_chat_request(json.loads(await request.text()))
-        command_id = await _start_for_client(state, chat.values)
+        renders_tools = bool((state.module.status_data or {}).get("templateRendersTools"))
+        chat = parse_chat_request(json.loads(await request.text()), renders_tools)
     except (json.JSONDecodeError, RecursionError, UnicodeDecodeError):
         return ApiFailure(400, "The body must be a JSON object in UTF-8", "invalid_request_error").response()
     except OpenAIRequestError as ex:
         return web.json_response(error_body(str(ex), "invalid_request_error", ex.param), status=400)
+    command_ids = []
+    try:
+        for values in chat.choice_values():  # one chat per choice: decoded together with parallel decoding on
+            command_ids.append(await _start_for_client(state, values))
     except ApiFailure as ex:
-        return ex.response()
+        for command_id in command_ids:
+            _cancel_in_background(state, command_id)
+        return _failure(chat, ex)
+    except asyncio.CancelledError:
+        for command_id in command_ids:
+            _cancel_in_background(state, command_id)
+        raise
     created = int(time.time())
     try:
         if chat.stream:
-            return await _stream(request, state, command_id, created, chat)
-        return await _complete(state, command_id, created, chat.max_tokens)
+            return await _stream(request, state, command_ids, created, chat)
+        return await _complete(state, command_ids, created, chat)
     except ApiFailure as ex:
-        return ex.response()
+        for command_id in command_ids:  # the others of n > 1 are of no use now
+            _cancel_in_background(state, command_id)
+        return _failure(chat, ex)
     except asyncio.CancelledError:  # the client went away: aiohttp cancels its handler
-        _cancel_in_background(state, command_id)
+        for command_id in command_ids:
+            _cancel_in_background(state, command_id)
         raise
 
 
-async def list_models(request: web.Request) -> web.Response:
-    """The loaded model, once the module has reported it."""
-    state = request.app[STATE]
+def _loaded_model(state: ServerState) -> dict | None:
+    """The loaded model as OpenAI describes a model, once the module has reported it."""
     model = (state.module.status_data or {}).get("model")
     started = state.module.started
-    models = [
-        {"id": model, "object": "model", "created": int(started.timestamp()) if started else 0, "owned_by": "llamachat"}
-    ]
-    return web.json_response({"object": "list", "data": models if model else []})
+    created = int(started.timestamp()) if started else 0
+    return {"id": model, "object": "model", "created": created, "owned_by": "llamachat"} if model else None
+
+
+async def list_models(request: web.Request) -> web.Response:
+    model = _loaded_model(request.app[STATE])
+    return web.json_response({"object": "list", "data": [model] if model else []})
+
+
+async def retrieve_model(request: web.Request) -> web.Response:
+    """GET /v1/models/{id}: the loaded model under its id, else OpenAI's 404."""
+    model, wanted = _loaded_model(request.app[STATE]), request.match_info["model"]
+    if model is None or model["id"] != wanted:
+        message = f"The model '{wanted}' does not exist" + (f": the one loaded is '{model['id']}'" if model else "")
+        return web.json_response(error_body(message, "invalid_request_error", "model", "model_not_found"), status=404)
+    return web.json_response(model)
 
 
 def add_openai_routes(app: web.Application) -> None:
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model}", retrieve_model)

@@ -7,6 +7,7 @@ pytest                                   # everything (what .ci/run runs)
 import os
 from pathlib import Path
 
+import openai
 import pytest
 
 # (pytest.ini's pythonpath puts the repository root, the module folder, and tests/ on sys.path.)
@@ -15,6 +16,7 @@ import pytest
 os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
 
 from hf_standin import default_model_hub  # noqa: E402
+from live_server import running_server  # noqa: E402
 from model_paths import gemma3_path, smollm2_path  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's chromium: never a downloaded browser
@@ -38,6 +40,19 @@ def smollm2() -> Path:
 @pytest.fixture(scope="session")
 def gemma3() -> Path:
     return gemma3_path()
+
+
+@pytest.fixture(scope="module")
+def smollm2_server(smollm2):
+    """A live server with the module on SmolLM2 (live_server's defaults), one per test module."""
+    with running_server(smollm2) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def openai_client(smollm2_server):
+    """The real `openai` package on smollm2_server, without retries: a test sees the first answer."""
+    return openai.OpenAI(base_url=f"{smollm2_server}/v1", api_key="any key", max_retries=0, timeout=120)
 
 
 # One chromium per module, not per session: Playwright's sync API keeps an event loop running in the main thread

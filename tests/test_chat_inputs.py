@@ -4,6 +4,7 @@ JSON, as a module receives them) and checked against modulesettings.json's range
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -42,12 +43,14 @@ def number_parser(name: str):
 
 
 def parsed_number(chat, name: str):
-    return chat.max_tokens if name == "max_tokens" else chat.sampling.get(name)
+    if name in ("max_tokens", "top_logprobs"):
+        return getattr(chat, name)
+    return chat.sampling.get(name)
 
 
 def test_every_number_input_of_the_route_is_validated():
     # A number input added to modulesettings.json without being read would be silently ignored.
-    assert set(NUMBER_INPUTS) == {"max_tokens", "seed", *SAMPLING_INPUTS}
+    assert set(NUMBER_INPUTS) == {"max_tokens", "seed", "top_logprobs", *SAMPLING_INPUTS}
 
 
 def test_a_prompt_alone_gets_every_default_from_modulesettings():
@@ -229,3 +232,77 @@ def test_browser_crlf_line_breaks_become_lf_in_prompt_system_prompt_and_history(
 @pytest.mark.parametrize("system_prompt, expected", [("", None), (" \r\n\t", None), ("  Be brief. \n", "Be brief.")])
 def test_a_blank_system_prompt_means_the_default_and_others_are_trimmed(system_prompt, expected):
     assert parse(prompt="Hi", system_prompt=system_prompt).system_prompt == expected
+
+
+def test_a_conversation_is_taken_as_sent_and_its_last_assistant_message_continued():
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "system", "content": "In French."},
+        {"role": "user", "content": "Count."},
+        {"role": "assistant", "content": "Un,"},
+    ]
+    chat = INPUTS.parse(request("prompt", conversation=json.dumps(messages)))
+    assert (chat.prompt, chat.system_prompt, chat.history) == ("Count.", None, messages[:4])
+    assert chat.as_sent and chat.prefill == "Un,"
+    plain = INPUTS.parse(request("prompt", conversation=json.dumps(messages[:5])))
+    assert plain.prefill is None and plain.history == messages[:4]
+
+
+@pytest.mark.parametrize(
+    "messages, says",
+    [
+        ([{"role": "system", "content": "Be brief."}], "must end with a user message"),
+        ([{"role": "user", "content": "Hi"}, {"role": "system", "content": "x"}], "must end with a user message"),
+        ([{"role": "tool", "content": "42"}], "conversation[0].role must be 'system', 'user' or 'assistant'"),
+    ],
+)
+def test_a_conversation_that_cannot_be_continued_is_refused(messages, says):
+    with pytest.raises(ChatError, match=re.escape(says)) as caught:
+        INPUTS.parse(request("prompt", conversation=json.dumps(messages)))
+    assert caught.value.param == "conversation"
+
+
+def test_a_conversation_with_a_prompt_is_refused():
+    assert "not both" in refusal(prompt="Hi", conversation='[{"role": "user", "content": "Hi"}]')
+
+
+def test_switches_default_from_modulesettings_and_refuse_other_words():
+    chat = parse(prompt="Hi")
+    assert chat.trim_history is True and chat.logprobs is False
+    assert parse(prompt="Hi", trim_history="false", logprobs="TRUE").logprobs is True
+    assert "trim_history must be true or false" in refusal(prompt="Hi", trim_history="maybe")
+
+
+def test_a_json_schema_becomes_a_grammar_and_one_that_cannot_be_enforced_is_refused_naming_why():
+    chat = parse(prompt="Hi", json_schema='{"type": "object", "properties": {"a": {"type": "integer"}}}')
+    assert chat.json_schema.startswith("a ::=") or "root ::=" in chat.json_schema
+    for schema, says in [
+        ("{not json", "not valid JSON"),
+        ('{"type": "object", "not": {"required": ["a"]}}', "uses 'not'"),
+        ('{"type": "number", "minimum": 0.5}', "inclusive whole numbers"),
+        ('{"type": "spaceship"}', "Unrecognized schema"),
+    ]:
+        with pytest.raises(ChatError, match=re.escape(says)) as caught:
+            parse(prompt="Hi", json_schema=schema)
+        assert (caught.value.param, caught.value.code) == ("json_schema", "invalid_json_schema")
+
+
+def test_logit_bias_is_token_ids_and_bounded_biases():
+    assert parse(prompt="Hi", logit_bias='{"42": -100, "7": 2.5}').sampling["logit_bias"] == {42: -100.0, 7: 2.5}
+    for bad in ('{"a": 1}', '{"1": 101}', '{"1": true}', "[1]", "{"):
+        assert "logit_bias must be a JSON object" in refusal(prompt="Hi", logit_bias=bad)
+
+
+def test_tools_for_a_template_are_a_json_array_of_named_functions():
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    assert parse(prompt="Hi", tools=json.dumps(tools)).tools == tools and parse(prompt="Hi").tools is None
+    for bad in ('{"name": "f"}', '[{"function": {}}]', "[1]", "["):
+        assert "tools must be a JSON array" in refusal(prompt="Hi", tools=bad)
+
+
+def test_a_schema_or_tools_beyond_the_size_cap_are_refused():
+    huge = json.dumps({"enum": ["x" * 1000] * 300})
+    assert "json_schema may hold at most" in refusal(prompt="Hi", json_schema=huge)
+    assert "tools may hold at most" in refusal(prompt="Hi", tools=f"[{huge}]")

@@ -117,8 +117,10 @@ def test_a_completed_chat_s_result_has_every_field_and_its_times_stop(clock):
 
 
 def test_every_field_a_client_sees_is_documented_in_modulesettings():
-    # commandId, commandStatus and a queued chat's place are added by chat_answers.py; error only on failure.
-    result_fields = {"success", "error", "reply", "stop_reason", "processMs", "inferenceMs", *METRICS}
+    # commandId, commandStatus and a queued chat's place are added by chat_answers.py; error and its code and param
+    # only on failure, logprobs only when asked for.
+    result_fields = {"success", "error", "error_code", "error_param", "logprobs", "reply", "stop_reason"}
+    result_fields |= {"processMs", "inferenceMs", *METRICS}
     answer_fields = {"commandId", "commandStatus", "queue_position", "estimated_wait_s", "queue_full"}
     assert set(OUTPUTS) - answer_fields == result_fields
     for state in ChatState:
@@ -145,6 +147,22 @@ def test_a_chat_that_fails_says_why_and_keeps_the_reply_so_far(clock):
     assert result["stop_reason"] == "error"
     assert result["error"] == "llama_decode returned -3"
     assert result["reply"] == "Hello world"
+    assert result["error_code"] is None
+    assert result["error_param"] is None
+    coded = ChatJob("cmd-2", "m.gguf").finish(
+        StopReason.ERROR, "too long", code="context_length_exceeded", param="messages"
+    )
+    assert (coded["error_code"], coded["error_param"]) == ("context_length_exceeded", "messages")
+
+
+def test_logprobs_show_only_when_asked_for(clock):
+    job = streamed_job(clock)
+    assert "logprobs" not in job.status()
+    assert "logprobs" not in job.finish(StopReason.COMPLETED)
+    asked = ChatJob("cmd-2", "m.gguf")
+    asked.logprobs = [{"token": "Hi", "logprob": -0.5, "bytes": [72, 105], "top_logprobs": []}]
+    assert asked.status()["logprobs"] == asked.logprobs
+    assert asked.finish(StopReason.COMPLETED)["logprobs"] == asked.logprobs
 
 
 def test_a_chat_that_fails_before_the_model_ran_has_no_inference_time(clock):

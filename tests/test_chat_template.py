@@ -167,3 +167,42 @@ def test_a_folded_conversation_renders_with_gemma_and_keeps_the_system_prompt():
         "<start_of_turn>model\nHello!<end_of_turn>\n"
         "<start_of_turn>user\nAnd?<end_of_turn>\n<start_of_turn>model\n"
     )
+
+
+def test_a_conversation_as_sent_has_no_default_system_prompt_and_keeps_system_messages_in_place():
+    history = [{"role": "system", "content": "Be brief."}, *HISTORY, {"role": "system", "content": "In French."}]
+    assert conversation("And?", None, history, system_role=True, as_sent=True) == [
+        *history,
+        {"role": "user", "content": "And?"},
+    ]
+    assert conversation("Hi", None, [], system_role=True, as_sent=True) == [{"role": "user", "content": "Hi"}]
+    # Without a system role, each system message goes to the head of the next user turn.
+    assert conversation("And?", None, history, system_role=False, as_sent=True) == [
+        {"role": "user", "content": "Be brief.\n\nHi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "In French.\n\nAnd?"},
+    ]
+
+
+def test_a_last_assistant_message_is_continued_not_closed():
+    """Prefill: the turns before it are rendered up to the assistant's cue, then its text, unclosed."""
+    template = ChatTemplate(CHATML, "<|im_end|>", "", EOS, [])
+    messages = conversation("Count to three.", None, [], system_role=True, as_sent=True, prefill="One,")
+    assert messages[-1] == {"role": "assistant", "content": "One,"}
+    assert template.render(messages) == ("<|im_start|>user\nCount to three.<|im_end|>\n<|im_start|>assistant\nOne,")
+
+
+TOOLS_TEMPLATE = (  # a template that describes tools to its model, as Qwen's and Llama 3.1's do
+    "{% if tools %}<tools>{% for t in tools %}{{ t['function']['name'] }};{% endfor %}</tools>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+
+
+def test_a_template_that_renders_tools_is_told_apart_and_given_them():
+    renders = ChatTemplate(TOOLS_TEMPLATE, "<|im_end|>", "", EOS, [])
+    assert renders.renders_tools() and not ChatTemplate(CHATML, "<|im_end|>", "", EOS, []).renders_tools()
+    hi = [{"role": "user", "content": "Hi"}]
+    assert renders.render(hi, [WEATHER_TOOL]).startswith("<tools>get_weather;</tools>\n<|im_start|>user\nHi")
+    assert renders.render(hi) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"

@@ -7,6 +7,7 @@ import threading
 
 import pytest
 
+from llama_chat import conversation as template_conversation
 from llamachat.chat_request import ChatError, ChatRequest
 from llamachat.context_fit import ContextFitter, FitCancelled, reply_room, split_turns
 from module_harness import cancel, load_adapter, start_chat, status, wait_until
@@ -22,12 +23,8 @@ class FakeTokenizer:
         self.rendered_tokens = 0
         self.counted = 0
 
-    def messages(self, prompt, system_prompt=None, history=None):
-        return (
-            [{"role": "system", "content": system_prompt or "Be helpful."}]
-            + list(history or [])
-            + [{"role": "user", "content": prompt}]
-        )
+    def messages(self, prompt, system_prompt=None, history=None, as_sent=False, prefill=None):
+        return template_conversation(prompt, system_prompt or "Be helpful.", history, True, as_sent, prefill)
 
     def tokenize_messages(self, messages):
         tokens = []
@@ -123,6 +120,31 @@ def test_fake_fit_prompt_alone_too_long_says_how_long():
         ContextFitter(chat).fit(request([], prompt="word " * 50))
 
 
+def test_fake_fit_too_long_is_context_length_exceeded_naming_messages():
+    with pytest.raises(ChatError) as caught:
+        ContextFitter(FakeTokenizer(n_ctx=50)).fit(request([], prompt="word " * 50))
+    assert (caught.value.code, caught.value.param) == ("context_length_exceeded", "messages")
+
+
+def test_fake_fit_without_trimming_keeps_everything_or_refuses():
+    history = [{"role": "user", "content": "word " * 10}, {"role": "assistant", "content": "word " * 10}] * 3
+    untrimmed = ChatRequest("hi", None, history, max_tokens=20, trim_history=False)
+    assert ContextFitter(FakeTokenizer(n_ctx=200)).fit(untrimmed).history == history
+    with pytest.raises(ChatError, match="does not fit.*trim_history") as caught:
+        ContextFitter(FakeTokenizer(n_ctx=60)).fit(untrimmed)
+    assert caught.value.code == "context_length_exceeded"
+
+
+def test_fake_fit_of_a_conversation_as_sent_keeps_its_leading_system_messages():
+    """Trimming a conversation sent whole leaves out its oldest turns, never the system messages before them."""
+    system = [{"role": "system", "content": "Be brief."}, {"role": "system", "content": "Be kind."}]
+    turns = [{"role": "user", "content": "word " * 10}, {"role": "assistant", "content": "word " * 10}] * 4
+    sent = ChatRequest("hi", None, system + turns, max_tokens=20, as_sent=True)
+    fitted = ContextFitter(FakeTokenizer(n_ctx=80)).fit(sent)
+    assert fitted.history[:2] == system and 0 < fitted.dropped_turns < 4
+    assert fitted.history[2:] == turns[2 * fitted.dropped_turns :]
+
+
 @pytest.mark.parametrize("checks_before_cancel", [0, 1, 5, 30])
 def test_fake_fit_stops_when_cancelled(checks_before_cancel):
     chat = FakeTokenizer(n_ctx=3000)
@@ -155,8 +177,8 @@ class RenderCountingChat:
     def __init__(self, chat):
         self.chat, self.n_ctx, self.renders = chat, chat.n_ctx, 0
 
-    def messages(self, *args):
-        return self.chat.messages(*args)
+    def messages(self, *args, **shape):
+        return self.chat.messages(*args, **shape)
 
     def count_tokens(self, text):
         return self.chat.count_tokens(text)

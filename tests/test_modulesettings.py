@@ -83,7 +83,7 @@ def test_chat_route_as_clients_expect_it():
 def test_inputs_use_the_keys_the_server_binds_and_defaults_lie_in_range():
     for spec in module["RouteMaps"][0]["Inputs"]:
         assert "Default" not in spec, "the server binds DefaultValue; Default is silently ignored"
-        assert spec["Type"] in ("Text", "Integer", "Float")
+        assert spec["Type"] in ("Text", "Integer", "Float", "Boolean")
         if "MinValue" in spec:
             parse = int if spec["Type"] == "Integer" else float
             assert parse(spec["MinValue"]) <= parse(spec["DefaultValue"]) <= parse(spec["MaxValue"]), spec["Name"]

@@ -2,12 +2,16 @@
 chats decode at once (a third waits in the queue), each keeps its own cancel and text, and greedy replies are the
 ones the wrapper gives each chat alone. The batched engine itself is tested in tests/test_batch_decoder.py."""
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 
+import jsonschema
 import openai
 import pytest
 import requests
+from llama_cpp import Llama
 
+from json_schemas import SCHEMAS
 from live_server import poll, running_server, server_status
 from llama_chat import LlamaChat
 from module_chat import LONG, cancel, follow, start_chat, status
@@ -60,13 +64,25 @@ def test_two_chats_decode_at_once_and_a_third_waits(base_url):
 
 
 @pytest.fixture(scope="module")
-def alone(smollm2) -> list:
-    """The greedy reply the wrapper gives each prompt on its own."""
+def replies_alone(smollm2) -> dict[bool, list]:
+    """The greedy reply the wrapper gives each prompt on its own: with the default system prompt, as text/chat sends
+    it (False), and as sent (True), as the OpenAI API sends it."""
     chat = LlamaChat.from_file(smollm2, n_ctx=CONTEXT_SIZE, n_threads=1)
     try:
-        return [chat.do_chat(p, temperature=0, max_tokens=24)["choices"][0]["message"]["content"] for p in PROMPTS]
+        return {
+            as_sent: [
+                chat.do_chat(p, as_sent=as_sent, temperature=0, max_tokens=24)["choices"][0]["message"]["content"]
+                for p in PROMPTS
+            ]
+            for as_sent in (False, True)
+        }
     finally:
         chat.close()
+
+
+@pytest.fixture(scope="module")
+def alone(replies_alone) -> list:
+    return replies_alone[False]
 
 
 def test_greedy_replies_decoded_together_are_the_ones_each_gets_alone(base_url, alone):
@@ -87,7 +103,7 @@ def test_bad_input_is_still_refused_before_it_is_queued(base_url):
     assert "prompt is missing or blank" in answer["error"]
 
 
-def test_two_openai_streams_at_once_each_get_their_own_greedy_reply(base_url, alone):
+def test_two_openai_streams_at_once_each_get_their_own_greedy_reply(base_url, replies_alone):
     client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="any", max_retries=0)
 
     def stream(prompt: str) -> tuple:
@@ -103,5 +119,40 @@ def test_two_openai_streams_at_once_each_get_their_own_greedy_reply(base_url, al
 
     with ThreadPoolExecutor(max_workers=len(PROMPTS)) as pool:
         results = list(pool.map(stream, PROMPTS))
-    assert [text for text, _ in results] == alone
+    assert [text for text, _ in results] == replies_alone[True]
     assert all(finish in ("stop", "length") for _, finish in results)
+
+
+def test_structured_output_logprobs_and_logit_bias_hold_in_the_batch_decoder(base_url, replies_alone, smollm2):
+    """The batched path honours a schema's grammar, reports each token's logprobs and applies logit_bias, with two
+    chats decoded at once."""
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="any", max_retries=0)
+    names = ["refs", "order_lines"]
+
+    def structured(name: str):
+        answer = client.chat.completions.create(
+            model="m",
+            messages=[{"role": "user", "content": f"JSON for {name}."}],
+            response_format={"type": "json_schema", "json_schema": {"name": name, "schema": SCHEMAS[name]}},
+            max_tokens=300,
+        )
+        return json.loads(answer.choices[0].message.content)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for name, reply in zip(names, pool.map(structured, names)):
+            jsonschema.validate(reply, SCHEMAS[name])
+    messages = [{"role": "user", "content": PROMPTS[0]}]
+    greedy = client.chat.completions.create(
+        model="m", messages=messages, temperature=0, max_tokens=24, logprobs=True, top_logprobs=3
+    )
+    entries = greedy.choices[0].logprobs.content
+    assert greedy.choices[0].message.content == replies_alone[True][0]
+    assert len(entries) == greedy.usage.completion_tokens and all(len(e.top_logprobs) == 3 for e in entries)
+    assert b"".join(bytes(e.bytes) for e in entries).decode() == replies_alone[True][0]
+    vocab = Llama(model_path=str(smollm2), vocab_only=True, verbose=False)
+    runner_up = entries[0].top_logprobs[1].token
+    [token_id] = vocab.tokenize(runner_up.encode(), add_bos=False, special=False)
+    forced = client.chat.completions.create(
+        model="m", messages=messages, max_tokens=3, logit_bias={str(token_id): 100}, logprobs=True
+    )
+    assert [e.token for e in forced.choices[0].logprobs.content] == [runner_up] * 3
