@@ -15,9 +15,9 @@ from llama_cpp import Llama
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from live_server import poll
-from model_paths import SMOLLM2_FILENAME
+from llamachat.model_file import SMALL_MODEL_FILENAME
 
-MODEL = SMOLLM2_FILENAME
+MODEL = SMALL_MODEL_FILENAME
 CONTEXT = 2048  # running_server's
 HI = [{"role": "user", "content": "Hi"}]
 

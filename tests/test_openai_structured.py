@@ -19,9 +19,9 @@ from pydantic import BaseModel, Field
 
 from json_schemas import SCHEMAS
 from live_server import poll
-from model_paths import SMOLLM2_FILENAME
+from llamachat.model_file import SMALL_MODEL_FILENAME
 
-MODEL = SMOLLM2_FILENAME
+MODEL = SMALL_MODEL_FILENAME
 ROOM = 300  # tokens: far more than any of the bounded schemas' replies can take
 
 

@@ -14,9 +14,9 @@ import pytest
 from langchain_core.messages import HumanMessage, ToolMessage
 from langchain_openai import ChatOpenAI
 
-from model_paths import SMOLLM2_FILENAME
+from llamachat.model_file import SMALL_MODEL_FILENAME
 
-MODEL = SMOLLM2_FILENAME
+MODEL = SMALL_MODEL_FILENAME
 ROOM = 200  # tokens: more than any call with these bounded arguments takes
 WEATHER = {
     "type": "function",
