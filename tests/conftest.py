@@ -55,6 +55,17 @@ def openai_client(smollm2_server):
     return openai.OpenAI(base_url=f"{smollm2_server}/v1", api_key="any key", max_retries=0, timeout=120)
 
 
+@pytest.fixture(scope="session")
+def raw_smollm2(smollm2):
+    """Raw llama-cpp-python on SmolLM2, shared by the whole run: what replies are checked against (raw_reference)."""
+    from live_server import module_threads
+    from raw_reference import RawModel  # llama_cpp only for the model layer
+
+    raw = RawModel(smollm2, n_ctx=2048, n_threads=module_threads())
+    yield raw
+    raw.close()
+
+
 # One chromium per module, not per session: Playwright's sync API keeps an event loop running in the main thread
 # while it is open, and any later test calling asyncio.run() there (test_server_limits.py) would fail.
 @pytest.fixture(scope="module")

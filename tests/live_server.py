@@ -22,6 +22,9 @@ ServerThread(config) / serve_in_thread(config) -> base URL
   on leaving.
 stop_process(process)
   SIGTERM (handled like Ctrl+C), then kill if it has not ended within 15 s: how every server here is stopped.
+module_threads() -> int
+  The threads a test's module computes with unless the test pins its own: CPAI_MODULE_LLAMA_THREADS when the run
+  exports it (the suite is run with 1 and with 2), else 1.
 poll(condition, timeout, what) -> value
   Calls condition() until it returns something truthy and returns that; AssertionError after `timeout` s.
 free_port() -> int
@@ -58,6 +61,14 @@ from llamachat_server.server_state import ServerConfig
 ROOT = Path(__file__).resolve().parent.parent  # the repository root: the module folder (tests and bench/ use it)
 
 STOP_TIMEOUT = 15.0
+
+
+def module_threads() -> int:
+    # One by default: two llama.cpp threads collapse to a few tokens/s when the browser or anything else wants a core
+    # of a 2-core machine, and tests need steady progress more than speed. A run may export another count, to show
+    # the tests hold with it.
+    return int(os.environ.get("CPAI_MODULE_LLAMA_THREADS") or 1)
+
 
 _log_paths: dict[str, Path] = {}
 
@@ -139,11 +150,9 @@ def running_server(
     server_args: tuple[str, ...] = (),
     **env: str,
 ) -> Iterator[str]:
-    # One thread by default: two llama.cpp threads collapse to a few tokens/s when the browser or anything else
-    # wants a core of this 2-core machine, and tests need steady progress more than speed.
     module_env = {
         "CPAI_MODULE_LLAMA_CONTEXT_SIZE": str(context_size),
-        "CPAI_MODULE_LLAMA_THREADS": "1",
+        "CPAI_MODULE_LLAMA_THREADS": str(module_threads()),
         **{k: str(v) for k, v in env.items()},
     }
     with tempfile.TemporaryDirectory(prefix="llamachat-server-") as scratch:

@@ -10,7 +10,7 @@ from typing import Any
 
 from codeproject_ai_sdk import RequestData
 
-from live_server import poll
+from live_server import module_threads, poll
 from llama_chat_adapter import LlamaChat_adapter
 
 # LlamaChat's own live metrics in every chat status and result, on top of the fields of docs/protocol.md §2.2.
@@ -42,8 +42,7 @@ def request(command: str, **values: Any) -> RequestData:
 def load_adapter(monkeypatch, model_path, **env: str) -> LlamaChat_adapter:
     monkeypatch.setenv("CPAI_MODULE_LLAMA_MODEL_DIR", str(model_path.parent))
     monkeypatch.setenv("CPAI_MODULE_LLAMA_MODEL_FILENAME", model_path.name)
-    # One thread: two collapse when anything else wants a core of a 2-core machine (see tests/live_server.py).
-    monkeypatch.setenv("CPAI_MODULE_LLAMA_THREADS", "1")
+    monkeypatch.setenv("CPAI_MODULE_LLAMA_THREADS", str(module_threads()))  # 1 unless the run exports another
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     adapter = LlamaChat_adapter()

@@ -8,11 +8,11 @@ import time
 
 import pytest
 
-from live_server import ROOT
+from live_server import ROOT, module_threads
 from module_harness import cancel, load_adapter, run_chat, start_chat, status, wait_until
 
-# At temperature 0 SmolLM2 tells this story until the context is full (max_tokens 0): a chat still running when a
-# test looks or cancels, however fast the machine.
+# A story runs to hundreds of tokens on any machine, whichever words it takes (max_tokens 0: until the model stops or
+# the context is full): a chat still running when a test looks or cancels.
 STORY = "Write a long story about a dragon who learns to bake bread."
 
 
@@ -36,11 +36,19 @@ def test_a_good_chat_is_accepted_at_once_with_its_own_command_id(adapter):
     wait_until(lambda: status(adapter, data.request_id)["commandStatus"] == "completed")
 
 
-def test_chat_completes_with_reply_and_metrics(adapter):
-    final = run_chat(adapter, prompt="What is the capital of France?", max_tokens=24, temperature=0)
+def assert_greedy(adapter, raw, prompt: str, final: dict) -> None:
+    """The chat's reply is greedy decoding of its prompt, as raw llama-cpp-python judges it (tests/raw_reference.py)."""
+    tokens = raw.chat_tokens(adapter.runner.llama_chat.messages(prompt))
+    why = raw.greedy_departure(tokens, final["reply"], ended=final["stop_reason"] == "completed")
+    assert why is None, f"the reply to {prompt!r} is not the model's greedy reply: {why}"
+
+
+def test_chat_completes_with_reply_and_metrics(adapter, raw_smollm2):
+    prompt = "What is the capital of France?"
+    final = run_chat(adapter, prompt=prompt, max_tokens=24, temperature=0)
     assert final["success"] and final["commandStatus"] == "completed" and final["message"] == "Command has completed"
-    assert "Paris" in final["reply"]
-    assert final["stop_reason"] in ("completed", "length")
+    assert final["stop_reason"] in ("completed", "length") and final["reply"]
+    assert_greedy(adapter, raw_smollm2, prompt, final)
     assert final["model"] == "SmolLM2-135M-Instruct.Q4_1.gguf" and final["model_fallback"] is False
     assert 0 < final["completion_tokens"] <= 24
     assert final["prompt_tokens"] > 10 and final["time_to_first_token_ms"] > 0 and final["tokens_per_second"] > 0
@@ -99,7 +107,7 @@ def test_cancel_keeps_the_partial_reply_and_a_late_cancel_does_not_touch_the_nex
     assert nxt["stop_reason"] in ("completed", "length") and nxt["reply"].strip()
 
 
-def test_cancel_during_a_long_prompt_stops_it_and_the_model_stays_usable(adapter):
+def test_cancel_during_a_long_prompt_stops_it_and_the_model_stays_usable(adapter, raw_smollm2):
     # How fast (≤ 200 ms) is bench/'s to measure (results.md: "cancel during prompt processing"); this test checks that
     # the prompt's evaluation is abandoned, not finished first.
     long_prompt = "Summarise this text. " + " ".join(
@@ -120,8 +128,10 @@ def test_cancel_during_a_long_prompt_stops_it_and_the_model_stays_usable(adapter
     if mid_prompt:
         assert final["completion_tokens"] == 0 and job.first_token_at is None
 
-    nxt = run_chat(adapter, prompt="What is the capital of France?", max_tokens=16, temperature=0)
-    assert "Paris" in nxt["reply"]
+    prompt = "What is the capital of France?"
+    nxt = run_chat(adapter, prompt=prompt, max_tokens=16, temperature=0)
+    assert nxt["stop_reason"] in ("completed", "length") and nxt["reply"]
+    assert_greedy(adapter, raw_smollm2, prompt, nxt)  # the abandoned prompt left nothing behind in the cache
 
 
 def test_a_second_chat_while_one_runs_waits_in_the_queue_and_can_leave_it(adapter):
@@ -164,9 +174,15 @@ def test_same_seed_same_reply(adapter):
     assert run_chat(adapter, **chat)["reply"] == run_chat(adapter, **chat)["reply"]
 
 
-def test_stop_strings_end_the_reply(adapter):
-    final = run_chat(adapter, prompt="Count from 1 to 20, separated by commas.", max_tokens=60, temperature=0, stop="7")
-    assert "7" not in final["reply"] and final["stop_reason"] == "completed"
+def test_stop_strings_end_the_reply(adapter, raw_smollm2):
+    prompt = "Count from 1 to 20, separated by commas."
+    messages = adapter.runner.llama_chat.messages(prompt)
+    # A stop string from the words raw llama-cpp-python's greedy reply goes on to, in this run.
+    unstopped = raw_smollm2.reply(messages, max_tokens=60, temperature=0)
+    stop = unstopped.split()[3]
+    final = run_chat(adapter, prompt=prompt, max_tokens=60, temperature=0, stop=stop)
+    tokens = raw_smollm2.chat_tokens(messages)
+    assert raw_smollm2.stop_departure(tokens, final["reply"], final["stop_reason"], stop, unstopped) is None
 
 
 @pytest.mark.parametrize(
@@ -386,11 +402,11 @@ def test_chats_on_the_fallback_model_say_so(tmp_path, smollm2, monkeypatch):
 
 
 def test_a_pinned_thread_count_is_used_and_shown(adapter):
-    # The fixture pins CPAI_MODULE_LLAMA_THREADS=1 (module_harness).
+    # The fixture pins CPAI_MODULE_LLAMA_THREADS (module_harness: 1, or the count the run exports).
     final = run_chat(adapter, prompt="What is 2 + 2?", max_tokens=4, temperature=0)
-    assert final["threads"] == 1
+    assert final["threads"] == module_threads()
     status_data = adapter.module_status()
-    assert status_data["threads"] == 1 and status_data["threadMode"] == "fixed"
+    assert status_data["threads"] == module_threads() and status_data["threadMode"] == "fixed"
 
 
 def test_adaptive_threads_leave_a_busy_core_to_the_process_using_it(smollm2):

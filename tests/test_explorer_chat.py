@@ -11,8 +11,6 @@ import re
 import urllib.parse
 import urllib.request
 from contextlib import ExitStack
-from email.parser import BytesParser
-from email.policy import default as email_policy
 
 import pytest
 from playwright.sync_api import Page, Request, expect
@@ -20,12 +18,13 @@ from playwright.sync_api import Page, Request, expect
 from live_server import ROOT, free_port, poll, running_server, serve_in_thread
 from llamachat_server.explorer import extract_explorer_ui
 from llamachat_server.server_state import ServerConfig
+from page_requests import form_fields
 
 EXPLORE_HTML = ROOT / "explore.html"
 REPLY_TIMEOUT_MS = 90_000
 CONTEXT_SIZE = 2048  # the module's context (tokens) in the shared test server
-# At temperature 0 SmolLM2 answers this with the same story every time, running on to the 2000-token limit:
-# a chat that is sure to be still running when a test stops it.
+# A story runs to hundreds of tokens on any machine, whichever words it takes: a chat still running when a test
+# stops it (the tests wait for a few polls or 40 characters of it, never for particular words).
 LONG_PROMPT = "Write a long story about a dragon who learns to bake bread."
 
 
@@ -36,13 +35,6 @@ def shows(markdown: str, shown: str, whole: bool = True) -> bool:
     source, shown = re.sub(r"\s", "", markdown), re.sub(r"\s", "", shown)
     rest = iter(source)
     return all(char in rest for char in shown) and (not whole or len(shown) >= 0.8 * len(source))
-
-
-def form_fields(request: Request) -> dict:
-    """The multipart form a page request carried, as {name: value}."""
-    head = f"Content-Type: {request.headers['content-type']}\r\n\r\n".encode()
-    message = BytesParser(policy=email_policy).parsebytes(head + (request.post_data_buffer or b""))
-    return {part.get_param("name", header="content-disposition"): part.get_content() for part in message.iter_parts()}
 
 
 class ChatPage:

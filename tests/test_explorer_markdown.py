@@ -17,8 +17,8 @@ import pytest
 from playwright.sync_api import Page, Route, expect
 
 from css_colours import luminance
-from live_server import running_server
-from test_explorer_chat import form_fields
+from live_server import ROOT, running_server
+from page_requests import form_fields
 
 P = "LlamaChat_"  # the prefix the Explorer gives the page's ids and classes
 BUBBLES = f".{P}assistant .{P}bubble"
@@ -593,9 +593,8 @@ def test_dark_themes_darken_replies_code_and_tables(page, double, server, theme)
         # conversation of this server (the Server box names it).
         kept = page.evaluate("key => localStorage.getItem(key)", storage_key(server))
         page.emulate_media(color_scheme="dark")
-        from test_explorer_chat import EXPLORE_HTML
 
-        page.goto(EXPLORE_HTML.as_uri())
+        page.goto((ROOT / "explore.html").as_uri())
         page.evaluate("([key, value]) => localStorage.setItem(key, value)", [f"_MID_conversation {server}", kept])
         page.locator("#serviceUrl").fill(server)
         page.locator("#serviceUrl").dispatch_event("change")

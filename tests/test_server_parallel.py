@@ -1,6 +1,8 @@
 """The module with CPAI_MODULE_LLAMA_PARALLEL=2 through llamachat_server: real HTTP, the real SDK, SmolLM2. Two
-chats decode at once (a third waits in the queue), each keeps its own cancel and text, and greedy replies are the
-ones the wrapper gives each chat alone. The batched engine itself is tested in tests/test_batch_decoder.py."""
+chats decode at once (a third waits in the queue), each keeps its own cancel and text, and each greedy reply is a
+greedy reply to its own prompt as raw llama-cpp-python judges it (tests/raw_reference.py: up to the near-ties where
+a chat decoded beside another may take the other branch). The batched engine itself is tested in
+tests/test_batch_decoder.py."""
 
 import json
 from concurrent.futures import ThreadPoolExecutor
@@ -13,12 +15,12 @@ from llama_cpp import Llama
 
 from json_schemas import SCHEMAS
 from live_server import poll, running_server, server_status
-from llama_chat import LlamaChat
+from llama_chat import conversation
 from module_chat import LONG, cancel, follow, start_chat, status
 
 CONTEXT_SIZE = 2048
 GREEDY = {"temperature": "0", "max_tokens": "24"}
-PROMPTS = ["What is the capital of France? Answer in one sentence.", "Tell me about Paris."]
+PROMPTS = ["Explain how a bicycle works, step by step.", "List five fruits, one per line, each with its colour."]
 
 
 @pytest.fixture(scope="module")
@@ -63,32 +65,21 @@ def test_two_chats_decode_at_once_and_a_third_waits(base_url):
     assert follow(base_url, second)["stop_reason"] == "cancelled"
 
 
-@pytest.fixture(scope="module")
-def replies_alone(smollm2) -> dict[bool, list]:
-    """The greedy reply the wrapper gives each prompt on its own: with the default system prompt, as text/chat sends
-    it (False), and as sent (True), as the OpenAI API sends it."""
-    chat = LlamaChat.from_file(smollm2, n_ctx=CONTEXT_SIZE, n_threads=1)
-    try:
-        return {
-            as_sent: [
-                chat.do_chat(p, as_sent=as_sent, temperature=0, max_tokens=24)["choices"][0]["message"]["content"]
-                for p in PROMPTS
-            ]
-            for as_sent in (False, True)
-        }
-    finally:
-        chat.close()
+def assert_own_greedy_replies(raw, replies: list[tuple[str, bool]], as_sent: bool = False) -> None:
+    """replies[i] = (text, ended by the model) for PROMPTS[i]: each a greedy reply to its own prompt, not another's.
+    as_sent: the prompt went without the module's default system prompt, as the OpenAI API sends it."""
+    tokens = [raw.chat_tokens(conversation(p, None, None, system_role=True, as_sent=as_sent)) for p in PROMPTS]
+    for i, (text, ended) in enumerate(replies):
+        why = raw.greedy_departure(tokens[i], text, ended=ended)
+        assert why is None, f"the reply to {PROMPTS[i]!r} is not a greedy reply to it: {why}"
+        other = tokens[1 - i]
+        assert raw.greedy_departure(other, text, ended=ended), "a reply that passes for the other prompt's"
 
 
-@pytest.fixture(scope="module")
-def alone(replies_alone) -> list:
-    return replies_alone[False]
-
-
-def test_greedy_replies_decoded_together_are_the_ones_each_gets_alone(base_url, alone):
+def test_greedy_replies_decoded_together_are_each_their_own(base_url, raw_smollm2):
     ids = [start_chat(base_url, prompt=p, **GREEDY)["commandId"] for p in PROMPTS]
     finals = [follow(base_url, command_id) for command_id in ids]
-    assert [f["reply"] for f in finals] == alone
+    assert_own_greedy_replies(raw_smollm2, [(f["reply"], f["stop_reason"] == "completed") for f in finals])
     for final in finals:
         assert final["success"] is True
         assert final["completion_tokens"] <= 24
@@ -103,7 +94,7 @@ def test_bad_input_is_still_refused_before_it_is_queued(base_url):
     assert "prompt is missing or blank" in answer["error"]
 
 
-def test_two_openai_streams_at_once_each_get_their_own_greedy_reply(base_url, replies_alone):
+def test_two_openai_streams_at_once_each_get_their_own_greedy_reply(base_url, raw_smollm2):
     client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="any", max_retries=0)
 
     def stream(prompt: str) -> tuple:
@@ -119,11 +110,11 @@ def test_two_openai_streams_at_once_each_get_their_own_greedy_reply(base_url, re
 
     with ThreadPoolExecutor(max_workers=len(PROMPTS)) as pool:
         results = list(pool.map(stream, PROMPTS))
-    assert [text for text, _ in results] == replies_alone[True]
     assert all(finish in ("stop", "length") for _, finish in results)
+    assert_own_greedy_replies(raw_smollm2, [(text, finish == "stop") for text, finish in results], as_sent=True)
 
 
-def test_structured_output_logprobs_and_logit_bias_hold_in_the_batch_decoder(base_url, replies_alone, smollm2):
+def test_structured_output_logprobs_and_logit_bias_hold_in_the_batch_decoder(base_url, raw_smollm2, smollm2):
     """The batched path honours a schema's grammar, reports each token's logprobs and applies logit_bias, with two
     chats decoded at once."""
     client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="any", max_retries=0)
@@ -145,10 +136,12 @@ def test_structured_output_logprobs_and_logit_bias_hold_in_the_batch_decoder(bas
     greedy = client.chat.completions.create(
         model="m", messages=messages, temperature=0, max_tokens=24, logprobs=True, top_logprobs=3
     )
-    entries = greedy.choices[0].logprobs.content
-    assert greedy.choices[0].message.content == replies_alone[True][0]
-    assert len(entries) == greedy.usage.completion_tokens and all(len(e.top_logprobs) == 3 for e in entries)
-    assert b"".join(bytes(e.bytes) for e in entries).decode() == replies_alone[True][0]
+    text, entries = greedy.choices[0].message.content, greedy.choices[0].logprobs.content
+    ended = greedy.choices[0].finish_reason == "stop"
+    assert raw_smollm2.greedy_departure(raw_smollm2.chat_tokens(messages), text, ended=ended) is None
+    assert len(entries) == greedy.usage.completion_tokens
+    assert all(len(e.top_logprobs) == 3 for e in entries)
+    assert b"".join(bytes(e.bytes) for e in entries).decode() == text  # the logprobs are the reply's own tokens
     vocab = Llama(model_path=str(smollm2), vocab_only=True, verbose=False)
     runner_up = entries[0].top_logprobs[1].token
     [token_id] = vocab.tokenize(runner_up.encode(), add_bos=False, special=False)
