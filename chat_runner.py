@@ -9,7 +9,9 @@ chats from its queue and answers the SDK; stop() and close() shut it down behind
 from __future__ import annotations
 
 import gc
+import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Callable
 
 from codeproject_ai_sdk import JSON
@@ -19,10 +21,13 @@ from chat_job import FINISH_REASONS, ChatJob
 from chat_queue import QueuedChat
 from chat_request import ChatError, ChatRequest
 from context_fit import ContextFitter, FitCancelled, FittedChat
+from conversation_cache import ConversationCache
+from kv_state import fingerprint
 from llama_chat import LlamaChat
 from thread_policy import ThreadPolicy
 
 SHUTTING_DOWN = "The module is shutting down; the chat did not start"
+SAVED_STOP_REASONS = ("completed", "length", "cancelled")  # an error leaves the KV cache's contents unknown
 
 
 class ChatRunner:
@@ -32,6 +37,7 @@ class ChatRunner:
         self.fitter: ContextFitter | None = None
         self.threads: ThreadPolicy | None = None
         self.decoder: BatchDecoder | None = None  # with CPAI_MODULE_LLAMA_PARALLEL > 1: decodes the chats together
+        self.cache: ConversationCache | None = None  # conversations' KV states, when a tier is on
         # Everything that touches the model runs on this one thread: loading, fitting the conversation (tokenizing),
         # generating, thread changes and closing; process() only reads the request. (Only the model-free queries at
         # start-up, the GPU backend and the log hook, run on the SDK's thread.) llama.cpp's OpenMP keeps a team of
@@ -39,19 +45,38 @@ class ChatRunner:
         # that fought over the cores and halved generation speed (measured in bench/).
         self.llama_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
 
-    def load(self, pinned_threads: int, parallel: int, n_ctx: int, **model: Any) -> LlamaChat:
+    def load(
+        self,
+        pinned_threads: int,
+        parallel: int,
+        n_ctx: int,
+        cache_bounds: tuple[int, int] = (0, 0),
+        cache_dir: Path | None = None,
+        log: Callable[[str, str], None] | None = None,
+        **model: Any,
+    ) -> LlamaChat:
         """Loads the model (LlamaChat's other keywords) on the llama thread, with parallel > 1 the decoder too.
 
-        pinned_threads: the thread count, 0 for adaptive. Raises what LlamaChat raises (ModelLoadError, ValueError).
+        pinned_threads: the thread count, 0 for adaptive. cache_bounds: the conversation cache's bytes in RAM and on
+        disk (in cache_dir), (0, 0) for none; log(level, message) hears about its evictions and corrupt entries.
+        Raises what LlamaChat raises (ModelLoadError, ValueError).
         """
         self.threads = ThreadPolicy(pinned=pinned_threads)
         self.llama_chat = self.llama_thread.submit(
             LlamaChat, n_ctx=n_ctx, n_threads=self.threads.threads, **model
         ).result()
+        ram_bytes, disk_bytes = cache_bounds
+        if ram_bytes > 0 or disk_bytes > 0:
+            chat = self.llama_chat
+            # The batch decoder's context has a KV stream per sequence, and llama.cpp's bytes record how many.
+            valid_for = fingerprint(chat.model_path, chat.llm, n_ctx, parallel)
+            self.cache = ConversationCache(valid_for, ram_bytes, disk_bytes, cache_dir, log)
         if parallel > 1:
             # Its worker is then the only thread that computes: the llama thread only loads and tokenizes. A
             # second OpenMP team, even idle, slowed the working one by ~30 % (bench/concurrency.py).
-            self.decoder = self.llama_thread.submit(BatchDecoder, self.llama_chat.llm, parallel, n_ctx).result()
+            self.decoder = self.llama_thread.submit(
+                BatchDecoder, self.llama_chat.llm, parallel, n_ctx, cache=self.cache
+            ).result()
         self.fitter = ContextFitter(self.llama_chat)
         return self.llama_chat
 
@@ -75,7 +100,33 @@ class ChatRunner:
             return job.finish("cancelled")
         if self.decoder is not None:
             return self._generate_batched(job, request, fitted, cancelled)
-        return self.llama_thread.submit(self._generate, job, request, fitted, cancelled).result()
+        result = self.llama_thread.submit(self._generate, job, request, fitted, cancelled).result()
+        if self.cache is not None and job.stop_reason in SAVED_STOP_REASONS:
+            # Queued behind the chat, on the llama thread, after its client can see that it ended.
+            self.llama_thread.submit(self._save, chat)
+        return result
+
+    def _save(self, chat: LlamaChat) -> None:
+        tokens, state = chat.capture_state()
+        self.cache.save(tokens, state)
+
+    def _restore(self, chat: LlamaChat, job: ChatJob, tokens: list[int]) -> int:
+        """Restores the conversation cache's longest prefix of these prompt tokens when it beats the live context's;
+        notes where the prefix came from in the job. Returns the prompt tokens now cached."""
+        cached = chat.cached_prefix(tokens)
+        job.prefix_source = "context" if cached else "none"
+        if self.cache is None:
+            return cached
+        started = time.perf_counter()
+        hit = self.cache.find(tokens, cached)
+        if hit is not None:
+            if chat.restore_state(hit.tokens, hit.state):
+                cached, job.prefix_source = hit.prefix, hit.source
+            else:  # llama.cpp refused the bytes (they were checked, so a bug): the chat is evaluated in full
+                cached, job.prefix_source = 0, "none"
+            job.restore_ms = round((time.perf_counter() - started) * 1000, 2)
+        self.cache.count(job.prefix_source)
+        return cached
 
     def collect_garbage(self) -> None:
         """Queues a full collection on the llama thread, behind the chat that just ended."""
@@ -89,7 +140,8 @@ class ChatRunner:
         if chat is None:  # cleanup() closed the model before this chat reached the llama thread
             return job.finish("error", SHUTTING_DOWN)
         job.threads = self.threads.update(chat.set_threads, force=True)
-        job.begin_inference(len(fitted.prompt_tokens), chat.cached_prefix(fitted.prompt_tokens), fitted.dropped_turns)
+        job.begin_inference(len(fitted.prompt_tokens), 0, fitted.dropped_turns)
+        job.cached_tokens = self._restore(chat, job, fitted.prompt_tokens)
         stop_reason, error = "completed", None
         stream = None
         try:
@@ -134,7 +186,11 @@ class ChatRunner:
         batch = BatchChat(fitted.prompt_tokens, request.max_tokens, sampling, should_abort=cancelled)
 
         def on_text(text: str, tokens: int) -> None:  # on the decoder's thread, between two steps
-            job.cached_tokens = batch.cached_tokens
+            job.cached_tokens, job.prefix_source, job.restore_ms = (
+                batch.cached_tokens,
+                batch.prefix_source,
+                batch.restore_ms,
+            )
             job.threads = self.threads.update(decoder.set_threads)  # the load may change during a long reply
             job.add_text(text, tokens)
 
@@ -146,7 +202,11 @@ class ChatRunner:
         except RuntimeError:  # cleanup() has closed the decoder
             return job.finish("error", SHUTTING_DOWN)
         batch.wait()
-        job.cached_tokens = batch.cached_tokens
+        job.cached_tokens, job.prefix_source, job.restore_ms = (
+            batch.cached_tokens,
+            batch.prefix_source,
+            batch.restore_ms,
+        )
         job.count_tokens(batch.completion_tokens)
         error = batch.error and f"Generation failed after {batch.completion_tokens} tokens: {batch.error}"
         return job.finish(batch.stop_reason, error)
@@ -162,4 +222,6 @@ class ChatRunner:
         if self.decoder is not None:
             self.decoder.close()  # its running chats end as cancelled, as the queue has asked them to
         self.llama_thread.submit(chat.close).result()  # on its own thread, behind the chat running there
+        if self.cache is not None:
+            self.cache.close()  # after the last save: what is queued for the disk is written first
         self.threads.close()

@@ -71,6 +71,12 @@ class LlamaChat_adapter(ModuleRunner):
                 pinned_threads=settings.threads,  # 0: adaptive
                 parallel=settings.parallel,
                 n_ctx=self.n_ctx,
+                # The self-test answers one prompt: nothing to resume, and nothing of it is kept.
+                cache_bounds=(0, 0)
+                if self_test
+                else (settings.cache_ram_mb << 20, int(settings.cache_disk_gb * 2**30)),
+                cache_dir=settings.cache_dir,
+                log=self._log,
                 repo_id="" if self_test else settings.model_repo,
                 fileglob=settings.model_fileglob,
                 filename=settings.model_filename,
@@ -188,6 +194,7 @@ class LlamaChat_adapter(ModuleRunner):
             "threadMode": self.runner.threads.mode,
             "gpuLayers": self.n_gpu_layers,
             "parallelChats": self.queue.slots,
+            "conversationCache": self.runner.cache.stats() if self.runner.cache else None,
             **self._queue_status(),
         }
 

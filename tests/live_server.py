@@ -141,12 +141,14 @@ def running_server(
 ) -> Iterator[str]:
     # One thread by default: two llama.cpp threads collapse to a few tokens/s when the browser or anything else
     # wants a core of this 2-core machine, and tests need steady progress more than speed.
-    module_env = {
-        "CPAI_MODULE_LLAMA_CONTEXT_SIZE": str(context_size),
-        "CPAI_MODULE_LLAMA_THREADS": "1",
-        **{k: str(v) for k, v in env.items()},
-    }
     with tempfile.TemporaryDirectory(prefix="llamachat-server-") as scratch:
+        module_env = {
+            "CPAI_MODULE_LLAMA_CONTEXT_SIZE": str(context_size),
+            "CPAI_MODULE_LLAMA_THREADS": "1",
+            # Conversations' KV states go to the server's scratch folder, never the module folder (tests, benches).
+            "CPAI_MODULE_LLAMA_CACHE_DIR": str(Path(scratch) / "conversation-cache"),
+            **{k: str(v) for k, v in env.items()},
+        }
         log_path = Path(scratch) / "server.log"
         command = [
             sys.executable,
