@@ -237,7 +237,10 @@ class BatchDecoder:
 
     def _save(self, sequence: _Sequence) -> None:
         tokens = sequence.tokens
-        self.cache.save(tokens, kv_state.capture(self._ctx.ctx, self._ctx.memory, sequence.seq_id, len(tokens)))
+        try:
+            self.cache.save(tokens, kv_state.capture(self._ctx.ctx, self._ctx.memory, sequence.seq_id, len(tokens)))
+        except Exception as ex:  # a bug: the chat has ended well, only its entry is lost (the others decode on)
+            self.cache.log("error", f"conversation cache: could not save a conversation: {type(ex).__name__}: {ex}")
 
     def _sampler(self, chat: BatchChat) -> internals.LlamaSampler:
         # llama-cpp-python's own chain for these settings, seeded as create_completion seeds it (the runs hold the

@@ -268,7 +268,7 @@ class DiskTier:
                     self.cache.set(_META + name, self._header(tokens, data))
                 else:
                     self._delete_now(name, None)
-            except OSError as ex:  # disk full, folder removed: the entry is simply not kept
+            except Exception as ex:  # disk full, folder removed, database locked: the entry is simply not kept
                 self.log("warning", f"conversation cache: could not write to {self.directory}: {ex}")
                 self._delete_quietly(name)
             finally:
@@ -279,7 +279,7 @@ class DiskTier:
     def _delete_quietly(self, name: str) -> None:
         try:
             self._delete_now(name, None)
-        except OSError:
+        except Exception:  # the store itself is failing: the next start's check repairs it
             pass
 
 

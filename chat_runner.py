@@ -107,8 +107,10 @@ class ChatRunner:
         return result
 
     def _save(self, chat: LlamaChat) -> None:
-        tokens, state = chat.capture_state()
-        self.cache.save(tokens, state)
+        try:
+            self.cache.save(*chat.capture_state())
+        except Exception as ex:  # a bug: the chat has ended well, only its entry is lost
+            self.report_error(ex, __file__)
 
     def _restore(self, chat: LlamaChat, job: ChatJob, tokens: list[int]) -> int:
         """Restores the conversation cache's longest prefix of these prompt tokens when it beats the live context's;

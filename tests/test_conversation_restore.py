@@ -16,11 +16,13 @@ import json
 import os
 from pathlib import Path
 
+import openai
 import pytest
 
 from batch_decoder import BatchChat, BatchDecoder
 from conversation_cache import BLOCK, ConversationCache
 from kv_state import fingerprint
+from live_server import running_server, server_status
 from llama_chat import LlamaChat
 from module_harness import load_adapter, run_chat
 
@@ -223,3 +225,20 @@ def test_the_batch_decoder_resumes_a_displaced_conversation_from_the_cache(chat)
         assert resumed.reply == second.reply
     finally:
         decoder.close()
+
+
+def test_openai_clients_taking_turns_resume_from_the_cache(smollm2, alone):
+    with running_server(smollm2, context_size=CONTEXT_SIZE) as base_url:
+        client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="any", max_retries=0)
+        for turn in range(2):
+            for user in USERS:
+                messages = [
+                    *json.loads(history_of(user, alone[user], turn)),
+                    {"role": "user", "content": USERS[user][turn]},
+                ]
+                answer = client.chat.completions.create(
+                    model="m", messages=messages, temperature=0, max_tokens=MAX_TOKENS
+                )
+                assert answer.choices[0].message.content == alone[user][turn], (user, turn)
+        cache = server_status(base_url)["statusData"]["conversationCache"]
+    assert cache["prefixSources"]["ram"] == 2 and cache["diskEntries"] == 2  # each user's second turn
