@@ -128,7 +128,8 @@ class ConversationCache:
             for key in list(self._through[chain[depth]])[:CANDIDATES]:
                 entry = self._entries[key]
                 prefix = min(common_prefix(entry.tokens, tokens), len(tokens) - 1)
-                if prefix > best_prefix or (prefix == best_prefix and best is not None and best.state is None):
+                in_ram_instead = best is not None and best.state is None and entry.state is not None
+                if prefix > best_prefix or (prefix == best_prefix and in_ram_instead):
                     best, best_prefix = entry, prefix  # equal prefixes: one in RAM beats one on disk
             if best is None or best_prefix < at_least + BLOCK:
                 return None
