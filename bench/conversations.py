@@ -349,8 +349,9 @@ def main(argv=None) -> int:
             stack.callback(server.close)
         for module in modules.values():  # one-time costs are not measured
             module.chat("Hello.", [], 2, "Warm up.")
-        pid = modules["cached"].status()["pid"]
-        rss = {"after_load_mb": round(rss_mb(pid), 1)}
+        # Both modules' memory: today's grows too, as longer conversations touch more of its KV cache's pages.
+        pids = {key: module.status()["pid"] for key, module in modules.items()}
+        rss = {key: {"after_load_mb": round(rss_mb(pid), 1)} for key, pid in pids.items()}
         with machine.phase(results["phases"], "single user"):
             say(f"one user, {args.turns} turns, with and without the cache, {args.single_repeats} repeats")
             results["single_user"] = single_user(modules, args.turns, args.tokens, args.single_repeats)
@@ -363,7 +364,8 @@ def main(argv=None) -> int:
                 last = part.pop("histories")
                 part["cache"] = modules["cached"].status()["statusData"]["conversationCache"]
                 results["alternation"][str(users)] = part
-                rss[f"after_{users}_users_mb"] = round(rss_mb(pid), 1)
+                for key, pid in pids.items():
+                    rss[key][f"after_{users}_users_mb"] = round(rss_mb(pid), 1)
         rss["ram_bound_mb"] = args.ram_mb
         results["rss"] = rss
         first.close()  # the cached module stops: its queued disk writes are done

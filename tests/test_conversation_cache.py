@@ -111,6 +111,17 @@ def test_zero_turns_a_tier_off_and_an_entry_too_big_for_every_tier_is_not_kept(t
     assert small.find(tokens + [1], 0) is None and small.stats()["ramEntries"] == 0
 
 
+def test_of_two_entries_sharing_as_much_the_one_in_ram_is_taken(tmp_path):
+    shared = conversation(1, 100)
+    x, y = shared + [1] * 40, shared + [2] * 40
+    cache = ConversationCache(FINGERPRINT, 5000, 10**8, tmp_path)  # RAM for one entry: x goes to disk only
+    cache.save(x, kv(x))
+    cache.save(y, kv(y))
+    hit = cache.find(shared + [3] * 40, 0)
+    assert (hit.source, hit.tokens, hit.prefix) == ("ram", y, len(shared))
+    cache.close()
+
+
 def test_the_disk_tier_outlives_the_process_and_its_files_are_private(tmp_path):
     directory = tmp_path / "cache"
     cache = ConversationCache(FINGERPRINT, 10**7, 10**8, directory)
