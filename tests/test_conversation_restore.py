@@ -241,4 +241,4 @@ def test_openai_clients_taking_turns_resume_from_the_cache(smollm2, alone):
                 )
                 assert answer.choices[0].message.content == alone[user][turn], (user, turn)
         cache = server_status(base_url)["statusData"]["conversationCache"]
-    assert cache["prefixSources"]["ram"] == 2 and cache["diskEntries"] == 2  # each user's second turn
+    assert cache["prefixSources"]["ram"] == 2, cache  # each user's second turn
