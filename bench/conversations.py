@@ -294,11 +294,14 @@ def main(argv=None) -> int:
     parser.add_argument("--disk-conversations", type=int, default=500)
     parser.add_argument("--disk-mb", type=int, default=48, help="the disk tier of the disk-bound part")
     parser.add_argument("--poll-ms", type=float, default=50, help="the clients' pause between polls")
+    parser.add_argument("--kv-tokens", type=int, default=1000, help="the conversation restored in process")
     parser.add_argument("--llama-server", type=Path, help="llama.cpp's llama-server binary, --parallel 4")
     machine.add_wait_idle_option(parser)
     args = parser.parse_args(argv)
     if not args.model.is_file():
         parser.error(f"no model at {args.model}: run `bash install.sh --small` for SmolLM2-135M, or pass --model PATH")
+    if args.kv_tokens < 64 or args.tokens < 2 or args.single_repeats < 1 or args.disk_conversations < 1:
+        parser.error("--kv-tokens must be at least 64, --tokens 2, --single-repeats and --disk-conversations 1")
     if not all(1 <= n <= len(NAMES) for n in args.users) or not 2 <= args.turns <= len(CONVERSATION):
         parser.error(f"--users must be from 1 to {len(NAMES)}, --turns from 2 to {len(CONVERSATION)}")
 
@@ -321,6 +324,7 @@ def main(argv=None) -> int:
             "single_repeats": args.single_repeats,
             "disk_conversations": args.disk_conversations,
             "disk_mb": args.disk_mb,
+            "kv_tokens": args.kv_tokens,
         },
         "load_start": machine.wait_until_idle(args.wait_idle, say),
         "phases": {},
@@ -335,7 +339,7 @@ def main(argv=None) -> int:
         }
         with machine.phase(results["phases"], "in process"):
             say("KV bytes per token and restore throughput, in process")
-            results["in_process"] = in_process(args.model, args.threads, scratch)
+            results["in_process"] = in_process(args.model, args.threads, scratch, args.kv_tokens)
         say("starting the module with the cache and without it")
         first = ExitStack()
         modules = {
