@@ -14,6 +14,7 @@ import llama_cpp
 from llama_cpp import CreateChatCompletionResponse, CreateChatCompletionStreamResponse, Llama, LlamaGrammar
 from llama_cpp.llama_chat_format import chat_formatter_to_chat_completion_handler
 
+from llamachat import kv_state
 from llamachat.chat_template import choose_template
 from llamachat.chat_types import Message, never
 from llamachat.llama_log import LLAMA_LOG
@@ -205,6 +206,25 @@ class LlamaChat:
         cached = Llama.longest_token_prefix(self.llm.input_ids[: self.llm.n_tokens].tolist(), tokens)
         # llama-cpp-python re-evaluates one token when the whole prompt is cached, to get fresh logits.
         return min(cached, max(len(tokens) - 1, 0))
+
+    def capture_state(self) -> tuple[list[int], bytes]:
+        """The tokens in the KV cache and their KV bytes (kv_state.capture), to restore_state() later."""
+        n_tokens = self.llm.n_tokens
+        return self.llm.input_ids[:n_tokens].tolist(), kv_state.capture(self.llm.ctx, self.llm._ctx.memory, 0, n_tokens)
+
+    def restore_state(self, tokens: list[int], state: bytes) -> bool:
+        """Puts captured KV bytes holding these tokens back in the cache, for the next do_chat to continue from;
+        False (and an empty cache) if llama.cpp refuses them."""
+        llm = self.llm
+        if not kv_state.restore(llm.ctx, llm._ctx.memory, 0, state):
+            llm.n_tokens = 0
+            return False
+        llm.input_ids[: len(tokens)] = tokens
+        llm.n_tokens = len(tokens)
+        # The logits in the context are still the previous chat's: even a prompt equal to these tokens must
+        # evaluate its last token again (llama-cpp-python samples at once from live logits otherwise).
+        llm._requires_eval = True
+        return True
 
     def do_chat(
         self,

@@ -88,6 +88,10 @@ class LlamaChat_adapter(ModuleRunner):
             pinned_threads=settings.threads,  # 0: adaptive
             parallel=settings.parallel,
             n_ctx=self.n_ctx,
+            # The self-test answers one prompt: nothing to resume, and nothing of it is kept.
+            cache_bounds=(0, 0) if _self_test() else (settings.cache_ram_mb << 20, int(settings.cache_disk_gb * 2**30)),
+            cache_dir=settings.cache_dir,
+            log=self._log,
             # The server's setup runs the self-test (`--selftest`, the SDK's own test for it) with none of the
             # module's EnvironmentVariables: the settings come from modulesettings.json all the same, but the test
             # uses only the model files already installed and never starts a 4 GB download, nor waits on the network.
@@ -214,6 +218,7 @@ class LlamaChat_adapter(ModuleRunner):
             "threadMode": self.runner.threads.mode,
             "gpuLayers": self.n_gpu_layers,
             "parallelChats": self.chats.slots,
+            "conversationCache": self.runner.cache.stats() if self.runner.cache else None,
             **self._queue_status(),
         }
 

@@ -26,7 +26,7 @@ from .measure import measure_conversation, measure_generation
 from .memory import raw_rss_curve
 from .module_bench import ModuleEngine, cancel_during_generation, cancel_during_prompt, measure_memory
 from .openai_client import OpenAIStreamEngine
-from .workload import CONVERSATION, DEFAULT_MODEL, N_CTX, Settings, long_prompt
+from .workload import CONVERSATION, DEFAULT_MODEL, N_CTX, NO_CONVERSATION_CACHE, Settings, long_prompt
 
 # Engines measured in generation only: the OpenAI stream's conversation would be the module's again (same process,
 # same cache), seen through another client.
@@ -123,6 +123,7 @@ def start_engines(args: argparse.Namespace, settings: Settings, scratch: Path, s
             start_timeout=180,
             server_args=("--log-level", "warning"),
             CPAI_MODULE_LLAMA_THREADS=str(settings.threads),
+            **NO_CONVERSATION_CACHE,
         )
     )
     client = CpaiClient(base_url)

@@ -26,7 +26,7 @@ from .in_process import RawEngine
 from .module_bench import ModuleEngine
 from .openai_client import SPEED_GOAL, TTFT_GAP_GOAL_MS, OpenAIStreamEngine
 from .stats import summary
-from .workload import DEFAULT_MODEL, GENERATION_PROMPT, N_CTX, Settings
+from .workload import DEFAULT_MODEL, GENERATION_PROMPT, N_CTX, NO_CONVERSATION_CACHE, Settings
 
 QUIET_POLL_S = 1.0  # the reference module chats: one status poll a second, ~0.3 % of the stream's five
 
@@ -135,6 +135,7 @@ def measure(args: argparse.Namespace, threads: int) -> dict[str, Any]:
             start_timeout=180,
             server_args=("--log-level", "warning"),
             CPAI_MODULE_LLAMA_THREADS=str(threads),
+            **NO_CONVERSATION_CACHE,
         ) as base_url:
             stream = OpenAIStreamEngine(base_url, raw.llm.tokenize)
             quiet = ModuleEngine(

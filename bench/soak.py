@@ -27,6 +27,7 @@ from tests.live_server import ROOT, rss_mb, running_server, server_status
 from tests.model_paths import smollm2_path
 
 from . import machine
+from .workload import NO_CONVERSATION_CACHE
 
 CHAT = "/v1/text/chat"
 STATUS = "/v1/LlamaChat/get_command_status"
@@ -137,7 +138,7 @@ class Soak:
 def run(args: argparse.Namespace, say: Callable[[str], None] = print) -> dict[str, Any]:
     rng = random.Random(args.seed)
     load = machine.load_average()
-    with running_server(args.model, CPAI_MODULE_LLAMA_THREADS=str(args.threads)) as base_url:
+    with running_server(args.model, CPAI_MODULE_LLAMA_THREADS=str(args.threads), **NO_CONVERSATION_CACHE) as base_url:
         status = server_status(base_url)
         module_pid = status["pid"]
         server_pid = psutil.Process(module_pid).parent().pid

@@ -33,7 +33,15 @@ from .measure import summarise
 from .module_bench import chat_fields
 from .neighbour import READY
 from .stream_timing import time_stream
-from .workload import DEFAULT_MODEL, GENERATION_PROMPT, N_CTX, SAMPLING, SYSTEM_PROMPT, chat_messages
+from .workload import (
+    DEFAULT_MODEL,
+    GENERATION_PROMPT,
+    N_CTX,
+    NO_CONVERSATION_CACHE,
+    SAMPLING,
+    SYSTEM_PROMPT,
+    chat_messages,
+)
 
 LOADS = ["idle", "busy_core", "neighbour"]
 SETTLE_S = 1.5  # after a load starts: the scheduler and the module's load monitor (0.5 s windows) see it
@@ -135,7 +143,9 @@ def load(kind: str, model: Path, cores: int) -> Iterator[None]:
 
 def start_servers(stack: ExitStack, model: Path, modules: dict[str, dict[str, str]]) -> dict[str, str]:
     """One server per module environment, started side by side; each stopped when the stack closes."""
-    servers = {key: running_server(model, context_size=N_CTX, **env) for key, env in modules.items()}
+    servers = {
+        key: running_server(model, context_size=N_CTX, **NO_CONVERSATION_CACHE, **env) for key, env in modules.items()
+    }
     with ThreadPoolExecutor(len(servers)) as pool:
         starting = {key: pool.submit(server.__enter__) for key, server in servers.items()}
     urls, failure = {}, None

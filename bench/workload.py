@@ -30,6 +30,11 @@ CONVERSATION = [
     "Summarise my plan in three sentences.",
 ]
 
+# The module's settings for the benchmarks that measure the engine from a cold start and its memory over many chats:
+# the conversation cache would serve their repeated "cold" requests from RAM, and its RAM tier is growth by design.
+# bench.conversations measures the cache.
+NO_CONVERSATION_CACHE = {"CPAI_MODULE_LLAMA_CACHE_RAM_MB": "0", "CPAI_MODULE_LLAMA_CACHE_DISK_GB": "0"}
+
 # A cheap chat between measurements whose system prompt differs from the workload's, so the next chat finds
 # (almost) nothing of its own prompt in the KV cache: the module's cache cannot be emptied from outside.
 FLUSH_SYSTEM_PROMPT = "Reply with one word."

@@ -8,7 +8,9 @@ while the weights, not the arithmetic, are the bottleneck; bench/concurrency.py 
 Every chat keeps its own llama-cpp-python sampler chain (the very one create_completion builds, so replies equal a
 chat decoded alone), stop strings, max_tokens, cancel and counts. A sequence's tokens stay in the KV cache after its
 chat ends, and a newcomer takes the free sequence that shares the longest prefix with its prompt (a conversation's
-next turn finds its earlier turns there), as the single-chat path reuses its one cache.
+next turn finds its earlier turns there), as the single-chat path reuses its one cache. With a ConversationCache,
+a finished chat's sequence is also saved there, and a newcomer that finds a longer prefix there than in any free
+sequence gets it restored into one (llama_state_seq_set_data).
 
 One worker thread owns the context: submit() may be called from any thread, callbacks run on the worker.
 """
@@ -26,8 +28,10 @@ import llama_cpp
 from llama_cpp import Llama, LogitsProcessorList
 from llama_cpp import _internals as internals
 
+from llamachat import kv_state
 from llamachat.chat_job import StopReason
 from llamachat.chat_types import never
+from llamachat.conversation_cache import ConversationCache
 from llamachat.token_logprobs import logprobs_entry
 
 # A newcomer's prompt tokens evaluated per step beside the generating chats: small enough that they wait one chunk
@@ -77,6 +81,8 @@ class BatchChat:
         self.reply = ""
         self.completion_tokens = 0
         self.cached_tokens = 0
+        self.prefix_source: str | None = None  # context, ram, disk or none, as ChatJob's
+        self.restore_ms: float | None = None
         self.stop_reason: StopReason | None = None
         self.error: str | None = None
         self.submitted_at = time.perf_counter()
@@ -124,12 +130,20 @@ class _Sequence:
 class BatchDecoder:
     """Decodes up to n_seq chats at once on llm's model, in a context of its own with n_ctx tokens per chat."""
 
-    def __init__(self, llm: Llama, n_seq: int, n_ctx: int | None = None, prompt_chunk: int = PROMPT_CHUNK) -> None:
+    def __init__(
+        self,
+        llm: Llama,
+        n_seq: int,
+        n_ctx: int | None = None,
+        prompt_chunk: int = PROMPT_CHUNK,
+        cache: ConversationCache | None = None,
+    ) -> None:
         if n_seq < 1:
             raise ValueError(f"n_seq must be at least 1, not {n_seq}")
         self.llm = llm
         self.n_seq = n_seq
         self.prompt_chunk = prompt_chunk
+        self.cache = cache
         source = llm.context_params
         params = type(source).from_buffer_copy(source)  # the same threads, batch size and rope settings as llm's
         # Each sequence gets a stream of its own of n_ctx cells (not one pool shared by all), so one long chat cannot
@@ -216,6 +230,7 @@ class BatchDecoder:
                     chat, StopReason.ERROR, f"the prompt has {len(prompt)} tokens; the context holds {self.n_ctx_seq}"
                 )
                 continue
+            cached = self._restore(best, chat, cached)
             if not llama_cpp.llama_memory_seq_rm(self._ctx.memory, best.seq_id, cached, -1):
                 cached = 0
                 llama_cpp.llama_memory_seq_rm(self._ctx.memory, best.seq_id, -1, -1)
@@ -225,6 +240,30 @@ class BatchDecoder:
                 self._end(chat, StopReason.ERROR, f"bad sampling settings: {ex}")
                 continue
             best.start(chat, sampler, self.n_ctx_seq - len(prompt), cached)
+
+    def _restore(self, sequence: _Sequence, chat: BatchChat, cached: int) -> int:
+        """Restores the cache's longest prefix of the chat's prompt into the sequence when it beats what the sequence
+        holds; notes where the prefix came from. Returns the prompt tokens now cached."""
+        chat.prefix_source = "context" if cached else "none"
+        if self.cache is None:
+            return cached
+        started = time.perf_counter()
+        hit = self.cache.find(chat.prompt_tokens, cached)
+        if hit is not None:
+            if kv_state.restore(self._ctx.ctx, self._ctx.memory, sequence.seq_id, hit.state):
+                sequence.tokens, cached, chat.prefix_source = list(hit.tokens), hit.prefix, hit.source
+            else:  # llama.cpp refused the bytes (they were checked, so a bug): the chat is evaluated in full
+                sequence.tokens, cached, chat.prefix_source = [], 0, "none"
+            chat.restore_ms = round((time.perf_counter() - started) * 1000, 2)
+        self.cache.count(chat.prefix_source)
+        return cached
+
+    def _save(self, cache: ConversationCache, sequence: _Sequence) -> None:
+        tokens = sequence.tokens
+        try:
+            cache.save(tokens, kv_state.capture(self._ctx.ctx, self._ctx.memory, sequence.seq_id, len(tokens)))
+        except Exception as ex:  # a bug: the chat has ended well, only its entry is lost (the others decode on)
+            cache.log("error", f"conversation cache: could not save a conversation: {type(ex).__name__}: {ex}")
 
     def _sampler(self, chat: BatchChat) -> internals.LlamaSampler:
         # llama-cpp-python's own chain for these settings, seeded as create_completion seeds it (the runs hold the
@@ -340,6 +379,8 @@ class BatchDecoder:
         sequence.sampler.close()
         sequence.last_used = time.perf_counter()
         self._end(chat, stop_reason, error)
+        if self.cache is not None and stop_reason != StopReason.ERROR:  # after the chat's end: its client need not wait
+            self._save(self.cache, sequence)
 
     def _forget(self, sequence: _Sequence) -> None:
         """Empties a sequence whose cache contents are unknown (a failed decode)."""

@@ -38,6 +38,10 @@ class ChatJob:
         self.finished_at: float | None = None
         self.prompt_tokens = 0
         self.cached_tokens = 0
+        # Where the cached prompt tokens came from (context, ram, disk, none: conversation_cache.SOURCES) and how long
+        # restoring them took (None when nothing was restored).
+        self.prefix_source: str | None = None
+        self.restore_ms: float | None = None
         self.dropped_turns = 0
         self.completion_tokens = 0
         self.stop_reason: StopReason | None = None
@@ -87,6 +91,8 @@ class ChatJob:
             "model_fallback": self.model_fallback,
             "prompt_tokens": self.prompt_tokens,
             "cached_tokens": self.cached_tokens,
+            "prefix_source": self.prefix_source,
+            "restore_ms": self.restore_ms,
             "completion_tokens": self.completion_tokens,
             "tokens_per_second": round(speed, 2),
             "time_to_first_token_ms": None if self.first_token_at is None else _ms(self.first_token_at - self.started),

@@ -9,7 +9,9 @@ chats from its queue and answers the SDK; stop() and close() shut it down behind
 from __future__ import annotations
 
 import gc
+import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Callable, cast
 
 from codeproject_ai_sdk import JSON
@@ -20,9 +22,13 @@ from llamachat.chat_job import STOP_REASON_OF_FINISH_REASON, ChatJob, StopReason
 from llamachat.chat_queue import QueuedChat
 from llamachat.chat_request import INVALID_JSON_SCHEMA, ChatError, ChatRequest
 from llamachat.context_fit import ContextFitter, FitCancelled, FittedChat
+from llamachat.conversation_cache import ConversationCache
+from llamachat.kv_state import fingerprint
 from llamachat.thread_policy import ThreadPolicy
 
 SHUTTING_DOWN = "The module is shutting down; the chat did not start"
+# An error leaves the KV cache's contents unknown: only these chats are saved.
+SAVED_STOP_REASONS = (StopReason.COMPLETED, StopReason.LENGTH, StopReason.CANCELLED)
 
 
 class ChatRunner:
@@ -33,6 +39,7 @@ class ChatRunner:
         self.fitter: ContextFitter
         self.threads: ThreadPolicy
         self.decoder: BatchDecoder | None = None  # with CPAI_MODULE_LLAMA_PARALLEL > 1: decodes the chats together
+        self.cache: ConversationCache | None = None  # conversations' KV states, when a tier is on
         # Everything that touches the model runs on this one thread: loading, fitting the conversation (tokenizing),
         # generating, thread changes and closing; process() only reads the request. (Only the model-free queries at
         # start-up, the GPU backend and the log hook, run on the SDK's thread.) llama.cpp's OpenMP keeps a team of
@@ -40,17 +47,33 @@ class ChatRunner:
         # that fought over the cores and halved generation speed (measured in bench/).
         self.llama_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
 
-    def load(self, pinned_threads: int, parallel: int, n_ctx: int, **model: Any) -> LlamaChat:
+    def load(
+        self,
+        pinned_threads: int,
+        parallel: int,
+        n_ctx: int,
+        cache_bounds: tuple[int, int] = (0, 0),
+        cache_dir: Path | None = None,
+        log: Callable[[str, str], None] | None = None,
+        **model: Any,
+    ) -> LlamaChat:
         """Loads the model (LlamaChat's other keywords) on the llama thread, with parallel > 1 the decoder too.
 
-        pinned_threads: the thread count, 0 for adaptive. Raises what LlamaChat raises (ModelLoadError, ValueError).
+        pinned_threads: the thread count, 0 for adaptive. cache_bounds: the conversation cache's bytes in RAM and on
+        disk (in cache_dir), (0, 0) for none; log(level, message) hears about its evictions and corrupt entries.
+        Raises what LlamaChat raises (ModelLoadError, ValueError).
         """
         self.threads = ThreadPolicy(pinned=pinned_threads)
         chat = self.llama_thread.submit(LlamaChat, n_ctx=n_ctx, n_threads=self.threads.threads, **model).result()
+        ram_bytes, disk_bytes = cache_bounds
+        if ram_bytes > 0 or disk_bytes > 0:
+            # The batch decoder's context has a KV stream per sequence, and llama.cpp's bytes record how many.
+            valid_for = fingerprint(chat.model_path, chat.llm, n_ctx, parallel)
+            self.cache = ConversationCache(valid_for, ram_bytes, disk_bytes, cache_dir, log)
         if parallel > 1:
             # Its worker is then the only thread that computes: the llama thread only loads and tokenizes. A
             # second OpenMP team, even idle, slowed the working one by ~30 % (bench/concurrency.py).
-            self.decoder = self.llama_thread.submit(BatchDecoder, chat.llm, parallel, n_ctx).result()
+            self.decoder = self.llama_thread.submit(BatchDecoder, chat.llm, parallel, n_ctx, cache=self.cache).result()
         self.fitter = ContextFitter(chat)
         self.llama_chat = chat
         return chat
@@ -69,13 +92,17 @@ class ChatRunner:
             fitted, extra = self.llama_thread.submit(self._prepare, request, cancelled).result()
             if request.logprobs:
                 job.logprobs = []
-            if self.decoder is not None:
+            if self.decoder is not None:  # it saves each sequence's conversation itself
                 return self._generate_batched(self.decoder, job, request, fitted, extra, cancelled)
-            return self.llama_thread.submit(self._generate, job, request, fitted, extra, cancelled).result()
+            result = self.llama_thread.submit(self._generate, job, request, fitted, extra, cancelled).result()
         except ChatError as ex:  # the input does not fit, or the module is shutting down
             return job.finish(StopReason.ERROR, str(ex), ex.code, ex.param)
         except FitCancelled:
             return job.finish(StopReason.CANCELLED)
+        if self.cache is not None and job.stop_reason in SAVED_STOP_REASONS:
+            # Queued behind the chat, on the llama thread, after its client can see that it ended.
+            self.llama_thread.submit(self._save)
+        return result
 
     def _model(self) -> LlamaChat:
         """The model, or ChatError(SHUTTING_DOWN) once stop() has run: checked as a chat reaches each step, since
@@ -99,6 +126,33 @@ class ChatRunner:
                 raise ChatError(str(ex), "json_schema", INVALID_JSON_SCHEMA) from None
         return self.fitter.fit(request, cancelled), extra
 
+    def _save(self) -> None:
+        chat = self.llama_chat
+        if self.cache is None or chat is None:  # cleanup() closed the model meanwhile
+            return
+        try:
+            self.cache.save(*chat.capture_state())
+        except Exception as ex:  # a bug: the chat has ended well, only its entry is lost
+            self.report_error(ex, __file__)
+
+    def _restore(self, chat: LlamaChat, job: ChatJob, tokens: list[int]) -> int:
+        """Restores the conversation cache's longest prefix of these prompt tokens when it beats the live context's;
+        notes where the prefix came from in the job. Returns the prompt tokens now cached."""
+        cached = chat.cached_prefix(tokens)
+        job.prefix_source = "context" if cached else "none"
+        if self.cache is None:
+            return cached
+        started = time.perf_counter()
+        hit = self.cache.find(tokens, cached)
+        if hit is not None:
+            if chat.restore_state(hit.tokens, hit.state):
+                cached, job.prefix_source = hit.prefix, hit.source
+            else:  # llama.cpp refused the bytes (they were checked, so a bug): the chat is evaluated in full
+                cached, job.prefix_source = 0, "none"
+            job.restore_ms = round((time.perf_counter() - started) * 1000, 2)
+        self.cache.count(job.prefix_source)
+        return cached
+
     def collect_garbage(self) -> None:
         """Queues a full collection on the llama thread, behind the chat that just ended."""
         # llama-cpp-python 0.3.36 makes a sampler per completion whose native memory sits in a reference cycle,
@@ -116,7 +170,8 @@ class ChatRunner:
     ) -> JSON:
         chat = self._model()
         job.threads = self.threads.update(chat.set_threads, force=True)
-        job.begin_inference(len(fitted.prompt_tokens), chat.cached_prefix(fitted.prompt_tokens), fitted.dropped_turns)
+        job.begin_inference(len(fitted.prompt_tokens), 0, fitted.dropped_turns)
+        job.cached_tokens = self._restore(chat, job, fitted.prompt_tokens)
         stop_reason, error = StopReason.COMPLETED, None
         stream: ChunkStream | None = None
         try:
@@ -179,7 +234,11 @@ class ChatRunner:
         )
 
         def on_text(text: str, tokens: int) -> None:  # on the decoder's thread, between two steps
-            job.cached_tokens = batch.cached_tokens
+            job.cached_tokens, job.prefix_source, job.restore_ms = (
+                batch.cached_tokens,
+                batch.prefix_source,
+                batch.restore_ms,
+            )
             if job.logprobs is not None:
                 job.logprobs.extend(batch.logprobs[len(job.logprobs) :])
             job.threads = self.threads.update(decoder.set_threads)  # the load may change during a long reply
@@ -194,7 +253,11 @@ class ChatRunner:
             raise ChatError(SHUTTING_DOWN) from None
         batch.wait()
         assert batch.stop_reason is not None  # wait() returns once the chat has ended
-        job.cached_tokens = batch.cached_tokens
+        job.cached_tokens, job.prefix_source, job.restore_ms = (
+            batch.cached_tokens,
+            batch.prefix_source,
+            batch.restore_ms,
+        )
         job.count_tokens(batch.completion_tokens)
         error = batch.error and generation_failed(batch.completion_tokens, batch.error)
         return job.finish(batch.stop_reason, error)
@@ -210,6 +273,8 @@ class ChatRunner:
         if self.decoder is not None:
             self.decoder.close()  # its running chats end as cancelled, as the queue has asked them to
         self.llama_thread.submit(chat.close).result()  # on its own thread, behind the chat running there
+        if self.cache is not None:
+            self.cache.close()  # after the last save: what is queued for the disk is written first
         self.threads.close()
 
 

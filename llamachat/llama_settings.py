@@ -42,6 +42,9 @@ class LlamaSettings:
     queue_size: int  # CPAI_MODULE_LLAMA_QUEUE_SIZE: chats that may wait while the model is busy (chat_queue.py)
     result_ttl: int  # CPAI_MODULE_LLAMA_RESULT_TTL: seconds a finished chat's result stays readable
     parallel: int  # CPAI_MODULE_LLAMA_PARALLEL: chats decoded together (batch_decoder.py); 1 = one at a time
+    cache_ram_mb: int  # CPAI_MODULE_LLAMA_CACHE_RAM_MB: conversations' KV states kept in RAM; 0 = none
+    cache_disk_gb: float  # CPAI_MODULE_LLAMA_CACHE_DISK_GB: ... kept on disk, in cache_dir; 0 = none
+    cache_dir: Path  # CPAI_MODULE_LLAMA_CACHE_DIR, made absolute as model_dir is (conversation_cache.py)
 
     @classmethod
     def from_env(
@@ -79,8 +82,20 @@ class LlamaSettings:
                 raise LlamaSettingsError(f"{name} must be a whole number of at least {low}, not {raw!r} ({meaning})")
             return number
 
+        def decimal_number(name: str, meaning: str) -> float:
+            raw = value(name)
+            try:
+                number = float(raw)
+            except ValueError:
+                number = None
+            if number is None or not 0 <= number < float("inf"):
+                raise LlamaSettingsError(f"{name} must be a number of at least 0, not {raw!r} ({meaning})")
+            return number
+
         return cls(
-            model_dir=_model_dir(value("CPAI_MODULE_LLAMA_MODEL_DIR"), module_dir),
+            model_dir=_folder(
+                "CPAI_MODULE_LLAMA_MODEL_DIR", value("CPAI_MODULE_LLAMA_MODEL_DIR"), module_dir, "the model", "./models"
+            ),
             model_filename=_model_filename(value("CPAI_MODULE_LLAMA_MODEL_FILENAME")),
             model_repo=_model_repo(value("CPAI_MODULE_LLAMA_MODEL_REPO")),
             model_fileglob=_model_fileglob(value("CPAI_MODULE_LLAMA_MODEL_FILEGLOB")),
@@ -103,14 +118,27 @@ class LlamaSettings:
             parallel=whole_number(
                 "CPAI_MODULE_LLAMA_PARALLEL", 1, "chats decoded together, each with its own context; 1 = one at a time"
             ),
+            cache_ram_mb=whole_number(
+                "CPAI_MODULE_LLAMA_CACHE_RAM_MB", 0, "MB of RAM for conversations' KV states, e.g. 512; 0 = none"
+            ),
+            cache_disk_gb=decimal_number(
+                "CPAI_MODULE_LLAMA_CACHE_DISK_GB", "GB of disk for conversations' KV states, e.g. 4; 0 = none"
+            ),
+            cache_dir=_folder(
+                "CPAI_MODULE_LLAMA_CACHE_DIR",
+                value("CPAI_MODULE_LLAMA_CACHE_DIR"),
+                module_dir,
+                "conversations' KV states",
+                "./conversation-cache",
+            ),
         )
 
 
-def _model_dir(raw: str, module_dir: Path) -> Path:
+def _folder(name: str, raw: str, module_dir: Path, holds: str, example: str) -> Path:
     if not raw:
         raise LlamaSettingsError(
-            "CPAI_MODULE_LLAMA_MODEL_DIR is empty: set it to the folder that holds the model "
-            "(a relative folder is relative to the module folder, e.g. ./models)"
+            f"{name} is empty: set it to the folder that holds {holds} "
+            f"(a relative folder is relative to the module folder, e.g. {example})"
         )
     return (module_dir / raw).resolve()
 

@@ -150,12 +150,14 @@ def running_server(
     server_args: tuple[str, ...] = (),
     **env: str,
 ) -> Iterator[str]:
-    module_env = {
-        "CPAI_MODULE_LLAMA_CONTEXT_SIZE": str(context_size),
-        "CPAI_MODULE_LLAMA_THREADS": str(module_threads()),
-        **{k: str(v) for k, v in env.items()},
-    }
     with tempfile.TemporaryDirectory(prefix="llamachat-server-") as scratch:
+        module_env = {
+            "CPAI_MODULE_LLAMA_CONTEXT_SIZE": str(context_size),
+            "CPAI_MODULE_LLAMA_THREADS": str(module_threads()),
+            # Conversations' KV states go to the server's scratch folder, never the module folder (tests, benches).
+            "CPAI_MODULE_LLAMA_CACHE_DIR": str(Path(scratch) / "conversation-cache"),
+            **{k: str(v) for k, v in env.items()},
+        }
         log_path = Path(scratch) / "server.log"
         command = [
             sys.executable,

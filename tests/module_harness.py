@@ -19,6 +19,8 @@ METRICS = {
     "model_fallback",
     "prompt_tokens",
     "cached_tokens",
+    "prefix_source",
+    "restore_ms",
     "completion_tokens",
     "tokens_per_second",
     "time_to_first_token_ms",
@@ -43,6 +45,8 @@ def load_adapter(monkeypatch, model_path, **env: str) -> LlamaChat_adapter:
     monkeypatch.setenv("CPAI_MODULE_LLAMA_MODEL_DIR", str(model_path.parent))
     monkeypatch.setenv("CPAI_MODULE_LLAMA_MODEL_FILENAME", model_path.name)
     monkeypatch.setenv("CPAI_MODULE_LLAMA_THREADS", str(module_threads()))  # 1 unless the run exports another
+    # The conversation cache's RAM tier as configured, its disk tier only where a test gives it a folder.
+    monkeypatch.setenv("CPAI_MODULE_LLAMA_CACHE_DISK_GB", "0")
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     adapter = LlamaChat_adapter()

@@ -159,3 +159,25 @@ def test_concurrency_bench_compares_the_queue_with_the_batched_engine_and_writes
     assert goals["2 clients: batched aggregate >= 0.9 x llama_server"]["met"] is None
     report = (out / "concurrency.md").read_text()
     assert "| batched engine (batch_decoder.py) | 2 |" in report and "pass `--llama-server PATH`" in report
+
+
+def test_conversations_bench_measures_returning_users_and_writes_its_files(smollm2, tmp_path):
+    files = {"conversations.json", "conversations.md", "conversations.png"}
+    # Three turns: a restore must save at least a block (32 tokens) more than the live context's shared system prompt.
+    args = ("--model", str(smollm2), "--threads", "1", "--users", "2", "--turns", "3", "--tokens", "8")
+    args += ("--single-repeats", "1", "--disk-conversations", "12", "--disk-mb", "4", "--kv-tokens", "200")
+    done = run_bench("bench.conversations", "--out", str(tmp_path / "results"), *args, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = tmp_path / "results"
+    assert {p.name for p in out.iterdir()} == files
+    results = json.loads((out / "conversations.json").read_text())
+    last = [r for r in results["alternation"]["2"]["rows"] if r["turn"] == 3]
+    assert [r["cached"]["prefix_source"] for r in last] == ["ram", "ram"]
+    assert all(r["cold"]["ttft_ms"] > 0 and r["today"]["ttft_ms"] > 0 for r in last)
+    assert {r["cached"]["prefix_source"] for r in results["restart"]} == {"disk"}
+    assert results["in_process"]["kv_bytes_per_token"] > 0 and results["in_process"]["restore_disk_mb_per_s"] > 0
+    disk = results["disk_bound"]
+    assert disk["largest_folder_bytes"] <= disk["limit_bytes"] and disk["evicted"] > 0
+    goals = {g["goal"]: g for g in results["goals"]}
+    assert goals["2 users, turn 3: returning user's TTFT <= 0.1 x cold"]["measured"] > 0
+    assert "| 2 | 3 |" in (out / "conversations.md").read_text()

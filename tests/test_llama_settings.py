@@ -33,6 +33,9 @@ def as_environment(settings: LlamaSettings) -> dict[str, str]:
         "CPAI_MODULE_LLAMA_QUEUE_SIZE": str(settings.queue_size),
         "CPAI_MODULE_LLAMA_RESULT_TTL": str(settings.result_ttl),
         "CPAI_MODULE_LLAMA_PARALLEL": str(settings.parallel),
+        "CPAI_MODULE_LLAMA_CACHE_RAM_MB": str(settings.cache_ram_mb),
+        "CPAI_MODULE_LLAMA_CACHE_DISK_GB": f"{settings.cache_disk_gb:g}",
+        "CPAI_MODULE_LLAMA_CACHE_DIR": str(settings.cache_dir),
     }
 
 
@@ -47,7 +50,8 @@ def test_defaults_are_what_the_server_passes_from_modulesettings(tmp_path):
         load_module_settings(ROOT, LINUX), port=1, python="python", data_dir=tmp_path, base_env={}, host=LINUX
     )
     expected = {name: server_env[name] for name in VARIABLES}
-    expected["CPAI_MODULE_LLAMA_MODEL_DIR"] = str((ROOT / server_env["CPAI_MODULE_LLAMA_MODEL_DIR"]).resolve())
+    for folder in ("CPAI_MODULE_LLAMA_MODEL_DIR", "CPAI_MODULE_LLAMA_CACHE_DIR"):
+        expected[folder] = str((ROOT / server_env[folder]).resolve())
     assert as_environment(settings) == expected
 
     assert settings.model_dir == ROOT / "models"
@@ -55,6 +59,7 @@ def test_defaults_are_what_the_server_passes_from_modulesettings(tmp_path):
     assert settings.context_size == int(DECLARED["CPAI_MODULE_LLAMA_CONTEXT_SIZE"])
     assert (settings.threads, settings.gpu_layers, settings.chat_format) == (0, -1, "")
     assert (settings.queue_size, settings.result_ttl, settings.parallel) == (16, 300, 1)
+    assert (settings.cache_ram_mb, settings.cache_disk_gb, settings.cache_dir) == (512, 4, ROOT / "conversation-cache")
 
 
 def test_the_environment_overrides_every_default(tmp_path):
@@ -70,6 +75,9 @@ def test_the_environment_overrides_every_default(tmp_path):
         "CPAI_MODULE_LLAMA_QUEUE_SIZE": "0",
         "CPAI_MODULE_LLAMA_RESULT_TTL": "5",
         "CPAI_MODULE_LLAMA_PARALLEL": "4",
+        "CPAI_MODULE_LLAMA_CACHE_RAM_MB": "0",
+        "CPAI_MODULE_LLAMA_CACHE_DISK_GB": "0.5",
+        "CPAI_MODULE_LLAMA_CACHE_DIR": str(tmp_path / "conversations"),
     }
     settings = LlamaSettings.from_env(env, host=LINUX)
     assert as_environment(settings) == {**env, "CPAI_MODULE_LLAMA_THREADS": "3"}
@@ -160,6 +168,21 @@ def test_per_os_layers_change_the_defaults(tmp_path):
         ),
         ("CPAI_MODULE_LLAMA_MODEL_FILEGLOB", " ", "CPAI_MODULE_LLAMA_MODEL_FILEGLOB is empty"),
         ("CPAI_MODULE_LLAMA_MODEL_DIR", " ", "CPAI_MODULE_LLAMA_MODEL_DIR is empty"),
+        ("CPAI_MODULE_LLAMA_CACHE_DIR", " ", "CPAI_MODULE_LLAMA_CACHE_DIR is empty: set it to the folder that holds"),
+        (
+            "CPAI_MODULE_LLAMA_CACHE_RAM_MB",
+            "1.5",
+            "CPAI_MODULE_LLAMA_CACHE_RAM_MB must be a whole number of at least 0, not '1.5' (MB of RAM for "
+            "conversations' KV states, e.g. 512; 0 = none)",
+        ),
+        (
+            "CPAI_MODULE_LLAMA_CACHE_DISK_GB",
+            "-1",
+            "CPAI_MODULE_LLAMA_CACHE_DISK_GB must be a number of at least 0, not '-1' (GB of disk for "
+            "conversations' KV states, e.g. 4; 0 = none)",
+        ),
+        ("CPAI_MODULE_LLAMA_CACHE_DISK_GB", "nan", "at least 0, not 'nan'"),
+        ("CPAI_MODULE_LLAMA_CACHE_DISK_GB", "inf", "at least 0, not 'inf'"),
         (
             "CPAI_MODULE_LLAMA_CHAT_FORMAT",
             "llama-2",
