@@ -36,8 +36,8 @@ class ChatCompletionRequest:
     max_tokens: int | None  # the client's, if it gave one (the module's default applies otherwise)
 
 
-def error_body(message: str, error_type: str, param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": error_type, "param": param, "code": None}}
+def error_body(message: str, error_type: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
 
 def _unsupported(body: dict) -> tuple[str, str] | None:
