@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -28,6 +29,7 @@ from .openai_chat import (
 )
 from .payload import group_values
 from .queues import QueueError, QueueFull
+from .request_body import MAX_TEXT_BODY_BYTES, JsonInputError, body_limit, parse_json, within_body_deadline
 from .server_state import STATE, ServerState
 
 CHAT_ROUTE = "text/chat"
@@ -167,21 +169,33 @@ async def _start_for_client(state: ServerState, values: list[tuple[str, str]]) -
         raise
 
 
+# The chat's commandId goes to the client that started it in this header only, so it can follow the chat through the
+# CodeProject routes: OpenAI tooling logs and shows a response's id as harmless, and whoever knows a commandId can
+# read or cancel its chat, so the id is a random one of its own.
+COMMAND_ID_HEADER = "X-LlamaChat-Command-Id"
+
+
+def completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
 async def _complete(state: ServerState, command_id: str, created: int, max_tokens: int | None) -> web.Response:
     final = {}
     async for status in _follow(state, command_id, max_tokens):
         final = status
     body = completion(
-        f"chatcmpl-{command_id}", created, _model_name(state), final.get("reply") or "", _finish_reason(final), final
+        completion_id(), created, _model_name(state), final.get("reply") or "", _finish_reason(final), final
     )
-    return web.json_response(body)
+    return web.json_response(body, headers={COMMAND_ID_HEADER: command_id})
 
 
 async def _stream(
     request: web.Request, state: ServerState, command_id: str, created: int, chat: ChatCompletionRequest
 ) -> web.StreamResponse:
-    completion_id, model = f"chatcmpl-{command_id}", _model_name(state)
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    response_id, model = completion_id(), _model_name(state)
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", COMMAND_ID_HEADER: command_id}
+    )
     await response.prepare(request)
 
     async def send(event: dict) -> None:
@@ -189,19 +203,19 @@ async def _stream(
 
     sent, final = 0, {}
     try:
-        await send(chunk(completion_id, created, model, {"role": "assistant", "content": ""}))
+        await send(chunk(response_id, created, model, {"role": "assistant", "content": ""}))
         try:
             async for status in _follow(state, command_id, chat.max_tokens):
                 final, reply = status, status.get("reply") or ""
                 if len(reply) > sent:
-                    await send(chunk(completion_id, created, model, {"content": reply[sent:]}))
+                    await send(chunk(response_id, created, model, {"content": reply[sent:]}))
                     sent = len(reply)
-            await send(chunk(completion_id, created, model, {}, _finish_reason(final)))
+            await send(chunk(response_id, created, model, {}, _finish_reason(final)))
         except ApiFailure as ex:  # the status line has gone: the error travels as an event, which clients raise
             await send(error_body(str(ex), ex.error_type))
             return response
         if chat.include_usage:
-            await send(chunk(completion_id, created, model, None, usage=usage(final)))
+            await send(chunk(response_id, created, model, None, usage=usage(final)))
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
     except ConnectionResetError:  # the client closed the connection between two chunks
@@ -213,10 +227,13 @@ async def _stream(
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     try:
-        chat = parse_chat_request(json.loads(await request.text()))
+        text = await within_body_deadline(body_limit(request, MAX_TEXT_BODY_BYTES).text())
+        chat = parse_chat_request(parse_json(text, "The body"))
         command_id = await _start_for_client(state, chat.values)
-    except (json.JSONDecodeError, RecursionError, UnicodeDecodeError):
+    except UnicodeDecodeError:
         return ApiFailure(400, "The body must be a JSON object in UTF-8", "invalid_request_error").response()
+    except JsonInputError as ex:
+        return ApiFailure(400, f"{ex}: send a JSON object", "invalid_request_error").response()
     except OpenAIRequestError as ex:
         return web.json_response(error_body(str(ex), "invalid_request_error", ex.param), status=400)
     except ApiFailure as ex:
@@ -244,6 +261,18 @@ async def list_models(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": models if model else []})
 
 
+def _only(*methods: str):
+    """A handler for any other method on an OpenAI path: a 405 in OpenAI's shape (errors.py), not the module routes'
+    404."""
+
+    async def method_not_allowed(request: web.Request) -> web.Response:
+        raise web.HTTPMethodNotAllowed(request.method, methods)
+
+    return method_not_allowed
+
+
 def add_openai_routes(app: web.Application) -> None:
     app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_route("*", "/v1/chat/completions", _only("POST"))
     app.router.add_get("/v1/models", list_models)
+    app.router.add_route("*", "/v1/models", _only("GET"))
