@@ -10,8 +10,7 @@ import threading
 import pytest
 import requests
 
-from live_server import ROOT, serve_in_thread
-from llamachat_server.server_state import ServerConfig
+from live_server import no_module_config, serve_in_thread
 
 KEY = "page-key-0123456789"
 RECORD_VIOLATIONS = (
@@ -21,17 +20,7 @@ RECORD_VIOLATIONS = (
 
 
 def serve(tmp_path_factory, **config):
-    return serve_in_thread(
-        ServerConfig(
-            module_dir=ROOT,
-            port=0,
-            launch_module=False,
-            response_timeout=2.0,
-            data_dir=tmp_path_factory.mktemp("data"),
-            log_level="critical",
-            **config,
-        )
-    )
+    return serve_in_thread(no_module_config(tmp_path_factory.mktemp("data"), response_timeout=2.0, **config))
 
 
 def module_polls_once(url: str) -> None:

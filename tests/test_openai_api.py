@@ -285,12 +285,22 @@ def test_images_and_a_last_message_that_is_not_the_users_are_refused(client):
 def test_a_body_that_is_not_json_is_a_400_in_openais_shape(base_url):
     answer = requests.post(f"{base_url}/v1/chat/completions", data="{not json", timeout=10)
     assert answer.status_code == 400
-    assert answer.json()["error"] == {
-        "message": "The body must be a JSON object in UTF-8",
-        "type": "invalid_request_error",
-        "param": None,
-        "code": None,
-    }
+    error = answer.json()["error"]
+    assert error["message"] == (
+        "The body is not valid JSON (Expecting property name enclosed in double quotes at character 1): "
+        "send a JSON object"
+    )
+    assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", None, None)
+
+
+def test_wrong_methods_and_unknown_paths_answer_in_openais_shape(base_url, client):
+    """OpenAI clients read errors from {"error": {...}}; a 405 or 404 in CodeProject's shape says nothing to them."""
+    wrong = requests.get(f"{base_url}/v1/chat/completions", timeout=10)
+    assert wrong.status_code == 405 and wrong.headers["Allow"] == "POST"
+    assert "does not answer GET" in wrong.json()["error"]["message"]
+    assert requests.delete(f"{base_url}/v1/models", timeout=10).json()["error"]["type"] == "invalid_request_error"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
 
 
 def native_chat(base_url, **form):
@@ -338,9 +348,11 @@ def test_a_foreign_web_page_may_not_chat_and_cannot_read_the_models(base_url):
     evil = {"Origin": "https://evil.example"}
     chat = requests.post(f"{base_url}/v1/chat/completions", json={"messages": HELLO}, headers=evil, timeout=10)
     assert chat.status_code == 403 and "Access-Control-Allow-Origin" not in chat.headers
-    assert "evil.example" in chat.json()["error"]
+    error = chat.json()["error"]  # OpenAI's shape
+    assert "evil.example" in error["message"] and error["type"] == "permission_error"
     models = requests.get(f"{base_url}/v1/models", headers=evil, timeout=10)
-    assert "Access-Control-Allow-Origin" not in models.headers  # the page cannot read it
+    assert models.status_code == 403 and "Access-Control-Allow-Origin" not in models.headers
+    assert "data" not in models.json()
 
 
 def test_a_local_web_page_can_read_a_stream(base_url):

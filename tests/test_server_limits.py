@@ -9,9 +9,7 @@ they send nothing. No module is launched here; the hostile-input battery
 import asyncio
 import io
 import json
-import resource
 import socket
-import subprocess
 import sys
 
 import aiohttp
@@ -19,7 +17,7 @@ import requests
 from aiohttp.test_utils import TestServer
 
 from conftest import ROOT
-from live_server import free_port, poll, stop_process
+from live_server import closed_by_peer, free_port, poll, start_no_module_server, stop_process
 from llamachat_server.app import create_app
 from llamachat_server.commands import MAX_TRACKED_COMMANDS, CommandTracker
 from llamachat_server.connections import connection_caps
@@ -344,34 +342,6 @@ DESCRIPTORS = 256  # the server's RLIMIT_NOFILE in the test below: low enough to
 HALF_HEADERS = b"GET /v1/server/status/ping HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Half: "
 
 
-def _serve_with_few_descriptors(port: int, log_path) -> subprocess.Popen:
-    def lower_limit():
-        resource.setrlimit(resource.RLIMIT_NOFILE, (DESCRIPTORS, DESCRIPTORS))
-
-    with open(log_path, "wb") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "llamachat_server", "--no-module", "--port", str(port), "--log-level", "debug"],
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            preexec_fn=lower_limit,
-        )
-
-
-def _closed_by_server(sock: socket.socket) -> bool:
-    """Whether the server has closed this connection (what it sent first, a 503, is read and dropped)."""
-    try:
-        while True:
-            data = sock.recv(65536)
-            if not data:
-                return True
-    except BlockingIOError:
-        return False
-    except OSError:  # reset
-        return True
-
-
 def test_half_sent_and_idle_connections_cannot_use_up_the_descriptors(tmp_path):
     """With 1,024 descriptors, 1,100 connections that each sent half their headers made the server log EMFILE and
     stay unreachable: none was ever closed. Now connections over the caps are answered 503 and closed at once,
@@ -379,10 +349,9 @@ def test_half_sent_and_idle_connections_cannot_use_up_the_descriptors(tmp_path):
     total, per_peer = connection_caps(DESCRIPTORS)
     port = free_port()
     log_path = tmp_path / "server.log"
-    server = _serve_with_few_descriptors(port, log_path)
+    server = start_no_module_server(port, log_path, DESCRIPTORS, "--log-level", "debug")
     sockets = []
     try:
-        poll(lambda: "LlamaChat server ready" in log_path.read_text(), 30, "the server to listen")
         idle = socket.create_connection(("127.0.0.1", port))
         idle.sendall(b"GET /v1/server/status/ping HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert idle.recv(65536).startswith(b"HTTP/1.1 200")  # answered, then left idle on a kept-alive connection
@@ -402,9 +371,9 @@ def test_half_sent_and_idle_connections_cannot_use_up_the_descriptors(tmp_path):
         assert per_peer * 2 <= total + 1
         assert b"as many connections as" in _peek(refused("::1")[0])
 
-        poll(lambda: all(_closed_by_server(s) for _, s in sockets), 60, "the half-sent connections to be closed")
+        poll(lambda: all(closed_by_peer(s) for _, s in sockets), 60, "the half-sent connections to be closed")
         idle.setblocking(False)
-        poll(lambda: _closed_by_server(idle), 60, "the idle connection to be closed")
+        poll(lambda: closed_by_peer(idle), 60, "the idle connection to be closed")
         ping = requests.get(f"http://127.0.0.1:{port}/v1/server/status/ping", timeout=10)
         assert ping.status_code == 200
         output = log_path.read_text()

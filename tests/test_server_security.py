@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 import pytest
 import requests
 
-from live_server import ROOT, poll, running_server, serve_in_thread, server_status
+from live_server import ROOT, no_module_config, poll, running_server, serve_in_thread, server_status
 from llamachat_server.host_check import HostCheck
 from llamachat_server.peer import find_peer_socket, owner_among, process_tree
 from llamachat_server.server_state import ServerConfig
@@ -180,15 +180,7 @@ def test_launched_module_polls_answers_and_reports_unhindered(real_server, smoll
 
 @pytest.fixture(scope="module")
 def no_module_server(tmp_path_factory):
-    config = ServerConfig(
-        module_dir=ROOT,
-        port=0,
-        launch_module=False,
-        response_timeout=5.0,
-        data_dir=tmp_path_factory.mktemp("data"),
-        log_level="critical",
-    )
-    with serve_in_thread(config) as url:
+    with serve_in_thread(no_module_config(tmp_path_factory.mktemp("data"), response_timeout=5.0)) as url:
         yield url
 
 
@@ -509,14 +501,7 @@ def test_the_module_peer_lookup_does_not_hold_up_other_clients(no_module_server,
 
 
 def test_allow_host_admits_docker_and_proxy_names_and_nothing_more(tmp_path):
-    config = ServerConfig(
-        module_dir=ROOT,
-        port=0,
-        launch_module=False,
-        data_dir=tmp_path,
-        log_level="critical",
-        allowed_hosts=["host.docker.internal", "*.example.com"],
-    )
+    config = no_module_config(tmp_path, allowed_hosts=["host.docker.internal", "*.example.com"])
     with serve_in_thread(config) as url:
         port = urlparse(url).port
 
@@ -551,16 +536,7 @@ KEYS = ["first-key-0123", "second-key-4567"]
 
 @pytest.fixture(scope="module")
 def keyed_server(tmp_path_factory):
-    config = ServerConfig(
-        module_dir=ROOT,
-        port=0,
-        launch_module=False,
-        response_timeout=1.0,
-        data_dir=tmp_path_factory.mktemp("data"),
-        log_level="critical",
-        api_keys=KEYS,
-    )
-    with serve_in_thread(config) as url:
+    with serve_in_thread(no_module_config(tmp_path_factory.mktemp("data"), response_timeout=1.0, api_keys=KEYS)) as url:
         yield url
 
 
