@@ -124,6 +124,8 @@ class ChatInputs:
             raise ChatError(f"{how}; it is not valid JSON ({ex.msg} at character {ex.pos})") from None
         except RecursionError:
             raise ChatError(f"{how}; it is nested too deeply") from None
+        except ValueError:  # an integer of more digits than Python converts
+            raise ChatError(f"{how}; it holds a number too long to read") from None
         if not isinstance(turns, list):
             raise ChatError(how)
         if len(turns) > MAX_HISTORY_MESSAGES:
@@ -150,7 +152,7 @@ def _json_array(raw: str) -> list | None:
     """raw parsed as a JSON array, or None if it is not one."""
     try:
         value = json.loads(raw)
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # not JSON, or a number too long to read
         return None
     return value if isinstance(value, list) else None
 
