@@ -133,12 +133,14 @@ def _json_parts(body: Any) -> tuple[list[dict], list[dict]]:
             f"A JSON body must be in RequestPayload shape, not a plain object "
             f"(found {', '.join(repr(k) for k in unknown)}): send {JSON_SHAPE_HINT}"
         )
-    return _checked_values(lookup(body, "values", default=[])), _checked_files(lookup(body, "files", default=[]))
+    values, files = lookup(body, "values", default=[]), lookup(body, "files", default=[])
+    if isinstance(values, list) and isinstance(files, list):
+        _check_field_count(len(values) + len(files))  # at least this many: refused before each entry is checked
+    return _checked_values(values), _checked_files(files)
 
 
-def _check_field_count(values: list[dict], files: list[dict]) -> None:
+def _check_field_count(fields: int) -> None:
     """Refuses more fields than a form may have (aiohttp's cap, which a JSON body would otherwise escape)."""
-    fields = sum(max(1, len(item["value"])) for item in values) + len(files)
     if fields > MAX_FIELDS:
         raise PayloadError(
             f"The request holds {fields} fields (values and files); at most {MAX_FIELDS} are accepted: send fewer"
@@ -167,7 +169,7 @@ async def build_payload(request: web.Request, command: str, url_segments: list[s
             "application/x-www-form-urlencoded or a JSON RequestPayload"
         )
     values = query_values + values
-    _check_field_count(values, files)
+    _check_field_count(sum(max(1, len(item["value"])) for item in values) + len(files))
     for item in values:
         for text in item["value"]:
             _check_json_depth(item["key"], text)
