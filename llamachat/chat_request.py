@@ -188,6 +188,8 @@ def _messages(raw: str, name: str, how: str, roles: str) -> list[dict[str, str]]
         raise ChatError(f"{how}; it is not valid JSON ({ex.msg} at character {ex.pos})", name) from None
     except RecursionError:
         raise ChatError(f"{how}; it is nested too deeply", name) from None
+    except ValueError:  # an integer of more digits than Python converts
+        raise ChatError(f"{how}; it holds a number too long to read", name) from None
     if not isinstance(turns, list):
         raise ChatError(how, name)
     if len(turns) > MAX_HISTORY_MESSAGES:
@@ -241,7 +243,7 @@ def _grammar(raw: str | None) -> str | None:
     _bounded(raw, "json_schema")
     try:
         schema = json.loads(raw)
-    except (json.JSONDecodeError, RecursionError) as ex:
+    except (ValueError, RecursionError) as ex:  # not JSON, or a number too long to read
         raise ChatError(f"json_schema is not valid JSON: {ex}", "json_schema", INVALID_JSON_SCHEMA) from None
     try:
         return json_grammar(schema)
@@ -263,7 +265,7 @@ def _tools(raw: str | None) -> list[dict[str, Any]] | None:
     _bounded(raw, "tools")
     try:
         tools = json.loads(raw)
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # not JSON, or a number too long to read
         raise ChatError(how, "tools") from None
     named = isinstance(tools, list) and all(
         isinstance(t, dict) and isinstance(t.get("function"), dict) and isinstance(t["function"].get("name"), str)
@@ -281,7 +283,7 @@ def _logit_bias(raw: str | None) -> dict[int, float] | None:
     how = 'logit_bias must be a JSON object of token ids and biases from -100 to 100, like {"1234": -100}'
     try:
         biases = json.loads(raw)
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # not JSON, or a number too long to read
         raise ChatError(how, "logit_bias") from None
     if not isinstance(biases, dict) or len(biases) > MAX_LOGIT_BIASES:
         raise ChatError(f"{how}, with at most {MAX_LOGIT_BIASES} entries", "logit_bias")
@@ -298,7 +300,7 @@ def _json_array(raw: str) -> list | None:
     """raw parsed as a JSON array, or None if it is not one."""
     try:
         value = json.loads(raw)
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # not JSON, or a number too long to read
         return None
     return value if isinstance(value, list) else None
 

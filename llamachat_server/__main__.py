@@ -11,8 +11,10 @@ import signal
 import sys
 from pathlib import Path
 
+from .api_keys import ApiKeyError, check_keys, read_key_file
 from .app import ListenError, serve
 from .cors import OriginPatternError, parse_origin_patterns
+from .host_check import HostPatternError, parse_host_patterns
 from .server_log import LEVELS
 from .server_state import ServerConfig
 from .settings import SettingsError
@@ -37,7 +39,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--host",
         default=defaults.host,
-        help="address to listen on (default %(default)s; any other has no authentication: a warning)",
+        help="address to listen on (default %(default)s; any other without --api-key: a warning)",
     )
     parser.add_argument(
         "--port", type=int, default=defaults.port, help="port to listen on, 0 for a free one (default %(default)s)"
@@ -94,11 +96,44 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "* for any, null for explore.html opened from a file, https://*.example.com); "
         "this machine's origins (localhost, 127.0.0.1, [::1]) always may",
     )
+    parser.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also answer requests whose Host is NAME (repeatable or comma-separated; * in a name for any part: "
+        "*.example.com): for Docker (host.docker.internal) or a reverse proxy that keeps the client's Host; "
+        "loopback names and the --host address always pass",
+    )
+    parser.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on every client request (repeatable: any of the keys); "
+        "the module endpoints keep their process check",
+    )
+    parser.add_argument(
+        "--api-key-file",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="as --api-key, one key a line (blank lines and # comments skipped); keeps keys out of the process list",
+    )
     args = parser.parse_args(argv)
     try:
         args.allow_origin = parse_origin_patterns(args.allow_origin)
     except OriginPatternError as ex:
         parser.error(f"--allow-origin: {ex}")
+    try:
+        args.allow_host = parse_host_patterns(args.allow_host)
+    except HostPatternError as ex:
+        parser.error(f"--allow-host: {ex}")
+    try:
+        args.api_keys = check_keys(args.api_key + [key for path in args.api_key_file for key in read_key_file(path)])
+    except ApiKeyError as ex:
+        parser.error(f"--api-key: {ex}")
     if args.model is not None and not args.model.is_file():
         parser.error(f"--model {args.model}: no such file")
     if args.response_timeout <= 0:
@@ -123,6 +158,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         log_level=args.log_level,
         launch_module=not args.no_module,
         allowed_origins=args.allow_origin,
+        allowed_hosts=args.allow_host,
+        api_keys=args.api_keys,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import socket
 import sys
@@ -10,8 +11,10 @@ from typing import Callable
 
 from aiohttp import web
 
+from .api_keys import ApiKeys
 from .client_api import handle_module_route
 from .commands import CommandTracker
+from .connections import KEEPALIVE_SECONDS, ConnectionGate, GatedSite, connection_caps, descriptor_limit
 from .cors import OriginPolicy
 from .errors import json_errors
 from .explorer import add_explorer_routes
@@ -21,15 +24,13 @@ from .module_api import add_module_routes
 from .module_process import ModuleProcess, interpreter_command
 from .openai_api import add_openai_routes
 from .queues import RequestQueues
+from .request_body import MAX_FILE_BODY_BYTES
 from .routes import RouteMap
 from .server_log import ServerLog
 from .server_state import STATE, ServerConfig, ServerState
 from .settings import load_module_settings, module_environment
 from .status_api import add_status_routes
 
-# Requests carry images for other modules; the real server (Kestrel) accepts ~30 MB bodies.
-MAX_REQUEST_BYTES = 50 * 1024 * 1024
-_LOOPBACK_NAMES = ("127.0.0.1", "localhost")
 _WILDCARDS = ("", "0.0.0.0", "::")
 
 
@@ -60,10 +61,11 @@ def create_app(config: ServerConfig) -> web.Application:
     # The origin policy's add_headers gives every answer an allowed page may read its CORS headers as it goes out
     # (errors from json_errors and streamed answers included).
     app = web.Application(
-        client_max_size=MAX_REQUEST_BYTES,
+        client_max_size=MAX_FILE_BODY_BYTES,  # routes that take no file lower it (request_body.py)
         middlewares=[
-            HostCheck(config.host, state.hostname).middleware(),
+            HostCheck(config.host, state.hostname, config.allowed_hosts).middleware(),
             origins.middleware(),
+            ApiKeys(config.api_keys, state.hostname).middleware(),
             json_errors,
         ],
     )
@@ -88,26 +90,92 @@ class ListenError(Exception):
     """The server cannot listen where it was asked to; the message says where and why."""
 
 
-def bind_sockets(host: str, port: int) -> list[socket.socket]:
-    """Listening sockets for host:port (port 0: a free one). The SDK always calls http://localhost:<port>,
-    so a server bound to another single address also listens on 127.0.0.1."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+# The module's SDK always calls http://localhost:<port>, and so do the README and the page; localhost resolves to
+# 127.0.0.1 or ::1 (often ::1 first), so the server holds both on its port: a loopback address left free would let
+# another local user's listener there receive the module's and the browsers' requests.
+LOOPBACKS = ("127.0.0.1", "::1")
+PORT_ATTEMPTS = 10  # port 0: free ports to try until both loopback addresses are free on one of them
+_IPV6_MISSING = (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT)  # no ::1 here: nobody else can listen there either
+
+
+def _shown(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    if host in ("::", "[::]"):
+        return socket.create_server(("::", port), family=socket.AF_INET6, dualstack_ipv6=socket.has_dualstack_ipv6())
+    return socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+
+
+def _covers(sock: socket.socket, loopback: str) -> bool:
+    """Whether a listening socket already receives connections to `loopback` (as a wildcard of its family does)."""
+    address = sock.getsockname()[0]
+    if sock.family == socket.AF_INET:
+        return loopback == "127.0.0.1" and address in ("127.0.0.1", "0.0.0.0")
+    if address == "::":  # dual-stack also receives IPv4
+        return loopback == "::1" or not sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+    return address == loopback
+
+
+class _Taken(Exception):
+    """A loopback address another program holds on the chosen port."""
+
+    def __init__(self, loopback: str, port: int, cause: OSError) -> None:
+        super().__init__(loopback, port)
+        self.loopback, self.port, self.cause = loopback, port, cause
+
+
+def _bind_once(host: str, port: int) -> list[socket.socket]:
+    first = LOOPBACKS[0] if host == "localhost" else host
+    sockets = [_listen(first, port)]
+    port = sockets[0].getsockname()[1]
     try:
-        sockets = [socket.create_server((host, port), family=family)]
-        if host not in _LOOPBACK_NAMES + _WILDCARDS:
-            sockets.append(socket.create_server(("127.0.0.1", sockets[0].getsockname()[1])))
-    except OSError as ex:
-        raise ListenError(f"cannot listen on {host}:{port}: {ex.strerror or ex}") from ex
+        for loopback in LOOPBACKS:
+            if any(_covers(sock, loopback) for sock in sockets):
+                continue
+            try:
+                sockets.append(_listen(loopback, port))
+            except OSError as ex:
+                if ex.errno in _IPV6_MISSING:
+                    continue
+                raise _Taken(loopback, port, ex) from ex
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
     return sockets
 
 
-def no_authentication_warning(host: str) -> str | None:
-    """The warning for a server that other machines may reach, or None for a loopback one."""
-    if is_loopback_host(host):
+def bind_sockets(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets for host:port (port 0: a free one), plus 127.0.0.1 and ::1 on the same port where `host`
+    does not cover them. Refuses to start when either loopback address is taken on that port."""
+    for _ in range(PORT_ATTEMPTS if port == 0 else 1):
+        try:
+            return _bind_once(host, port)
+        except _Taken as taken:
+            if port == 0:
+                continue  # the free port picked for `host` is another program's on a loopback address: pick again
+            where = _shown(taken.loopback, taken.port)
+            raise ListenError(
+                f"cannot listen on {where}: {os.strerror(taken.cause.errno or 0)}; another program (maybe another "
+                f"user's) holds that loopback address on port {port}, and the module and browsers calling "
+                f"http://localhost:{port} could reach it instead of this server: stop it, or choose another --port"
+            ) from None
+        except OSError as ex:
+            reason = os.strerror(ex.errno) if ex.errno else str(ex)
+            raise ListenError(f"cannot listen on {_shown(host, port)}: {reason}") from ex
+    raise ListenError(f"cannot listen on {host}: no port was free on both 127.0.0.1 and ::1 in {PORT_ATTEMPTS} tries")
+
+
+def no_authentication_warning(host: str, has_keys: bool) -> str | None:
+    """The warning for a server that other machines may reach without a key, or None."""
+    if is_loopback_host(host) or has_keys:
         return None
     return (
         f"Listening on {host or 'every interface'}: the API has no authentication, so anyone who can reach this "
-        f"address can chat with the model and read the server's log; use it only on a network you trust"
+        f"address can chat with the model and read the server's log; set --api-key, or use it only on a network you "
+        f"trust"
     )
 
 
@@ -121,19 +189,25 @@ async def serve(config: ServerConfig, stop: asyncio.Event, on_ready: Callable[[s
     has been launched. Stopping ends the module first (so its last words are still logged), then HTTP."""
     app = create_app(config)
     state = app[STATE]
-    exposed = no_authentication_warning(config.host)
+    exposed = no_authentication_warning(config.host, bool(config.api_keys))
     if exposed:
         print(f"WARNING: {exposed}", file=sys.stderr, flush=True)
         state.log.add(exposed, "warning")
     access_notice = app[MODULE_ACCESS].startup_notice()
     if access_notice:
         state.log.add(*access_notice)
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=2.0)
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=2.0, keepalive_timeout=KEEPALIVE_SECONDS)
     await runner.setup()
     try:
         sockets = bind_sockets(config.host, config.port)
+        gate = ConnectionGate(state.hostname, *connection_caps(descriptor_limit()))
+        state.log.add(
+            f"At most {gate.total} connections at once, {gate.per_peer} from one address; a connection is closed "
+            f"after {KEEPALIVE_SECONDS:g} s without a request",
+            "debug",
+        )
         for sock in sockets:
-            await web.SockSite(runner, sock).start()
+            await GatedSite(runner, sock, gate).start()
         port = sockets[0].getsockname()[1]
         if config.launch_module:
             config.data_dir.mkdir(parents=True, exist_ok=True)
@@ -153,3 +227,4 @@ async def serve(config: ServerConfig, stop: asyncio.Event, on_ready: Callable[[s
         await state.module.stop(lambda: state.queues.post(state.settings.queue, quit_payload(state.settings.module_id)))
         state.queues.fail_all("The server is shutting down")  # clients still waiting hear why, at once
         await runner.cleanup()
+        app[MODULE_ACCESS].close()

@@ -9,7 +9,8 @@ from aiohttp import web
 from .module_process import ModuleStatus
 from .payload import PayloadError, build_payload
 from .queues import QueueError, RequestTimedOut
-from .responses import error_response, utc_timestamp
+from .request_body import MAX_FILE_BODY_BYTES, MAX_TEXT_BODY_BYTES, body_limit
+from .responses import error_response, is_openai_path, utc_timestamp
 from .routes import SYSTEM_COMMANDS, Route
 from .server_state import STATE, ServerState
 
@@ -70,6 +71,8 @@ async def handle_module_route(request: web.Request) -> web.Response:
     state = request.app[STATE]
     path = request.match_info["tail"]
     match = state.routes.match(request.method, path)
+    if match is None and is_openai_path(request.path):
+        raise web.HTTPNotFound()  # answered in OpenAI's shape (errors.py)
     if match is None:
         known = ", ".join(f"{r.method} /v1/{r.path}" for r in state.routes.routes())
         return error_response(
@@ -83,8 +86,9 @@ async def handle_module_route(request: web.Request) -> web.Response:
             state.hostname,
             f"The server is shutting down: module {state.module.name} is {state.module.status.value}",
         )
+    limit = MAX_FILE_BODY_BYTES if match.route.takes_files else MAX_TEXT_BODY_BYTES
     try:
-        payload = await build_payload(request, match.route.command, match.url_segments)
+        payload = await build_payload(body_limit(request, limit), match.route.command, match.url_segments)
     except PayloadError as ex:
         return error_response(state.hostname, str(ex), code=400)
 

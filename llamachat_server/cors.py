@@ -3,9 +3,10 @@ http(s)://localhost, 127.0.0.1 and [::1] on any port; `--allow-origin` adds more
 (`*` for any, `null` for pages opened from a file, `https://*.example.com` patterns).
 
 Other origins get no Access-Control-Allow-Origin header, so their pages cannot read any answer, and their
-state-changing requests are refused outright (403): a plain form POST needs no preflight, so a header alone would
-not stop a foreign page from starting chats. Requests without an Origin (curl, the SDK, scripts) are not web pages
-and pass. Unlike the real server, which admits every origin.
+requests are refused outright (403), GETs included, as Ollama does: a plain form POST needs no preflight, so a header
+alone would not stop a foreign page from starting chats, and a GET answered at all still tells the page something.
+Requests without an Origin (curl, the SDK, scripts) are not web pages and pass. Unlike the real server, which admits
+every origin.
 """
 
 from __future__ import annotations
@@ -15,10 +16,9 @@ from collections.abc import Iterable
 
 from aiohttp import web
 
-from .responses import error_response
+from .responses import refusal_response
 
 ALLOWED_METHODS = "GET, POST, OPTIONS"
-SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 _LOCAL_ORIGIN = re.compile(r"^https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?$")
 _ORIGIN_PATTERN = re.compile(r"^[a-z][a-z0-9+.-]*://[^/?#\s]+$")
 
@@ -67,13 +67,13 @@ class OriginPolicy:
             headers.add("Vary", "Origin")
 
     def _refuse(self, origin: str, request: web.Request) -> web.Response:
-        return error_response(
+        return refusal_response(
+            request,
             self._hostname,
             f"Forbidden: web pages from {origin} may not call this server "
             f"({request.method} {request.path}); start it with --allow-origin {origin} to let "
             f"them",
-            code=403,
-            http_status=403,
+            403,
         )
 
     def middleware(self):
@@ -98,7 +98,7 @@ class OriginPolicy:
                     preflight.headers["Access-Control-Allow-Private-Network"] = "true"  # Chrome, for an allowed site
                 self._allow(preflight.headers, origin)
                 return preflight
-            if not allowed and request.method not in SAFE_METHODS:
+            if not allowed:  # GETs too: a page must not read the log or the models, nor time how they answer
                 return self._refuse(origin, request)
             return await handler(request)
 

@@ -8,7 +8,7 @@ import traceback
 
 from aiohttp import web
 
-from .responses import error_response
+from .responses import refusal_response
 from .server_log import truncated
 from .server_state import STATE
 
@@ -33,20 +33,20 @@ async def json_errors(request: web.Request, handler) -> web.StreamResponse:
     except web.HTTPException as ex:
         if ex.status < 400:  # redirects and the like are answers, not errors
             raise
-        response = error_response(state.hostname, _http_error_text(request, ex), code=ex.status, http_status=ex.status)
+        response = refusal_response(request, state.hostname, _http_error_text(request, ex), ex.status)
         if "Allow" in ex.headers:
             response.headers["Allow"] = ex.headers["Allow"]
         return response
     except UnicodeDecodeError as ex:  # a client's bytes, read by an endpoint that expects text
-        return error_response(state.hostname, not_utf8_message(ex), code=400, http_status=400)
+        return refusal_response(request, state.hostname, not_utf8_message(ex), 400)
     except Exception as ex:  # noqa: BLE001 - the point: nothing unexpected may end as a plain-text 500
         failure = f"{type(ex).__name__}: {truncated(str(ex), 300)}"
         # The failure first: a long traceback is cut at the log's entry limit, from the end.
         state.log.add(f"{request.method} {request.path} failed ({failure}): {traceback.format_exc()}", "error")
-        return error_response(
+        return refusal_response(
+            request,
             state.hostname,
             f"The server failed on {request.method} {request.path} ({failure}); "
             f"this is a bug: the server log has the details",
-            code=500,
-            http_status=500,
+            500,
         )

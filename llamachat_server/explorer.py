@@ -9,10 +9,15 @@ showLogOutput, delay...) are our own, with the real helpers' signatures and beha
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import re
 from pathlib import Path
 
 from aiohttp import web
+
+from .api_keys import keyless
+from .server_state import STATE
 
 EXPLORE_FILENAME = "explore.html"
 STATIC_DIR = Path(__file__).parent / "static"
@@ -40,13 +45,34 @@ def read_explorer_ui(module_dir: Path) -> dict[str, str]:
         return extract_explorer_ui("")
 
 
+def module_script(explorer_ui: dict[str, str], module_id: str) -> str:
+    """The module's script as the host page runs it: `_MID_` replaced as static/explorer.js replaces it."""
+    return explorer_ui["script"].replace("_MID_", re.sub(r"[^a-zA-Z0-9]+", "", module_id) + "_")
+
+
+def page_policy(scripts: list[str]) -> str:
+    """The page's Content-Security-Policy: scripts only from this server's files and the module scripts given (by
+    hash: the host page runs each as an inline script, as the real Explorer does), no inline handlers, no plugins,
+    and no framing (a page that frames the Explorer could trick clicks on it)."""
+    hashes = " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(s.encode()).digest()).decode()}'" for s in scripts)
+    return (
+        f"default-src 'self'; script-src 'self' {hashes}; style-src 'self' 'unsafe-inline'; "
+        f"img-src 'self' data: blob:; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+    )
+
+
+@keyless
 async def host_page(request: web.Request) -> web.FileResponse:
-    return web.FileResponse(STATIC_DIR / "explorer.html", headers={"Cache-Control": "no-cache"})
+    settings = request.app[STATE].settings
+    script = module_script(read_explorer_ui(settings.module_dir), settings.module_id)
+    headers = {"Cache-Control": "no-cache", "X-Frame-Options": "DENY", "Content-Security-Policy": page_policy([script])}
+    return web.FileResponse(STATIC_DIR / "explorer.html", headers=headers)
 
 
 _ASSETS = frozenset(path.name for path in STATIC_DIR.iterdir() if path.is_file())
 
 
+@keyless
 async def asset(request: web.Request) -> web.FileResponse:
     """One of the host page's own files, by exact name: anything else, a traversal attempt included, is a 404."""
     name = request.match_info["name"]

@@ -8,6 +8,7 @@ import json
 from aiohttp import web
 
 from .module_access import MODULE_ACCESS
+from .request_body import within_body_deadline
 from .server_state import STATE
 
 # A poll returns empty (204) after this long, well inside the SDK's 15 s client timeout, so a request is
@@ -40,10 +41,10 @@ async def get_queue(request: web.Request) -> web.Response:
 async def post_response(request: web.Request) -> web.Response:
     """POST /v1/queue/<reqid>?moduleId=<id>: the module's answer, passed to the client verbatim."""
     state = request.app[STATE]
-    text = await request.text()
+    text = await within_body_deadline(request.text())
     try:
         answer = json.loads(text)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not JSON: handed on as it is
         answer = None
     module_id = request.query.get("moduleId") or (answer.get("moduleId") if isinstance(answer, dict) else None)
     if state.is_our_module(module_id):
@@ -60,10 +61,10 @@ async def update_module_status(request: web.Request) -> web.Response:
     state = request.app[STATE]
     if not state.is_our_module(request.match_info["module_id"]):
         return web.Response(status=404, text=f"No module '{request.match_info['module_id']}'")
-    form = await request.post()
+    form = await within_body_deadline(request.post())
     try:
         status_data = json.loads(str(form.get("statusData") or "null"))
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         return web.Response(status=400, text="statusData must be a JSON object")
     if isinstance(status_data, dict):
         state.module.status_data = status_data
@@ -73,7 +74,7 @@ async def update_module_status(request: web.Request) -> web.Response:
 async def add_log(request: web.Request) -> web.Response:
     """POST /v1/log/, form entry, category, label, log_level."""
     state = request.app[STATE]
-    form = await request.post()
+    form = await within_body_deadline(request.post())
     entry = form.get("entry")
     if entry is None:
         return web.json_response({"success": False, "error": "No log entry provided"})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -31,6 +32,7 @@ from .openai_chat import (
 from .openai_tools import message_deltas
 from .payload import group_values
 from .queues import QueueError, RequestQueueFull
+from .request_body import MAX_TEXT_BODY_BYTES, JsonInputError, body_limit, parse_json, within_body_deadline
 from .server_state import STATE, ServerState
 
 CHAT_ROUTE = "text/chat"
@@ -202,6 +204,16 @@ async def _start_for_client(state: ServerState, values: list[tuple[str, str]]) -
         raise
 
 
+# The chat's commandId goes to the client that started it in this header only, so it can follow the chat through the
+# CodeProject routes: OpenAI tooling logs and shows a response's id as harmless, and whoever knows a commandId can
+# read or cancel its chat, so the id is a random one of its own. With n > 1 the header names the first choice's chat.
+COMMAND_ID_HEADER = "X-LlamaChat-Command-Id"
+
+
+def completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
 def _message(chat: ChatCompletionRequest, final: dict) -> tuple[dict, str]:
     """The assistant's message and finish_reason for a finished chat: with tools, its calls or its text."""
     reply, reason = final.get("reply") or "", _finish_reason(final)
@@ -235,7 +247,8 @@ async def _complete(
     finals = [follower.result() for follower in followers]
     choices = [choice(i, *_message(chat, final), final.get("logprobs")) for i, final in enumerate(finals)]
     model, fingerprint = _model_name(state), _fingerprint(state)
-    return web.json_response(completion(f"chatcmpl-{command_ids[0]}", created, model, choices, finals, fingerprint))
+    body = completion(completion_id(), created, model, choices, finals, fingerprint)
+    return web.json_response(body, headers={COMMAND_ID_HEADER: command_ids[0]})
 
 
 async def _stream(
@@ -244,8 +257,10 @@ async def _stream(
     """The chats (one per choice) as server-sent events. Nothing is sent until every chat has started generating, so
     that a chat the module refuses on the way (a conversation too long, a schema llama.cpp cannot parse) gets its
     HTTP error."""
-    completion_id, model, fingerprint = f"chatcmpl-{command_ids[0]}", _model_name(state), _fingerprint(state)
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    response_id, model, fingerprint = completion_id(), _model_name(state), _fingerprint(state)
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", COMMAND_ID_HEADER: command_ids[0]}
+    )
     updates: asyncio.Queue[tuple[int, dict]] = asyncio.Queue()
 
     async def follow(index: int, command_id: str) -> None:
@@ -261,7 +276,7 @@ async def _stream(
             if status.get("commandStatus") not in UNFINISHED and not status.get("success"):
                 _finish_reason(status)  # raises the chat's error as an HTTP answer
         await response.prepare(request)
-        await _send_choices(response, chat, latest, updates, completion_id, created, model, fingerprint)
+        await _send_choices(response, chat, latest, updates, response_id, created, model, fingerprint)
     except ConnectionResetError:  # the client closed the connection between two chunks
         for command_id in command_ids:
             _cancel_in_background(state, command_id)  # a finished chat stays as it was
@@ -276,7 +291,7 @@ async def _send_choices(
     chat: ChatCompletionRequest,
     latest: dict[int, dict],
     updates: asyncio.Queue,
-    completion_id: str,
+    response_id: str,
     created: int,
     model: str,
     fingerprint: str,
@@ -287,7 +302,7 @@ async def _send_choices(
         await response.write(f"data: {json.dumps(event)}\n\n".encode())
 
     def piece(index: int, delta: dict | None, finish_reason: str | None = None, logprobs: list | None = None) -> dict:
-        return chunk(completion_id, created, model, fingerprint, delta, finish_reason, logprobs, index=index)
+        return chunk(response_id, created, model, fingerprint, delta, finish_reason, logprobs, index=index)
 
     sent, sent_logprobs = [0] * len(latest), [0] * len(latest)
     finals: dict[int, dict] = {}
@@ -314,7 +329,7 @@ async def _send_choices(
         return
     if chat.include_usage:
         await send(
-            chunk(completion_id, created, model, fingerprint, None, usage=usage([finals[i] for i in sorted(finals)]))
+            chunk(response_id, created, model, fingerprint, None, usage=usage([finals[i] for i in sorted(finals)]))
         )
     await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
@@ -329,10 +344,13 @@ def _failure(chat: ChatCompletionRequest, failure: ApiFailure) -> web.Response:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     try:
+        text = await within_body_deadline(body_limit(request, MAX_TEXT_BODY_BYTES).text())
         renders_tools = bool((state.module.status_data or {}).get("templateRendersTools"))
-        chat = parse_chat_request(json.loads(await request.text()), renders_tools)
-    except (json.JSONDecodeError, RecursionError, UnicodeDecodeError):
+        chat = parse_chat_request(parse_json(text, "The body"), renders_tools)
+    except UnicodeDecodeError:
         return ApiFailure(400, "The body must be a JSON object in UTF-8", "invalid_request_error").response()
+    except JsonInputError as ex:
+        return ApiFailure(400, f"{ex}: send a JSON object", "invalid_request_error").response()
     except OpenAIRequestError as ex:
         return web.json_response(error_body(str(ex), "invalid_request_error", ex.param), status=400)
     command_ids = []
@@ -384,7 +402,19 @@ async def retrieve_model(request: web.Request) -> web.Response:
     return web.json_response(model)
 
 
+def _only(*methods: str):
+    """A handler for any other method on an OpenAI path: a 405 in OpenAI's shape (errors.py), not the module routes'
+    404."""
+
+    async def method_not_allowed(request: web.Request) -> web.Response:
+        raise web.HTTPMethodNotAllowed(request.method, methods)
+
+    return method_not_allowed
+
+
 def add_openai_routes(app: web.Application) -> None:
     app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_route("*", "/v1/chat/completions", _only("POST"))
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model}", retrieve_model)
+    app.router.add_route("*", "/v1/models", _only("GET"))

@@ -19,10 +19,13 @@ from typing import Any
 from aiohttp import web
 
 from .errors import not_utf8_message
+from .request_body import JsonInputError, parse_json, within_body_deadline
 from .settings import lookup
 
 # Far deeper than any real value (`messages` is 2 levels), far below what Python's parser survives (~1000).
 MAX_JSON_DEPTH = 100
+# Fields (values and files) in one request, for any body: aiohttp's own cap on a form.
+MAX_FIELDS = 1000
 FORM_CONTENT_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 JSON_SHAPE_HINT = (
     '{"values": [{"key": "prompt", "value": ["Hello"]}]} (the RequestPayload shape), or send the fields as a form'
@@ -63,7 +66,7 @@ def _check_json_depth(key: str, text: str) -> None:
         too_deep = json_depth(json.loads(text)) > MAX_JSON_DEPTH
     except RecursionError:
         too_deep = True
-    except json.JSONDecodeError:  # not JSON after all: the module judges it as text
+    except ValueError:  # not JSON after all (or a number too long to read): the module judges it as text
         return
     if too_deep:
         raise PayloadError(
@@ -74,7 +77,7 @@ def _check_json_depth(key: str, text: str) -> None:
 
 async def _form_parts(request: web.Request) -> tuple[list[dict], list[dict]]:
     try:
-        form = await request.post()
+        form = await within_body_deadline(request.post())
     except UnicodeDecodeError as ex:
         raise PayloadError(not_utf8_message(ex, "The form")) from None
     except ValueError as ex:  # aiohttp's parser on a broken multipart body
@@ -131,7 +134,18 @@ def _json_parts(body: Any) -> tuple[list[dict], list[dict]]:
             f"A JSON body must be in RequestPayload shape, not a plain object "
             f"(found {', '.join(repr(k) for k in unknown)}): send {JSON_SHAPE_HINT}"
         )
-    return _checked_values(lookup(body, "values", default=[])), _checked_files(lookup(body, "files", default=[]))
+    values, files = lookup(body, "values", default=[]), lookup(body, "files", default=[])
+    if isinstance(values, list) and isinstance(files, list):
+        _check_field_count(len(values) + len(files))  # at least this many: refused before each entry is checked
+    return _checked_values(values), _checked_files(files)
+
+
+def _check_field_count(fields: int) -> None:
+    """Refuses more fields than a form may have (aiohttp's cap, which a JSON body would otherwise escape)."""
+    if fields > MAX_FIELDS:
+        raise PayloadError(
+            f"The request holds {fields} fields (values and files); at most {MAX_FIELDS} are accepted: send fewer"
+        )
 
 
 async def build_payload(request: web.Request, command: str, url_segments: list[str]) -> dict:
@@ -140,19 +154,15 @@ async def build_payload(request: web.Request, command: str, url_segments: list[s
         values, files = await _form_parts(request)
     elif request.content_type == "application/json" and request.can_read_body:
         try:
-            text = await request.text()
+            text = await within_body_deadline(request.text())
         except UnicodeDecodeError as ex:
             raise PayloadError(not_utf8_message(ex, "The JSON body")) from None
         try:
-            body = json.loads(text) if text.strip() else {}
-        except json.JSONDecodeError as ex:
-            raise PayloadError(
-                f"The JSON body is not valid JSON ({ex.msg} at character {ex.pos}): send {JSON_SHAPE_HINT}"
-            ) from ex
-        except RecursionError:
-            raise PayloadError(f"The JSON body is nested too deeply to read: send {JSON_SHAPE_HINT}") from None
+            body = parse_json(text) if text.strip() else {}
+        except JsonInputError as ex:
+            raise PayloadError(f"{ex}: send {JSON_SHAPE_HINT}") from None
         values, files = _json_parts(body)
-    elif not request.can_read_body or not await request.read():
+    elif not request.can_read_body or not await within_body_deadline(request.read()):
         values, files = [], []
     else:
         raise PayloadError(
@@ -160,6 +170,7 @@ async def build_payload(request: web.Request, command: str, url_segments: list[s
             "application/x-www-form-urlencoded or a JSON RequestPayload"
         )
     values = query_values + values
+    _check_field_count(sum(max(1, len(item["value"])) for item in values) + len(files))
     for item in values:
         for text in item["value"]:
             _check_json_depth(item["key"], text)

@@ -35,25 +35,40 @@ def normal_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return (ip.ipv4_mapped or ip) if ip.version == 6 else ip
 
 
-def _proc_address(field: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
-    """'0100007F:D7F0' → (127.0.0.1, 55280): the kernel prints each 32-bit word of the address in host order."""
-    host_hex, port_hex = field.split(":")
-    raw = b"".join(int(host_hex[i : i + 8], 16).to_bytes(4, sys.byteorder) for i in range(0, len(host_hex), 8))
-    return normal_ip(str(ipaddress.ip_address(raw))), int(port_hex, 16)
+def _proc_forms(address: str, port: int) -> list[tuple[str, str]]:
+    """(table, 'ADDRESS:PORT') as /proc/net/tcp{,6} print this end of a connection: each 32-bit word of the address
+    in host order, in upper-case hex. An IPv4 address may also sit in tcp6, IPv4-mapped, on a dual-stack socket."""
+    ip = normal_ip(address)
+
+    def words(raw: bytes) -> str:
+        return "".join(f"{int.from_bytes(raw[i : i + 4], sys.byteorder):08X}" for i in range(0, len(raw), 4))
+
+    if ip.version == 6:
+        return [("tcp6", f"{words(ip.packed)}:{port:04X}")]
+    mapped = b"\0" * 10 + b"\xff\xff" + ip.packed
+    return [("tcp", f"{words(ip.packed)}:{port:04X}"), ("tcp6", f"{words(mapped)}:{port:04X}")]
 
 
 def find_peer_socket(peer: tuple, ours: tuple) -> PeerSocket | None:
     """The socket at the other end of the connection from `peer` to `ours` (sockname tuples, as aiohttp's
-    transport gives them), or None when it is not on this machine or already closed."""
-    wanted_local, wanted_remote = (normal_ip(peer[0]), peer[1]), (normal_ip(ours[0]), ours[1])
+    transport gives them), or None when it is not on this machine or already closed. The table is searched as text
+    (a substring search, not a parse of each line), so it costs little however many connections are open."""
+    peer_forms, our_forms = _proc_forms(peer[0], peer[1]), _proc_forms(ours[0], ours[1])
     for table in _TABLES:
+        wanted = [
+            f" {local} {remote} " for t, local in peer_forms if t == table for u, remote in our_forms if u == table
+        ]
+        if not wanted:
+            continue
         try:
-            lines = (PROC / "net" / table).read_text().splitlines()[1:]
+            text = (PROC / "net" / table).read_text()
         except OSError:
             continue
-        for line in lines:
-            fields = line.split()
-            if _proc_address(fields[1]) == wanted_local and _proc_address(fields[2]) == wanted_remote:
+        for needle in wanted:
+            at = text.find(needle)
+            if at >= 0:
+                line = text[text.rfind("\n", 0, at) + 1 : text.find("\n", at)]
+                fields = line.split()
                 return PeerSocket(inode=int(fields[9]), uid=int(fields[7]))
     return None
 

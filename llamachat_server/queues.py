@@ -30,14 +30,23 @@ class RequestQueueFull(QueueError):
     """The server's request queue for a module is full (not the module's own chat queue)."""
 
 
+# What Python holds for each value, key and file beyond its characters (a str, a list slot, a dict): a request of
+# many tiny values is as big as its objects, not its few characters.
+ITEM_OVERHEAD_BYTES = 100
+
+
 def payload_size(payload: dict) -> int:
-    """About how many bytes a payload holds: its texts and files, which is what makes a request big."""
-    values = sum(
-        len(key_values["key"]) + sum(len(value) for value in key_values["value"])
-        for key_values in payload.get("values", [])
+    """About how many bytes a payload holds in memory: its texts and files, and ITEM_OVERHEAD_BYTES per item."""
+    values = payload.get("values", [])
+    files = payload.get("files", [])
+    segments = payload.get("urlSegments", [])
+    items = len(values) + sum(len(key_values["value"]) for key_values in values) + len(files) + len(segments)
+    chars = (
+        sum(len(key_values["key"]) + sum(len(value) for value in key_values["value"]) for key_values in values)
+        + sum(len(file.get("data", "")) for file in files)
+        + sum(len(segment) for segment in segments)
     )
-    files = sum(len(file.get("data", "")) for file in payload.get("files", []))
-    return values + files + sum(len(segment) for segment in payload.get("urlSegments", []))
+    return chars + items * ITEM_OVERHEAD_BYTES
 
 
 class _Queue:
@@ -121,7 +130,7 @@ class RequestQueues:
             self._queues[queue.lower()].remove(reqid)
         try:
             answer = json.loads(response)
-        except (json.JSONDecodeError, RecursionError):
+        except (ValueError, RecursionError):  # not JSON, or a number too long to read
             raise QueueError(f"Invalid JSON response from backend (#reqid {reqid})") from None
         if answer is None:
             raise QueueError(f"null json returned from backend (#reqid {reqid})")

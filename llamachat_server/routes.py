@@ -23,6 +23,7 @@ class Route:
     queue: str
     command: str
     module_id: str
+    takes_files: bool = False  # an input of Type "File": the request body may be large
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,11 @@ class RouteMap:
                     queue=settings.queue,
                     command=lookup(route_map, "Command", default=""),
                     module_id=settings.module_id,
+                    takes_files=any(
+                        str(lookup(item, "Type", default="")).lower() == "file"
+                        for item in lookup(route_map, "Inputs", default=[]) or []
+                        if isinstance(item, dict)
+                    ),
                 )
             )
         for command in SYSTEM_COMMANDS:

@@ -27,6 +27,11 @@ _ALIASES = {
 # A stdout line that starts like "warning: ..." or "Info: ..." carries its own level (docs/protocol.md §1.1).
 _LEVEL_PREFIX = re.compile(r"^\s*(" + "|".join(LEVELS + tuple(_ALIASES)) + r"):\s?", re.IGNORECASE)
 _ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
+# What a terminal acts on rather than shows: C0 controls but tab and newline (CR rewrites the line, ESC starts cursor,
+# erase and title sequences), DEL, C1 controls, and Unicode's bidirectional overrides and line separators. A client's
+# path or body reaches the log (a refused request, a module's echo), so these are shown escaped, never sent raw.
+_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+CONTINUATION = "\n    "  # how a console entry's next lines start, so no line of an entry can pass for an entry
 
 MAX_ENTRY_CHARS = 8 * 1024  # a traceback line or a model dump line fits; a 5 MB "entry" does not
 MAX_NAME_CHARS = 100  # category and label
@@ -45,6 +50,11 @@ def truncated(text: str, limit: int) -> str:
     if len(text) <= limit:
         return text
     return f"{text[:limit]} [... {len(text) - limit} more characters cut]"
+
+
+def escape_controls(text: str) -> str:
+    """`text` with every control character but tab and newline written as an escape: '\\x1b', '\\u202e'."""
+    return _CONTROLS.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", text)
 
 
 def split_level_prefix(line: str, default: str) -> tuple[str, str]:
@@ -75,10 +85,10 @@ class ServerLog:
         record: dict[str, Any] = {
             "id": self._next_id,
             "timestamp": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"),
-            "entry": _ANSI_COLOUR.sub("", truncated(entry, MAX_ENTRY_CHARS)),
+            "entry": escape_controls(_ANSI_COLOUR.sub("", truncated(entry, MAX_ENTRY_CHARS))),
             "level": normalise_level(level),
-            "category": truncated(category, MAX_NAME_CHARS),
-            "label": truncated(label, MAX_NAME_CHARS),
+            "category": escape_controls(truncated(category, MAX_NAME_CHARS).replace("\n", " ")),
+            "label": escape_controls(truncated(label, MAX_NAME_CHARS).replace("\n", " ")),
         }
         self._next_id += 1
         self._entries.append(record)
@@ -87,7 +97,8 @@ class ServerLog:
             self._chars -= _size(self._entries.popleft())
         if self._echo is not None and LEVELS.index(record["level"]) >= self._echo_from:
             print(
-                f"{record['timestamp'][11:19]} {record['level']:<11} [{record['category']}] {record['entry']}",
+                f"{record['timestamp'][11:19]} {record['level']:<11} [{record['category']}] "
+                f"{record['entry'].replace(chr(10), CONTINUATION)}",
                 file=self._echo,
                 flush=True,
             )

@@ -39,6 +39,8 @@ class ServerConfig:
     log_level: str = "information"  # the lowest level echoed to the console
     launch_module: bool = True  # False: serve only, for a module started by hand (e.g. in a debugger)
     allowed_origins: list[str] = field(default_factory=list)  # web origins allowed beyond this machine's (cors.py)
+    allowed_hosts: list[str] = field(default_factory=list)  # Host names allowed beyond this server's (host_check.py)
+    api_keys: list[str] = field(default_factory=list)  # none: no key needed (api_keys.py)
 
 
 @dataclass

@@ -16,6 +16,14 @@ server_status(base_url) -> dict
   The module's ProcessStatus from GET /v1/module/list/status (status, pid, restarts, statusData...).
 rss_mb(pid) -> float
   A process's resident memory in MiB (the module's pid is server_status(base_url)["pid"]).
+no_module_config(data_dir, **fields) -> ServerConfig
+  A config for a server in this process with no module (the test plays it), on a free port, logging nothing to the
+  console; `fields` override (api_keys, allowed_hosts, response_timeout...).
+start_no_module_server(port, log_path, descriptor_limit=None, *args) -> subprocess.Popen
+  `python -m llamachat_server --no-module` as a subprocess (its open-file limit lowered to `descriptor_limit`), once
+  it listens; stop it with stop_process.
+closed_by_peer(sock) -> bool
+  Whether the server has closed a non-blocking socket (what it sent first is read and dropped).
 ServerThread(config) / serve_in_thread(config) -> base URL
   llamachat_server.app.serve(config) in a background thread of this process (a ServerConfig, usually
   launch_module=False so the test itself plays the module); ServerThread.stop() ends it, serve_in_thread stops it
@@ -198,6 +206,53 @@ def running_server(
                 del _log_paths[base_url]
         finally:
             stop_process(process)
+
+
+def no_module_config(data_dir: os.PathLike, **fields: Any) -> ServerConfig:
+    defaults = {
+        "module_dir": ROOT,
+        "port": 0,
+        "launch_module": False,
+        "data_dir": Path(data_dir),
+        "log_level": "critical",
+    }
+    return ServerConfig(**{**defaults, **fields})
+
+
+def start_no_module_server(
+    port: int, log_path: Path, descriptor_limit: int | None = None, *args: str
+) -> subprocess.Popen:
+    def lower_limit() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (descriptor_limit, descriptor_limit))
+
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "llamachat_server", "--no-module", "--port", str(port), *args],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=lower_limit if descriptor_limit else None,
+        )
+    try:
+        poll(lambda: process.poll() is None and READY_PREFIX in log_path.read_text(), 30, "the server to listen")
+    except AssertionError:
+        stop_process(process)
+        raise AssertionError(f"the server did not start:\n{log_tail(log_path)}") from None
+    return process
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    try:
+        while True:
+            if not sock.recv(65536):
+                return True
+    except BlockingIOError:
+        return False
+    except OSError:  # reset
+        return True
 
 
 class ServerThread:

@@ -174,6 +174,7 @@ def test_messages_become_the_history_with_only_role_and_content():
         ('[{"role": "user", "content": "a"}, {"role": "assistant", "content": 5}]', "item 1 has no text 'content'"),
         ('[{"role": "user"}]', "item 0 has no text 'content'"),
         ("[" * 100_000, "; it is nested too deeply"),
+        ('[{"role": "user", "content": "a", "n": ' + "9" * 5000 + "}]", "; it holds a number too long to read"),
     ],
 )
 def test_messages_that_are_not_a_json_array_of_turns_are_refused_with_the_expected_shape(messages, error):

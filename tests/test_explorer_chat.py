@@ -257,7 +257,7 @@ def test_reply_grows_over_polls_with_live_figures(open_chat, server, smollm2, ho
     chat.settings(max_tokens="2000", temperature="0")  # a reply still growing however fast the machine
     chat.record_changes()
     chat.send(LONG_PROMPT)
-    chat.page.wait_for_function("window.__seen.replies.length >= 2", timeout=REPLY_TIMEOUT_MS)
+    chat.page.wait_for_function("() => window.__seen.replies.length >= 2", timeout=REPLY_TIMEOUT_MS)
     chat.el("stopBtn").click()
     chat.wait_state("idle", timeout=30_000)
     expect(chat.el("status")).not_to_have_class(f"{chat.prefix}status {chat.prefix}error")

@@ -1,7 +1,7 @@
 """The OpenAI-compatible API of llamachat_server, driven by the real `openai` package (and once by plain HTTP for the
 exact wire format) against a real server with the real module and SmolLM2. What the client gets is checked against
-what the module itself reports for the same command, read through the server's own protocol (a completion's id is
-`chatcmpl-<commandId>`)."""
+what the module itself reports for the same command, read through the server's own protocol (the chat's commandId
+comes in the X-LlamaChat-Command-Id header; a completion's id is a random one of its own)."""
 
 import json
 import re
@@ -15,6 +15,7 @@ import requests
 
 from live_server import ROOT, poll, running_server, serve_in_thread, server_log_path, server_status
 from llamachat_server.openai_api import (
+    COMMAND_ID_HEADER,
     DUE_INTERVAL,
     FIRST_TEXT_INTERVAL,
     LOGGED_ID_CHARS,
@@ -41,25 +42,24 @@ def client(base_url):
     return openai.OpenAI(base_url=f"{base_url}/v1", api_key="any key", max_retries=0, timeout=120)
 
 
-def command_id(completion_id: str) -> str:
-    assert completion_id.startswith("chatcmpl-")
-    return completion_id[len("chatcmpl-") :]
+def create(client, **request):
+    """(the parsed answer or stream, the chat's commandId from the answer's header)."""
+    raw = client.chat.completions.with_raw_response.create(**request)
+    return raw.parse(), raw.headers[COMMAND_ID_HEADER]
 
 
-def module_status(base_url, completion_id):
-    """The module's own get_command_status answer for the chat behind `completion_id`."""
-    answer = requests.post(
-        f"{base_url}/v1/LlamaChat/get_command_status", data={"commandId": command_id(completion_id)}, timeout=40
-    )
+def module_status(base_url, command_id):
+    """The module's own get_command_status answer for the chat `command_id`."""
+    answer = requests.post(f"{base_url}/v1/LlamaChat/get_command_status", data={"commandId": command_id}, timeout=40)
     return answer.json()
 
 
-def module_final(base_url, completion_id):
+def module_final(base_url, command_id):
     def finished():
-        answer = module_status(base_url, completion_id)
+        answer = module_status(base_url, command_id)
         return answer if answer["commandStatus"] == "completed" else None
 
-    return poll(finished, 120, f"the module's chat {completion_id} to end", interval=0.02)
+    return poll(finished, 120, f"the module's chat {command_id} to end", interval=0.02)
 
 
 def test_polls_are_quick_until_the_first_text_then_sparse_until_the_token_limit_is_near():
@@ -83,8 +83,8 @@ def test_models_lists_the_loaded_model(client):
 
 
 def test_a_completion_is_the_modules_reply_with_its_token_counts(base_url, client):
-    answer = client.chat.completions.create(model="whatever", messages=HELLO, max_tokens=40, temperature=0)
-    final = module_final(base_url, answer.id)
+    answer, command_id = create(client, model="whatever", messages=HELLO, max_tokens=40, temperature=0)
+    final = module_final(base_url, command_id)
     choice = answer.choices[0]
     assert choice.message.role == "assistant"
     assert choice.message.content == final["reply"] != ""
@@ -114,9 +114,26 @@ def test_system_prompt_and_earlier_turns_reach_the_model(base_url, client):
         data={"prompt": HELLO[0]["content"], "system_prompt": system, "messages": json.dumps(history), "max_tokens": 1},
         timeout=40,
     ).json()
-    native_final = module_final(base_url, f"chatcmpl-{native['commandId']}")
+    native_final = module_final(base_url, native["commandId"])
     bare = client.chat.completions.create(model="m", messages=HELLO, max_tokens=1)
     assert asked.usage.prompt_tokens == native_final["prompt_tokens"] > bare.usage.prompt_tokens
+
+
+def test_a_response_id_is_its_own_and_does_not_open_the_chat(base_url, client):
+    """The id OpenAI tooling logs as harmless used to be chatcmpl-<commandId>: whoever saw it could read or cancel the
+    chat through the CodeProject routes. Now it is a random id of its own; the chat stays the client's."""
+    answer, command_id = create(client, model="m", messages=HELLO, max_tokens=2)
+    stream, streamed_id = create(client, model="m", messages=HELLO, max_tokens=2, stream=True)
+    chunks = list(stream)
+    for response_id, chat in ((answer.id, command_id), (chunks[0].id, streamed_id)):
+        assert (
+            response_id.startswith("chatcmpl-") and chat not in response_id and chat.replace("-", "") not in response_id
+        )
+        for guess in (response_id, response_id[len("chatcmpl-") :]):
+            read = module_status(base_url, guess)
+            assert read["success"] is False and "reply" not in read, read
+        assert module_final(base_url, chat)["success"] is True  # the header's id is the chat's
+    assert len({answer.id, chunks[0].id}) == 2
 
 
 def test_max_tokens_ends_the_reply_with_finish_reason_length(client):
@@ -137,7 +154,8 @@ def test_a_stop_string_ends_the_reply_before_it(client):
 
 
 def test_a_stream_sends_the_reply_as_deltas_then_finish_reason_then_usage(base_url, client):
-    stream = client.chat.completions.create(
+    stream, command_id = create(
+        client,
         model="m",
         messages=[{"role": "user", "content": STORY}],
         max_tokens=40,
@@ -145,7 +163,7 @@ def test_a_stream_sends_the_reply_as_deltas_then_finish_reason_then_usage(base_u
         stream_options={"include_usage": True},
     )
     chunks = list(stream)
-    final = module_final(base_url, chunks[0].id)
+    final = module_final(base_url, command_id)
     assert {c.id for c in chunks} == {chunks[0].id}
     assert {c.object for c in chunks} == {"chat.completion.chunk"}
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -188,20 +206,18 @@ def test_the_raw_stream_is_server_sent_events_ending_with_done(base_url):
 
 
 def test_a_client_that_goes_away_mid_stream_cancels_its_chat(base_url, client):
-    stream = client.chat.completions.create(
-        model="m", messages=[{"role": "user", "content": STORY}], max_tokens=LONG, stream=True
+    stream, command_id = create(
+        client, model="m", messages=[{"role": "user", "content": STORY}], max_tokens=LONG, stream=True
     )
-    completion_id = None
     for piece in stream:
-        completion_id = piece.id
         if piece.choices and piece.choices[0].delta.content:
             break
     stream.close()
-    final = module_final(base_url, completion_id)
+    final = module_final(base_url, command_id)
     assert final["stop_reason"] == "cancelled"
     assert 0 < final["completion_tokens"] < LONG
     assert final["reply"]
-    logged = f"chat {command_id(completion_id)[:LOGGED_ID_CHARS]}… cancelled"
+    logged = f"chat {command_id[:LOGGED_ID_CHARS]}… cancelled"
     poll(lambda: logged in server_log_path(base_url).read_text(), 10, "the server to log the cancel")
     # The model is free again: the next chat is taken, not refused as busy.
     assert client.chat.completions.create(model="m", messages=HELLO, max_tokens=2).choices[0].finish_reason
@@ -218,7 +234,7 @@ def wait_until_the_model_is_free(base_url) -> None:
         probe = native_chat(base_url, prompt="Hi", max_tokens="1")
         if probe["commandStatus"] != "running":
             requests.post(f"{base_url}/v1/LlamaChat/cancel_command", data={"commandId": probe["commandId"]}, timeout=40)
-        module_final(base_url, f"chatcmpl-{probe['commandId']}")
+        module_final(base_url, probe["commandId"])
         return probe["commandStatus"] == "running"
 
     poll(model_free, 10, "the model to be free (a long chat nobody reads would hold it for many seconds)")
@@ -286,12 +302,22 @@ def test_images_and_a_conversation_without_a_users_message_are_refused(client):
 def test_a_body_that_is_not_json_is_a_400_in_openais_shape(base_url):
     answer = requests.post(f"{base_url}/v1/chat/completions", data="{not json", timeout=10)
     assert answer.status_code == 400
-    assert answer.json()["error"] == {
-        "message": "The body must be a JSON object in UTF-8",
-        "type": "invalid_request_error",
-        "param": None,
-        "code": None,
-    }
+    error = answer.json()["error"]
+    assert error["message"] == (
+        "The body is not valid JSON (Expecting property name enclosed in double quotes at character 1): "
+        "send a JSON object"
+    )
+    assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", None, None)
+
+
+def test_wrong_methods_and_unknown_paths_answer_in_openais_shape(base_url, client):
+    """OpenAI clients read errors from {"error": {...}}; a 405 or 404 in CodeProject's shape says nothing to them."""
+    wrong = requests.get(f"{base_url}/v1/chat/completions", timeout=10)
+    assert wrong.status_code == 405 and wrong.headers["Allow"] == "POST"
+    assert "does not answer GET" in wrong.json()["error"]["message"]
+    assert requests.delete(f"{base_url}/v1/models", timeout=10).json()["error"]["type"] == "invalid_request_error"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
 
 
 def native_chat(base_url, **form):
@@ -304,7 +330,7 @@ def cancel_and_wait(base_url, *command_ids):
     for cid in command_ids:
         requests.post(f"{base_url}/v1/LlamaChat/cancel_command", data={"commandId": cid}, timeout=40)
     for cid in command_ids:
-        module_final(base_url, f"chatcmpl-{cid}")
+        module_final(base_url, cid)
 
 
 def test_a_full_queue_is_a_rate_limit_error_with_the_modules_message(base_url, client):
@@ -324,10 +350,11 @@ def test_a_chat_that_waits_in_the_queue_streams_once_it_starts(base_url, client)
     long for the context is a 400); once the chat ahead ends, the whole reply streams."""
     running = native_chat(base_url, prompt=STORY, max_tokens=LONG)["commandId"]
     answered = server_status(base_url)["requestCount"]
-    chunks, opened = [], threading.Event()
+    chunks, opened, command_ids = [], threading.Event(), []
 
     def read_stream():
-        stream = client.chat.completions.create(model="m", messages=HELLO, max_tokens=8, temperature=0, stream=True)
+        stream, command_id = create(client, model="m", messages=HELLO, max_tokens=8, temperature=0, stream=True)
+        command_ids.append(command_id)
         opened.set()
         chunks.extend(stream)
 
@@ -335,13 +362,13 @@ def test_a_chat_that_waits_in_the_queue_streams_once_it_starts(base_url, client)
     reader.start()
     try:
         poll(lambda: server_status(base_url)["requestCount"] > answered, 30, "the module to queue the chat")
-        ahead = module_status(base_url, f"chatcmpl-{running}")
+        ahead = module_status(base_url, running)
         assert not opened.is_set() or ahead["commandStatus"] == "completed", ahead
     finally:
         cancel_and_wait(base_url, running)
     reader.join(120)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    final = module_final(base_url, chunks[0].id)
+    final = module_final(base_url, command_ids[0])
     assert chunks[0].choices[0].delta.role == "assistant"
     assert text == final["reply"] != ""
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
@@ -352,9 +379,12 @@ def test_a_foreign_web_page_may_not_chat_and_cannot_read_the_models(base_url):
     chat = requests.post(f"{base_url}/v1/chat/completions", json={"messages": HELLO}, headers=evil, timeout=10)
     assert chat.status_code == 403
     assert "Access-Control-Allow-Origin" not in chat.headers
-    assert "evil.example" in chat.json()["error"]
+    error = chat.json()["error"]  # OpenAI's shape
+    assert "evil.example" in error["message"]
+    assert error["type"] == "permission_error"
     models = requests.get(f"{base_url}/v1/models", headers=evil, timeout=10)
-    assert "Access-Control-Allow-Origin" not in models.headers  # the page cannot read it
+    assert models.status_code == 403 and "Access-Control-Allow-Origin" not in models.headers
+    assert "data" not in models.json()
 
 
 def test_a_local_web_page_can_read_a_stream(base_url):

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from llamachat_server.queues import QueueError, RequestQueueFull, RequestQueues, payload_size
+from llamachat_server.queues import ITEM_OVERHEAD_BYTES, QueueError, RequestQueueFull, RequestQueues, payload_size
 
 QUEUE = "llamachat_queue"
 
@@ -44,8 +44,15 @@ def test_payload_size_counts_keys_values_files_and_url_segments():
             "urlSegments": ["ab", "c"],
         }
     )
-    assert size == len("prompt") + len("héllo") + 1 + len("k") + len("aGk=") + 3
+    items = 2 + 2 + 2 + 2  # entries, value strings, files, url segments
+    assert size == len("prompt") + len("héllo") + 1 + len("k") + len("aGk=") + 3 + items * ITEM_OVERHEAD_BYTES
     assert payload_size({}) == 0
+
+
+def test_payload_size_counts_what_many_tiny_values_hold_in_memory():
+    """10,000 empty values are 20 KB of characters but over a MB of Python objects; the queue's bound counts that."""
+    tiny = {"values": [{"key": f"k{i}", "value": []} for i in range(10_000)]}
+    assert payload_size(tiny) >= 10_000 * ITEM_OVERHEAD_BYTES >= 1_000_000
 
 
 def test_requests_are_handed_out_oldest_first_and_each_client_gets_its_own_answer():

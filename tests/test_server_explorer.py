@@ -96,11 +96,11 @@ def test_explorer_page_runs_the_module_ui_and_chats_through_the_helpers(base_url
         # Markup goes in as HTML, so a <script> inside it does not run (as in the real Explorer).
         assert page.evaluate("window.markupScriptRan") is None
         assert page.locator("#standalone-only").count() == 0
-        page.wait_for_function("document.getElementById('moduleStatus').textContent === 'LlamaChat: Started'")
+        page.wait_for_function("() => document.getElementById('moduleStatus').textContent === 'LlamaChat: Started'")
 
         page.click("#LlamaChat_send")
         page.wait_for_function(
-            "(document.getElementById('status').textContent || '').startsWith('done: ')", timeout=60_000
+            "() => (document.getElementById('status').textContent || '').startsWith('done: ')", timeout=60_000
         )
         assert page.inner_text("#LlamaChat_reply").strip()
         assert page.inner_text("#status") in ("done: completed", "done: length")

@@ -1,20 +1,28 @@
 """llamachat_server's own bounds, with the server's real parts in this process (real asyncio, real HTTP on loopback
 through aiohttp's TestServer, real subprocesses): requests whose client has gone leave the queue at once, the
 queue and the log are bounded, a module's endless output line cannot end the supervisor, the command books are
-bounded, and an unexpected exception becomes a JSON answer. No module is launched here; the hostile-input battery
+bounded, an unexpected exception becomes a JSON answer, JSON bodies are bounded in items and fields (and in size
+where no file is taken), control characters reach the console escaped, and connections are capped and closed when
+they send nothing. No module is launched here; the hostile-input battery
 (tests/test_hostile_inputs.py) and the fault tests (tests/test_faults.py) run the real module."""
 
 import asyncio
+import io
+import json
+import socket
 import sys
 
 import aiohttp
+import requests
 from aiohttp.test_utils import TestServer
 
-from live_server import ROOT
+from live_server import ROOT, closed_by_peer, free_port, poll, start_no_module_server, stop_process
 from llamachat_server.app import create_app
 from llamachat_server.commands import MAX_TRACKED_COMMANDS, CommandTracker
+from llamachat_server.connections import connection_caps
 from llamachat_server.module_process import ModuleProcess
 from llamachat_server.queues import RequestQueueFull, RequestQueues, RequestTimedOut
+from llamachat_server.request_body import MAX_JSON_ITEMS, MAX_TEXT_BODY_BYTES
 from llamachat_server.server_log import MAX_ENTRY_CHARS, MAX_LIST_COUNT, ServerLog
 from llamachat_server.server_state import STATE, ServerConfig
 
@@ -244,3 +252,151 @@ def test_an_unexpected_exception_becomes_a_json_500_with_cors_and_is_logged(tmp_
         assert any("Traceback" in e["entry"] and "no such thing" in e["entry"] for e in logged)
 
     asyncio.run(main())
+
+
+# ---- Bodies: item and field caps, a smaller limit where no file is taken, numbers too long to read ------------
+
+
+async def post_json(server, path: str, body: bytes, **headers) -> tuple[int, dict]:
+    async with aiohttp.ClientSession() as client:
+        async with client.post(
+            server.make_url(path), data=body, headers={"Content-Type": "application/json", **headers}
+        ) as response:
+            return response.status, await response.json()
+
+
+def test_a_json_body_of_many_tiny_values_is_refused_before_it_becomes_python_objects(tmp_path):
+    """6.9 MB of `{"key": "k", "value": []}` entries used to be parsed into ~1 GB of objects per 47 MB (and queued,
+    counted as a few bytes); it is refused with why, from a count of its commas and brackets."""
+    tiny = b'{"values": [' + b",".join([b'{"key":"k","value":[]}'] * 300_000) + b"]}"
+    too_many_fields = json.dumps({"values": [{"key": f"k{i}", "value": ["v"]} for i in range(1001)]}).encode()
+
+    async def scenario(server, state):
+        status, answer = await post_json(server, "/v1/text/chat", tiny)
+        assert status == 200 and answer["success"] is False and answer["code"] == 400
+        assert f"more than {MAX_JSON_ITEMS:,} JSON items" in answer["error"]
+        status, answer = await post_json(server, "/v1/text/chat", too_many_fields)
+        assert answer["success"] is False and "1001 fields" in answer["error"] and "at most 1000" in answer["error"]
+        assert state.queues.pending(QUEUE) == (0, 0)  # neither reached the queue
+
+    run_with_server(scenario, tmp_path, response_timeout=1.0)
+
+
+def test_routes_that_take_no_file_accept_smaller_bodies(tmp_path):
+    over = b"x" * (MAX_TEXT_BODY_BYTES + 1024)
+
+    async def scenario(server, state):
+        async with aiohttp.ClientSession() as client:
+            form = aiohttp.FormData({"prompt": over.decode()})
+            async with client.post(server.make_url("/v1/text/chat"), data=form) as response:
+                assert response.status == 413
+                assert "Maximum request body size" in (await response.json())["error"]
+            body = json.dumps({"messages": [{"role": "user", "content": over.decode()}]}).encode()
+        status, answer = await post_json(server, "/v1/chat/completions", body)
+        assert status == 413 and "Maximum request body size" in answer["error"]["message"]  # OpenAI's shape
+        assert state.queues.pending(QUEUE) == (0, 0)
+
+    run_with_server(scenario, tmp_path, response_timeout=1.0)
+
+
+def test_a_number_too_long_to_read_is_a_400_not_a_server_bug(tmp_path):
+    """Python refuses to convert an integer of over 4300 digits: that ValueError was an unexpected 500."""
+    digits = "9" * 5000
+
+    async def scenario(server, state):
+        status, answer = await post_json(server, "/v1/text/chat", f'{{"values": [], "n": {digits}}}'.encode())
+        assert status == 200 and answer["code"] == 400 and "number of more than 4300 digits" in answer["error"]
+        chat = f'{{"messages": [{{"role": "user", "content": "hi"}}], "max_tokens": {digits}}}'.encode()
+        status, answer = await post_json(server, "/v1/chat/completions", chat)
+        assert status == 400 and "number of more than 4300 digits" in answer["error"]["message"]
+        value = json.dumps({"values": [{"key": "messages", "value": ["[" * 101 + digits + "]" * 101]}]}).encode()
+        status, answer = await post_json(server, "/v1/text/chat", value)  # parsed for its depth: read as text
+        assert "this is a bug" not in answer.get("error", "")
+        assert not [e for e in state.log.list(0, 1000) if e["level"] == "error"]
+
+    run_with_server(scenario, tmp_path, response_timeout=1.0)
+
+
+# ---- Control characters never reach the console ---------------------------------------------------------------
+
+FORGED = "\r\x1b[2K12:00:00 information [Server] all fine\n12:00:01 information [Server] all fine\x1b]0;pwned\x07\u202e"
+
+
+def test_control_characters_are_escaped_and_an_entrys_next_lines_cannot_pass_for_entries():
+    console = io.StringIO()
+    log = ServerLog(echo=console)
+    record = log.add(f"GET /v1/queue/{FORGED}", "warning", category="c\x1bat", label="l\rab")
+    shown = console.getvalue()
+    for raw in ("\r", "\x1b", "\x07", "\u202e"):
+        assert raw not in shown and raw not in record["entry"] + record["category"] + record["label"]
+    assert "\\x0d\\x1b[2K12:00:00" in shown and "\\x1b]0;pwned\\x07\\u202e" in shown
+    lines = shown.splitlines()
+    assert len(lines) == 2 and lines[1].startswith("    12:00:01")  # a continuation, not an entry of its own
+
+
+def test_a_request_path_with_control_characters_is_logged_escaped(tmp_path):
+    async def scenario(server, state):
+        async with aiohttp.ClientSession() as client:
+            url = server.make_url("/v1/queue/%0D%1B%5B2Kinformation%20%5BServer%5D%20all%20fine")
+            async with client.get(url, params={"moduleId": "LlamaChat"}) as response:
+                assert response.status == 404  # an unknown queue (this test plays a module of the same user)
+        logged = [e["entry"] for e in state.log.list(0, 1000) if "unknown queue" in e["entry"]]
+        assert logged and "\\x0d\\x1b[2Kinformation [Server] all fine" in logged[0]
+        assert "\r" not in logged[0] and "\x1b" not in logged[0]
+
+    run_with_server(scenario, tmp_path)
+
+
+# ---- Connections: caps under a low descriptor limit, header and idle deadlines ----------------------------------
+
+DESCRIPTORS = 256  # the server's RLIMIT_NOFILE in the test below: low enough to reach in a bounded loop
+HALF_HEADERS = b"GET /v1/server/status/ping HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Half: "
+
+
+def test_half_sent_and_idle_connections_cannot_use_up_the_descriptors(tmp_path):
+    """With 1,024 descriptors, 1,100 connections that each sent half their headers made the server log EMFILE and
+    stay unreachable: none was ever closed. Now connections over the caps are answered 503 and closed at once,
+    half-sent and idle ones are closed after the keep-alive time, and the server answers again."""
+    total, per_peer = connection_caps(DESCRIPTORS)
+    port = free_port()
+    log_path = tmp_path / "server.log"
+    server = start_no_module_server(port, log_path, DESCRIPTORS, "--log-level", "debug")
+    sockets = []
+    try:
+        idle = socket.create_connection(("127.0.0.1", port))
+        idle.sendall(b"GET /v1/server/status/ping HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert idle.recv(65536).startswith(b"HTTP/1.1 200")  # answered, then left idle on a kept-alive connection
+        for address in ("127.0.0.1", "::1"):
+            for _ in range(DESCRIPTORS + 50):
+                sock = socket.create_connection((address, port))
+                sock.sendall(HALF_HEADERS)
+                sock.setblocking(False)
+                sockets.append((address, sock))
+
+        def refused(address):
+            return [s for a, s in sockets if a == address and _peek(s).startswith(b"HTTP/1.1 503")]
+
+        extra = DESCRIPTORS + 50 - per_peer  # over one address's cap: answered 503 at once (the idle one counts)
+        for address in ("127.0.0.1", "::1"):
+            poll(lambda a=address: len(refused(a)) >= extra, 30, f"{address}'s extra connections")
+        assert per_peer * 2 <= total + 1
+        assert b"as many connections as" in _peek(refused("::1")[0])
+
+        poll(lambda: all(closed_by_peer(s) for _, s in sockets), 60, "the half-sent connections to be closed")
+        idle.setblocking(False)
+        poll(lambda: closed_by_peer(idle), 60, "the idle connection to be closed")
+        ping = requests.get(f"http://127.0.0.1:{port}/v1/server/status/ping", timeout=10)
+        assert ping.status_code == 200
+        output = log_path.read_text()
+        assert "Too many open files" not in output and "EMFILE" not in output, output[-3000:]
+    finally:
+        for _, sock in sockets:
+            sock.close()
+        stop_process(server)
+
+
+def _peek(sock: socket.socket) -> bytes:
+    try:
+        return sock.recv(4096, socket.MSG_PEEK)
+    except (BlockingIOError, OSError):
+        return b""

@@ -4,8 +4,13 @@
 - with --no-module they serve processes of the server's own user only;
 - web pages: this machine's origins and --allow-origin ones may call it, others get no CORS header and their
   POSTs are refused; a Host header that is not a name of this server (DNS rebinding) is refused;
-- --host other than loopback warns that the API has no authentication."""
+- --host other than loopback warns that the API has no authentication, unless API keys are set; with keys, every
+  client route needs one (401 in its API's shape), the page and the module endpoints do not;
+- the server holds both loopback addresses of its port, resolves module peers off the event loop, answers the
+  names --allow-host adds, and serves its page unframeable with a script policy."""
 
+import base64
+import hashlib
 import json
 import os
 import socket
@@ -18,7 +23,7 @@ from urllib.parse import urlparse
 import pytest
 import requests
 
-from live_server import ROOT, poll, running_server, serve_in_thread, server_status
+from live_server import ROOT, no_module_config, poll, running_server, serve_in_thread, server_status
 from llamachat_server.host_check import HostCheck
 from llamachat_server.peer import find_peer_socket, owner_among, process_tree
 from llamachat_server.server_state import ServerConfig
@@ -175,15 +180,7 @@ def test_launched_module_polls_answers_and_reports_unhindered(real_server, smoll
 
 @pytest.fixture(scope="module")
 def no_module_server(tmp_path_factory):
-    config = ServerConfig(
-        module_dir=ROOT,
-        port=0,
-        launch_module=False,
-        response_timeout=5.0,
-        data_dir=tmp_path_factory.mktemp("data"),
-        log_level="critical",
-    )
-    with serve_in_thread(config) as url:
+    with serve_in_thread(no_module_config(tmp_path_factory.mktemp("data"), response_timeout=5.0)) as url:
         yield url
 
 
@@ -275,7 +272,7 @@ def preflight(base_url, origin):
 
 
 @pytest.mark.parametrize("origin", FOREIGN_ORIGINS)
-def test_foreign_origin_gets_no_cors_header_and_its_posts_are_refused(no_module_server, origin):
+def test_foreign_origin_gets_no_cors_header_and_its_requests_are_refused(no_module_server, origin):
     headers = {"Origin": origin}
     chat = requests.post(f"{no_module_server}/v1/text/chat", data={"prompt": "x"}, headers=headers, timeout=10)
     assert chat.status_code == 403  # at once: the request never reaches the queue (no 5 s timeout)
@@ -284,8 +281,13 @@ def test_foreign_origin_gets_no_cors_header_and_its_posts_are_refused(no_module_
     assert body["success"] is False and f"web pages from {origin} may not call this server" in body["error"]
     assert f"--allow-origin {origin}" in body["error"]
 
-    ping = requests.get(f"{no_module_server}/v1/server/status/ping", headers=headers, timeout=5)
-    assert ping.status_code == 200 and "Access-Control-Allow-Origin" not in ping.headers  # unreadable by the page
+    # GETs too, as Ollama does: a page may not read the log or the models, nor learn anything from how they answer.
+    for path in ("/v1/server/status/ping", "/v1/log/list", "/v1/models", "/v1/module/list/status"):
+        got = requests.get(f"{no_module_server}{path}", headers=headers, timeout=5)
+        assert got.status_code == 403 and "Access-Control-Allow-Origin" not in got.headers, path
+        assert "entries" not in got.text and "statuses" not in got.text
+    models = requests.get(f"{no_module_server}/v1/models", headers=headers, timeout=5).json()
+    assert f"web pages from {origin} may not call this server" in models["error"]["message"]  # OpenAI's shape
     answer = preflight(no_module_server, origin)
     assert answer.status_code == 403 and "Access-Control-Allow-Origin" not in answer.headers
 
@@ -420,3 +422,211 @@ def test_loopback_hosts_do_not_warn(tmp_path):
         )
         with serve_in_thread(config) as url:
             assert not [e for e in log_entries(url) if "no authentication" in e["entry"]], host
+
+
+# ---- Both loopback addresses of the port (localhost's IPv6 side) -------------------------------------------
+
+
+def port_free_on_both_loopbacks() -> int:
+    for _ in range(50):
+        with socket.create_server(("127.0.0.1", 0)) as v4:
+            port = v4.getsockname()[1]
+            try:
+                socket.create_server(("::1", port), family=socket.AF_INET6).close()
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no port free on both 127.0.0.1 and ::1")
+
+
+def test_the_server_holds_localhosts_ipv6_side_of_its_port_too(no_module_server):
+    """The SDK, the README and the page call http://localhost:<port>, which often resolves to ::1 first: a server
+    holding only 127.0.0.1 left [::1]:<port> to any local user's listener."""
+    port = urlparse(no_module_server).port
+    ping = requests.get(f"http://[::1]:{port}/v1/server/status/ping", timeout=5)
+    assert ping.status_code == 200 and ping.json()["success"] is True
+    with pytest.raises(OSError):  # nobody else can listen there now
+        socket.create_server(("::1", port), family=socket.AF_INET6).close()
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+def test_a_port_whose_ipv6_loopback_another_program_holds_is_refused_at_startup(host):
+    """A listener of another program (here: this test's) on [::1]:<port> would receive the module's and browsers'
+    requests to localhost: the server says so and does not start."""
+    port = port_free_on_both_loopbacks()
+    with socket.create_server(("::1", port), family=socket.AF_INET6):
+        result = run_cli("--host", host, "--port", str(port), timeout=20)
+    assert result.returncode == 2, result
+    assert f"cannot listen on [::1]:{port}" in result.stderr and "another program" in result.stderr
+
+
+# ---- The module-peer lookup, off the event loop ------------------------------------------------------------
+
+
+def test_the_module_peer_lookup_does_not_hold_up_other_clients(no_module_server, monkeypatch):
+    """Resolving a connection's process reads /proc, which took 22.8 s for 1,000 connections on the event loop:
+    every other client waited. With the lookup held up (a gate around the real lookup: /proc cannot be made slow on
+    demand), a client that needs no lookup is still answered, and lookups run one at a time."""
+    import llamachat_server.module_access as module_access
+
+    gate, running, most = threading.Event(), [], []
+    real_lookup = module_access.find_peer_socket
+
+    def gated_lookup(*args):
+        running.append(1)
+        most.append(len(running))
+        try:
+            gate.wait(30)
+            return real_lookup(*args)
+        finally:
+            running.pop()
+
+    monkeypatch.setattr(module_access, "find_peer_socket", gated_lookup)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        try:
+            waiting = [
+                pool.submit(requests.post, f"{no_module_server}/v1/log/", data={"entry": "x"}, timeout=40)
+                for _ in range(3)
+            ]
+            poll(lambda: most, 10, "a lookup to start")
+            ping = requests.get(f"{no_module_server}/v1/server/status/ping", timeout=5)
+            assert ping.status_code == 200 and not any(w.done() for w in waiting)
+        finally:
+            gate.set()
+        assert all(w.result().json() == {"success": True} for w in waiting)
+    assert max(most) == 1  # one lookup at a time
+
+
+# ---- --allow-host -----------------------------------------------------------------------------------------
+
+
+def test_allow_host_admits_docker_and_proxy_names_and_nothing_more(tmp_path):
+    config = no_module_config(tmp_path, allowed_hosts=["host.docker.internal", "*.example.com"])
+    with serve_in_thread(config) as url:
+        port = urlparse(url).port
+
+        def status(host):
+            return requests.get(f"{url}/v1/server/status/ping", headers={"Host": host}, timeout=5).status_code
+
+        for host in (f"host.docker.internal:{port}", "HOST.docker.internal.", "chat.example.com:8080"):
+            assert status(host) == 200, host
+        for host in ("example.com", "a.b.example.com", "host.docker.internal.evil.test", "evil.test"):
+            assert status(host) == 403, host
+        page = requests.get(f"{url}/", headers={"Host": f"host.docker.internal:{port}"}, timeout=5)
+        assert page.status_code == 200  # Open WebUI in Docker, or a proxy keeping the Host, reaches the page too
+
+
+def test_a_refused_host_is_told_about_allow_host(no_module_server):
+    error = requests.get(
+        f"{no_module_server}/v1/server/status/ping", headers={"Host": "host.docker.internal:32168"}, timeout=5
+    ).json()["error"]
+    assert "--allow-host host.docker.internal" in error
+
+
+@pytest.mark.parametrize("value", ["http://example.com", "example.com/path", "a b", "exa mple"])
+def test_a_malformed_allow_host_is_refused_at_startup(value):
+    result = run_cli("--allow-host", value)
+    assert result.returncode == 2 and "--allow-host" in result.stderr and "not a host name" in result.stderr
+
+
+# ---- API keys ---------------------------------------------------------------------------------------------
+
+KEYS = ["first-key-0123", "second-key-4567"]
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tmp_path_factory):
+    with serve_in_thread(no_module_config(tmp_path_factory.mktemp("data"), response_timeout=1.0, api_keys=KEYS)) as url:
+        yield url
+
+
+CLIENT_ROUTES = [  # (method, path) of client routes of every kind: the module's, the server's, OpenAI's
+    ("POST", "/v1/text/chat"),
+    ("POST", "/v1/LlamaChat/get_command_status"),
+    ("GET", "/v1/server/status/ping"),
+    ("GET", "/v1/module/list/running"),
+    ("GET", "/v1/log/list"),
+    ("POST", "/v1/no/such/route"),
+]
+
+
+@pytest.mark.parametrize("method, path", CLIENT_ROUTES)
+def test_with_api_keys_a_client_route_needs_one_in_codeprojects_shape(keyed_server, method, path):
+    for headers in ({}, {"Authorization": "Bearer wrong-key"}, {"Authorization": KEYS[0]}):
+        refused = requests.request(method, f"{keyed_server}{path}", headers=headers, timeout=10)
+        assert refused.status_code == 401 and refused.headers["WWW-Authenticate"].startswith("Bearer")
+        body = refused.json()
+        assert body["success"] is False and body["code"] == 401 and "Authorization: Bearer" in body["error"]
+    for key in KEYS:  # either key; the route itself answers (the chat times out: no module here)
+        answer = requests.request(
+            method,
+            f"{keyed_server}{path}",
+            headers={"Authorization": f"Bearer {key}"},
+            data={"commandId": "x"},
+            timeout=10,
+        )
+        assert answer.status_code != 401, answer.text
+
+
+def test_with_api_keys_the_openai_routes_answer_401_as_openai_does(keyed_server):
+    import openai
+
+    for key in ("wrong-key", KEYS[0] + "x"):
+        client = openai.OpenAI(base_url=f"{keyed_server}/v1", api_key=key, max_retries=0, timeout=10)
+        with pytest.raises(openai.AuthenticationError) as caught:
+            client.models.list()
+        assert caught.value.status_code == 401 and caught.value.code == "invalid_api_key"
+        with pytest.raises(openai.AuthenticationError):
+            client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+    raw = requests.get(f"{keyed_server}/v1/models", timeout=5)
+    assert raw.json()["error"]["type"] == "invalid_request_error" and raw.json()["error"]["code"] == "invalid_api_key"
+    listed = openai.OpenAI(base_url=f"{keyed_server}/v1", api_key=KEYS[1], max_retries=0, timeout=10).models.list()
+    assert listed.data == []  # allowed: no module has reported a model here
+
+
+def test_with_api_keys_the_page_preflights_and_module_endpoints_need_none(keyed_server):
+    for path in ("/", "/explorer.html", "/assets/explorer.js"):
+        assert requests.get(f"{keyed_server}{path}", timeout=5).status_code == 200, path
+    preflight_answer = preflight(keyed_server, "http://localhost:3000")
+    assert preflight_answer.status_code == 204
+    # The SDK sends no key: the module endpoints keep their process check instead (--no-module: this user's).
+    log = requests.post(f"{keyed_server}/v1/log/", data={"entry": "from the module"}, timeout=5)
+    assert log.json() == {"success": True}
+
+
+def test_api_keys_come_from_the_command_line_and_key_files(tmp_path):
+    key_file = tmp_path / "keys.txt"
+    key_file.write_text("# LlamaChat keys\n\nfile-key-1\n  file-key-2  \n")
+    from llamachat_server.__main__ import config_from_args, parse_args
+
+    config = config_from_args(parse_args(["--api-key", "cli-key", "--api-key-file", str(key_file)]))
+    assert config.api_keys == ["cli-key", "file-key-1", "file-key-2"]
+    assert config_from_args(parse_args([])).api_keys == []  # off by default
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing\n")
+    for args in (("--api-key-file", str(empty)), ("--api-key-file", str(tmp_path / "missing")), ("--api-key", "a b")):
+        result = run_cli(*args)
+        assert result.returncode == 2 and "--api-key" in result.stderr, args
+
+
+def test_a_host_other_than_loopback_with_a_key_does_not_warn():
+    result = run_cli("--host", "192.0.2.1", "--api-key", "k", "--log-level", "warning")
+    assert result.returncode == 2 and "no authentication" not in result.stderr + result.stdout
+
+
+# ---- The page: no framing, no inline script but the module's -----------------------------------------------
+
+
+def test_the_page_may_not_be_framed_and_runs_only_its_own_scripts(no_module_server):
+    from llamachat_server.explorer import module_script, read_explorer_ui
+
+    for path in ("/", "/explorer.html"):
+        page = requests.get(f"{no_module_server}{path}", timeout=5)
+        assert page.headers["X-Frame-Options"] == "DENY"
+        policy = dict(
+            (part.split()[0], part.split()[1:]) for part in page.headers["Content-Security-Policy"].split(";")
+        )
+        assert policy["frame-ancestors"] == ["'none'"] and policy["object-src"] == ["'none'"]
+        script = module_script(read_explorer_ui(ROOT), "LlamaChat")
+        digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+        assert policy["script-src"] == ["'self'", f"'sha256-{digest}'"]  # no 'unsafe-inline', no other source

@@ -101,6 +101,44 @@ function clearImagePreview() {
 
 // ---- Calling the server ----------------------------------------------------------------------------
 
+// A server started with --api-key answers 401 without the key: the page asks for it once, keeps it in
+// sessionStorage (this tab only, gone when it closes; never localStorage) and sends it with every call.
+const API_KEY_ITEM = "llamachat.apiKey";
+let keyPrompt = null;       // the question being asked, shared by the calls that were refused meanwhile
+let keyDeclined = false;    // the user cancelled: no more questions until the page is reloaded
+
+function withKey(options) {
+    const key = sessionStorage.getItem(API_KEY_ITEM);
+    const headers = Object.assign({}, options && options.headers, key ? { Authorization: "Bearer " + key } : {});
+    return Object.assign({}, options, { headers: headers });
+}
+
+function askForKey(refusedKey) {
+    if (!keyPrompt) {
+        keyPrompt = Promise.resolve().then(() => {
+            const current = sessionStorage.getItem(API_KEY_ITEM);
+            if (current && current !== refusedKey) return true;  // another call got a new key meanwhile
+            const key = window.prompt(current ? "The server refused that API key. API key:"
+                                              : "This server needs an API key (its --api-key). API key:");
+            if (!key || !key.trim()) {
+                keyDeclined = true;
+                return false;
+            }
+            sessionStorage.setItem(API_KEY_ITEM, key.trim());
+            return true;
+        }).finally(() => { keyPrompt = null; });
+    }
+    return keyPrompt;
+}
+
+// fetch(), with the API key if there is one; a 401 asks for the key and tries once more.
+async function fetchWithKey(url, options) {
+    const sentKey = sessionStorage.getItem(API_KEY_ITEM);
+    const response = await fetch(url, withKey(options));
+    if (response.status !== 401 || keyDeclined || !(await askForKey(sentKey))) return response;
+    return fetch(url, withKey(options));
+}
+
 function serverUrl() {
     // A page that has a #serviceUrl box (a standalone explore.html) may point elsewhere; ours has none.
     const box = document.getElementById("serviceUrl");
@@ -126,7 +164,7 @@ async function submitRequest(route, apiName, images, parameters) {
     const timer = setTimeout(() => controller.abort(), timeoutSec() * 1000);
     showCommunication(true);
     try {
-        const response = await fetch(url, { method: "POST", body: form, signal: controller.signal });
+        const response = await fetchWithKey(url, { method: "POST", body: form, signal: controller.signal });
         if (!response.ok) {
             showError(response.status, "Unable to complete API call (" + response.status + " " +
                       response.statusText + ")");
@@ -147,7 +185,7 @@ async function submitRequest(route, apiName, images, parameters) {
 
 async function makeGET(path) {
     try {
-        const response = await fetch(serverUrl() + "/v1/" + path);
+        const response = await fetchWithKey(serverUrl() + "/v1/" + path);
         if (!response.ok) return { success: false, error: "HTTP " + response.status + " " + response.statusText };
         return await response.json();
     } catch (error) {
@@ -160,7 +198,7 @@ async function makePOST(path, key, value) {
     form.append("name", key);
     form.append("value", value);
     try {
-        const response = await fetch(serverUrl() + "/v1/" + path, { method: "POST", body: form });
+        const response = await fetchWithKey(serverUrl() + "/v1/" + path, { method: "POST", body: form });
         if (!response.ok) return { success: false, error: "HTTP " + response.status + " " + response.statusText };
         return await response.json();
     } catch (error) {
