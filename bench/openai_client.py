@@ -13,6 +13,8 @@ from typing import Any
 
 import openai
 
+from llamachat_server.openai_api import COMMAND_ID_HEADER
+
 from .workload import FLUSH_PROMPT, FLUSH_SYSTEM_PROMPT, SAMPLING, chat_messages
 
 TTFT_GAP_GOAL_MS = 60.0
@@ -23,7 +25,8 @@ EXTRA_SAMPLING = {name: SAMPLING[name] for name in ("top_k", "min_p", "repeat_pe
 
 class OpenAIStreamEngine:
     """The server's /v1/chat/completions, streamed through the real openai client; the module's own figures for
-    the same chat are read from get_command_status afterwards (the completion id is chatcmpl-<commandId>)."""
+    the same chat are read from get_command_status afterwards (its commandId comes in the X-LlamaChat-Command-Id
+    header; the completion's id is a random one of its own)."""
 
     def __init__(self, base_url: str, tokenize) -> None:
         self.base_url = base_url
@@ -36,8 +39,8 @@ class OpenAIStreamEngine:
             model="bench", messages=messages, max_tokens=max_tokens, extra_body=EXTRA_SAMPLING, **sampling, **options
         )
 
-    def _module_final(self, completion_id: str) -> dict[str, Any]:
-        body = f"commandId={completion_id.removeprefix('chatcmpl-')}".encode()
+    def _module_final(self, command_id: str) -> dict[str, Any]:
+        body = f"commandId={command_id}".encode()
         with urllib.request.urlopen(f"{self.base_url}/v1/LlamaChat/get_command_status", body, timeout=30) as answer:
             return json.load(answer)
 
@@ -50,16 +53,17 @@ class OpenAIStreamEngine:
         stream = self._create(
             chat_messages(prompt, history), max_tokens, stream=True, stream_options={"include_usage": True}
         )
+        command_id = stream.response.headers[COMMAND_ID_HEADER]
         first_at = last_at = None
-        parts, completion_id, used = [], "", None
+        parts, used = [], None
         for chunk in stream:
-            completion_id, used = chunk.id, chunk.usage or used
+            used = chunk.usage or used
             text = chunk.choices[0].delta.content if chunk.choices else None
             if text:
                 last_at = time.perf_counter()
                 first_at = first_at or last_at
                 parts.append(text)
-        module = self._module_final(completion_id)
+        module = self._module_final(command_id)
         # A chunk carries the tokens generated since the server's last status poll: the speed counts the tokens after
         # the first chunk's over the time between the first and the last chunk, as raw's counts those after its first.
         after_first = used.completion_tokens - len(self.tokenize(parts[0].encode(), add_bos=False, special=True))

@@ -230,7 +230,7 @@ class ChatRunner:
             request.max_tokens,
             sampling,
             should_abort=cancelled,
-            top_logprobs=request.top_logprobs,
+            top_logprobs=request.top_logprobs if request.logprobs else None,
         )
 
         def on_text(text: str, tokens: int) -> None:  # on the decoder's thread, between two steps

@@ -112,3 +112,7 @@ class OriginPolicy:
             return
         if self.allows(origin, request):
             self._allow(response.headers, origin)
+            # Our own headers (the OpenAI answer's X-LlamaChat-Command-Id) are hidden from a page unless exposed.
+            ours = [name for name in response.headers if name.lower().startswith("x-llamachat-")]
+            if ours:
+                response.headers["Access-Control-Expose-Headers"] = ", ".join(ours)

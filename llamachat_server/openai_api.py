@@ -261,17 +261,20 @@ async def _stream(
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", COMMAND_ID_HEADER: command_ids[0]}
     )
-    updates: asyncio.Queue[tuple[int, dict]] = asyncio.Queue()
+    updates: asyncio.Queue[tuple[int, dict | ApiFailure]] = asyncio.Queue()
 
     async def follow(index: int, command_id: str) -> None:
-        async for status in _follow(state, command_id, chat.max_tokens):
-            await updates.put((index, status))
+        try:
+            async for status in _follow(state, command_id, chat.max_tokens):
+                await updates.put((index, status))
+        except ApiFailure as ex:  # the server's queue refused a poll, say: the reader raises it
+            await updates.put((index, ex))
 
     followers = [asyncio.ensure_future(follow(i, command_id)) for i, command_id in enumerate(command_ids)]
     latest: dict[int, dict] = {}
     try:
         while len(latest) < len(command_ids) or not all(_started(status) for status in latest.values()):
-            index, latest[index] = await updates.get()
+            index, latest[index] = await _next_update(updates)
         for status in latest.values():
             if status.get("commandStatus") not in UNFINISHED and not status.get("success"):
                 _finish_reason(status)  # raises the chat's error as an HTTP answer
@@ -284,6 +287,14 @@ async def _stream(
         for follower in followers:
             follower.cancel()
     return response
+
+
+async def _next_update(updates: asyncio.Queue[tuple[int, dict | ApiFailure]]) -> tuple[int, dict]:
+    """The next status of a choice's chat; ApiFailure when following it failed."""
+    index, status = await updates.get()
+    if isinstance(status, ApiFailure):
+        raise status
+    return index, status
 
 
 async def _send_choices(
@@ -311,7 +322,7 @@ async def _send_choices(
         for index in range(len(latest)):
             await send(piece(index, {"role": "assistant", "content": ""}, logprobs=[] if chat.logprobs else None))
         while len(finals) < len(latest):
-            index, status = waiting.pop(0) if waiting else await updates.get()
+            index, status = waiting.pop(0) if waiting else await _next_update(updates)
             reply, entries = status.get("reply") or "", status.get("logprobs")
             if len(reply) > sent[index] and chat.tools is None:  # calls are sent once complete, below
                 new_logprobs = entries[sent_logprobs[index] :] if entries is not None else None

@@ -35,6 +35,7 @@ NUMBER_FIELDS = (
 ANY_OBJECT = {"type": "object"}  # the schema of response_format json_object: any JSON object
 # Choices one request may ask for: each is a chat of its own in the module's queue, whose size bounds them anyway.
 MAX_CHOICES = 8
+MAX_SEED = 2**31 - 1  # the chat route's seed input's MaxValue (modulesettings.json)
 # The module's inputs that OpenAI names differently, for the param of an error the module reports.
 OPENAI_PARAMS = {"conversation": "messages", "json_schema": "response_format"}
 # The module's stop_reason → OpenAI's finish_reason (a chat cancelled by someone else ended like a stop string).
@@ -61,12 +62,16 @@ class ChatCompletionRequest:
     n: int = 1  # choices: one chat each
 
     def choice_values(self) -> list[list[tuple[str, str]]]:
-        """The inputs of each choice's chat: a seed, if given, counts up, so that sampled choices differ."""
+        """The inputs of each choice's chat: a fixed seed counts up (within the module's range), so that sampled
+        choices differ; a random one (-1), or one the module will refuse, goes to every choice as it is."""
         if self.n == 1:
             return [self.values]
-        seed = next((int(value) for name, value in self.values if name == "seed"), None)
+        given = next((value for name, value in self.values if name == "seed"), None)
+        seed = int(given) if given is not None and given.isdigit() else None
+        if seed is None:
+            return [self.values] * self.n
         others = [(name, value) for name, value in self.values if name != "seed"]
-        return [others + ([("seed", str(seed + i))] if seed is not None else []) for i in range(self.n)]
+        return [others + [("seed", str((seed + i) % (MAX_SEED + 1)))] for i in range(self.n)]
 
 
 def error_body(message: str, error_type: str, param: str | None = None, code: str | None = None) -> dict:

@@ -388,7 +388,8 @@ def test_a_foreign_web_page_may_not_chat_and_cannot_read_the_models(base_url):
 
 
 def test_a_local_web_page_can_read_a_stream(base_url):
-    """The CORS header goes out with a streamed answer too (added as its headers are sent)."""
+    """The CORS header goes out with a streamed answer too (added as its headers are sent), exposing the chat's
+    commandId header to the page."""
     origin = "http://localhost:3000"
     response = requests.post(
         f"{base_url}/v1/chat/completions",
@@ -398,6 +399,7 @@ def test_a_local_web_page_can_read_a_stream(base_url):
     )
     assert response.status_code == 200
     assert response.headers["Access-Control-Allow-Origin"] == origin
+    assert response.headers["Access-Control-Expose-Headers"] == COMMAND_ID_HEADER
     assert response.text.endswith("data: [DONE]\n\n")
 
 

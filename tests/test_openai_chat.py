@@ -177,7 +177,13 @@ def test_n_choices_count_their_seeds_up_so_that_they_differ():
     seeds = [dict(v).get("seed") for v in parse_chat_request({"messages": hi, "n": 3, "seed": 7}).choice_values()]
     assert seeds == ["7", "8", "9"]
     unseeded = parse_chat_request({"messages": hi, "n": 2}).choice_values()
-    assert len(unseeded) == 2 and all("seed" not in dict(v) for v in unseeded)
+    assert len(unseeded) == 2
+    assert all("seed" not in dict(v) for v in unseeded)
+    last = parse_chat_request({"messages": hi, "n": 2, "seed": 2**31 - 1}).choice_values()
+    assert [dict(v)["seed"] for v in last] == [str(2**31 - 1), "0"]  # within the module's range, not past it
+    for seed, sent in ((-1, "-1"), (1.5, "1.5")):  # random for every choice; refused by the module, with its range
+        choices = parse_chat_request({"messages": hi, "n": 2, "seed": seed}).choice_values()
+        assert [dict(v)["seed"] for v in choices] == [sent, sent]
 
 
 def test_usage_from_the_modules_counts_and_the_usage_chunk_has_no_choice():
