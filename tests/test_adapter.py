@@ -30,8 +30,11 @@ def test_a_good_chat_is_accepted_at_once_with_its_own_command_id(adapter):
 
     data = request("prompt", prompt="Hello", max_tokens=8)
     ack = adapter.process(data)  # a plain answer: the SDK sends it as it is, and starts no long process of its own
-    assert ack["success"] is True and ack["commandId"] == data.request_id and ack["commandStatus"] == "running"
-    assert ack["message"] == "Command is running in the background" and "queue_position" not in ack
+    assert ack["success"] is True
+    assert ack["commandId"] == data.request_id
+    assert ack["commandStatus"] == "running"
+    assert ack["message"] == "Command is running in the background"
+    assert "queue_position" not in ack
     assert adapter.long_running_command_task is None
     wait_until(lambda: status(adapter, data.request_id)["commandStatus"] == "completed")
 
@@ -46,18 +49,26 @@ def assert_greedy(adapter, raw, prompt: str, final: dict) -> None:
 def test_chat_completes_with_reply_and_metrics(adapter, raw_smollm2):
     prompt = "What is the capital of France?"
     final = run_chat(adapter, prompt=prompt, max_tokens=24, temperature=0)
-    assert final["success"] and final["commandStatus"] == "completed" and final["message"] == "Command has completed"
-    assert final["stop_reason"] in ("completed", "length") and final["reply"]
+    assert final["success"]
+    assert final["commandStatus"] == "completed"
+    assert final["message"] == "Command has completed"
+    assert final["stop_reason"] in ("completed", "length")
+    assert final["reply"]
     assert_greedy(adapter, raw_smollm2, prompt, final)
-    assert final["model"] == "SmolLM2-135M-Instruct.Q4_1.gguf" and final["model_fallback"] is False
+    assert final["model"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert final["model_fallback"] is False
     assert 0 < final["completion_tokens"] <= 24
-    assert final["prompt_tokens"] > 10 and final["time_to_first_token_ms"] > 0 and final["tokens_per_second"] > 0
-    assert final["processMs"] >= final["inferenceMs"] > 0 and final["elapsed_ms"] == final["processMs"]
+    assert final["prompt_tokens"] > 10
+    assert final["time_to_first_token_ms"] > 0
+    assert final["tokens_per_second"] > 0
+    assert final["processMs"] >= final["inferenceMs"] > 0
+    assert final["elapsed_ms"] == final["processMs"]
 
 
 def test_max_tokens_ends_with_length_and_counts_every_token(adapter):
     final = run_chat(adapter, prompt="Write a long poem about the sea.", max_tokens=16, temperature=0)
-    assert final["stop_reason"] == "length" and final["completion_tokens"] == 16
+    assert final["stop_reason"] == "length"
+    assert final["completion_tokens"] == 16
 
 
 def test_completion_tokens_are_the_model_s_tokens_not_streamed_pieces(adapter):
@@ -77,34 +88,42 @@ def test_status_shows_the_reply_growing(adapter):
     seen = []
     deadline = time.monotonic() + 120
     while len(seen) < 3 and (s := status(adapter, ack["commandId"]))["commandStatus"] == "running":
-        assert s["success"] and s["message"] == "The long running command is still in progress"
+        assert s["success"]
+        assert s["message"] == "The long running command is still in progress"
         if s["reply"] and (not seen or s["reply"] != seen[-1]):
             assert not seen or s["reply"].startswith(seen[-1])  # it only grows
-            assert s["completion_tokens"] > 0 and s["elapsed_ms"] >= s["time_to_first_token_ms"] > 0
-            assert s["prompt_tokens"] > 0 and s["model"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
+            assert s["completion_tokens"] > 0
+            assert s["elapsed_ms"] >= s["time_to_first_token_ms"] > 0
+            assert s["prompt_tokens"] > 0
+            assert s["model"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
             seen.append(s["reply"])
         assert time.monotonic() < deadline, "the chat did not end"
         time.sleep(0.05)  # a client's poll interval; polling flat out would starve the generating thread
     assert len(seen) >= 3, "the reply should be seen growing over several polls"
     cancel(adapter, ack["commandId"])
     final = wait_until(lambda: (s := status(adapter, ack["commandId"]))["commandStatus"] == "completed" and s)
-    assert final["reply"].startswith(seen[-1]) and final["stop_reason"] == "cancelled"
+    assert final["reply"].startswith(seen[-1])
+    assert final["stop_reason"] == "cancelled"
 
 
 def test_cancel_keeps_the_partial_reply_and_a_late_cancel_does_not_touch_the_next_chat(adapter):
     ack = start_chat(adapter, prompt=STORY, max_tokens=0, temperature=0)
     wait_until(lambda: status(adapter, ack["commandId"]).get("completion_tokens", 0) >= 5, what="a few tokens")
     answer = cancel(adapter, ack["commandId"])
-    assert answer["success"] and answer["commandStatus"] == "cancelled"
+    assert answer["success"]
+    assert answer["commandStatus"] == "cancelled"
     final = wait_until(lambda: (s := status(adapter, ack["commandId"]))["commandStatus"] == "completed" and s)
-    assert final["stop_reason"] == "cancelled" and final["success"]
-    assert final["reply"].strip() and final["completion_tokens"] >= 5
+    assert final["stop_reason"] == "cancelled"
+    assert final["success"]
+    assert final["reply"].strip()
+    assert final["completion_tokens"] >= 5
 
     # A cancel for the finished command arrives late: the command can still be read, and the next chat runs to its end.
     assert cancel(adapter, ack["commandId"])["success"]
     assert status(adapter, ack["commandId"]) == final
     nxt = run_chat(adapter, prompt="What is 1 + 1?", max_tokens=12, temperature=0)
-    assert nxt["stop_reason"] in ("completed", "length") and nxt["reply"].strip()
+    assert nxt["stop_reason"] in ("completed", "length")
+    assert nxt["reply"].strip()
 
 
 def test_cancel_during_a_long_prompt_stops_it_and_the_model_stays_usable(adapter, raw_smollm2):
@@ -126,28 +145,38 @@ def test_cancel_during_a_long_prompt_stops_it_and_the_model_stays_usable(adapter
     final = status(adapter, ack["commandId"])
     assert final["stop_reason"] == "cancelled"
     if mid_prompt:
-        assert final["completion_tokens"] == 0 and job.first_token_at is None
+        assert final["completion_tokens"] == 0
+        assert job.first_token_at is None
 
     prompt = "What is the capital of France?"
     nxt = run_chat(adapter, prompt=prompt, max_tokens=16, temperature=0)
-    assert nxt["stop_reason"] in ("completed", "length") and nxt["reply"]
+    assert nxt["stop_reason"] in ("completed", "length")
+    assert nxt["reply"]
     assert_greedy(adapter, raw_smollm2, prompt, nxt)  # the abandoned prompt left nothing behind in the cache
 
 
 def test_a_second_chat_while_one_runs_waits_in_the_queue_and_can_leave_it(adapter):
     first = start_chat(adapter, prompt=STORY, max_tokens=0, temperature=0)
-    assert first["success"] and first["commandStatus"] == "running"
+    assert first["success"]
+    assert first["commandStatus"] == "running"
     second = start_chat(adapter, prompt="Hello?", max_tokens=8)
-    assert second["success"] and second["commandStatus"] == "queued" and second["commandId"] != first["commandId"]
-    assert second["queue_position"] == 1 and "estimated_wait_s" in second
+    assert second["success"]
+    assert second["commandStatus"] == "queued"
+    assert second["commandId"] != first["commandId"]
+    assert second["queue_position"] == 1
+    assert "estimated_wait_s" in second
     # Nobody learns the running chat's commandId, with which they could read or cancel it.
     assert first["commandId"] not in json.dumps(second)
     waiting = status(adapter, second["commandId"])
-    assert waiting["commandStatus"] == "queued" and waiting["queue_position"] == 1 and waiting["reply"] == ""
+    assert waiting["commandStatus"] == "queued"
+    assert waiting["queue_position"] == 1
+    assert waiting["reply"] == ""
     assert first["commandId"] not in json.dumps(waiting)
     assert cancel(adapter, second["commandId"])["commandStatus"] == "cancelled"
     final = status(adapter, second["commandId"])  # at once: a queued chat has nothing to stop
-    assert final["commandStatus"] == "completed" and final["stop_reason"] == "cancelled" and final["reply"] == ""
+    assert final["commandStatus"] == "completed"
+    assert final["stop_reason"] == "cancelled"
+    assert final["reply"] == ""
     assert status(adapter, first["commandId"])["commandStatus"] == "running"  # the running chat carries on
     cancel(adapter, first["commandId"])
     wait_until(lambda: status(adapter, first["commandId"])["commandStatus"] == "completed")
@@ -163,7 +192,8 @@ def test_second_turn_reuses_the_cache_of_the_first(adapter):
     second = run_chat(
         adapter, prompt="What is my favourite colour?", messages=json.dumps(history), max_tokens=16, temperature=0
     )
-    assert second["success"] and second["prompt_tokens"] > first["prompt_tokens"]
+    assert second["success"]
+    assert second["prompt_tokens"] > first["prompt_tokens"]
     # Only the new turn is evaluated: the earlier turn and most of the reply come from the KV cache.
     assert second["cached_tokens"] >= first["prompt_tokens"]
     assert second["prompt_tokens"] - second["cached_tokens"] < 30
@@ -225,8 +255,10 @@ def test_stop_strings_end_the_reply(adapter, raw_smollm2):
 )
 def test_bad_input_is_refused_with_a_clear_error(adapter, values, field, hint):
     answer = start_chat(adapter, **values)
-    assert answer["success"] is False and "commandId" not in answer
-    assert answer["error"].startswith(field) and hint in answer["error"]
+    assert answer["success"] is False
+    assert "commandId" not in answer
+    assert answer["error"].startswith(field)
+    assert hint in answer["error"]
 
 
 @pytest.mark.parametrize(
@@ -261,9 +293,13 @@ def test_prompt_too_long_for_the_context_gives_the_token_counts(smollm2):
     try:
         # Fitting grows with the conversation, so it happens in the command, which ends with the error.
         answer = run_chat(small, prompt="word " * 600, max_tokens=50)
-        assert not answer["success"] and answer["stop_reason"] == "error" and answer["reply"] == ""
-        assert "does not fit" in answer["error"] and "context holds 512" in answer["error"]
-        assert "needs 50 more (max_tokens)" in answer["error"] and "lower max_tokens" in answer["error"]
+        assert not answer["success"]
+        assert answer["stop_reason"] == "error"
+        assert answer["reply"] == ""
+        assert "does not fit" in answer["error"]
+        assert "context holds 512" in answer["error"]
+        assert "needs 50 more (max_tokens)" in answer["error"]
+        assert "lower max_tokens" in answer["error"]
         tokens = int(answer["error"].split("it takes ")[1].split(" tokens")[0])
         assert tokens > 600
 
@@ -282,7 +318,8 @@ def test_prompt_too_long_for_the_context_gives_the_token_counts(smollm2):
             temperature=0,
             system_prompt="You are a concise astronomer.",
         )
-        assert final["success"] and final["dropped_turns"] > 0
+        assert final["success"]
+        assert final["dropped_turns"] > 0
         assert final["prompt_tokens"] + 40 <= 512
     finally:
         small.cleanup()
@@ -297,7 +334,8 @@ def test_no_model_every_chat_fails_clearly(tmp_path, monkeypatch):
     broken.initialise()
     for _ in range(2):
         answer = start_chat(broken, prompt="Hello")
-        assert answer["success"] is False and answer["error"].startswith("No model is loaded: Unable to load a model")
+        assert answer["success"] is False
+        assert answer["error"].startswith("No model is loaded: Unable to load a model")
     assert broken.selftest()["success"] is False
     assert broken.module_status()["loadError"]
 
@@ -336,8 +374,10 @@ def test_chats_leave_no_samplers_behind_though_the_loaded_objects_are_frozen(smo
 def test_module_status_names_the_model_and_the_device(adapter):
     status_data = adapter._get_module_status(None)  # as the SDK calls it for a queued 'status' command
     assert status_data["model"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
-    assert status_data["contextSize"] == 4096 and status_data["chatTemplate"] == "the model's own chat template"
-    assert status_data["inferenceDevice"] == "CPU" and status_data["inferenceLibrary"] == ""
+    assert status_data["contextSize"] == 4096
+    assert status_data["chatTemplate"] == "the model's own chat template"
+    assert status_data["inferenceDevice"] == "CPU"
+    assert status_data["inferenceLibrary"] == ""
 
 
 def run_selftest(**env):
@@ -361,7 +401,8 @@ def test_selftest_passes_with_the_small_model(smollm2, parallel):
         CPAI_MODULE_LLAMA_PARALLEL=parallel,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "Self-test for LlamaChat passed" in done.stdout and "tokens/s" in done.stdout
+    assert "Self-test for LlamaChat passed" in done.stdout
+    assert "tokens/s" in done.stdout
 
 
 def test_selftest_fails_with_a_missing_model(tmp_path):
@@ -395,7 +436,8 @@ def test_chats_on_the_fallback_model_say_so(tmp_path, smollm2, monkeypatch):
     fallback.initialise()
     try:
         final = run_chat(fallback, prompt="Hi", max_tokens=4)
-        assert final["model"] == smollm2.name and final["model_fallback"] is True
+        assert final["model"] == smollm2.name
+        assert final["model_fallback"] is True
         assert "mistral-7b-instruct-v0.2.Q4_K_M.gguf': no such file" in fallback.module_status()["fallbackReason"]
     finally:
         fallback.cleanup()
@@ -406,7 +448,8 @@ def test_a_pinned_thread_count_is_used_and_shown(adapter):
     final = run_chat(adapter, prompt="What is 2 + 2?", max_tokens=4, temperature=0)
     assert final["threads"] == module_threads()
     status_data = adapter.module_status()
-    assert status_data["threads"] == module_threads() and status_data["threadMode"] == "fixed"
+    assert status_data["threads"] == module_threads()
+    assert status_data["threadMode"] == "fixed"
 
 
 def test_adaptive_threads_leave_a_busy_core_to_the_process_using_it(smollm2):
@@ -426,7 +469,8 @@ def test_adaptive_threads_leave_a_busy_core_to_the_process_using_it(smollm2):
             lambda: adaptive.runner.threads._load.cores() >= 0.8, what="the load monitor to see the busy process"
         )
         final = run_chat(adaptive, prompt="Write a long story about a dragon.", max_tokens=24, temperature=0)
-        assert final["success"] and final["completion_tokens"] > 0
+        assert final["success"]
+        assert final["completion_tokens"] > 0
         assert 1 <= final["threads"] <= usable_cpus() - 1
         assert adaptive.module_status()["threads"] == final["threads"]
     finally:

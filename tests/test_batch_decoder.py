@@ -81,11 +81,15 @@ def test_chats_decoded_together_each_get_a_greedy_reply_to_their_own_prompt(chat
     finished(*chats)
     for i, (p, c) in enumerate(zip(prompts, chats)):
         assert c.prompt_tokens == raw_smollm2.chat_tokens(chat.messages(p))  # what raw llama-cpp-python evaluates
-        assert c.stop_reason in ("completed", "length") and c.error is None and c.reply
+        assert c.stop_reason in ("completed", "length")
+        assert c.error is None
+        assert c.reply
         assert_greedy(raw_smollm2, chat, p, c)
         assert "".join(streamed[i]) == c.reply  # the streamed pieces are the reply, nothing held back or doubled
-        assert counts[i] == sorted(counts[i]) and counts[i][-1] == c.completion_tokens <= 24
-        assert c.first_token_at is not None and c.first_token_at <= c.finished_at
+        assert counts[i] == sorted(counts[i])
+        assert counts[i][-1] == c.completion_tokens <= 24
+        assert c.first_token_at is not None
+        assert c.first_token_at <= c.finished_at
     # No cross-talk, and a check that can see it: no chat's reply passes as a greedy reply to another chat's prompt.
     for i, p in enumerate(prompts):
         for j, c in enumerate(chats):
@@ -123,7 +127,8 @@ def test_characters_split_across_tokens_come_out_whole(chat, decoder, raw_smollm
     streamed = []
     solo = decoder.submit(batch_chat(chat, multibyte_prompt, 40, on_text=lambda text, _n: streamed.append(text)))
     finished(solo)
-    assert solo.reply == "".join(streamed) and "\ufffd" not in solo.reply
+    assert solo.reply == "".join(streamed)
+    assert "\ufffd" not in solo.reply
     # Byte for byte the model's tokens, even where max_tokens falls inside a character: it is finished first.
     assert_greedy(raw_smollm2, chat, multibyte_prompt, solo)
     if solo.stop_reason == "length":
@@ -150,7 +155,8 @@ def test_a_seeded_chat_is_reproducible_in_the_same_batch(chat, raw_smollm2):
             seeded = decoder.submit(batch_chat(chat, PROMPTS[0], 32, sampling=sampling))
             joined.set()
             finished(greedy, seeded)
-            assert seeded.stop_reason in ("completed", "length") and seeded.reply
+            assert seeded.stop_reason in ("completed", "length")
+            assert seeded.reply
             assert_greedy(raw_smollm2, chat, PROMPTS[1], greedy)
             return seeded.reply, greedy.reply
         finally:
@@ -169,7 +175,8 @@ def test_cancelling_one_chat_keeps_its_text_and_leaves_the_others_running(chat, 
     victim = batch_chat(chat, PROMPTS[0], 32, on_text=cancel_after_five, should_abort=cancel.is_set)
     chats = [decoder.submit(victim)] + [decoder.submit(batch_chat(chat, p, 32)) for p in PROMPTS[1:3]]
     finished(*chats)
-    assert victim.stop_reason == "cancelled" and victim.error is None
+    assert victim.stop_reason == "cancelled"
+    assert victim.error is None
     assert 5 <= victim.completion_tokens < 32
     assert victim.reply  # the text so far, kept: the model's own tokens, cut short
     assert_greedy(raw_smollm2, chat, PROMPTS[0], victim)
@@ -218,7 +225,9 @@ def test_a_conversation_reuses_its_cached_prefix(chat, decoder, raw_smollm2):
 def test_a_prompt_longer_than_the_context_ends_with_an_error(chat, decoder):
     too_long = BatchChat([chat.llm.token_bos()] * 1100, 8, GREEDY)
     finished(decoder.submit(too_long))
-    assert too_long.stop_reason == "error" and "1100 tokens" in too_long.error and "1024" in too_long.error
+    assert too_long.stop_reason == "error"
+    assert "1100 tokens" in too_long.error
+    assert "1024" in too_long.error
     with pytest.raises(ValueError, match="at least one prompt token"):
         BatchChat([], 8, GREEDY)
 
@@ -227,8 +236,10 @@ def test_bad_sampling_settings_end_that_chat_only(chat, decoder, raw_smollm2):
     bad = decoder.submit(batch_chat(chat, PROMPTS[1], 8, sampling={"temprature": 0.5}))
     good = decoder.submit(batch_chat(chat, PROMPTS[1], 8))
     finished(bad, good)
-    assert bad.stop_reason == "error" and "temprature" in bad.error
-    assert good.stop_reason in ("completed", "length") and good.reply
+    assert bad.stop_reason == "error"
+    assert "temprature" in bad.error
+    assert good.stop_reason in ("completed", "length")
+    assert good.reply
     assert_greedy(raw_smollm2, chat, PROMPTS[1], good)
 
 
@@ -238,7 +249,8 @@ def test_closing_cancels_what_runs_and_refuses_more(chat):
     # max_tokens 0: until the model stops or the context is full, so it is most likely still running when closed.
     running = decoder.submit(batch_chat(chat, PROMPTS[0], 0, on_text=lambda text, _n: streamed.append(text)))
     decoder.close()
-    assert running.done and running.stop_reason in ("cancelled", "completed", "length")
+    assert running.done
+    assert running.stop_reason in ("cancelled", "completed", "length")
     assert "".join(streamed) == running.reply  # a cancelled chat keeps what it had shown
     with pytest.raises(RuntimeError, match="closed"):
         decoder.submit(batch_chat(chat, PROMPTS[1], 8))

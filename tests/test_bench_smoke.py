@@ -37,36 +37,44 @@ def test_bench_measures_every_engine_and_writes_json_markdown_and_chart(smollm2,
 
     # Greedy decoding of the same prompt: the same reply through every layer, or the comparison would be unfair.
     replies = {key: results[key]["generation"]["reply"] for key in ("raw", "wrapper", "module", "openai_stream")}
-    assert replies["raw"].strip() and len(set(replies.values())) == 1, replies
+    assert replies["raw"].strip(), replies
+    assert len(set(replies.values())) == 1, replies
     for key in ("raw", "wrapper", "module"):
         generation = results[key]["generation"]["summary"]
         assert generation["tokens"]["median"] == 8
-        assert generation["ttft_ms"]["median"] > 0 and generation["tokens_per_second"]["median"] > 0
+        assert generation["ttft_ms"]["median"] > 0
+        assert generation["tokens_per_second"]["median"] > 0
         assert len(results[key]["conversation"]["turns"]) == 2
     # The OpenAI stream of the same server, in generation only, with the module's own figures for the same chats.
     stream = results["openai_stream"]["generation"]["summary"]
-    assert stream["tokens"]["median"] == 8 and stream["chunks"]["median"] >= 1
+    assert stream["tokens"]["median"] == 8
+    assert stream["chunks"]["median"] >= 1
     assert stream["ttft_ms"]["median"] > stream["module_ttft_ms"]["median"] > 0
     assert "conversation" not in results["openai_stream"]
     module = results["module"]
     turn2 = module["conversation"]["turns"][1]
     assert turn2["warm"]["cached_tokens"]["median"] > turn2["cold"]["cached_tokens"]["median"]
-    assert module["cancel_generation"]["all_cancelled"] and module["cancel_prompt"]["all_cancelled"]
+    assert module["cancel_generation"]["all_cancelled"]
+    assert module["cancel_prompt"]["all_cancelled"]
     assert module["long_prompt_tokens"] >= 300
-    assert module["memory"]["rss_after_load_mb"] > 50 and len(module["memory"]["curve"]) == 3
+    assert module["memory"]["rss_after_load_mb"] > 50
+    assert len(module["memory"]["curve"]) == 3
     assert len(results["raw"]["memory"]["curve"]) == len(results["raw"]["memory_gc_each_chat"]["curve"]) == 3
     assert results["llama_server"] == {"skipped": "no --llama-server PATH given"}
     assert [t["limit"] is not None for t in results["targets"]] == [True] * 8
     report = (out / "results.md").read_text()
-    assert "| module tokens/s >= 0.97 x raw |" in report and "| OpenAI stream via server (client) |" in report
+    assert "| module tokens/s >= 0.97 x raw |" in report
+    assert "| OpenAI stream via server (client) |" in report
     stream_targets = [t for t in results["targets"] if t["target"].startswith("OpenAI stream")]
-    assert len(stream_targets) == 2 and all(t["measured"] is not None for t in stream_targets)
+    assert len(stream_targets) == 2
+    assert all(t["measured"] is not None for t in stream_targets)
 
 
 def test_bench_refuses_a_missing_model_with_what_to_do(tmp_path):
     done = run_bench("bench", "--model", str(tmp_path / "none.gguf"), timeout=60)
     assert done.returncode == 2
-    assert "no model at" in done.stderr and "install.sh --small" in done.stderr
+    assert "no model at" in done.stderr
+    assert "install.sh --small" in done.stderr
 
 
 def test_threads_bench_measures_every_thread_choice_and_writes_its_files(smollm2, tmp_path):
@@ -132,12 +140,15 @@ def test_openai_stream_bench_times_the_stream_beside_raw_and_writes_its_files(sm
     assert all(run["tokens"] == 8 and run["module_tokens_per_second"] > 0 for run in measured["module_quiet"])
     for run in measured["openai_stream"]:
         # The client's count is the module's, and the module's own TTFT is read for the same chat.
-        assert run["tokens"] == 8 and run["chunks"] >= 1 and run["module_ttft_ms"] > 0
+        assert run["tokens"] == 8
+        assert run["chunks"] >= 1
+        assert run["module_ttft_ms"] > 0
         assert abs(run["ttft_gap_ms"] - (run["ttft_ms"] - run["module_ttft_ms"])) < 0.11  # both rounded to 0.1 ms
     assert set(measured["goals"]) == {"ttft_gap_ms", "ttft_gap_met", "speed_ratio", "speed_met"}
     report = (out / "openai_stream.md").read_text()
     assert "| openai client, streamed from /v1/chat/completions |" in report
-    assert "| module, polled once a second (reference) |" in report and "stream ÷ that module: " in report
+    assert "| module, polled once a second (reference) |" in report
+    assert "stream ÷ that module: " in report
 
 
 def test_concurrency_bench_compares_the_queue_with_the_batched_engine_and_writes_its_files(smollm2, tmp_path):
@@ -151,14 +162,17 @@ def test_concurrency_bench_compares_the_queue_with_the_batched_engine_and_writes
     for engine, by_clients in results["summary"].items():
         for clients in ("1", "2"):
             assert by_clients[clients]["aggregate_tokens_per_second"]["median"] > 0, (engine, clients)
-            assert by_clients[clients]["ttft_ms_p50"] > 0 and by_clients[clients]["tokens"]["n"] == int(clients)
-    assert results["same_replies"]["of"] == 3 and "module_parallel" in results["same_replies"]
+            assert by_clients[clients]["ttft_ms_p50"] > 0
+            assert by_clients[clients]["tokens"]["n"] == int(clients)
+    assert results["same_replies"]["of"] == 3
+    assert "module_parallel" in results["same_replies"]
     goals = {g["goal"]: g for g in results["goals"]}
     assert goals["2 clients: batched aggregate >= 1.5 x sequential"]["measured"] > 0
     assert goals["2 clients: module_parallel aggregate >= 1.5 x module_queue"]["measured"] > 0
     assert goals["2 clients: batched aggregate >= 0.9 x llama_server"]["met"] is None
     report = (out / "concurrency.md").read_text()
-    assert "| batched engine (batch_decoder.py) | 2 |" in report and "pass `--llama-server PATH`" in report
+    assert "| batched engine (batch_decoder.py) | 2 |" in report
+    assert "pass `--llama-server PATH`" in report
 
 
 def test_conversations_bench_measures_returning_users_and_writes_its_files(smollm2, tmp_path):
@@ -175,9 +189,11 @@ def test_conversations_bench_measures_returning_users_and_writes_its_files(smoll
     assert [r["cached"]["prefix_source"] for r in last] == ["ram", "ram"]
     assert all(r["cold"]["ttft_ms"] > 0 and r["today"]["ttft_ms"] > 0 for r in last)
     assert {r["cached"]["prefix_source"] for r in results["restart"]} == {"disk"}
-    assert results["in_process"]["kv_bytes_per_token"] > 0 and results["in_process"]["restore_disk_mb_per_s"] > 0
+    assert results["in_process"]["kv_bytes_per_token"] > 0
+    assert results["in_process"]["restore_disk_mb_per_s"] > 0
     disk = results["disk_bound"]
-    assert disk["largest_folder_bytes"] <= disk["limit_bytes"] and disk["evicted"] > 0
+    assert disk["largest_folder_bytes"] <= disk["limit_bytes"]
+    assert disk["evicted"] > 0
     goals = {g["goal"]: g for g in results["goals"]}
     assert goals["2 users, turn 3: returning user's TTFT <= 0.1 x cold"]["measured"] > 0
     assert "| 2 | 3 |" in (out / "conversations.md").read_text()

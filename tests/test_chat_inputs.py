@@ -246,9 +246,11 @@ def test_a_conversation_is_taken_as_sent_and_its_last_assistant_message_continue
     ]
     chat = INPUTS.parse(request("prompt", conversation=json.dumps(messages)))
     assert (chat.prompt, chat.system_prompt, chat.history) == ("Count.", None, messages[:4])
-    assert chat.as_sent and chat.prefill == "Un,"
+    assert chat.as_sent
+    assert chat.prefill == "Un,"
     plain = INPUTS.parse(request("prompt", conversation=json.dumps(messages[:5])))
-    assert plain.prefill is None and plain.history == messages[:4]
+    assert plain.prefill is None
+    assert plain.history == messages[:4]
 
 
 @pytest.mark.parametrize(
@@ -271,7 +273,8 @@ def test_a_conversation_with_a_prompt_is_refused():
 
 def test_switches_default_from_modulesettings_and_refuse_other_words():
     chat = parse(prompt="Hi")
-    assert chat.trim_history is True and chat.logprobs is False
+    assert chat.trim_history is True
+    assert chat.logprobs is False
     assert parse(prompt="Hi", trim_history="false", logprobs="TRUE").logprobs is True
     assert "trim_history must be true or false" in refusal(prompt="Hi", trim_history="maybe")
 
@@ -298,7 +301,8 @@ def test_logit_bias_is_token_ids_and_bounded_biases():
 
 def test_tools_for_a_template_are_a_json_array_of_named_functions():
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
-    assert parse(prompt="Hi", tools=json.dumps(tools)).tools == tools and parse(prompt="Hi").tools is None
+    assert parse(prompt="Hi", tools=json.dumps(tools)).tools == tools
+    assert parse(prompt="Hi").tools is None
     for bad in ('{"name": "f"}', '[{"function": {}}]', "[1]", "["):
         assert "tools must be a JSON array" in refusal(prompt="Hi", tools=bad)
 

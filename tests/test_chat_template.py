@@ -202,7 +202,8 @@ WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "paramet
 
 def test_a_template_that_renders_tools_is_told_apart_and_given_them():
     renders = ChatTemplate(TOOLS_TEMPLATE, "<|im_end|>", "", EOS, [])
-    assert renders.renders_tools() and not ChatTemplate(CHATML, "<|im_end|>", "", EOS, []).renders_tools()
+    assert renders.renders_tools()
+    assert not ChatTemplate(CHATML, "<|im_end|>", "", EOS, []).renders_tools()
     hi = [{"role": "user", "content": "Hi"}]
     assert renders.render(hi, [WEATHER_TOOL]).startswith("<tools>get_weather;</tools>\n<|im_start|>user\nHi")
     assert renders.render(hi) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"

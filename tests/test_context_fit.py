@@ -141,7 +141,8 @@ def test_fake_fit_of_a_conversation_as_sent_keeps_its_leading_system_messages():
     turns = [{"role": "user", "content": "word " * 10}, {"role": "assistant", "content": "word " * 10}] * 4
     sent = ChatRequest("hi", None, system + turns, max_tokens=20, as_sent=True)
     fitted = ContextFitter(FakeTokenizer(n_ctx=80)).fit(sent)
-    assert fitted.history[:2] == system and 0 < fitted.dropped_turns < 4
+    assert fitted.history[:2] == system
+    assert 0 < fitted.dropped_turns < 4
     assert fitted.history[2:] == turns[2 * fitted.dropped_turns :]
 
 

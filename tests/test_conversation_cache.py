@@ -97,18 +97,21 @@ def test_the_ram_tier_evicts_the_least_recently_used_and_never_exceeds_its_bound
     assert cache.stats()["ramEntries"] == 3
     kept = [tokens for tokens in chats if holds(cache, tokens)]
     assert kept == [chats[0], chats[3], chats[4]]  # 1 and 2 went: 0 was used after them
-    assert cache.stats()["evictedFromRam"] == 2 and sum("evicted" in m for _, m in lines) == 2
+    assert cache.stats()["evictedFromRam"] == 2
+    assert sum("evicted" in m for _, m in lines) == 2
 
 
 def test_zero_turns_a_tier_off_and_an_entry_too_big_for_every_tier_is_not_kept(tmp_path):
     off = ConversationCache(FINGERPRINT, 0, 0, tmp_path)
-    assert not off.enabled and off.disk is None
+    assert not off.enabled
+    assert off.disk is None
     tokens = conversation(1, 100)
     off.save(tokens, kv(tokens))
     assert off.find(tokens + [1], 0) is None
     small = ConversationCache(FINGERPRINT, 1000, 0, None)
     small.save(tokens, kv(tokens))
-    assert small.find(tokens + [1], 0) is None and small.stats()["ramEntries"] == 0
+    assert small.find(tokens + [1], 0) is None
+    assert small.stats()["ramEntries"] == 0
 
 
 def test_of_two_entries_sharing_as_much_the_one_in_ram_is_taken(tmp_path):
@@ -148,7 +151,8 @@ def test_entries_made_for_another_model_or_setting_are_dropped(tmp_path):
     cache.save(a, kv(a))
     cache.close()
     other = ConversationCache("b" * 32, 0, 10**8, tmp_path)
-    assert other.find(a + [1], 0) is None and other.stats()["diskEntries"] == 0
+    assert other.find(a + [1], 0) is None
+    assert other.stats()["diskEntries"] == 0
     other.close()
     assert ConversationCache(FINGERPRINT, 0, 10**8, tmp_path).stats()["diskEntries"] == 0  # gone for good
 
@@ -180,7 +184,8 @@ def test_a_damaged_entry_is_dropped_not_restored(tmp_path, damage):
     restarted = ConversationCache(FINGERPRINT, 0, 10**8, tmp_path, log)
     assert restarted.find(a + [1], 0) is None
     stats = restarted.stats()
-    assert stats["droppedCorrupt"] == 1 and stats["diskEntries"] == 1
+    assert stats["droppedCorrupt"] == 1
+    assert stats["diskEntries"] == 1
     assert any(level == "warning" and "corrupt" in message for level, message in lines)
     assert restarted.find(b + [1], 0).state == kv(b, 100_001)  # the other entry is untouched
     restarted.flush(30)
@@ -203,7 +208,8 @@ def test_a_damaged_header_is_dropped_when_the_cache_opens(tmp_path):
     store.close()
     lines, log = logged()
     restarted = ConversationCache(FINGERPRINT, 0, 10**8, tmp_path, log)
-    assert restarted.stats()["diskEntries"] == 0 and restarted.find(a + [1], 0) is None
+    assert restarted.stats()["diskEntries"] == 0
+    assert restarted.find(a + [1], 0) is None
     assert any("corrupt" in message for _, message in lines)
 
 
@@ -218,8 +224,10 @@ def test_the_disk_tier_stays_within_its_bound_evicting_the_least_recently_used(t
         assert disk_usage(tmp_path) <= limit
         assert cache.stats()["diskBytes"] <= limit
     stats = cache.stats()
-    assert stats["evictedFromDisk"] > 0 and stats["diskEntries"] * (entry + 4 * 100 + HEADER_BYTES) <= limit
-    assert holds(cache, chats[-1]) and not holds(cache, chats[0])
+    assert stats["evictedFromDisk"] > 0
+    assert stats["diskEntries"] * (entry + 4 * 100 + HEADER_BYTES) <= limit
+    assert holds(cache, chats[-1])
+    assert not holds(cache, chats[0])
     cache.close()
 
 
@@ -285,6 +293,7 @@ def test_a_kill_9_while_writing_leaves_only_whole_entries(tmp_path):
         if hit is not None:
             assert hit.state == bytes([i % 251]) * 4_000_000
             found += 1
-    assert found == entries and cache.stats()["droppedCorrupt"] == 0
+    assert found == entries
+    assert cache.stats()["droppedCorrupt"] == 0
     assert disk_usage(directory) <= 60_000_000
     cache.close()

@@ -147,7 +147,8 @@ def test_users_taking_turns_resume_from_ram_then_from_disk_after_a_restart(smoll
                     assert result["prompt_tokens"] - result["cached_tokens"] < 40
                 previous[user] = result
         stats = adapter.module_status()["conversationCache"]
-        assert stats["ramEntries"] == 2 and stats["diskEntries"] == 2  # one entry per conversation, not per turn
+        assert stats["ramEntries"] == 2
+        assert stats["diskEntries"] == 2  # one entry per conversation, not per turn
         assert stats["prefixSources"] == {"context": 1, "ram": 4, "disk": 0, "none": 1}
         assert stats["hitRate"] == round(4 / 6, 3)
     finally:
@@ -157,7 +158,8 @@ def test_users_taking_turns_resume_from_ram_then_from_disk_after_a_restart(smoll
     try:
         for user in USERS:
             result = user_turn(restarted, user, alone[user], 3)
-            assert result["prefix_source"] == "disk" and result["prompt_tokens"] - result["cached_tokens"] < 40, result
+            assert result["prefix_source"] == "disk", result
+            assert result["prompt_tokens"] - result["cached_tokens"] < 40, result
             assert result["reply"] == alone[user][3], user
     finally:
         restarted.cleanup()
@@ -183,7 +185,8 @@ def test_a_damaged_entry_is_dropped_and_the_chat_evaluated_cold(smollm2, chat, a
     restarted = adapter_for(smollm2, cache_dir)
     try:
         result = user_turn(restarted, "a", alone["a"], 1)
-        assert result["prefix_source"] == "none" and result["cached_tokens"] == 0
+        assert result["prefix_source"] == "none"
+        assert result["cached_tokens"] == 0
         assert result["reply"] == cold
         assert restarted.module_status()["conversationCache"]["droppedCorrupt"] == 1
     finally:
@@ -197,7 +200,8 @@ def test_the_batch_decoder_resumes_a_displaced_conversation_from_the_cache(chat)
     def turn(decoder: BatchDecoder, prompt: str, history: list | None = None) -> BatchChat:
         tokens = chat.tokenize_messages(chat.messages(prompt, None, history))
         done = decoder.submit(BatchChat(tokens, MAX_TOKENS, sampling))
-        assert done.wait(120) and done.error is None
+        assert done.wait(120)
+        assert done.error is None
         return done
 
     a1, a2 = USERS["a"][:2]
@@ -220,7 +224,8 @@ def test_the_batch_decoder_resumes_a_displaced_conversation_from_the_cache(chat)
         turn(decoder, USERS["b"][0])
         turn(decoder, "Name three rivers.")
         resumed = turn(decoder, a2, history)
-        assert resumed.prefix_source == "ram" and resumed.restore_ms is not None
+        assert resumed.prefix_source == "ram"
+        assert resumed.restore_ms is not None
         assert resumed.cached_tokens == second.cached_tokens
         assert resumed.reply == second.reply
     finally:

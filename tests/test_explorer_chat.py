@@ -263,12 +263,14 @@ def test_reply_grows_over_polls_with_live_figures(open_chat, server, smollm2, ho
     expect(chat.el("status")).not_to_have_class(f"{chat.prefix}status {chat.prefix}error")
 
     ((ack_fields, ack),) = chat.calls("chat")
-    assert ack_fields["prompt"] == LONG_PROMPT and ack_fields["max_tokens"] == "2000"
+    assert ack_fields["prompt"] == LONG_PROMPT
+    assert ack_fields["max_tokens"] == "2000"
     assert "messages" not in ack_fields  # nothing said before
     polls = chat.calls("get_command_status")
     assert all(fields["commandId"] == ack["commandId"] for fields, _ in polls)
     final = polls[-1][1]
-    assert final["commandStatus"] == "completed" and final["stop_reason"] in ("cancelled", "length")
+    assert final["commandStatus"] == "completed"
+    assert final["stop_reason"] in ("cancelled", "length")
     partials = [answer["reply"] for _, answer in polls if answer["commandStatus"] == "running" and answer["reply"]]
     assert len(set(partials)) >= 2, "the reply should have been seen growing over at least two polls"
     assert all(final["reply"].startswith(partial) for partial in partials)
@@ -277,7 +279,8 @@ def test_reply_grows_over_polls_with_live_figures(open_chat, server, smollm2, ho
     # Each text shown while it grew is the start of the final reply, rendered (what is left of it, in order).
     final_shown = chat.assistant_bubbles.last.text_content()
     partials = [text for text in seen["replies"] if text != final_shown]
-    assert len(partials) >= 2 and all(shows(final["reply"], text, whole=False) for text in partials)
+    assert len(partials) >= 2
+    assert all(shows(final["reply"], text, whole=False) for text in partials)
     assert any("tok/s" in text and "tokens" in text for text in seen["stats"]), seen["stats"]
     assert shows(final["reply"], final_shown)
     assert chat.kept_turns()[-1]["reply"] == final["reply"]
@@ -302,9 +305,11 @@ def test_stop_mid_reply_keeps_the_partial_reply(open_chat, server, how):
 
     ((_, ack),) = chat.calls("chat")
     ((cancel_fields, cancelled),) = chat.calls("cancel_command")
-    assert cancel_fields["commandId"] == ack["commandId"] and cancelled["success"]
+    assert cancel_fields["commandId"] == ack["commandId"]
+    assert cancelled["success"]
     final = chat.calls("get_command_status")[-1][1]
-    assert final["stop_reason"] == "cancelled" and 0 < final["completion_tokens"] < 1000
+    assert final["stop_reason"] == "cancelled"
+    assert 0 < final["completion_tokens"] < 1000
     assert len(final["reply"]) >= 40
     assert shows(final["reply"], chat.assistant_bubbles.last.text_content())
     assert chat.kept_turns()[-1]["reply"] == final["reply"]
@@ -349,7 +354,8 @@ def test_bad_input_is_refused_with_the_server_s_error(open_chat, server):
     chat.send("Hello")
     chat.wait_state("idle")
     ((_, refusal),) = chat.calls("chat")
-    assert refusal["success"] is False and "temperature" in refusal["error"]
+    assert refusal["success"] is False
+    assert "temperature" in refusal["error"]
     expect(chat.el("status")).to_have_text(refusal["error"])
     expect(chat.el("prompt")).to_have_value("Hello")
     expect(chat.user_bubbles).to_have_count(0)
@@ -365,7 +371,8 @@ def test_multi_turn_chat_sends_the_transcript_as_messages_and_clear_forgets_it(o
     chat.send(second)
     chat.wait_state("idle")
     replies = [turn["reply"] for turn in chat.kept_turns()]
-    assert len(replies) == 2 and all(shows(*pair) for pair in zip(replies, chat.assistant_bubbles.all_text_contents()))
+    assert len(replies) == 2
+    assert all(shows(*pair) for pair in zip(replies, chat.assistant_bubbles.all_text_contents()))
 
     (fields1, _), (fields2, _) = chat.calls("chat")
     assert "messages" not in fields1
@@ -418,7 +425,8 @@ def test_regenerate_and_edit_send_the_right_messages(open_chat, server):
     (_, _), (original, _), (again, _) = chat.calls("chat")
     assert again["prompt"] == original["prompt"] == "Name a fruit."
     assert json.loads(again["messages"]) == json.loads(original["messages"]) == history
-    assert "seed" not in original and 0 <= int(again["seed"]) <= 2147483647  # a new sample
+    assert "seed" not in original
+    assert 0 <= int(again["seed"]) <= 2147483647  # a new sample
     final = chat.calls("get_command_status")[-1][1]
     assert [turn["reply"] for turn in chat.kept_turns()] == [first_reply, final["reply"]]
     expect(chat.user_bubbles).to_have_text(["Name a colour.", "Name a fruit."])
@@ -431,7 +439,8 @@ def test_regenerate_and_edit_send_the_right_messages(open_chat, server):
     chat.el("prompt").press("Enter")
     chat.wait_state("idle")
     edited = chat.calls("chat")[-1][0]
-    assert edited["prompt"] == "Name a vegetable." and json.loads(edited["messages"]) == history
+    assert edited["prompt"] == "Name a vegetable."
+    assert json.loads(edited["messages"]) == history
 
 
 def test_turns_left_out_to_fit_the_context_are_reported(open_chat, server):
@@ -449,7 +458,8 @@ def test_turns_left_out_to_fit_the_context_are_reported(open_chat, server):
     chat.wait_state("idle", timeout=30_000)
 
     final = chat.calls("get_command_status")[-1][1]
-    assert final["dropped_turns"] == 1 and final["prompt_tokens"] == first["prompt_tokens"]
+    assert final["dropped_turns"] == 1
+    assert final["prompt_tokens"] == first["prompt_tokens"]
     expect(chat.page.locator(f".{chat.prefix}meta").last).to_contain_text(
         "1 earlier turn left out to fit the model's context"
     )
@@ -488,19 +498,24 @@ def test_a_chat_behind_a_long_one_waits_in_the_queue_and_stop_leaves_it(open_cha
     expect(chat.user_bubbles).to_have_count(0)
     ((_, ack),) = chat.calls("chat")
     ((cancel_fields, cancelled),) = chat.calls("cancel_command")
-    assert cancel_fields["commandId"] == ack["commandId"] and cancelled["success"]
+    assert cancel_fields["commandId"] == ack["commandId"]
+    assert cancelled["success"]
     answers = [answer for _, answer in chat.calls("get_command_status")]
-    assert answers[0]["commandStatus"] == "queued" and answers[0]["queue_position"] == 1
-    assert answers[-1]["commandStatus"] == "completed" and answers[-1]["stop_reason"] == "cancelled"
+    assert answers[0]["commandStatus"] == "queued"
+    assert answers[0]["queue_position"] == 1
+    assert answers[-1]["commandStatus"] == "completed"
+    assert answers[-1]["stop_reason"] == "cancelled"
     assert status_of(running)["commandStatus"] == "running"  # the other chat is left alone
 
     # A full queue (one chat may wait here) is shown as the server's error, once: the page does not retry.
     waiting = other_client_chats()
-    assert waiting["success"] and status_of(waiting["commandId"])["commandStatus"] == "queued"
+    assert waiting["success"]
+    assert status_of(waiting["commandId"])["commandStatus"] == "queued"
     chat.el("prompt").press("Enter")
     chat.wait_state("idle", timeout=15_000)
     refusal = chat.calls("chat")[-1][1]
-    assert refusal["success"] is False and "queue is full" in refusal["error"]
+    assert refusal["success"] is False
+    assert "queue is full" in refusal["error"]
     expect(chat.el("status")).to_have_text(refusal["error"])
     expect(chat.el("prompt")).to_have_value("Say hello.")
     assert len(chat.calls("chat")) == 2
@@ -555,4 +570,5 @@ def test_narrow_window_fits_and_a_long_reply_scrolls(open_chat, server):
     assert transcript.evaluate("t => t.scrollHeight - t.scrollTop - t.clientHeight < 2"), "follows the reply"
     for button in ("sendBtn", "clearBtn"):
         box = chat.el(button).bounding_box()
-        assert box["x"] >= 0 and box["x"] + box["width"] <= 360
+        assert box["x"] >= 0
+        assert box["x"] + box["width"] <= 360

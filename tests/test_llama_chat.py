@@ -21,7 +21,8 @@ def test_loads_the_local_file_with_its_own_template(smol, smollm2):
     assert smol.model_name == smollm2.name
     assert smol.n_ctx == 1024  # explicit, not the model's training context
     assert smol.template_source == "the model's own chat template"
-    assert smol.system_role and smol.fallback_reason is None
+    assert smol.system_role
+    assert smol.fallback_reason is None
 
 
 def test_do_chat_returns_a_completion(smol):
@@ -34,7 +35,8 @@ def test_do_chat_returns_a_completion(smol):
 def test_do_chat_streams_chunks(smol):
     chunks = list(smol.do_chat("Name three colours.", max_tokens=12, temperature=0, stream=True))
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
-    assert len(chunks) > 3 and text.strip()
+    assert len(chunks) > 3
+    assert text.strip()
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
 
 
@@ -50,7 +52,8 @@ def test_history_comes_between_system_prompt_and_prompt(smol):
     history = [{"role": "user", "content": "My name is Ada."}, {"role": "assistant", "content": "Hello Ada!"}]
     messages = smol.messages("What is my name?", None, history)
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
-    assert messages[1:3] == history and messages[3]["content"] == "What is my name?"
+    assert messages[1:3] == history
+    assert messages[3]["content"] == "What is my name?"
 
 
 def test_tokens_counted_are_the_tokens_evaluated(smol):
@@ -65,7 +68,8 @@ def test_abort_callback_stops_the_model_and_it_stays_usable(smol, raw_smollm2):
         list(smol.do_chat("Tell me a story.", max_tokens=32, stream=True, should_abort=lambda: True))
     prompt = "What is the capital of France?"
     choice = smol.do_chat(prompt, max_tokens=16, temperature=0)["choices"][0]
-    assert choice["message"]["content"] and choice["finish_reason"] in ("stop", "length")
+    assert choice["message"]["content"]
+    assert choice["finish_reason"] in ("stop", "length")
     # The model's own greedy reply, as raw llama-cpp-python judges it: nothing of the aborted chat is left behind.
     tokens = raw_smollm2.chat_tokens(smol.messages(prompt))
     why = raw_smollm2.greedy_departure(tokens, choice["message"]["content"], ended=choice["finish_reason"] == "stop")
@@ -75,7 +79,8 @@ def test_abort_callback_stops_the_model_and_it_stays_usable(smol, raw_smollm2):
 def test_gemma_without_template_gets_gemma_turns_and_the_system_prompt(gemma3):
     chat = load(gemma3)
     try:
-        assert "gemma" in chat.template_source and "has none" in chat.template_source
+        assert "gemma" in chat.template_source
+        assert "has none" in chat.template_source
         assert not chat.system_role  # Gemma has no system role: it is folded into the first user turn
         prompt = chat.template.render(chat.messages("What is the sky's colour?", "Answer in French."))
         assert prompt == (
@@ -85,7 +90,8 @@ def test_gemma_without_template_gets_gemma_turns_and_the_system_prompt(gemma3):
         with_system = chat.tokenize_messages(chat.messages("Hi", "Answer in French, always, briefly."))
         assert len(with_system) > len(chat.tokenize_messages(chat.messages("Hi", "x")))
         reply = chat.do_chat("Say hello.", "Answer in French.", max_tokens=24, temperature=0)["choices"][0]["message"]
-        assert "<start_of_turn>" not in reply["content"] and "<end_of_turn>" not in reply["content"]
+        assert "<start_of_turn>" not in reply["content"]
+        assert "<end_of_turn>" not in reply["content"]
     finally:
         chat.close()
 
@@ -95,7 +101,8 @@ def test_chat_format_override_is_checked(smollm2):
         load(smollm2, chat_format="llama-9")
     chat = load(smollm2, chat_format="gemma")
     try:
-        assert "CPAI_MODULE_LLAMA_CHAT_FORMAT" in chat.template_source and not chat.system_role
+        assert "CPAI_MODULE_LLAMA_CHAT_FORMAT" in chat.template_source
+        assert not chat.system_role
     finally:
         chat.close()
 

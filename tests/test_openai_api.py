@@ -131,7 +131,8 @@ def test_a_response_id_is_its_own_and_does_not_open_the_chat(base_url, client):
         )
         for guess in (response_id, response_id[len("chatcmpl-") :]):
             read = module_status(base_url, guess)
-            assert read["success"] is False and "reply" not in read, read
+            assert read["success"] is False, read
+            assert "reply" not in read, read
         assert module_final(base_url, chat)["success"] is True  # the header's id is the chat's
     assert len({answer.id, chunks[0].id}) == 2
 
@@ -313,7 +314,8 @@ def test_a_body_that_is_not_json_is_a_400_in_openais_shape(base_url):
 def test_wrong_methods_and_unknown_paths_answer_in_openais_shape(base_url, client):
     """OpenAI clients read errors from {"error": {...}}; a 405 or 404 in CodeProject's shape says nothing to them."""
     wrong = requests.get(f"{base_url}/v1/chat/completions", timeout=10)
-    assert wrong.status_code == 405 and wrong.headers["Allow"] == "POST"
+    assert wrong.status_code == 405
+    assert wrong.headers["Allow"] == "POST"
     assert "does not answer GET" in wrong.json()["error"]["message"]
     assert requests.delete(f"{base_url}/v1/models", timeout=10).json()["error"]["type"] == "invalid_request_error"
     with pytest.raises(openai.NotFoundError):
@@ -383,7 +385,8 @@ def test_a_foreign_web_page_may_not_chat_and_cannot_read_the_models(base_url):
     assert "evil.example" in error["message"]
     assert error["type"] == "permission_error"
     models = requests.get(f"{base_url}/v1/models", headers=evil, timeout=10)
-    assert models.status_code == 403 and "Access-Control-Allow-Origin" not in models.headers
+    assert models.status_code == 403
+    assert "Access-Control-Allow-Origin" not in models.headers
     assert "data" not in models.json()
 
 

@@ -206,10 +206,13 @@ def test_tools_are_described_by_the_template_where_it_can_else_in_the_system_mes
     body = {"messages": [{"role": "user", "content": "Weather?"}], "tools": [WEATHER], "tool_choice": "required"}
     values = dict(parse_chat_request(body, template_renders_tools=renders_tools).values)
     system = json.loads(values["conversation"])[0]
-    assert system["role"] == "system" and '{"tool_calls": [{"name": "<function name>"' in system["content"]
+    assert system["role"] == "system"
+    assert '{"tool_calls": [{"name": "<function name>"' in system["content"]
     schema = json.loads(values["json_schema"])
     assert schema["properties"]["tool_calls"]["items"]["anyOf"][0]["properties"]["name"] == {"const": "get_weather"}
     if renders_tools:  # the template describes the tools, in the form its model knows
-        assert json.loads(values["tools"]) == [WEATHER] and "Weather now." not in system["content"]
+        assert json.loads(values["tools"]) == [WEATHER]
+        assert "Weather now." not in system["content"]
     else:
-        assert "tools" not in values and "Weather now." in system["content"]
+        assert "tools" not in values
+        assert "Weather now." in system["content"]

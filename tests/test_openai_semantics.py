@@ -52,12 +52,15 @@ def test_a_prompt_longer_than_the_context_is_a_400_context_length_exceeded_sent_
     long = [{"role": "user", "content": "word " * (CONTEXT + 100)}]
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model=MODEL, messages=long, max_tokens=8)
-    assert caught.value.status_code == 400 and caught.value.code == "context_length_exceeded"
-    assert caught.value.param == "messages" and "context" in caught.value.message
+    assert caught.value.status_code == 400
+    assert caught.value.code == "context_length_exceeded"
+    assert caught.value.param == "messages"
+    assert "context" in caught.value.message
     assert len(sent) == 1
     with pytest.raises(openai.BadRequestError) as streamed:  # streamed: refused before any event is sent
         client.chat.completions.create(model=MODEL, messages=long, max_tokens=8, stream=True)
-    assert streamed.value.code == "context_length_exceeded" and len(sent) == 2
+    assert streamed.value.code == "context_length_exceeded"
+    assert len(sent) == 2
 
 
 def test_a_history_longer_than_the_context_is_a_400_unless_the_client_asks_for_trimming(client):
@@ -72,7 +75,8 @@ def test_a_history_longer_than_the_context_is_a_400_unless_the_client_asks_for_t
     messages = [*pairs, {"role": "user", "content": "And another?"}]
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4)
-    assert caught.value.code == "context_length_exceeded" and "trim_history" in caught.value.message
+    assert caught.value.code == "context_length_exceeded"
+    assert "trim_history" in caught.value.message
     trimmed = client.chat.completions.create(
         model=MODEL, messages=messages, max_tokens=4, extra_body={"trim_history": True}
     )
@@ -126,7 +130,8 @@ def test_models_are_retrieved_by_id_and_an_unknown_one_is_openais_404(client):
     assert (model.id, model.object, model.owned_by) == (MODEL, "model", "llamachat")
     with pytest.raises(openai.NotFoundError) as caught:
         client.models.retrieve("gpt-4o")
-    assert caught.value.code == "model_not_found" and MODEL in caught.value.message
+    assert caught.value.code == "model_not_found"
+    assert MODEL in caught.value.message
 
 
 @pytest.mark.parametrize(
@@ -143,7 +148,8 @@ def test_models_are_retrieved_by_id_and_an_unknown_one_is_openais_404(client):
 def test_a_range_error_names_its_field(client, fields, param):
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model=MODEL, messages=HI, max_tokens=1, **fields)
-    assert caught.value.param == param and param in caught.value.message
+    assert caught.value.param == param
+    assert param in caught.value.message
 
 
 def test_answers_and_chunks_carry_a_system_fingerprint_of_model_and_build(client):
@@ -167,14 +173,16 @@ def test_the_native_api_keeps_its_default_system_prompt_and_trimming(smollm2_ser
         return answer if answer["commandStatus"] == "completed" else None
 
     done = poll(final, 60, "the native chat to end")
-    assert done["prompt_tokens"] > template_tokens(HI) and done["dropped_turns"] == 0
+    assert done["prompt_tokens"] > template_tokens(HI)
+    assert done["dropped_turns"] == 0
 
 
 def test_n_choices_are_chats_of_their_own_with_usage_summed(smollm2_server, client):
     answer = client.chat.completions.create(model=MODEL, messages=HI, n=3, max_tokens=6)
     assert [c.index for c in answer.choices] == [0, 1, 2]
     assert all(c.finish_reason in ("stop", "length") and c.message.content for c in answer.choices)
-    assert answer.usage.completion_tokens <= 18 and answer.usage.prompt_tokens > 0
+    assert answer.usage.completion_tokens <= 18
+    assert answer.usage.prompt_tokens > 0
     chunks = list(
         client.chat.completions.create(
             model=MODEL, messages=HI, n=2, max_tokens=6, stream=True, stream_options={"include_usage": True}
@@ -186,6 +194,8 @@ def test_n_choices_are_chats_of_their_own_with_usage_summed(smollm2_server, clie
             texts[choice.index] += choice.delta.content or ""
             if choice.finish_reason:
                 finished[choice.index] = choice.finish_reason
-    assert sorted(finished) == [0, 1] and all(texts.values())
+    assert sorted(finished) == [0, 1]
+    assert all(texts.values())
     usage = chunks[-1].usage
-    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens and 2 <= usage.completion_tokens <= 12
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert 2 <= usage.completion_tokens <= 12

@@ -77,7 +77,8 @@ def test_a_schema_that_cannot_be_enforced_is_a_400_naming_the_problem(openai_cli
     for stream in (False, True):
         with pytest.raises(openai.BadRequestError) as caught:
             structured(openai_client, "thing", schema, stream=stream)
-        assert says in caught.value.message and caught.value.code == "invalid_json_schema"
+        assert says in caught.value.message
+        assert caught.value.code == "invalid_json_schema"
         assert caught.value.param == "response_format"
 
 
@@ -96,13 +97,15 @@ def test_the_openai_package_parses_a_pydantic_model(openai_client):
         max_tokens=ROOM,
     )
     pet = completion.choices[0].message.parsed
-    assert isinstance(pet, Pet) and 0 <= pet.age <= 30
+    assert isinstance(pet, Pet)
+    assert 0 <= pet.age <= 30
 
 
 def test_langchain_with_structured_output_returns_the_model(smollm2_server):
     chat = ChatOpenAI(base_url=f"{smollm2_server}/v1", api_key="any key", model=MODEL, max_retries=0, max_tokens=ROOM)
     pet = chat.with_structured_output(Pet, method="json_schema").invoke("Describe a pet.")
-    assert isinstance(pet, Pet) and pet.species in ("cat", "dog", "bird")
+    assert isinstance(pet, Pet)
+    assert pet.species in ("cat", "dog", "bird")
 
 
 def test_the_native_api_takes_a_json_schema(smollm2_server):
@@ -137,11 +140,13 @@ def test_logprobs_are_raw_llama_cpp_pythons_token_for_token(openai_client, smoll
         "choices"
     ][0]["logprobs"]["content"]
     raw.close()
-    assert [t.token for t in ours] == [t["token"] for t in expected] and len(ours) == answer.usage.completion_tokens
+    assert [t.token for t in ours] == [t["token"] for t in expected]
+    assert len(ours) == answer.usage.completion_tokens
     for mine, theirs in zip(ours, expected):
         assert mine.logprob == pytest.approx(theirs["logprob"], abs=0.02)
         top = {alternative["token"]: alternative["logprob"] for alternative in theirs["top_logprobs"]}
-        assert len(mine.top_logprobs) == 5 and mine.top_logprobs[0].logprob >= mine.top_logprobs[-1].logprob
+        assert len(mine.top_logprobs) == 5
+        assert mine.top_logprobs[0].logprob >= mine.top_logprobs[-1].logprob
         for alternative in mine.top_logprobs:
             if alternative.token in top:  # (llama-cpp-python keys them by text, so two tokens of one text merge)
                 assert alternative.logprob == pytest.approx(top[alternative.token], abs=0.02)
@@ -162,7 +167,8 @@ def test_streamed_logprobs_come_with_their_text(openai_client):
     )
     with_text = [c for c in chunks if c.choices and c.choices[0].delta.content]
     entries = [entry for c in with_text for entry in c.choices[0].logprobs.content]
-    assert len(entries) == chunks[-1].usage.completion_tokens and all(len(e.top_logprobs) == 2 for e in entries)
+    assert len(entries) == chunks[-1].usage.completion_tokens
+    assert all(len(e.top_logprobs) == 2 for e in entries)
     text = "".join(c.choices[0].delta.content for c in with_text)
     assert b"".join(bytes(e.bytes) for e in entries).decode() == text
 

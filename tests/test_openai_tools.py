@@ -54,9 +54,12 @@ ASK = [{"role": "user", "content": "What is the weather in Paris, and what time 
 
 
 def assert_valid_calls(calls, allowed=PARAMETERS) -> None:
-    assert calls and len({call.id for call in calls}) == len(calls)
+    assert calls
+    assert len({call.id for call in calls}) == len(calls)
     for call in calls:
-        assert call.type == "function" and call.id.startswith("call_") and call.function.name in allowed
+        assert call.type == "function"
+        assert call.id.startswith("call_")
+        assert call.function.name in allowed
         jsonschema.validate(json.loads(call.function.arguments), allowed[call.function.name])
 
 
@@ -68,7 +71,8 @@ def ask(openai_client, **fields):
 def test_required_tool_calls_name_a_tool_and_their_arguments_validate(openai_client, attempt):
     answer = ask(openai_client, tool_choice="required", temperature=1.0, seed=attempt)
     choice = answer.choices[0]
-    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
     assert_valid_calls(choice.message.tool_calls)
 
 
@@ -77,7 +81,8 @@ def test_a_named_tool_is_the_one_called_and_parallel_calls_off_means_one(openai_
         openai_client, tool_choice={"type": "function", "function": {"name": "get_time"}}, parallel_tool_calls=False
     )
     calls = answer.choices[0].message.tool_calls
-    assert len(calls) == 1 and calls[0].function.name == "get_time"
+    assert len(calls) == 1
+    assert calls[0].function.name == "get_time"
     assert_valid_calls(calls)
 
 
@@ -87,9 +92,11 @@ def test_auto_gives_text_or_valid_calls_and_none_gives_text(openai_client):
         assert choice.finish_reason == "tool_calls"
         assert_valid_calls(choice.message.tool_calls)
     else:
-        assert isinstance(choice.message.content, str) and choice.finish_reason in ("stop", "length")
+        assert isinstance(choice.message.content, str)
+        assert choice.finish_reason in ("stop", "length")
     plain = ask(openai_client, tool_choice="none", max_completion_tokens=8).choices[0]
-    assert plain.message.tool_calls is None and isinstance(plain.message.content, str)
+    assert plain.message.tool_calls is None
+    assert isinstance(plain.message.content, str)
 
 
 def test_streamed_tool_calls_arrive_as_openai_sends_them(openai_client):
@@ -99,11 +106,14 @@ def test_streamed_tool_calls_arrive_as_openai_sends_them(openai_client):
         for delta in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
             call = calls.setdefault(delta.index, {"id": None, "name": "", "arguments": ""})
             if delta.id:
-                assert call["id"] is None and delta.function.name  # the id and name come first, once
+                assert call["id"] is None
+                assert delta.function.name  # the id and name come first, once
                 call["id"], call["name"] = delta.id, delta.function.name
             call["arguments"] += delta.function.arguments or ""
-    assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason == "tool_calls"
-    assert sorted(calls) == list(range(len(calls))) and calls
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert sorted(calls) == list(range(len(calls)))
+    assert calls
     for call in calls.values():
         jsonschema.validate(json.loads(call["arguments"]), PARAMETERS[call["name"]])
 
@@ -144,7 +154,8 @@ def test_a_tool_result_must_answer_an_earlier_call(openai_client):
 def test_bad_tool_requests_are_400s_naming_the_field(openai_client, fields, param, says):
     with pytest.raises(openai.BadRequestError) as caught:
         openai_client.chat.completions.create(model=MODEL, messages=ASK, **{"tools": TOOLS, **fields})
-    assert caught.value.param == param and says in caught.value.message
+    assert caught.value.param == param
+    assert says in caught.value.message
 
 
 def test_a_tool_whose_parameters_cannot_be_enforced_is_a_400_on_tools(openai_client):

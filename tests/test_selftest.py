@@ -52,7 +52,8 @@ def test_selftest_uses_the_installed_small_model_and_downloads_nothing(module_co
         done, _ = run_setup_selftest(module_copy, hub.url)
 
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "Self-test for LlamaChat passed" in done.stdout and f"model {SMALL_MODEL_FILENAME}" in done.stdout
+    assert "Self-test for LlamaChat passed" in done.stdout
+    assert f"model {SMALL_MODEL_FILENAME}" in done.stdout
     # modulesettings.json's model was looked for where its settings say, and not downloaded.
     assert str(module_copy / "models" / DEFAULT.filename) in done.stdout
     assert hub.requests == []

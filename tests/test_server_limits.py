@@ -273,10 +273,14 @@ def test_a_json_body_of_many_tiny_values_is_refused_before_it_becomes_python_obj
 
     async def scenario(server, state):
         status, answer = await post_json(server, "/v1/text/chat", tiny)
-        assert status == 200 and answer["success"] is False and answer["code"] == 400
+        assert status == 200
+        assert answer["success"] is False
+        assert answer["code"] == 400
         assert f"more than {MAX_JSON_ITEMS:,} JSON items" in answer["error"]
         status, answer = await post_json(server, "/v1/text/chat", too_many_fields)
-        assert answer["success"] is False and "1001 fields" in answer["error"] and "at most 1000" in answer["error"]
+        assert answer["success"] is False
+        assert "1001 fields" in answer["error"]
+        assert "at most 1000" in answer["error"]
         assert state.queues.pending(QUEUE) == (0, 0)  # neither reached the queue
 
     run_with_server(scenario, tmp_path, response_timeout=1.0)
@@ -293,7 +297,8 @@ def test_routes_that_take_no_file_accept_smaller_bodies(tmp_path):
                 assert "Maximum request body size" in (await response.json())["error"]
             body = json.dumps({"messages": [{"role": "user", "content": over.decode()}]}).encode()
         status, answer = await post_json(server, "/v1/chat/completions", body)
-        assert status == 413 and "Maximum request body size" in answer["error"]["message"]  # OpenAI's shape
+        assert status == 413
+        assert "Maximum request body size" in answer["error"]["message"]  # OpenAI's shape
         assert state.queues.pending(QUEUE) == (0, 0)
 
     run_with_server(scenario, tmp_path, response_timeout=1.0)
@@ -305,10 +310,13 @@ def test_a_number_too_long_to_read_is_a_400_not_a_server_bug(tmp_path):
 
     async def scenario(server, state):
         status, answer = await post_json(server, "/v1/text/chat", f'{{"values": [], "n": {digits}}}'.encode())
-        assert status == 200 and answer["code"] == 400 and "number of more than 4300 digits" in answer["error"]
+        assert status == 200
+        assert answer["code"] == 400
+        assert "number of more than 4300 digits" in answer["error"]
         chat = f'{{"messages": [{{"role": "user", "content": "hi"}}], "max_tokens": {digits}}}'.encode()
         status, answer = await post_json(server, "/v1/chat/completions", chat)
-        assert status == 400 and "number of more than 4300 digits" in answer["error"]["message"]
+        assert status == 400
+        assert "number of more than 4300 digits" in answer["error"]["message"]
         value = json.dumps({"values": [{"key": "messages", "value": ["[" * 101 + digits + "]" * 101]}]}).encode()
         status, answer = await post_json(server, "/v1/text/chat", value)  # parsed for its depth: read as text
         assert "this is a bug" not in answer.get("error", "")
@@ -328,10 +336,13 @@ def test_control_characters_are_escaped_and_an_entrys_next_lines_cannot_pass_for
     record = log.add(f"GET /v1/queue/{FORGED}", "warning", category="c\x1bat", label="l\rab")
     shown = console.getvalue()
     for raw in ("\r", "\x1b", "\x07", "\u202e"):
-        assert raw not in shown and raw not in record["entry"] + record["category"] + record["label"]
-    assert "\\x0d\\x1b[2K12:00:00" in shown and "\\x1b]0;pwned\\x07\\u202e" in shown
+        assert raw not in shown
+        assert raw not in record["entry"] + record["category"] + record["label"]
+    assert "\\x0d\\x1b[2K12:00:00" in shown
+    assert "\\x1b]0;pwned\\x07\\u202e" in shown
     lines = shown.splitlines()
-    assert len(lines) == 2 and lines[1].startswith("    12:00:01")  # a continuation, not an entry of its own
+    assert len(lines) == 2
+    assert lines[1].startswith("    12:00:01")  # a continuation, not an entry of its own
 
 
 def test_a_request_path_with_control_characters_is_logged_escaped(tmp_path):
@@ -341,8 +352,10 @@ def test_a_request_path_with_control_characters_is_logged_escaped(tmp_path):
             async with client.get(url, params={"moduleId": "LlamaChat"}) as response:
                 assert response.status == 404  # an unknown queue (this test plays a module of the same user)
         logged = [e["entry"] for e in state.log.list(0, 1000) if "unknown queue" in e["entry"]]
-        assert logged and "\\x0d\\x1b[2Kinformation [Server] all fine" in logged[0]
-        assert "\r" not in logged[0] and "\x1b" not in logged[0]
+        assert logged
+        assert "\\x0d\\x1b[2Kinformation [Server] all fine" in logged[0]
+        assert "\r" not in logged[0]
+        assert "\x1b" not in logged[0]
 
     run_with_server(scenario, tmp_path)
 
@@ -388,7 +401,8 @@ def test_half_sent_and_idle_connections_cannot_use_up_the_descriptors(tmp_path):
         ping = requests.get(f"http://127.0.0.1:{port}/v1/server/status/ping", timeout=10)
         assert ping.status_code == 200
         output = log_path.read_text()
-        assert "Too many open files" not in output and "EMFILE" not in output, output[-3000:]
+        assert "Too many open files" not in output, output[-3000:]
+        assert "EMFILE" not in output, output[-3000:]
     finally:
         for _, sock in sockets:
             sock.close()

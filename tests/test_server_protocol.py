@@ -104,9 +104,11 @@ def test_multipart_form_becomes_the_queued_request_and_the_answer_comes_back_wit
     assert response.status_code == 200
     assert response.headers["Content-Type"].startswith("application/json")
     body = response.json()
-    assert body["success"] is True and body["reply"] == "héllo <b>"
+    assert body["success"] is True
+    assert body["reply"] == "héllo <b>"
     assert "\\u00e9" in response.text  # non-ASCII escaped, like System.Text.Json's default encoder
-    assert isinstance(body["analysisRoundTripMs"], int) and body["analysisRoundTripMs"] >= 0
+    assert isinstance(body["analysisRoundTripMs"], int)
+    assert body["analysisRoundTripMs"] >= 0
     assert body["processedBy"] == "localhost"
     assert RFC1123.match(body["timestampUTC"]), body["timestampUTC"]
 
@@ -120,7 +122,8 @@ def test_urlencoded_form_repeated_keys_keep_every_value(base_url, client):
         data=[("stop", "a"), ("stop", "b"), ("prompt", "x")],
     )
     assert values_of(queued) == {"stop": ["a", "b"], "prompt": ["x"]}
-    assert queued["payload"]["files"] == [] and queued["payload"]["urlSegments"] == []
+    assert queued["payload"]["files"] == []
+    assert queued["payload"]["urlSegments"] == []
     assert response.json()["success"] is True
 
 
@@ -158,7 +161,8 @@ def test_bad_bodies_get_a_clear_error_and_never_reach_the_module(base_url, clien
     response = requests.post(f"{base_url}/v1/text/chat", timeout=10, **kwargs)
     assert response.status_code == 200  # errors are HTTP 200 with success: false, as the real server does
     body = response.json()
-    assert body["success"] is False and body["code"] == 400
+    assert body["success"] is False
+    assert body["code"] == 400
     assert expected in body["error"]
     assert "prompt" in body["error"] or "Content-Type" in body["error"]  # says what to send instead
     queued, _ = round_trip(base_url, client, {"success": True}, f"{base_url}/v1/text/chat", data={"prompt": "next"})
@@ -180,7 +184,9 @@ def test_unanswered_request_times_out_with_the_real_servers_error_shape(base_url
     elapsed = time.monotonic() - started
     body = response.json()
     assert response.status_code == 200
-    assert body["success"] is False and body["code"] == 500 and body["hostname"]
+    assert body["success"] is False
+    assert body["code"] == 500
+    assert body["hostname"]
     assert body["error"].startswith("The request timed out (#reqid ")
     assert RESPONSE_TIMEOUT <= elapsed < RESPONSE_TIMEOUT + 2
     # The abandoned request is dropped, not handed to the next poll: a fresh request is what comes next.
@@ -194,7 +200,8 @@ def test_unanswered_request_times_out_with_the_real_servers_error_shape(base_url
 
 def test_late_and_unknown_answers_are_refused(base_url):
     response = answer(base_url, "no-such-reqid", {"success": True})
-    assert response.status_code == 400 and response.text == "failure to set response."
+    assert response.status_code == 400
+    assert response.text == "failure to set response."
 
 
 @pytest.mark.parametrize(
@@ -207,7 +214,8 @@ def test_late_and_unknown_answers_are_refused(base_url):
 def test_broken_module_answers_become_clear_errors(base_url, client, module_body, error):
     _, response = round_trip(base_url, client, module_body, f"{base_url}/v1/text/chat", data={"prompt": "x"})
     body = response.json()
-    assert body["success"] is False and body["error"].startswith(error)
+    assert body["success"] is False
+    assert body["error"].startswith(error)
 
 
 def test_polling_an_unknown_queue_is_an_error_so_the_sdk_backs_off(base_url):
@@ -224,7 +232,8 @@ def test_module_status_data_and_logs_reach_the_status_endpoints(base_url):
     response = requests.post(
         f"{base_url}/v1/queue/updatemodulestatus/LlamaChat", data={"statusData": json.dumps(status_data)}, timeout=10
     )
-    assert response.status_code == 200 and response.text == "Module status updated"
+    assert response.status_code == 200
+    assert response.text == "Module status updated"
     assert (
         requests.post(
             f"{base_url}/v1/queue/updatemodulestatus/Other", data={"statusData": "{}"}, timeout=10
@@ -242,14 +251,18 @@ def test_module_status_data_and_logs_reach_the_status_endpoints(base_url):
     statuses = requests.get(f"{base_url}/v1/module/list/status", timeout=10).json()
     assert statuses["success"] is True
     status = statuses["statuses"][0]
-    assert status["moduleId"] == "LlamaChat" and status["queue"] == QUEUE and status["name"] == "LlamaChat"
+    assert status["moduleId"] == "LlamaChat"
+    assert status["queue"] == QUEUE
+    assert status["name"] == "LlamaChat"
     assert status["statusData"] == status_data
     assert status["status"] in ("NotStarted", "Started")
 
     entries = requests.get(f"{base_url}/v1/log/list", params={"count": 1000}, timeout=10).json()["entries"]
     mine = [e for e in entries if e["entry"] == "protocol-test entry"]
     assert len(mine) == 1
-    assert mine[0]["level"] == "warning" and mine[0]["category"] == "LlamaChat" and mine[0]["label"] == "test"
+    assert mine[0]["level"] == "warning"
+    assert mine[0]["category"] == "LlamaChat"
+    assert mine[0]["label"] == "test"
     assert set(mine[0]) == {"id", "timestamp", "entry", "level", "category", "label"}
     later = requests.get(f"{base_url}/v1/log/list", params={"last_id": mine[0]["id"], "count": 1000}, timeout=10)
     assert all(e["id"] > mine[0]["id"] for e in later.json()["entries"])
@@ -258,5 +271,6 @@ def test_module_status_data_and_logs_reach_the_status_endpoints(base_url):
 def test_version_and_ping(base_url):
     for path in ("/v1/server/status/version", "/v1/server/status/ping", "/v1/status/ping"):
         body = requests.get(f"{base_url}{path}", timeout=10).json()
-        assert body["success"] is True and body["message"] == "2.9.6"
+        assert body["success"] is True
+        assert body["message"] == "2.9.6"
         assert (body["version"]["major"], body["version"]["minor"], body["version"]["patch"]) == (2, 9, 6)

@@ -77,13 +77,15 @@ def test_peer_of_a_connection_is_found_with_its_owner(family, address):
             accepted, peer = listener.accept()
             with accepted:
                 found = find_peer_socket(peer, accepted.getsockname())
-                assert found is not None and found.uid == os.geteuid()
+                assert found is not None
+                assert found.uid == os.geteuid()
                 assert owner_among(found.inode, [os.getpid()]) == os.getpid()
                 if family == socket.AF_INET:  # as a dual-stack listener sees an IPv4 client
                     assert find_peer_socket(("::ffff:" + peer[0], peer[1]), accepted.getsockname()) == found
                 # The server's own end of the connection is a different socket.
                 ours = find_peer_socket(accepted.getsockname(), client.getsockname())
-                assert ours is not None and ours.inode != found.inode
+                assert ours is not None
+                assert ours.inode != found.inode
 
 
 def test_a_socket_held_by_a_grandchild_belongs_to_the_process_tree():
@@ -102,7 +104,8 @@ def test_a_socket_held_by_a_grandchild_belongs_to_the_process_tree():
                 found = find_peer_socket(peer, accepted.getsockname())
                 assert found is not None
                 tree = process_tree(wrapper.pid)
-                assert tree[0] == wrapper.pid and len(tree) >= 2
+                assert tree[0] == wrapper.pid
+                assert len(tree) >= 2
                 assert owner_among(found.inode, [wrapper.pid]) is None  # the shell itself does not hold it
                 assert owner_among(found.inode, tree) in tree[1:]
         finally:
@@ -123,7 +126,8 @@ def test_rogue_local_client_is_refused_on_every_module_endpoint(real_server, met
     response = requests.request(method, f"{real_server}{path}", data=form, timeout=5)  # answered at once, no poll
     assert response.status_code == 403
     body = response.json()
-    assert body["success"] is False and body["code"] == 403
+    assert body["success"] is False
+    assert body["code"] == 403
     assert "only the module this server launched (LlamaChat, pid " in body["error"]
     assert "--no-module" in body["error"]  # says how to serve a module you start yourself
 
@@ -150,8 +154,10 @@ def test_rogue_polls_cannot_take_a_users_chat_and_the_module_still_serves_it(rea
         finally:
             stop.set()
         codes = [code for rogue in rogues for code in rogue.result()]
-    assert final["success"] is True and final["reply"].strip()
-    assert codes and set(codes) == {403}
+    assert final["success"] is True
+    assert final["reply"].strip()
+    assert codes
+    assert set(codes) == {403}
 
 
 def test_forged_status_and_log_do_not_reach_the_server_and_the_refusal_is_logged_once(real_server, smollm2):
@@ -169,9 +175,11 @@ def test_forged_status_and_log_do_not_reach_the_server_and_the_refusal_is_logged
 
 def test_launched_module_polls_answers_and_reports_unhindered(real_server, smollm2):
     final = chat_to_the_end(real_server)
-    assert final["success"] is True and final["reply"].strip()
+    assert final["success"] is True
+    assert final["reply"].strip()
     status = server_status(real_server)
-    assert status["status"] == "Started" and status["requestCount"] > 0
+    assert status["status"] == "Started"
+    assert status["requestCount"] > 0
     assert status["statusData"]["model"] == smollm2.name  # updatemodulestatus from the module is accepted
 
 
@@ -190,7 +198,8 @@ def test_no_module_serves_a_module_of_the_same_user(no_module_server):
         data={"statusData": json.dumps({"model": "by-hand.gguf"})},
         timeout=5,
     )
-    assert status.status_code == 200 and status.text == "Module status updated"
+    assert status.status_code == 200
+    assert status.text == "Module status updated"
     entries = log_entries(no_module_server)
     assert any(
         "--no-module: the module endpoints" in e["entry"] and f"uid {os.geteuid()}" in e["entry"] for e in entries
@@ -278,25 +287,30 @@ def test_foreign_origin_gets_no_cors_header_and_its_requests_are_refused(no_modu
     assert chat.status_code == 403  # at once: the request never reaches the queue (no 5 s timeout)
     assert "Access-Control-Allow-Origin" not in chat.headers
     body = chat.json()
-    assert body["success"] is False and f"web pages from {origin} may not call this server" in body["error"]
+    assert body["success"] is False
+    assert f"web pages from {origin} may not call this server" in body["error"]
     assert f"--allow-origin {origin}" in body["error"]
 
     # GETs too, as Ollama does: a page may not read the log or the models, nor learn anything from how they answer.
     for path in ("/v1/server/status/ping", "/v1/log/list", "/v1/models", "/v1/module/list/status"):
         got = requests.get(f"{no_module_server}{path}", headers=headers, timeout=5)
-        assert got.status_code == 403 and "Access-Control-Allow-Origin" not in got.headers, path
-        assert "entries" not in got.text and "statuses" not in got.text
+        assert got.status_code == 403, path
+        assert "Access-Control-Allow-Origin" not in got.headers, path
+        assert "entries" not in got.text
+        assert "statuses" not in got.text
     models = requests.get(f"{no_module_server}/v1/models", headers=headers, timeout=5).json()
     assert f"web pages from {origin} may not call this server" in models["error"]["message"]  # OpenAI's shape
     answer = preflight(no_module_server, origin)
-    assert answer.status_code == 403 and "Access-Control-Allow-Origin" not in answer.headers
+    assert answer.status_code == 403
+    assert "Access-Control-Allow-Origin" not in answer.headers
 
 
 @pytest.mark.parametrize("origin", LOCAL_ORIGINS)
 def test_this_machines_origins_may_call_the_server(no_module_server, origin):
     answer = preflight(no_module_server, origin)
     assert answer.status_code == 204
-    assert answer.headers["Access-Control-Allow-Origin"] == origin and answer.headers["Vary"] == "Origin"
+    assert answer.headers["Access-Control-Allow-Origin"] == origin
+    assert answer.headers["Vary"] == "Origin"
     assert "POST" in answer.headers["Access-Control-Allow-Methods"]
     assert answer.headers["Access-Control-Allow-Headers"] == "content-type"
     for response in (
@@ -315,7 +329,8 @@ def test_the_servers_own_origin_may_post(no_module_server):
         response = requests.post(
             f"{no_module_server}/v1/no/such/route", timeout=5, headers={"Origin": own, "Host": f"{name}:{port}"}
         )
-        assert response.status_code == 404 and response.headers["Access-Control-Allow-Origin"] == own
+        assert response.status_code == 404
+        assert response.headers["Access-Control-Allow-Origin"] == own
 
 
 @pytest.mark.parametrize(
@@ -334,9 +349,11 @@ def test_allow_origin_admits_more_origins(tmp_path, allowed, origin, expected):
     )
     with serve_in_thread(config) as url:
         answer = preflight(url, origin)
-        assert answer.status_code == 204 and answer.headers["Access-Control-Allow-Origin"] == expected
+        assert answer.status_code == 204
+        assert answer.headers["Access-Control-Allow-Origin"] == expected
         route = requests.post(f"{url}/v1/no/such/route", headers={"Origin": origin}, timeout=5)
-        assert route.status_code == 404 and route.headers["Access-Control-Allow-Origin"] == expected
+        assert route.status_code == 404
+        assert route.headers["Access-Control-Allow-Origin"] == expected
         if allowed != ["*"]:  # a pattern admits what it names, nothing more
             other = requests.post(f"{url}/v1/text/chat", headers={"Origin": "https://evil.example"}, timeout=5)
             assert other.status_code == 403
@@ -356,7 +373,8 @@ def run_cli(*args, timeout=30):
 def test_a_malformed_allow_origin_is_refused_at_startup(value):
     result = run_cli("--allow-origin", value)
     assert result.returncode == 2
-    assert "--allow-origin" in result.stderr and "scheme://host[:port]" in result.stderr
+    assert "--allow-origin" in result.stderr
+    assert "scheme://host[:port]" in result.stderr
 
 
 # ---- Host header (DNS rebinding) --------------------------------------------------------------------------
@@ -372,7 +390,8 @@ def test_a_host_that_is_not_a_name_of_this_server_is_refused(no_module_server, h
         response = requests.request(method, f"{no_module_server}{path}", headers={"Host": host}, timeout=5)
         assert response.status_code == 403, (method, path)
         error = response.json()["error"]
-        assert f"Host '{host}' is not a name of this server" in error and "DNS rebinding" in error
+        assert f"Host '{host}' is not a name of this server" in error
+        assert "DNS rebinding" in error
 
 
 @pytest.mark.parametrize(
@@ -390,7 +409,8 @@ def test_a_host_that_is_not_a_name_of_this_server_is_refused(no_module_server, h
 def test_loopback_hosts_are_served(no_module_server, host):
     host = host.format(port=urlparse(no_module_server).port)
     response = requests.get(f"{no_module_server}/v1/server/status/ping", headers={"Host": host}, timeout=5)
-    assert response.status_code == 200 and response.json()["success"] is True
+    assert response.status_code == 200
+    assert response.json()["success"] is True
 
 
 def test_a_server_on_every_interface_answers_to_ip_addresses_and_its_host_name_only():
@@ -400,7 +420,9 @@ def test_a_server_on_every_interface_answers_to_ip_addresses_and_its_host_name_o
     for host in ("evil.example:32168", "mybox.evil.example", "192.168.1.5.nip.io"):
         assert not check.allows(host), host
     bound = HostCheck("192.168.1.5", "mybox")
-    assert bound.allows("192.168.1.5:32168") and not bound.allows("192.168.1.6") and not bound.allows("mybox")
+    assert bound.allows("192.168.1.5:32168")
+    assert not bound.allows("192.168.1.6")
+    assert not bound.allows("mybox")
 
 
 # ---- --host -----------------------------------------------------------------------------------------------
@@ -409,7 +431,8 @@ def test_a_server_on_every_interface_answers_to_ip_addresses_and_its_host_name_o
 def test_a_host_other_than_loopback_warns_that_there_is_no_authentication():
     # 192.0.2.1 (TEST-NET-1) is on no interface: the server warns, then cannot listen, and nothing leaves loopback.
     result = run_cli("--host", "192.0.2.1", "--log-level", "warning")
-    assert result.returncode == 2 and "cannot listen on 192.0.2.1" in result.stderr
+    assert result.returncode == 2
+    assert "cannot listen on 192.0.2.1" in result.stderr
     warning = "Listening on 192.0.2.1: the API has no authentication"
     assert f"WARNING: {warning}" in result.stderr
     assert warning in result.stdout  # the server log (echoed to the console)
@@ -444,7 +467,8 @@ def test_the_server_holds_localhosts_ipv6_side_of_its_port_too(no_module_server)
     holding only 127.0.0.1 left [::1]:<port> to any local user's listener."""
     port = urlparse(no_module_server).port
     ping = requests.get(f"http://[::1]:{port}/v1/server/status/ping", timeout=5)
-    assert ping.status_code == 200 and ping.json()["success"] is True
+    assert ping.status_code == 200
+    assert ping.json()["success"] is True
     with pytest.raises(OSError):  # nobody else can listen there now
         socket.create_server(("::1", port), family=socket.AF_INET6).close()
 
@@ -457,7 +481,8 @@ def test_a_port_whose_ipv6_loopback_another_program_holds_is_refused_at_startup(
     with socket.create_server(("::1", port), family=socket.AF_INET6):
         result = run_cli("--host", host, "--port", str(port), timeout=20)
     assert result.returncode == 2, result
-    assert f"cannot listen on [::1]:{port}" in result.stderr and "another program" in result.stderr
+    assert f"cannot listen on [::1]:{port}" in result.stderr
+    assert "another program" in result.stderr
 
 
 # ---- The module-peer lookup, off the event loop ------------------------------------------------------------
@@ -490,7 +515,8 @@ def test_the_module_peer_lookup_does_not_hold_up_other_clients(no_module_server,
             ]
             poll(lambda: most, 10, "a lookup to start")
             ping = requests.get(f"{no_module_server}/v1/server/status/ping", timeout=5)
-            assert ping.status_code == 200 and not any(w.done() for w in waiting)
+            assert ping.status_code == 200
+            assert not any(w.done() for w in waiting)
         finally:
             gate.set()
         assert all(w.result().json() == {"success": True} for w in waiting)
@@ -526,7 +552,9 @@ def test_a_refused_host_is_told_about_allow_host(no_module_server):
 @pytest.mark.parametrize("value", ["http://example.com", "example.com/path", "a b", "exa mple"])
 def test_a_malformed_allow_host_is_refused_at_startup(value):
     result = run_cli("--allow-host", value)
-    assert result.returncode == 2 and "--allow-host" in result.stderr and "not a host name" in result.stderr
+    assert result.returncode == 2
+    assert "--allow-host" in result.stderr
+    assert "not a host name" in result.stderr
 
 
 # ---- API keys ---------------------------------------------------------------------------------------------
@@ -554,9 +582,12 @@ CLIENT_ROUTES = [  # (method, path) of client routes of every kind: the module's
 def test_with_api_keys_a_client_route_needs_one_in_codeprojects_shape(keyed_server, method, path):
     for headers in ({}, {"Authorization": "Bearer wrong-key"}, {"Authorization": KEYS[0]}):
         refused = requests.request(method, f"{keyed_server}{path}", headers=headers, timeout=10)
-        assert refused.status_code == 401 and refused.headers["WWW-Authenticate"].startswith("Bearer")
+        assert refused.status_code == 401
+        assert refused.headers["WWW-Authenticate"].startswith("Bearer")
         body = refused.json()
-        assert body["success"] is False and body["code"] == 401 and "Authorization: Bearer" in body["error"]
+        assert body["success"] is False
+        assert body["code"] == 401
+        assert "Authorization: Bearer" in body["error"]
     for key in KEYS:  # either key; the route itself answers (the chat times out: no module here)
         answer = requests.request(
             method,
@@ -575,11 +606,13 @@ def test_with_api_keys_the_openai_routes_answer_401_as_openai_does(keyed_server)
         client = openai.OpenAI(base_url=f"{keyed_server}/v1", api_key=key, max_retries=0, timeout=10)
         with pytest.raises(openai.AuthenticationError) as caught:
             client.models.list()
-        assert caught.value.status_code == 401 and caught.value.code == "invalid_api_key"
+        assert caught.value.status_code == 401
+        assert caught.value.code == "invalid_api_key"
         with pytest.raises(openai.AuthenticationError):
             client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
     raw = requests.get(f"{keyed_server}/v1/models", timeout=5)
-    assert raw.json()["error"]["type"] == "invalid_request_error" and raw.json()["error"]["code"] == "invalid_api_key"
+    assert raw.json()["error"]["type"] == "invalid_request_error"
+    assert raw.json()["error"]["code"] == "invalid_api_key"
     listed = openai.OpenAI(base_url=f"{keyed_server}/v1", api_key=KEYS[1], max_retries=0, timeout=10).models.list()
     assert listed.data == []  # allowed: no module has reported a model here
 
@@ -606,12 +639,14 @@ def test_api_keys_come_from_the_command_line_and_key_files(tmp_path):
     empty.write_text("# nothing\n")
     for args in (("--api-key-file", str(empty)), ("--api-key-file", str(tmp_path / "missing")), ("--api-key", "a b")):
         result = run_cli(*args)
-        assert result.returncode == 2 and "--api-key" in result.stderr, args
+        assert result.returncode == 2, args
+        assert "--api-key" in result.stderr, args
 
 
 def test_a_host_other_than_loopback_with_a_key_does_not_warn():
     result = run_cli("--host", "192.0.2.1", "--api-key", "k", "--log-level", "warning")
-    assert result.returncode == 2 and "no authentication" not in result.stderr + result.stdout
+    assert result.returncode == 2
+    assert "no authentication" not in result.stderr + result.stdout
 
 
 # ---- The page: no framing, no inline script but the module's -----------------------------------------------
@@ -626,7 +661,8 @@ def test_the_page_may_not_be_framed_and_runs_only_its_own_scripts(no_module_serv
         policy = dict(
             (part.split()[0], part.split()[1:]) for part in page.headers["Content-Security-Policy"].split(";")
         )
-        assert policy["frame-ancestors"] == ["'none'"] and policy["object-src"] == ["'none'"]
+        assert policy["frame-ancestors"] == ["'none'"]
+        assert policy["object-src"] == ["'none'"]
         script = module_script(read_explorer_ui(ROOT), "LlamaChat")
         digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
         assert policy["script-src"] == ["'self'", f"'sha256-{digest}'"]  # no 'unsafe-inline', no other source
