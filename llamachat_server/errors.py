@@ -39,6 +39,9 @@ async def json_errors(request: web.Request, handler) -> web.StreamResponse:
         return response
     except UnicodeDecodeError as ex:  # a client's bytes, read by an endpoint that expects text
         return refusal_response(request, state.hostname, not_utf8_message(ex), 400)
+    except ConnectionResetError:  # aiohttp's "Connection lost": the client left before its body had arrived
+        state.log.add(f"{request.method} {request.path}: the client went away before its request had arrived", "debug")
+        return web.Response(status=400)  # written nowhere: the connection is gone
     except Exception as ex:  # noqa: BLE001 - the point: nothing unexpected may end as a plain-text 500
         failure = f"{type(ex).__name__}: {truncated(str(ex), 300)}"
         # The failure first: a long traceback is cut at the log's entry limit, from the end.

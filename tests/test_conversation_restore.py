@@ -20,7 +20,7 @@ import openai
 import pytest
 
 from live_server import running_server, server_status
-from llama_chat import LlamaChat
+from llama_chat import DEFAULT_SYSTEM_PROMPT, LlamaChat
 from llamachat.batch_decoder import BatchChat, BatchDecoder
 from llamachat.conversation_cache import BLOCK, ConversationCache
 from llamachat.kv_state import fingerprint
@@ -237,7 +237,9 @@ def test_openai_clients_taking_turns_resume_from_the_cache(smollm2, alone):
         client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="any", max_retries=0)
         for turn in range(2):
             for user in USERS:
+                # OpenAI clients' messages go to the template as sent: the system prompt `alone` had is sent too.
                 messages = [
+                    {"role": "system", "content": DEFAULT_SYSTEM_PROMPT},
                     *json.loads(history_of(user, alone[user], turn)),
                     {"role": "user", "content": USERS[user][turn]},
                 ]
