@@ -19,7 +19,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from live_server import running_server, server_status
+from live_server import poll, running_server, server_status
 from llama_chat import DEFAULT_SYSTEM_PROMPT, LlamaChat
 from llamachat.batch_decoder import BatchChat, BatchDecoder
 from llamachat.conversation_cache import BLOCK, ConversationCache
@@ -247,5 +247,11 @@ def test_openai_clients_taking_turns_resume_from_the_cache(smollm2, alone):
                     model="m", messages=messages, temperature=0, max_tokens=MAX_TOKENS
                 )
                 assert answer.choices[0].message.content == alone[user][turn], (user, turn)
-        cache = server_status(base_url)["statusData"]["conversationCache"]
-    assert cache["prefixSources"]["ram"] == 2, cache  # each user's second turn
+        chats = 2 * len(USERS)
+
+        def counted_all() -> dict | None:  # the module reports its status to the server every few seconds
+            cache = server_status(base_url)["statusData"]["conversationCache"]
+            return cache if sum(cache["prefixSources"].values()) == chats else None
+
+        cache = poll(counted_all, 60, "the module's status to count every chat")
+    assert cache["prefixSources"]["ram"] == 2, json.dumps(cache)  # each user's second turn
