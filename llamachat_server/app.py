@@ -207,7 +207,7 @@ async def serve(config: ServerConfig, stop: asyncio.Event, on_ready: Callable[[s
             "debug",
         )
         for sock in sockets:
-            await GatedSite(runner, sock, gate).start()
+            await GatedSite(runner, sock, gate, state.log.add).start()
         port = sockets[0].getsockname()[1]
         if config.launch_module:
             config.data_dir.mkdir(parents=True, exist_ok=True)
