@@ -156,6 +156,7 @@ def main(argv=None) -> int:
         "model_mb": round(args.model.stat().st_size / 2**20, 1),
         "n_ctx": N_CTX,
         "llama_cpp_python": llama_cpp.__version__,
+        "commit": machine.commit(),
         "machine": machine.describe(),
         "settings": vars(settings).copy(),
         "load": load,

@@ -251,6 +251,7 @@ def main(argv=None) -> int:
         "started_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "model": args.model.name,
         "llama_cpp_python": llama_cpp.__version__,
+        "commit": machine.commit(),
         "machine": machine.describe(),
         "settings": {
             "repeats": args.repeats,

@@ -101,7 +101,8 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         f"# Concurrent clients: {results['model']}",
         "",
-        f"{results['started_utc']} · {m['cpu']} · {m['logical_cpus']} logical CPUs · {s['threads']} threads for "
+        f"{results['started_utc']} · commit {results.get('commit', 'not recorded')} · "
+        f"{m['cpu']} · {m['logical_cpus']} logical CPUs · {s['threads']} threads for "
         f"every engine · {s['tokens']} tokens per reply, greedy · {', '.join(map(str, s['clients']))} clients "
         f"arriving together · {s['repeats']} repeats, engines taking turns · {s['n_ctx_per_chat']} tokens of "
         f"context per chat · llama-cpp-python {results['llama_cpp_python']}",

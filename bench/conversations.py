@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import subprocess
 import sys
 import tempfile
 import time
@@ -272,11 +271,6 @@ def start_module(stack: ExitStack, model: Path, threads: int, env: dict[str, str
     return module
 
 
-def commit() -> str:
-    found = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return found.stdout.strip() or "unknown"
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.conversations",
@@ -308,7 +302,7 @@ def main(argv=None) -> int:
     started = time.monotonic()
     results: dict[str, Any] = {
         "started_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": commit(),
+        "commit": machine.commit(),
         "model": args.model.name,
         "llama_cpp_python": llama_cpp.__version__,
         "machine": machine.describe(),

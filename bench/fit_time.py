@@ -266,7 +266,7 @@ def _pair(s: dict[str, Any]) -> str:
 
 def markdown(results: dict[str, Any]) -> str:
     lines = [
-        f"# Fit time: {results['started_utc']}",
+        f"# Fit time: {results['started_utc']}, commit {results.get('commit', 'not recorded')}",
         "",
         f"Model {results['model']}, {CONTEXT_SIZE}-token context, {results['repeats']} runs of each; machine: "
         f"{results['machine']['cpu']}, {results['machine']['logical_cpus']} CPUs; 1-minute load at the start "
@@ -342,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         "context_size": CONTEXT_SIZE,
         "repeats": args.repeats,
         "caps": {"MAX_HISTORY_BYTES": MAX_HISTORY_BYTES, "MAX_HISTORY_MESSAGES": MAX_HISTORY_MESSAGES},
+        "commit": machine.commit(),
         "machine": machine.describe(),
         "load": machine.wait_until_idle(args.wait_idle, say),
     }

@@ -4,10 +4,12 @@ measured (a 2-core machine shared with other work gives noisy numbers; the resul
 import argparse
 import os
 import platform
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -42,6 +44,18 @@ def wait_until_idle(max_wait_s: float, say=print) -> dict[str, Any]:
             f"Close other work, or pass --wait-idle SECONDS to wait for it."
         )
     return {"load_1min": load, "idle": load < IDLE_LOAD, "waited_s": round(time.monotonic() - started, 1)}
+
+
+def commit() -> str:
+    """The commit measured, with "+changes" when product code differed from it (results files do not count)."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)bench/results")
+    return f"{head}+changes" if changed else head
 
 
 def describe() -> dict[str, Any]:

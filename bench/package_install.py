@@ -77,7 +77,8 @@ def measure(scratch: Path, use_pip_cache: bool) -> dict[str, Any]:
 
 def markdown(results: dict[str, Any]) -> str:
     lines = [
-        f"# Installing the package in an empty folder: {results['started_utc']}",
+        f"# Installing the package in an empty folder: {results['started_utc']}, "
+        f"commit {results.get('commit', 'not recorded')}",
         "",
         f"{results['package']['name']} ({results['package']['megabytes']} MB), `bash install.sh --small` with a "
         f"fresh venv, pip's cache {'on' if results['pip_cache'] else 'off'}: llama-cpp-python came as "
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, Any] = {
         "started_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": machine.commit(),
         "machine": machine.describe(),
         "load": machine.wait_until_idle(args.wait_idle),
     }

@@ -166,7 +166,8 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         f"# LlamaChat benchmark: {results['model']}",
         "",
-        f"{results['started_utc']} · {machine['cpu']} · {machine['logical_cpus']} logical CPUs · "
+        f"{results['started_utc']} · commit {results.get('commit', 'not recorded')} · "
+        f"{machine['cpu']} · {machine['logical_cpus']} logical CPUs · "
         f"{settings['threads']} threads · n_ctx {results['n_ctx']} · greedy (temperature 0) · "
         f"llama-cpp-python {results['llama_cpp_python']} · poll every {settings['poll_interval_s'] * 1000:g} ms",
         "",

@@ -17,7 +17,6 @@ import argparse
 import datetime
 import json
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -204,10 +203,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             stop_process(server)
     lookups = measure_peer_lookups(args.model, args.lookups)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     return {
         "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit.stdout.strip(),
+        "commit": machine.commit(),
         "machine": machine.describe(),
         "load_1min_at_start": load,
         "descriptor_limit": DESCRIPTORS,

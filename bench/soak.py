@@ -182,6 +182,7 @@ def run(args: argparse.Namespace, say: Callable[[str], None] = print) -> dict[st
     times = sorted(soak.chat_seconds)
     return {
         "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": machine.commit(),
         "machine": machine.describe(),
         "load_1min_at_start": load,
         # A path is recorded by its file name: results carry no local paths.

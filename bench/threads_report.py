@@ -133,7 +133,8 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         f"# Threads under load: {results['model']}",
         "",
-        f"{results['started_utc']} · {m['cpu']} · {m['logical_cpus']} logical CPUs ({s['all_cores']} cores) · "
+        f"{results['started_utc']} · commit {results.get('commit', 'not recorded')} · "
+        f"{m['cpu']} · {m['logical_cpus']} logical CPUs ({s['all_cores']} cores) · "
         f"{s['tokens']} tokens per reply, greedy · {s['repeats']} repeats, engines taking turns · replies cut "
         f"off after {s['time_box_s']:g} s · module polled every {s['poll_interval_s'] * 1000:g} ms"
         + (f" (the page's pace: {s['page_poll_interval_s'] * 1000:g} ms)" if "page_poll_interval_s" in s else "")

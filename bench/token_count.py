@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         "tokens": TOKENS,
         "threads": args.threads,
         "repeats": args.repeats,
+        "commit": machine.commit(),
         "machine": machine.describe(),
         "load": machine.wait_until_idle(args.wait_idle, say),
     }
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "token_count.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "token_count.md").write_text(
-        f"# Counting generated tokens: {results['started_utc']}\n\n"
+        f"# Counting generated tokens: {results['started_utc']}, commit {results.get('commit', 'not recorded')}\n\n"
         f"{args.model.name}, {args.threads} thread(s), greedy {TOKENS}-token replies, {args.repeats} runs each, taking "
         f"turns; 1-minute load at the start {results['load']['load_1min']}.\n\n"
         "| Llama | tokens/s median (min-max) |\n|---|---|\n"
