@@ -152,4 +152,4 @@ def chart(results: dict[str, Any], path: Path) -> None:
 
 
 def write(results: dict[str, Any], out_dir: Path) -> list[Path]:
-    return write_files(results, out_dir, "concurrency", "concurrency.png", markdown, chart)
+    return write_files(results, out_dir, "concurrency", markdown, ("concurrency.png", chart))

@@ -244,4 +244,4 @@ def chart(results: dict[str, Any], path: Path) -> None:
 
 
 def write(results: dict[str, Any], out_dir: Path) -> list[Path]:
-    return write_files(results, out_dir, "conversations", "conversations.png", markdown, chart)
+    return write_files(results, out_dir, "conversations", markdown, ("conversations.png", chart))

@@ -407,18 +407,20 @@ def write_files(
     results: dict[str, Any],
     out_dir: Path,
     stem: str,
-    chart_name: str,
     to_markdown: Callable[[dict[str, Any]], str],
-    draw: Callable[[dict[str, Any], Path], None],
+    chart: tuple[str, Callable[[dict[str, Any], Path], None]] | None = None,
 ) -> list[Path]:
-    """STEM.json (every number), STEM.md (to_markdown's tables) and the chart, in out_dir."""
+    """STEM.json (every number), STEM.md (to_markdown's tables) and the chart (its file name, how to draw it), in
+    out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md", out_dir / chart_name]
+    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
     paths[0].write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     paths[1].write_text(to_markdown(results), encoding="utf-8")
-    draw(results, paths[2])
+    if chart is not None:
+        paths.append(out_dir / chart[0])
+        chart[1](results, paths[-1])
     return paths
 
 
 def write(results: dict[str, Any], out_dir: Path) -> list[Path]:
-    return write_files(results, out_dir, "results", "chart.png", markdown, chart)
+    return write_files(results, out_dir, "results", markdown, ("chart.png", chart))

@@ -209,4 +209,4 @@ def chart(results: dict[str, Any], path: Path) -> None:
 
 
 def write(results: dict[str, Any], out_dir: Path) -> list[Path]:
-    return write_files(results, out_dir, "threads", "threads.png", markdown, chart)
+    return write_files(results, out_dir, "threads", markdown, ("threads.png", chart))
