@@ -198,7 +198,9 @@ class BatchDecoder:
                     self._wake.wait()
                 if self._closing:
                     break
-                self._admit()
+                free = sum(s.chat is None for s in self._sequences)
+                arriving = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+            self._admit(arriving)  # outside the lock: a restore may read the disk, and submit() must not wait on it
             try:
                 self._step()
             except Exception as ex:  # a failing callback must not leave every other chat waiting forever
@@ -211,13 +213,11 @@ class BatchDecoder:
     def _active(self) -> list[_Sequence]:
         return [s for s in self._sequences if s.chat is not None]
 
-    def _admit(self) -> None:
-        """Starts waiting chats on free sequences, each on the one whose cache shares most of its prompt."""
-        while self._waiting:
+    def _admit(self, arriving: list[BatchChat]) -> None:
+        """Starts the chats on free sequences (there is one for each), each on the one whose cache shares most of
+        its prompt."""
+        for chat in arriving:
             free = [s for s in self._sequences if s.chat is None]
-            if not free:
-                return
-            chat = self._waiting.popleft()
             if chat.should_abort():
                 self._end(chat, StopReason.CANCELLED)
                 continue
