@@ -5,15 +5,12 @@ OpenAI-compatible stream), and optionally llama.cpp's llama-server; writes resul
 """
 
 import argparse
-import datetime
 import sys
 import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
-
-import llama_cpp
 
 from tests.live_server import ROOT, running_server, server_status
 
@@ -151,13 +148,10 @@ def main(argv=None) -> int:
     load = {"start": machine.wait_until_idle(args.wait_idle, say), "phases": {}}
     phases = load["phases"]
     results: dict[str, Any] = {
-        "started_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        **machine.provenance(),
         "model": args.model.name,
         "model_mb": round(args.model.stat().st_size / 2**20, 1),
         "n_ctx": N_CTX,
-        "llama_cpp_python": llama_cpp.__version__,
-        "commit": machine.commit(),
-        "machine": machine.describe(),
         "settings": vars(settings).copy(),
         "load": load,
         "llama_server": {"skipped": "no --llama-server PATH given"},

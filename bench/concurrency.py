@@ -14,7 +14,6 @@ computing thread for the same reason.
 from __future__ import annotations
 
 import argparse
-import datetime
 import sys
 import tempfile
 import time
@@ -22,8 +21,6 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
-
-import llama_cpp
 
 from llama_chat import LlamaChat
 from llamachat.batch_decoder import BatchChat, BatchDecoder
@@ -248,11 +245,8 @@ def main(argv=None) -> int:
 
     started = time.monotonic()
     results: dict[str, Any] = {
-        "started_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        **machine.provenance(),
         "model": args.model.name,
-        "llama_cpp_python": llama_cpp.__version__,
-        "commit": machine.commit(),
-        "machine": machine.describe(),
         "settings": {
             "repeats": args.repeats,
             "tokens": args.tokens,

@@ -20,7 +20,6 @@ The two modules run side by side (an idle one takes no CPU), each with --threads
 from __future__ import annotations
 
 import argparse
-import datetime
 import sys
 import tempfile
 import time
@@ -301,11 +300,8 @@ def main(argv=None) -> int:
 
     started = time.monotonic()
     results: dict[str, Any] = {
-        "started_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": machine.commit(),
+        **machine.provenance(),
         "model": args.model.name,
-        "llama_cpp_python": llama_cpp.__version__,
-        "machine": machine.describe(),
         "settings": {
             "users": sorted(args.users),
             "turns": args.turns,

@@ -9,7 +9,6 @@ prepared (answered in < 100 ms); and the largest history the caps allow. Writes 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import random
 import sys
@@ -337,13 +336,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.model.is_file():
         parser.error(f"no model at {args.model}")
     results: dict[str, Any] = {
-        "started_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        **machine.provenance(),
         "model": args.model.name,
         "context_size": CONTEXT_SIZE,
         "repeats": args.repeats,
         "caps": {"MAX_HISTORY_BYTES": MAX_HISTORY_BYTES, "MAX_HISTORY_MESSAGES": MAX_HISTORY_MESSAGES},
-        "commit": machine.commit(),
-        "machine": machine.describe(),
         "load": machine.wait_until_idle(args.wait_idle, say),
     }
     results["in_process"] = measure_in_process(args.model, args.repeats)

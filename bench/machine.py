@@ -2,6 +2,8 @@
 measured (a 2-core machine shared with other work gives noisy numbers; the results say how noisy)."""
 
 import argparse
+import datetime
+import importlib.metadata
 import os
 import platform
 import subprocess
@@ -56,6 +58,16 @@ def commit() -> str:
     head = git("rev-parse", "--short", "HEAD") or "unknown"
     changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)bench/results")
     return f"{head}+changes" if changed else head
+
+
+def provenance() -> dict[str, Any]:
+    """What every results file starts with: when, which commit, which llama-cpp-python and which machine."""
+    return {
+        "started_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": commit(),
+        "llama_cpp_python": importlib.metadata.version("llama-cpp-python"),
+        "machine": describe(),
+    }
 
 
 def describe() -> dict[str, Any]:

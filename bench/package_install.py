@@ -11,7 +11,6 @@ tests/test_package.py is the fast check of the same steps, on the project's venv
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import subprocess
@@ -107,9 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     results: dict[str, Any] = {
-        "started_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": machine.commit(),
-        "machine": machine.describe(),
+        **machine.provenance(),
         "load": machine.wait_until_idle(args.wait_idle),
     }
     with tempfile.TemporaryDirectory(prefix="llamachat-package-") as scratch:

@@ -9,7 +9,6 @@ turns within each repeat; writes threads.json, threads.md and threads.png into -
 """
 
 import argparse
-import datetime
 import subprocess
 import sys
 import time
@@ -224,11 +223,8 @@ def main(argv=None) -> int:
     cores = default_max_threads()
     started = time.monotonic()
     results: dict[str, Any] = {
-        "started_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        **machine.provenance(),
         "model": args.model.name,
-        "llama_cpp_python": llama_cpp.__version__,
-        "commit": machine.commit(),
-        "machine": machine.describe(),
         "settings": {
             "repeats": args.repeats,
             "tokens": args.tokens,

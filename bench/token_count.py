@@ -6,7 +6,6 @@ own Llama and with the wrapper's, taking turns, and compares tokens per second. 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 import time
@@ -46,13 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS")
     args = parser.parse_args(argv)
     results: dict[str, Any] = {
-        "started_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        **machine.provenance(),
         "model": args.model.name,
         "tokens": TOKENS,
         "threads": args.threads,
         "repeats": args.repeats,
-        "commit": machine.commit(),
-        "machine": machine.describe(),
         "load": machine.wait_until_idle(args.wait_idle, say),
     }
     engines = {
