@@ -10,12 +10,11 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
-import requests
 from llama_cpp import Llama
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from live_server import poll
 from llamachat.model_file import SMALL_MODEL_FILENAME
+from module_chat import follow, start_chat
 
 MODEL = SMALL_MODEL_FILENAME
 CONTEXT = 2048  # running_server's
@@ -164,15 +163,7 @@ def test_answers_and_chunks_carry_a_system_fingerprint_of_model_and_build(client
 
 def test_the_native_api_keeps_its_default_system_prompt_and_trimming(smollm2_server, template_tokens):
     """text/chat is unchanged: its default system prompt is added (more tokens than the template alone gives)."""
-    chat = requests.post(f"{smollm2_server}/v1/text/chat", data={"prompt": "Hi", "max_tokens": "1"}, timeout=40).json()
-
-    def final():
-        answer = requests.post(
-            f"{smollm2_server}/v1/LlamaChat/get_command_status", data={"commandId": chat["commandId"]}, timeout=40
-        ).json()
-        return answer if answer["commandStatus"] == "completed" else None
-
-    done = poll(final, 60, "the native chat to end")
+    done = follow(smollm2_server, start_chat(smollm2_server, prompt="Hi", max_tokens="1")["commandId"])
     assert done["prompt_tokens"] > template_tokens(HI)
     assert done["dropped_turns"] == 0
 

@@ -12,14 +12,13 @@ from typing import Annotated, Literal
 import jsonschema
 import openai
 import pytest
-import requests
 from langchain_openai import ChatOpenAI
 from llama_cpp import Llama
 from pydantic import BaseModel, Field
 
 from json_schemas import SCHEMAS
-from live_server import poll
 from llamachat.model_file import SMALL_MODEL_FILENAME
+from module_chat import follow, start_chat
 
 MODEL = SMALL_MODEL_FILENAME
 ROOM = 300  # tokens: far more than any of the bounded schemas' replies can take
@@ -110,19 +109,10 @@ def test_langchain_with_structured_output_returns_the_model(smollm2_server):
 
 def test_the_native_api_takes_a_json_schema(smollm2_server):
     schema = SCHEMAS["refs"]
-    started = requests.post(
-        f"{smollm2_server}/v1/text/chat",
-        data={"prompt": "Two points, as JSON.", "json_schema": json.dumps(schema), "max_tokens": str(ROOM)},
-        timeout=40,
-    ).json()
-
-    def final():
-        answer = requests.post(
-            f"{smollm2_server}/v1/LlamaChat/get_command_status", data={"commandId": started["commandId"]}, timeout=40
-        ).json()
-        return answer if answer["commandStatus"] == "completed" else None
-
-    done = poll(final, 120, "the native chat to end")
+    started = start_chat(
+        smollm2_server, prompt="Two points, as JSON.", json_schema=json.dumps(schema), max_tokens=str(ROOM)
+    )
+    done = follow(smollm2_server, started["commandId"])
     assert done["stop_reason"] == "completed"
     jsonschema.validate(json.loads(done["reply"]), schema)
 
