@@ -85,6 +85,26 @@ def test_install_without_the_hub_leaves_a_model_the_module_runs_on(tmp_path):
     assert loaded["completion_tokens"] > 0
 
 
+def test_after_an_install_with_small_the_module_runs_on_it_and_downloads_nothing(hub, tmp_path, smollm2):
+    models = tmp_path / "models"
+    env = hub_env(hub.url, tmp_path)  # the Hub is in reach: without the choice, the module would download
+    install = subprocess.run(
+        [sys.executable, str(MODULE_DIR / "fetch_model.py"), "--models-dir", str(models), "--small"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert install.returncode == 0, install.stderr
+
+    loaded = load_and_chat(env, models)
+    assert Path(loaded["model_path"]).name == SMALL_MODEL_FILENAME
+    assert not hub.fetched(DEFAULT.filename)
+    assert not (models / DEFAULT.filename).exists()
+    assert "--small" in loaded["fallback_reason"]  # the status and the log say why, and how to get the other one
+    assert loaded["completion_tokens"] > 0
+
+
 def test_a_truncated_model_is_not_loaded_but_downloaded_again_at_start(hub, tmp_path, smollm2):
     models = tmp_path / "models"
     models.mkdir()
