@@ -13,6 +13,7 @@ import pytest
 
 from fetch_model import MODULE_DIR, SMALL_MODEL_FILENAME, read_default_model
 from hf_standin import hub_env, unreachable_hub_url
+from install_harness import fetch
 from llamachat.llama_settings import LlamaSettings
 from llamachat.model_file import ModelRecord, sha256_of, write_record
 
@@ -69,13 +70,7 @@ def test_missing_model_is_downloaded_at_start_then_loaded_from_disk(hub, tmp_pat
 def test_install_without_the_hub_leaves_a_model_the_module_runs_on(tmp_path):
     env = hub_env(unreachable_hub_url(), tmp_path)
     models = tmp_path / "models"
-    install = subprocess.run(
-        [sys.executable, str(MODULE_DIR / "fetch_model.py"), "--models-dir", str(models)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    install = fetch(env, "--models-dir", str(models))
     assert install.returncode == 3, install.stderr
 
     loaded = load_and_chat(env, models)
@@ -88,13 +83,7 @@ def test_install_without_the_hub_leaves_a_model_the_module_runs_on(tmp_path):
 def test_after_an_install_with_small_the_module_runs_on_it_and_downloads_nothing(hub, tmp_path, smollm2):
     models = tmp_path / "models"
     env = hub_env(hub.url, tmp_path)  # the Hub is in reach: without the choice, the module would download
-    install = subprocess.run(
-        [sys.executable, str(MODULE_DIR / "fetch_model.py"), "--models-dir", str(models), "--small"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    install = fetch(env, "--models-dir", str(models), "--small")
     assert install.returncode == 0, install.stderr
 
     loaded = load_and_chat(env, models)

@@ -81,21 +81,22 @@ def app_page_url():
     server.server_close()
 
 
-def _in_a_page(browser, page_url: str, code: str, use: str) -> dict:
-    """Runs the recipe and then `use` (JavaScript, returning a value) in a page of another origin of this machine."""
+def _javascript_recipe_in_a_page(browser, page_url: str, base_url: str, use: str) -> dict:
+    """Runs the JavaScript recipe, then `use` (JavaScript returning a value), in a page of another origin of this
+    machine."""
     page = browser.new_page()
     try:
         page.goto(page_url)
-        return page.evaluate("async () => {\n" + code + "\n" + use + "\n}")
+        return page.evaluate("async () => {\n" + recipe("javascript", base_url) + "\n" + use + "\n}")
     finally:
         page.close()
 
 
 def test_the_javascript_recipe_chats_from_a_web_page(smollm2_server, browser, app_page_url):
-    result = _in_a_page(
+    result = _javascript_recipe_in_a_page(
         browser,
         app_page_url,
-        recipe("javascript", smollm2_server),
+        smollm2_server,
         "const seen = [];\n"
         "const status = await askLlamaChat('Name three planets.', (text) => seen.push(text), { max_tokens: 16 });\n"
         "return { status, seen };",
@@ -108,10 +109,10 @@ def test_the_javascript_recipe_chats_from_a_web_page(smollm2_server, browser, ap
 
 
 def test_the_javascript_recipe_stops_a_chat_and_keeps_its_text(smollm2_server, browser, app_page_url):
-    result = _in_a_page(
+    result = _javascript_recipe_in_a_page(
         browser,
         app_page_url,
-        recipe("javascript", smollm2_server),
+        smollm2_server,
         "let stopping = null;\n"
         "const seen = [];\n"
         "const status = await askLlamaChat('Write a long story about a dragon.', (text, commandId) => {\n"
