@@ -1,7 +1,7 @@
-"""The recipes in docs/integrations.md, run as the page writes them (only the server's address is the test's) against
-a live server with the real module on SmolLM2: the `openai` package, LangChain, and the native API from JavaScript
-in a real browser. What the model writes is not checked, only that each recipe works: it runs to its end, and what
-it returns has the shape and properties any machine gives."""
+"""The recipes in docs/integrations.md and the README's, run as the pages write them (only the server's address is
+the test's) against a live server with the real module on SmolLM2: the `openai` package, LangChain, and the native
+API from JavaScript in a real browser. What the model writes is not checked, only that each recipe works: it runs
+to its end, and what it returns has the shape and properties any machine gives."""
 
 from __future__ import annotations
 
@@ -15,21 +15,26 @@ import pytest
 
 from live_server import ROOT
 
-DOC = ROOT / "docs" / "integrations.md"
+PAGES = [ROOT / "README.md", ROOT / "docs" / "integrations.md"]
 RECIPE = re.compile(r"<!-- recipe: (?P<name>\w+) -->\n```\w+\n(?P<code>.*?)```", re.S)
 # The address each recipe is written with on the page; the test puts its own server's there.
 DOC_ADDRESS = {
+    "quickstart": "http://127.0.0.1:32168",
     "openai": "http://127.0.0.1:32168",
     "langchain": "http://127.0.0.1:32168",
     "javascript": "http://localhost:32168",
 }
 
 
+def recipes() -> dict[str, str]:
+    """Every recipe on the pages, by name: its code."""
+    return {m["name"]: m["code"] for page in PAGES for m in RECIPE.finditer(page.read_text(encoding="utf-8"))}
+
+
 def recipe(name: str, base_url: str) -> str:
-    """The recipe's code from the page, pointed at base_url."""
-    recipes = {match["name"]: match["code"] for match in RECIPE.finditer(DOC.read_text(encoding="utf-8"))}
-    assert name in recipes, f"docs/integrations.md has no recipe '{name}' (<!-- recipe: {name} --> before its block)"
-    code = recipes[name]
+    """The recipe's code from its page, pointed at base_url."""
+    code = recipes().get(name)
+    assert code is not None, f"no recipe '{name}' on the pages (<!-- recipe: {name} --> before its block)"
     assert DOC_ADDRESS[name] in code, f"the {name} recipe no longer uses {DOC_ADDRESS[name]}"
     return code.replace(DOC_ADDRESS[name], base_url)
 
@@ -49,6 +54,10 @@ def test_the_openai_recipe_runs_as_written(smollm2_server, tmp_path):
     assert re.fullmatch(r"name='.{0,40}' moons=\d{1,3}", parsed), (
         f"the last line should be the parsed Planet: {parsed!r}"
     )
+
+
+def test_the_readmes_openai_example_runs_as_written(smollm2_server, tmp_path):
+    run_python(recipe("quickstart", smollm2_server), tmp_path)
 
 
 def test_the_langchain_recipe_runs_as_written(smollm2_server, tmp_path):
@@ -131,13 +140,12 @@ def test_the_javascript_recipe_stops_a_chat_and_keeps_its_text(smollm2_server, b
     ), status
 
 
-def test_every_recipe_on_the_page_is_run_here():
-    names = {match["name"] for match in RECIPE.finditer(DOC.read_text(encoding="utf-8"))}
-    assert names == set(DOC_ADDRESS), "a recipe without a test here (or a test without its recipe)"
+def test_every_recipe_on_the_pages_is_run_here():
+    assert set(recipes()) == set(DOC_ADDRESS), "a recipe without a test here (or a test without its recipe)"
 
 
 @pytest.mark.parametrize("name", sorted(DOC_ADDRESS))
 def test_recipes_are_fenced_with_their_language(name):
-    text = DOC.read_text(encoding="utf-8")
+    text = "".join(page.read_text(encoding="utf-8") for page in PAGES)
     language = "javascript" if name == "javascript" else "python"
     assert f"<!-- recipe: {name} -->\n```{language}\n" in text
