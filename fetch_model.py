@@ -38,6 +38,7 @@ from llamachat.model_file import (
     PARTIAL_SUFFIX,
     SMALL_MODEL_FILENAME,
     ModelRecord,
+    choose_small_model,
     full_problem,
     quick_problem,
     read_record,
@@ -318,14 +319,16 @@ def main(argv: list[str] | None = None) -> int:
         model = DefaultModel(model.repo_id, model.filename, args.models_dir.resolve())
 
     if not (args.small or choice == "small"):
+        choose_small_model(model.models_dir, False)
         return get_default_model(model, args.cache_dir)
     small = install_small_model(model.models_dir)
     if small is None:
         return EXIT_FAILED
+    choose_small_model(model.models_dir, True)
     print(f"Model installed: {describe(small)}")
     print(
-        f"LlamaChat runs on it when {model.filename} is not in {model.models_dir} and cannot be downloaded; "
-        f"to use it even then, set CPAI_MODULE_LLAMA_MODEL_FILENAME={SMALL_MODEL_FILENAME}."
+        f"LlamaChat runs on it while {model.filename} is not in {model.models_dir}, without downloading that one; "
+        f"run the install again without --small to get it."
     )
     return EXIT_OK
 

@@ -18,7 +18,7 @@ from llamachat import kv_state
 from llamachat.chat_template import choose_template
 from llamachat.chat_types import Message, never
 from llamachat.llama_log import LLAMA_LOG
-from llamachat.model_file import SMALL_MODEL_FILENAME, quick_problem
+from llamachat.model_file import SMALL_MODEL_FILENAME, quick_problem, small_model_chosen
 from llamachat.token_logprobs import logprobs_entry
 
 DEFAULT_SYSTEM_PROMPT = (
@@ -107,7 +107,12 @@ class LlamaChat:
         self.fallback_reason: str | None = None
 
         llm = self._load_file(os.path.join(model_dir, filename), options, tried) if filename else None
-        if llm is None and repo_id:
+        if llm is None and repo_id and small_model_chosen(Path(model_dir)):
+            tried.append(
+                f"'{filename}' is not in {model_dir}, and the install chose the small model (--small), so it is not "
+                "downloaded now; install again without --small to get it"
+            )
+        elif llm is None and repo_id:
             try:
                 # local_dir (not cache_dir) puts the file at model_dir/<name>, so the next start loads it directly.
                 downloaded = _CountingLlama.from_pretrained(

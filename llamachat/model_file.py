@@ -19,6 +19,9 @@ PARTIAL_SUFFIX = ".partial"
 READ_BLOCK = 1 << 20  # bytes read at a time from a model file or a download
 # The small model: what `install.sh --small` installs, and what the module loads when the configured one fails.
 SMALL_MODEL_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Beside the small model when an install chose it (--small): the module then runs on it rather than downloading the
+# configured model (4.4 GB by default) behind the user's back. An install of the configured model removes it.
+SMALL_MODEL_CHOSEN = SMALL_MODEL_FILENAME + ".chosen"
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,20 @@ def remove_model(model: Path) -> None:
     """The model file and its record."""
     model.unlink(missing_ok=True)
     record_path(model).unlink(missing_ok=True)
+
+
+def small_model_chosen(models_dir: Path) -> bool:
+    """Whether the last install into models_dir chose the small model on purpose."""
+    return (models_dir / SMALL_MODEL_CHOSEN).is_file()
+
+
+def choose_small_model(models_dir: Path, chosen: bool) -> None:
+    """Records (or, for an install of the configured model, forgets) that the small model was chosen."""
+    marker = models_dir / SMALL_MODEL_CHOSEN
+    if chosen:
+        marker.write_text("install.sh --small (or LLAMACHAT_MODEL=small) chose the small model\n", encoding="utf-8")
+    else:
+        marker.unlink(missing_ok=True)
 
 
 def quick_problem(model: Path) -> str | None:

@@ -6,7 +6,7 @@ spins for its whole time slice waiting for one that is not running, at every bar
 as another process group wants a core: the scheduler shares the CPU fairly between sessions (autogroup) or cgroups
 (systemd services, containers) first and between threads second, so a module in a session of its own gets ONE core
 for its two threads when one process elsewhere keeps the other core busy. Measured on the 2-core test machine with
-SmolLM2 (bench/threads.py, README "Threads"): 2 threads fell from ~135 to ~1.5 tokens/s; 1 thread kept ~130.
+SmolLM2 (bench/threads.py, docs/threads.md): 2 threads fell from ~135 to ~1.5 tokens/s; 1 thread kept ~130.
 Fewer threads than the free cores never collapse; so each chat takes the cores the others leave free.
 """
 

@@ -12,8 +12,9 @@ running_server(model_path, module_dir=ROOT, *, context_size=2048, start_timeout=
   settings; `server_args` are more command-line options (e.g. ("--allow-origin", "null")). Yields the base
   URL once the module's status is Started; stops the server on leaving (stop_process). If startup fails, the
   error shows the server's log. The server's console log is kept at `server_log_path(base_url)` while it runs.
-server_status(base_url) -> dict
-  The module's ProcessStatus from GET /v1/module/list/status (status, pid, restarts, statusData...).
+server_status(base_url, api_key=None) -> dict
+  The module's ProcessStatus from GET /v1/module/list/status (status, pid, restarts, statusData...); api_key for a
+  server started with --api-key (running_server passes the one in its server_args while it waits).
 rss_mb(pid) -> float
   A process's resident memory in MiB (the module's pid is server_status(base_url)["pid"]).
 no_module_config(data_dir, **fields) -> ServerConfig
@@ -102,8 +103,11 @@ def rss_mb(pid: int) -> float:
     return psutil.Process(pid).memory_info().rss / 2**20
 
 
-def server_status(base_url: str) -> dict:
-    with urllib.request.urlopen(f"{base_url}/v1/module/list/status", timeout=10) as response:
+def server_status(base_url: str, api_key: str | None = None) -> dict:
+    request = urllib.request.Request(f"{base_url}/v1/module/list/status")
+    if api_key:  # a server started with --api-key
+        request.add_header("Authorization", f"Bearer {api_key}")
+    with urllib.request.urlopen(request, timeout=10) as response:
         return json.load(response)["statuses"][0]
 
 
@@ -116,7 +120,7 @@ def log_tail(log_path: Path, lines: int = 40) -> str:
     return "\n".join(text[-lines:])
 
 
-def _started(process: subprocess.Popen, log_path: Path) -> Callable[[], str | None]:
+def _started(process: subprocess.Popen, log_path: Path, api_key: str | None) -> Callable[[], str | None]:
     """A poll condition: the base URL once the module is Started; raises if the server has exited."""
     url: list[str] = []
 
@@ -131,7 +135,7 @@ def _started(process: subprocess.Popen, log_path: Path) -> Callable[[], str | No
                 return None
             url.append(ready[0][len(READY_PREFIX) :].rstrip("/"))
         try:
-            return url[0] if server_status(url[0])["status"] == "Started" else None
+            return url[0] if server_status(url[0], api_key)["status"] == "Started" else None
         except (urllib.error.URLError, OSError):
             return None
 
@@ -196,7 +200,11 @@ def running_server(
             )
         try:
             try:
-                base_url = poll(_started(process, log_path), start_timeout, "the module to start", interval=0.1)
+                api_key = next(
+                    (value for flag, value in zip(server_args, server_args[1:]) if flag == "--api-key"), None
+                )
+                started = _started(process, log_path, api_key)
+                base_url = poll(started, start_timeout, "the module to start", interval=0.1)
             except AssertionError as ex:
                 raise AssertionError(f"{ex}; the server's log:\n{log_tail(log_path)}") from None
             _log_paths[base_url] = log_path

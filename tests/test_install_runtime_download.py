@@ -13,6 +13,7 @@ import pytest
 
 from fetch_model import MODULE_DIR, SMALL_MODEL_FILENAME, read_default_model
 from hf_standin import hub_env, unreachable_hub_url
+from install_harness import fetch
 from llamachat.llama_settings import LlamaSettings
 from llamachat.model_file import ModelRecord, sha256_of, write_record
 
@@ -69,19 +70,27 @@ def test_missing_model_is_downloaded_at_start_then_loaded_from_disk(hub, tmp_pat
 def test_install_without_the_hub_leaves_a_model_the_module_runs_on(tmp_path):
     env = hub_env(unreachable_hub_url(), tmp_path)
     models = tmp_path / "models"
-    install = subprocess.run(
-        [sys.executable, str(MODULE_DIR / "fetch_model.py"), "--models-dir", str(models)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    install = fetch(env, "--models-dir", str(models))
     assert install.returncode == 3, install.stderr
 
     loaded = load_and_chat(env, models)
     assert Path(loaded["model_path"]).name == SMALL_MODEL_FILENAME
     assert DEFAULT.repo_id in loaded["fallback_reason"]  # the warning says why the default model is not used
     assert loaded["reply"].strip()
+    assert loaded["completion_tokens"] > 0
+
+
+def test_after_an_install_with_small_the_module_runs_on_it_and_downloads_nothing(hub, tmp_path, smollm2):
+    models = tmp_path / "models"
+    env = hub_env(hub.url, tmp_path)  # the Hub is in reach: without the choice, the module would download
+    install = fetch(env, "--models-dir", str(models), "--small")
+    assert install.returncode == 0, install.stderr
+
+    loaded = load_and_chat(env, models)
+    assert Path(loaded["model_path"]).name == SMALL_MODEL_FILENAME
+    assert not hub.fetched(DEFAULT.filename)
+    assert not (models / DEFAULT.filename).exists()
+    assert "--small" in loaded["fallback_reason"]  # the status and the log say why, and how to get the other one
     assert loaded["completion_tokens"] > 0
 
 
