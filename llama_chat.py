@@ -17,6 +17,7 @@ from llama_cpp.llama_chat_format import chat_formatter_to_chat_completion_handle
 from llamachat import kv_state
 from llamachat.chat_template import choose_template
 from llamachat.chat_types import Message, never
+from llamachat.grammar_sampler import GrammarCheckedSampler
 from llamachat.llama_log import LLAMA_LOG
 from llamachat.model_file import SMALL_MODEL_FILENAME, quick_problem, small_model_chosen
 from llamachat.token_logprobs import logprobs_entry
@@ -74,6 +75,12 @@ class _CountingLlama(Llama):
     generated_tokens = 0
     top_logprobs: int | None = None  # not None: each generated token's logprobs go to token_logprobs
     token_logprobs: list[dict[str, Any]] = []
+
+    def _init_sampler(self, *args: Any, grammar: LlamaGrammar | None = None, **kwargs: Any) -> Any:
+        """llama-cpp-python's chain, with the grammar checked on the chain's pick rather than run over the whole
+        vocabulary for every token (llamachat/grammar_sampler.py)."""
+        chain = super()._init_sampler(*args, **kwargs)
+        return chain if grammar is None else GrammarCheckedSampler(chain, self._model, grammar)
 
     def sample(self, *args: Any, **kwargs: Any) -> int:
         token = super().sample(*args, **kwargs)
