@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from . import concurrency_report, conversations_report, threads_report
+from . import concurrency_report, conversations_report, structured_report, threads_report
 from .openai_client import SPEED_GOAL, TTFT_GAP_GOAL_MS
 from .report import goals_table
 
@@ -234,6 +234,7 @@ VIEWS: dict[str, Callable[[Results], list[str]]] = {
     "security_limits": security_limits,
     "package_install": package_install,
     "token_count": token_count,
+    "structured": lambda r: structured_report.table(r) + ["", *goals(r)],
 }
 
 

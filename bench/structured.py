@@ -29,16 +29,13 @@ from llamachat.thread_policy import default_max_threads
 from llamachat_server.openai_api import COMMAND_ID_HEADER
 from tests.live_server import ROOT, running_server
 
-from . import machine
+from . import machine, structured_report
 from .console import say
 from .in_process import RawEngine
 from .llama_server import LlamaServerEngine
-from .report import conclude, verdict, write_files
+from .report import conclude
 from .stats import summary
 from .workload import DEFAULT_MODEL, N_CTX, NO_CONVERSATION_CACHE, SAMPLING, chat_messages
-
-SPEED_GOAL = 0.9  # x llama-server's tokens/s under the same schema
-UNCONSTRAINED_GOAL = 0.97  # x raw llama-cpp-python's, as the module's other speed goals
 
 TEXT = {"type": "string", "maxLength": 40}
 # Long replies (a few hundred tokens), so that steady generation is measured rather than its start and end.
@@ -221,67 +218,6 @@ def summarise(samples: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, 
     return table
 
 
-def markdown(results: dict[str, Any]) -> str:
-    m, s = results["machine"], results["settings"]
-    lines = [
-        f"# Structured output: {results['model']}",
-        "",
-        f"{results['started_utc']} · commit {results['commit']} · {m['cpu']} · {m['logical_cpus']} logical CPUs · "
-        f"{s['threads']} threads for every engine · greedy · at most {s['tokens']} tokens · {s['repeats']} repeats, "
-        f"engines taking turns · load {results['load_start']['load_1min']} at the start · "
-        f"llama-cpp-python {results['llama_cpp_python']}",
-        "",
-        "Tokens per second as each engine reports its generation, median of the repeats; `valid`: replies that "
-        "parse and validate against the schema.",
-        "",
-        "| Schema | module, schema | llama-server, schema | ratio (goal ≥ "
-        f"{SPEED_GOAL}) | module, free | raw, free | ratio (goal ≥ {UNCONSTRAINED_GOAL}) | llama-server, free | "
-        "valid (module / llama-server) |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, row in results["schemas"].items():
-        t = row["tokens_per_second"]
-        lines.append(
-            f"| {name} | {t['module_schema']['median']:.1f} | {t['llama_server_schema']['median']:.1f} | "
-            f"**{row['schema_vs_llama_server']:.2f}** | {t['module_free']['median']:.1f} | "
-            f"{t['raw_free']['median']:.1f} | **{row['free_vs_raw']:.2f}** | {t['llama_server_free']['median']:.1f} | "
-            f"{row['valid']['module_schema']:.0%} / {row['valid']['llama_server_schema']:.0%} |"
-        )
-    lines += ["", *(f"- {verdict(g['met']).strip()}: {g['goal']}: {g['measured']}" for g in results["goals"]), ""]
-    return "\n".join(lines)
-
-
-def evaluate_goals(results: dict[str, Any]) -> list[dict[str, Any]]:
-    rows = results["schemas"].values()
-    worst_schema = min(row["schema_vs_llama_server"] for row in rows)
-    worst_free = min(row["free_vs_raw"] for row in rows)
-    valid_share = min(share for row in rows for share in row["valid"].values())
-    return [
-        {
-            "goal": f"under a JSON schema, module tokens/s >= {SPEED_GOAL} x llama-server's (worst schema)",
-            "measured": worst_schema,
-            "limit": SPEED_GOAL,
-            "met": worst_schema >= SPEED_GOAL,
-        },
-        {
-            "goal": f"unconstrained, module tokens/s >= {UNCONSTRAINED_GOAL} x raw llama-cpp-python's (worst prompt)",
-            "measured": worst_free,
-            "limit": UNCONSTRAINED_GOAL,
-            "met": worst_free >= UNCONSTRAINED_GOAL,
-        },
-        {
-            "goal": "replies that validate against their schema",
-            "measured": valid_share,
-            "limit": 1,
-            "met": valid_share == 1,
-        },
-    ]
-
-
-def write(results: dict[str, Any], out_dir: Path) -> list[Path]:
-    return write_files(results, out_dir, "structured", markdown)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.structured", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -309,7 +245,7 @@ def main(argv=None) -> int:
     }
     with tempfile.TemporaryDirectory(prefix="llamachat-structured-") as scratch:
         results["schemas"] = summarise(measure(args, Path(scratch)))
-    conclude(results, started, "goal", evaluate_goals, write, args.out, say)
+    conclude(results, started, "goal", structured_report.evaluate_goals, structured_report.write, args.out, say)
     return 0
 
 
