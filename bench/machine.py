@@ -49,14 +49,23 @@ def wait_until_idle(max_wait_s: float, say=print) -> dict[str, Any]:
 
 
 def commit() -> str:
-    """The commit measured, with "+changes" when product code differed from it (results files do not count)."""
+    """The commit measured, with "+changes" when the code differed from it (results files and docs do not count)."""
     root = Path(__file__).resolve().parent.parent
 
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True).stdout.strip()
 
     head = git("rev-parse", "--short", "HEAD") or "unknown"
-    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)bench/results")
+    changed = git(
+        "status",
+        "--porcelain",
+        "--untracked-files=no",
+        "--",
+        ".",
+        ":(exclude)bench/results",
+        ":(exclude)docs",
+        ":(exclude)*.md",
+    )
     return f"{head}+changes" if changed else head
 
 
