@@ -297,3 +297,52 @@ def test_a_kill_9_while_writing_leaves_only_whole_entries(tmp_path):
     assert cache.stats()["droppedCorrupt"] == 0
     assert disk_usage(directory) <= 60_000_000
     cache.close()
+
+
+FULL_DISK_WRITER = textwrap.dedent(
+    """
+    import resource, signal, sys
+    sys.path.insert(0, sys.argv[2])
+    from llamachat.conversation_cache import ConversationCache
+
+    # No file of this process may grow past 3 MB: the kernel refuses the write midway (EFBIG), as a full disk does
+    # (ENOSPC). SIGXFSZ, which would also end the process, is ignored: a full disk sends no signal.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (3_000_000, 3_000_000))
+    warnings = []
+
+    def log(level, text):
+        warnings.append(level + " " + text)
+
+    cache = ConversationCache("a" * 32, 0, 60_000_000, sys.argv[1], log)
+    big, small = list(range(100, 200)), list(range(300, 400))
+    cache.save(big, b"b" * 4_000_000)
+    cache.save(small, b"s" * 1_000_000)
+    cache.flush()
+    print(cache.find(big + [1], 0) is None, cache.find(small + [1], 0) is not None)
+    print(*warnings, sep="\\n")
+    cache.close()
+    """
+)
+
+
+def test_a_write_the_disk_refuses_midway_keeps_no_entry_and_the_next_one_is_kept(tmp_path):
+    directory = tmp_path / "cache"
+    writer = subprocess.run(
+        [sys.executable, "-c", FULL_DISK_WRITER, str(directory), str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert writer.returncode == 0, writer.stderr
+    found, *warnings = writer.stdout.splitlines()
+    assert found == "True True"  # the 4 MB entry was not kept; the 1 MB one after it was
+    assert any(w.startswith("warning conversation cache: could not write") for w in warnings), warnings
+    lines, log = logged()
+    cache = ConversationCache(FINGERPRINT, 0, 60_000_000, directory, log)
+    assert cache.stats()["diskEntries"] == 1
+    assert len(values_in(directory)) == 1  # no half-written file of the refused entry is left
+    hit = cache.find(list(range(300, 400)) + [1], 0)
+    assert hit.state == b"s" * 1_000_000
+    assert cache.stats()["droppedCorrupt"] == 0
+    cache.close()
