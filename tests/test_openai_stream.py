@@ -4,12 +4,14 @@ server follows chats by get_command_status polls alone, as it would a module tha
 carries is checked against the module's own answer for the same chat; no test assumes a speed."""
 
 import openai
+import psutil
 import pytest
 import requests
 
-from live_server import poll, running_server, server_log_path
+from live_server import poll, running_server, server_log_path, server_status
 from llama_chat_adapter import REPLY_CHANNEL_NOTICE
 from llamachat_server.openai_api import COMMAND_ID_HEADER
+from llamachat_server.settings import REPLY_CHANNEL_VARIABLE
 
 STORY = "Write a very long story about a dragon who learns to bake bread. Describe every step in detail."
 TOKENS = 160
@@ -67,8 +69,14 @@ def check_stream(base_url, chunks, command_id):
 
 @pytest.fixture(scope="module")
 def polling_server(smollm2):
-    with running_server(smollm2, server_args=("--poll-replies",)) as url:
+    # A stray variable (here from --env; it could come from the server's own environment) must not reach the module:
+    # fd 1 is its stdout, a pipe too.
+    with running_server(smollm2, server_args=("--poll-replies",), **{REPLY_CHANNEL_VARIABLE: "1"}) as url:
         yield url
+
+
+def module_environment(base_url):
+    return psutil.Process(server_status(base_url)["pid"]).environ()
 
 
 def client_of(base_url):
@@ -81,12 +89,14 @@ def test_a_long_stream_sends_a_chunk_for_about_every_token(smollm2_server, opena
     assert final["completion_tokens"] >= 32  # a reply long enough for polls to have batched it
     assert final["completion_tokens"] <= MAX_TOKENS_PER_CHUNK * len(pieces)
     assert REPLY_CHANNEL_NOTICE in server_log_path(smollm2_server).read_text()
+    assert int(module_environment(smollm2_server)[REPLY_CHANNEL_VARIABLE]) > 2  # a pipe of its own
 
 
 def test_without_the_channel_the_server_polls_and_streams_the_same_reply(polling_server):
     chunks, command_id = stream_story(client_of(polling_server))
     check_stream(polling_server, chunks, command_id)
     assert REPLY_CHANNEL_NOTICE not in server_log_path(polling_server).read_text()
+    assert REPLY_CHANNEL_VARIABLE not in module_environment(polling_server)
 
 
 def test_a_chat_that_asks_for_logprobs_is_polled_and_keeps_them(smollm2_server, openai_client):
