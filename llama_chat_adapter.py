@@ -14,6 +14,7 @@ Running a chat on the model is the ChatRunner's job (llamachat/chat_runner.py); 
 from __future__ import annotations
 
 import gc
+import os
 import sys
 import threading
 
@@ -28,9 +29,12 @@ from llamachat.chat_request import ChatError, ChatInputs, ChatRequest
 from llamachat.chat_runner import SHUTTING_DOWN, ChatRunner
 from llamachat.llama_log import LLAMA_LOG
 from llamachat.llama_settings import MODULE_DIR, LlamaSettings
+from llamachat.reply_channel import ReplyChannel, ReplyChannelError
 
 SELFTEST_PROMPT = "How many planets are there in the solar system?"
 # How to fix "no model could be loaded", for the log, the status and a failed self-test.
+# Logged at start when the server passed a reply channel (tests look for it).
+REPLY_CHANNEL_NOTICE = "Each piece of a reply also goes to the server's reply channel as it is made"
 NO_MODEL_HINT = "install one with bash install.sh (install.bat on Windows) or python fetch_model.py [--small]"
 
 
@@ -57,7 +61,8 @@ class LlamaChat_adapter(ModuleRunner):
         # can never stop the next one (docs/protocol.md §4.1, item 2).
         self.queue: ChatQueue | None = None
         self.inputs: ChatInputs | None = None
-        self.runner = ChatRunner(self.report_error)
+        self.reply_channel = self._open_reply_channel()
+        self.runner = ChatRunner(self.report_error, self.reply_channel)
         # SDK 0.0.21's package check before a self-test checks nothing, and fails when the CPU architecture is unknown
         # (as without PATH).
         self.selftest_check_pkgs = False
@@ -65,7 +70,8 @@ class LlamaChat_adapter(ModuleRunner):
         library = _gpu_library() if self.enable_GPU else ""
         try:
             settings = LlamaSettings.from_env()
-            self.queue = ChatQueue(settings.queue_size, settings.result_ttl, slots=settings.parallel)
+            ended = self.reply_channel.ended if self.reply_channel else None
+            self.queue = ChatQueue(settings.queue_size, settings.result_ttl, slots=settings.parallel, on_complete=ended)
             self.inputs = ChatInputs(MODULE_DIR)
             chat = self._load_model(settings, library)
         except (ModelLoadError, ValueError) as ex:  # ValueError: LlamaSettingsError, an unknown chat format
@@ -80,6 +86,18 @@ class LlamaChat_adapter(ModuleRunner):
         gc.freeze()
         self._log_model(chat)
         self._start_workers()
+
+    def _open_reply_channel(self) -> ReplyChannel | None:
+        """The pipe our standalone server passes for replies' pieces (llamachat/reply_channel.py); None under the real
+        server, which passes none and polls, as it does when the pipe is unusable."""
+        try:
+            channel = ReplyChannel.from_environment(os.environ)
+        except ReplyChannelError as ex:
+            self._log("warning", f"No reply channel, the server will poll for replies: {ex}")
+            return None
+        if channel is not None:
+            self._log("info", REPLY_CHANNEL_NOTICE)
+        return channel
 
     def _load_model(self, settings: LlamaSettings, library: str) -> LlamaChat:
         self.n_ctx = settings.context_size

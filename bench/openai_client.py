@@ -15,6 +15,7 @@ import openai
 
 from llamachat_server.openai_api import COMMAND_ID_HEADER
 
+from .stream_timing import chunk_gaps
 from .workload import FLUSH_PROMPT, FLUSH_SYSTEM_PROMPT, SAMPLING, chat_messages
 
 TTFT_GAP_GOAL_MS = 60.0
@@ -44,25 +45,26 @@ class OpenAIStreamEngine:
         with urllib.request.urlopen(f"{self.base_url}/v1/LlamaChat/get_command_status", body, timeout=30) as answer:
             return json.load(answer)
 
+    def flush(self) -> None:
+        """A chat with another system prompt, so the next finds (almost) none of its prompt cached."""
+        self._create([{"role": "system", "content": FLUSH_SYSTEM_PROMPT}, {"role": "user", "content": FLUSH_PROMPT}], 1)
+
     def chat(self, prompt: str, history: list[dict[str, str]], max_tokens: int, fresh: bool) -> dict[str, Any]:
-        if fresh:  # another system prompt first, so the chat finds (almost) none of its prompt cached
-            self._create(
-                [{"role": "system", "content": FLUSH_SYSTEM_PROMPT}, {"role": "user", "content": FLUSH_PROMPT}], 1
-            )
+        if fresh:
+            self.flush()
         sent = time.perf_counter()
         stream = self._create(
             chat_messages(prompt, history), max_tokens, stream=True, stream_options={"include_usage": True}
         )
         command_id = stream.response.headers[COMMAND_ID_HEADER]
-        first_at = last_at = None
-        parts, used = [], None
+        times, parts, used = [], [], None
         for chunk in stream:
             used = chunk.usage or used
             text = chunk.choices[0].delta.content if chunk.choices else None
             if text:
-                last_at = time.perf_counter()
-                first_at = first_at or last_at
+                times.append(time.perf_counter())
                 parts.append(text)
+        first_at, last_at = times[0], times[-1]
         module = self._module_final(command_id)
         # A chunk carries the tokens generated since the server's last status poll: the speed counts the tokens after
         # the first chunk's over the time between the first and the last chunk, as raw's counts those after its first.
@@ -73,6 +75,8 @@ class OpenAIStreamEngine:
             "tokens": used.completion_tokens,
             "tokens_per_second": after_first / (last_at - first_at) if last_at > first_at else None,
             "chunks": len(parts),
+            "tokens_per_chunk": round(used.completion_tokens / len(parts), 2),
+            **chunk_gaps(times),
             "module_ttft_ms": module["time_to_first_token_ms"],
             "module_tokens_per_second": module["tokens_per_second"],
             "ttft_gap_ms": round(ttft_ms - module["time_to_first_token_ms"], 1),

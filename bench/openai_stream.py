@@ -1,10 +1,15 @@
-"""python -m bench.openai_stream: the server's OpenAI-compatible stream (POST /v1/chat/completions, stream=True) as
-the `openai` package's client sees it, beside the module's own figures for the same chats and raw llama-cpp-python
-on the same model, threads and prompt; and, to tell the stream's own cost from the machine's, the module's own speed
-in chats that nobody follows closely (polled once a second). The engines take turns, each chat starting with nothing
-cached. Writes openai_stream.json and openai_stream.md into --out.
+"""python -m bench.openai_stream: the cadence of the server's OpenAI-compatible stream (POST /v1/chat/completions,
+stream=True) as the `openai` package's client sees it: how many tokens each chunk carries and the gaps between chunks,
+with the reply channel (each piece of the reply sent as the module makes it) and without it (--poll-replies: the
+server polls get_command_status, every 200 ms once text flows), beside raw llama-cpp-python's time per token on the
+same model, threads and prompt, llama.cpp's llama-server --parallel 1 when --llama-server names it, and the module's
+own speed in chats nobody follows closely (polled once a second). Then the parallel case: the module with
+CPAI_MODULE_LLAMA_PARALLEL=--streams, that many streams at once, with and without the channel. The engines take turns,
+each chat starting with nothing cached. Writes openai_stream.json and openai_stream.md into --out.
 
-Goals: those of bench/openai_client.py.
+Goals (issue 23, with the channel): median gap ≤ 3 × raw's time per token, p95 gap ≤ 50 ms, ≤ 2 tokens per chunk;
+stream tokens/s ≥ 0.97 × raw; first chunk ≤ the module's TTFT + 20 ms; in parallel the same per-stream cadence and an
+aggregate ≥ 0.97 × the polled one's; median gap within 1.5 × llama-server's.
 """
 
 from __future__ import annotations
@@ -13,52 +18,70 @@ import argparse
 import datetime
 import json
 import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from llamachat_server.openai_api import DUE_INTERVAL, FIRST_TEXT_INTERVAL, REPLY_INTERVAL
+from llama_cpp import Llama
+
 from tests.live_server import ROOT, running_server, server_status
 
 from . import machine
 from .console import say
+from .conversations import commit
 from .cpai_client import CpaiClient
 from .in_process import RawEngine
+from .llama_server import LlamaServerEngine
 from .module_bench import ModuleEngine
-from .openai_client import SPEED_GOAL, TTFT_GAP_GOAL_MS, OpenAIStreamEngine
+from .openai_client import OpenAIStreamEngine
 from .stats import summary
 from .workload import DEFAULT_MODEL, GENERATION_PROMPT, N_CTX, NO_CONVERSATION_CACHE, Settings
 
-QUIET_POLL_S = 1.0  # the reference module chats: one status poll a second, ~0.3 % of the stream's five
+QUIET_POLL_S = 1.0  # the reference module chats: one status poll a second
+POLLING = ("--poll-replies",)  # the server without the reply channel: "before"
+GAP_GOAL = 3.0  # × raw's time per token
+P95_GOAL_MS = 50.0
+TOKENS_PER_CHUNK_GOAL = 2.0
+SPEED_GOAL = 0.97  # × raw's tokens/s; in parallel, × the polled aggregate
+TTFT_GAP_GOAL_MS = 20.0
+LLAMA_SERVER_GOAL = 1.5  # × llama-server's median gap
+ONE_TOKEN_A_CHUNK = ("raw", "llama_server")  # their streams: a chunk per token (time_stream counts chunks)
+ENGINES = {
+    "raw": "raw llama-cpp-python",
+    "llama_server": "llama-server --parallel 1",
+    "polled": "ours before: polled (--poll-replies)",
+    "channel": "ours after: reply channel",
+    "module_quiet": "module, polled once a second (reference)",
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.openai_stream", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="the GGUF both engines load")
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="the GGUF every engine loads")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="where the results go")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        nargs="+",
-        default=[2, 1],
-        help="CPU threads for both engines, one measurement each (1 leaves a core of 2 to the server and the client)",
-    )
-    parser.add_argument("--repeats", type=int, default=5, help="chats per engine")
-    parser.add_argument(
-        "--tokens", type=int, default=512, help="tokens per chat (a long reply: the last chunk comes up to a poll late)"
-    )
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads of every engine")
+    parser.add_argument("--repeats", type=int, default=3, help="chats per engine")
+    parser.add_argument("--tokens", type=int, default=256, help="tokens per chat")
+    parser.add_argument("--streams", type=int, default=4, help="parallel streams (and slots); 0 skips that part")
+    parser.add_argument("--llama-server", type=Path, help="llama.cpp's llama-server binary, to compare with")
     machine.add_wait_idle_option(parser)
     args = parser.parse_args(argv)
     if not args.model.is_file():
         parser.error(f"no model at {args.model}: run `bash install.sh --small`, or pass --model PATH")
-    if min(args.threads) < 1 or min(args.repeats, args.tokens) < 2:
-        parser.error("--threads must be at least 1, --repeats and --tokens at least 2")
+    if args.llama_server is not None and not args.llama_server.is_file():
+        parser.error(f"--llama-server {args.llama_server}: no such file")
+    if args.threads < 1 or min(args.repeats, args.tokens) < 2 or args.streams == 1 or args.streams < 0:
+        parser.error("--threads must be at least 1, --repeats and --tokens at least 2, --streams 0 or at least 2")
     return args
 
 
 def _median(runs: list[dict[str, Any]], key: str) -> float | None:
-    return summary(run[key] for run in runs)["median"]
+    return summary(run.get(key) for run in runs)["median"]
 
 
 def _cell(runs: list[dict[str, Any]], key: str) -> str:
@@ -70,94 +93,206 @@ def _ratio(part: float | None, whole: float | None) -> float | None:
     return round(part / whole, 3) if part and whole else None
 
 
-def _section(threads: int, result: dict[str, Any], tokens: int) -> list[str]:
-    """One thread count's table and goals; sets result["goals"]."""
-    raw, stream, quiet = result["raw"], result["openai_stream"], result["module_quiet"]
-    raw_speed, speed = _median(raw, "tokens_per_second"), _median(stream, "tokens_per_second")
-    quiet_speed = _median(quiet, "module_tokens_per_second")
-    gap = _median(stream, "ttft_gap_ms")
-    ratio = speed / raw_speed if speed and raw_speed else None
-    goals = result["goals"] = {
-        "ttft_gap_ms": gap,
-        "ttft_gap_met": gap is not None and gap <= TTFT_GAP_GOAL_MS,
-        "speed_ratio": round(ratio, 3) if ratio else None,
-        "speed_met": ratio is not None and ratio >= SPEED_GOAL,
+def _goal(name: str, value: float | None, limit: float, detail: str, at_most: bool = True) -> dict[str, Any]:
+    """A goal in the shape every results file here uses: goal, measured, limit, met, detail (what was measured)."""
+    met = value is not None and (value <= limit if at_most else value >= limit)
+    return {
+        "goal": name,
+        "measured": value,
+        "limit": f"{'≤' if at_most else '≥'} {limit:g}",
+        "met": met,
+        "detail": detail,
     }
+
+
+def single_goals(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The issue's goals for each of our two streams: the channel must meet them; the polled one shows why."""
+    raw_gap, raw_speed = _median(runs["raw"], "gap_median_ms"), _median(runs["raw"], "tokens_per_second")
+    server_gap = _median(runs.get("llama_server", []), "gap_median_ms")
+    goals = []
+    for name in ("channel", "polled"):
+        stream, detail = runs[name], ENGINES[name]
+        gap = _median(stream, "gap_median_ms")
+        speed = _ratio(_median(stream, "tokens_per_second"), raw_speed)
+        goals += [
+            _goal("median gap ÷ raw time per token", _ratio(gap, raw_gap), GAP_GOAL, detail),
+            _goal("p95 gap ms", _median(stream, "gap_p95_ms"), P95_GOAL_MS, detail),
+            _goal("tokens per chunk", _median(stream, "tokens_per_chunk"), TOKENS_PER_CHUNK_GOAL, detail),
+            _goal("stream tokens/s ÷ raw", speed, SPEED_GOAL, detail, at_most=False),
+            _goal("first chunk − module TTFT, ms", _median(stream, "ttft_gap_ms"), TTFT_GAP_GOAL_MS, detail),
+        ]
+        if server_gap:
+            goals.append(_goal("median gap ÷ llama-server's", _ratio(gap, server_gap), LLAMA_SERVER_GOAL, detail))
+    return goals
+
+
+def parallel_goals(runs: dict[str, list[dict[str, Any]]], streams: int) -> list[dict[str, Any]]:
+    """With 4 chats in one batch each gets a token every few tens of ms: its cadence is measured against its own time
+    per token (the module's tokens/s for that chat), as the single stream's is against raw's."""
+    per_stream = [stream for run in runs["channel"] for stream in run["streams"]]
+    polled_speed = _median(runs["polled"], "aggregate_tokens_per_second")
+    for stream in per_stream:
+        per_token_ms = 1000 / stream["module_tokens_per_second"] if stream.get("module_tokens_per_second") else None
+        stream["gap_per_token"] = _ratio(stream.get("gap_median_ms"), per_token_ms)
+        stream["p95_per_token"] = _ratio(stream.get("gap_p95_ms"), per_token_ms)
+    detail = f"{streams} streams at once, reply channel"
+    aggregate = _ratio(_median(runs["channel"], "aggregate_tokens_per_second"), polled_speed)
     return [
-        f"## {threads} thread{'s' if threads > 1 else ''}",
-        "",
-        "| engine | TTFT ms | tokens/s | module's own TTFT ms | module's own tokens/s |",
-        "|---|---|---|---|---|",
-        f"| raw llama-cpp-python | {_cell(raw, 'ttft_ms')} | {_cell(raw, 'tokens_per_second')} | – | – |",
-        f"| openai client, streamed from /v1/chat/completions | {_cell(stream, 'ttft_ms')} | "
-        f"{_cell(stream, 'tokens_per_second')} | {_cell(stream, 'module_ttft_ms')} | "
-        f"{_cell(stream, 'module_tokens_per_second')} |",
-        f"| module, polled once a second (reference) | – | – | {_cell(quiet, 'module_ttft_ms')} | "
-        f"{_cell(quiet, 'module_tokens_per_second')} |",
-        "",
-        f"- client TTFT − module TTFT: {gap} ms (goal ≤ {TTFT_GAP_GOAL_MS:g} ms): "
-        f"{'met' if goals['ttft_gap_met'] else 'NOT met'}",
-        f"- stream tokens/s ÷ raw: {goals['speed_ratio']} (goal ≥ {SPEED_GOAL}): "
-        f"{'met' if goals['speed_met'] else 'NOT met'}",
-        f"- chunks per chat: {_median(stream, 'chunks')} for {tokens} tokens",
-        f"- the module polled once a second ÷ raw: {_ratio(quiet_speed, raw_speed)}; stream ÷ that module: "
-        f"{_ratio(speed, quiet_speed)} (what the stream's polls and chunks cost)",
-        "",
+        _goal("median gap ÷ the stream's time per token", _median(per_stream, "gap_per_token"), GAP_GOAL, detail),
+        _goal("p95 gap ÷ the stream's time per token", _median(per_stream, "p95_per_token"), GAP_GOAL, detail),
+        _goal("tokens per chunk", _median(per_stream, "tokens_per_chunk"), TOKENS_PER_CHUNK_GOAL, detail),
+        _goal("aggregate tokens/s ÷ polled", aggregate, SPEED_GOAL, detail, at_most=False),
+    ]
+
+
+def _goal_lines(goals: list[dict[str, Any]], detail: str) -> list[str]:
+    return [
+        f"- {g['goal']}: {g['measured']} (goal {g['limit']}): {'met' if g['met'] else 'NOT met'}"
+        for g in goals
+        if g["detail"] == detail
     ]
 
 
 def report(results: dict[str, Any]) -> str:
+    runs = results["single"]
     lines = [
-        "# The OpenAI-compatible stream",
+        "# The OpenAI-compatible stream: its cadence",
         "",
-        f"{results['when']}, {results['machine']['cpu']} ({results['machine']['logical_cpus']} logical CPUs), "
-        f"model {results['model']}, {results['tokens']} tokens per chat, {results['repeats']} chats per engine "
-        f"taking turns, 1-minute load {results['load']['load_1min']} before. Medians (min–max). TTFT: from the call "
-        f"to the first text the client reads. The server sends what is new at each status poll of the module: every "
-        f"{FIRST_TEXT_INTERVAL * 1000:g} ms until the first text, then every {REPLY_INTERVAL * 1000:g} ms, and every "
-        f"{DUE_INTERVAL * 1000:g} ms once max_tokens is due at the module's speed.",
+        f"{results['when']}, commit {results['commit']}, {results['machine']['cpu']} "
+        f"({results['machine']['logical_cpus']} logical CPUs), model {results['model']}, {results['threads']} "
+        f"threads, {results['tokens']} greedy tokens per chat, {results['repeats']} chats per engine taking turns, "
+        f"1-minute load {results['load']['load_1min']} before. Medians (min–max) over the chats; a chat's gap is the "
+        "median (or 95th percentile) of the gaps between its chunks that carry text, as the client reads them. "
+        "TTFT: from the call to the first text.",
+        "",
+        "| engine | TTFT ms | tokens/s | chunks | tokens per chunk | median gap ms | p95 gap ms | module's TTFT ms |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, label in ENGINES.items():
+        if runs.get(name):
+            cells = [
+                _cell(runs[name], key)
+                for key in ("ttft_ms", "tokens_per_second", "chunks", "tokens_per_chunk", "gap_median_ms", "gap_p95_ms")
+            ]
+            lines.append(f"| {label} | {' | '.join(cells)} | {_cell(runs[name], 'module_ttft_ms')} |")
+    lines.append("")
+    for name in ("channel", "polled"):
+        lines += [f"Goals, {ENGINES[name]}:", "", *_goal_lines(results["goals"], ENGINES[name]), ""]
+    quiet = _median(runs["module_quiet"], "module_tokens_per_second")
+    raw, channel = _median(runs["raw"], "tokens_per_second"), _median(runs["channel"], "module_tokens_per_second")
+    lines += [
+        f"- the module polled once a second ÷ raw: {_ratio(quiet, raw)}; the module's own tokens/s with the channel ÷ "
+        f"that: {_ratio(channel, quiet)}",
         "",
     ]
-    for threads, result in results["by_threads"].items():
-        lines += _section(int(threads), result, results["tokens"])
+    if results.get("parallel"):
+        lines += _parallel_report(results)
     return "\n".join(lines)
 
 
-def measure(args: argparse.Namespace, threads: int) -> dict[str, Any]:
-    """The engines on `threads` threads, taking turns."""
-    result: dict[str, Any] = {"raw": [], "openai_stream": [], "module_quiet": []}
-    say(f"{threads} threads: starting the server with the module, and loading raw llama-cpp-python")
-    raw = RawEngine(args.model, threads)
-    try:
-        with running_server(
+def _parallel_report(results: dict[str, Any]) -> list[str]:
+    runs, streams = results["parallel"], results["streams"]
+    lines = [
+        f"## {streams} streams at once (CPAI_MODULE_LLAMA_PARALLEL={streams})",
+        "",
+        "Per stream: medians over every stream of every round; aggregate: all streams' tokens over the time from the "
+        "requests to the last chunk.",
+        "",
+        "| engine | tokens per chunk | median gap ms | p95 gap ms | stream tokens/s | aggregate tokens/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in ("polled", "channel"):
+        per_stream = [stream for run in runs[name] for stream in run["streams"]]
+        cells = [_cell(per_stream, key) for key in ("tokens_per_chunk", "gap_median_ms", "gap_p95_ms")]
+        cells += [_cell(per_stream, "tokens_per_second"), _cell(runs[name], "aggregate_tokens_per_second")]
+        lines.append(f"| {ENGINES[name]} | {' | '.join(cells)} |")
+    detail = f"{streams} streams at once, reply channel"
+    return [*lines, "", f"Goals, {detail}:", "", *_goal_lines(results["goals"], detail), ""]
+
+
+def _server(stack: ExitStack, args: argparse.Namespace, server_args: tuple[str, ...] = (), **env: str) -> str:
+    return stack.enter_context(
+        running_server(
             args.model,
             context_size=N_CTX,
             start_timeout=180,
-            server_args=("--log-level", "warning"),
-            CPAI_MODULE_LLAMA_THREADS=str(threads),
+            server_args=("--log-level", "warning", *server_args),
+            CPAI_MODULE_LLAMA_THREADS=str(args.threads),
             **NO_CONVERSATION_CACHE,
-        ) as base_url:
-            stream = OpenAIStreamEngine(base_url, raw.llm.tokenize)
-            quiet = ModuleEngine(
-                CpaiClient(base_url), Settings(poll_interval_s=QUIET_POLL_S), server_status(base_url)["pid"]
-            )
-            stream.chat(
-                GENERATION_PROMPT, [], 8, fresh=True
-            )  # warm-up: first-call costs (connections, the module's first chat) are not measured
-            raw.chat(GENERATION_PROMPT, [], 8, fresh=True)
-            engines = [("raw", lambda: raw.chat(GENERATION_PROMPT, [], args.tokens, fresh=True))]
-            engines.append(("openai_stream", lambda: stream.chat(GENERATION_PROMPT, [], args.tokens, fresh=True)))
-            engines.append(("module_quiet", lambda: quiet.chat(GENERATION_PROMPT, [], args.tokens, fresh=True)))
-            for i in range(args.repeats):
-                # Turns alternate the engines' order, so a drift in the machine's speed touches them all alike.
-                for name, run_chat in engines if i % 2 == 0 else engines[::-1]:
-                    run = run_chat()
-                    run.pop("text", None)
-                    result[name].append(run)
-                    speed = run["tokens_per_second"] or 0.0
-                    say(f"{name} {i + 1}/{args.repeats}: TTFT {run['ttft_ms']:.0f} ms, {speed:.1f} tokens/s")
-    finally:
-        raw.close()
+            **env,
+        )
+    )
+
+
+def _take_turns(engines: list[tuple[str, Any]], repeats: int, result: dict[str, list]) -> None:
+    for i in range(repeats):
+        # Turns alternate the engines' order, so a drift in the machine's speed touches them all alike.
+        for name, run_chat in engines if i % 2 == 0 else engines[::-1]:
+            run = run_chat()
+            run.pop("text", None)
+            if name in ONE_TOKEN_A_CHUNK:
+                run.update(chunks=run["tokens"], tokens_per_chunk=1.0)
+            result[name].append(run)
+            say(f"{name} {i + 1}/{repeats}: {run.get('chunks', '-')} chunks, median gap {run.get('gap_median_ms')} ms")
+
+
+def measure_single(args: argparse.Namespace, scratch: Path) -> dict[str, list[dict[str, Any]]]:
+    """One stream at a time, the engines taking turns; the servers that are not chatting sit idle."""
+    result: dict[str, list[dict[str, Any]]] = {name: [] for name in ENGINES}
+    say(f"{args.threads} threads: starting the servers (channel, polled) and loading raw llama-cpp-python")
+    with ExitStack() as stack:
+        raw = RawEngine(args.model, args.threads)
+        stack.callback(raw.close)
+        channel_url, polled_url = _server(stack, args), _server(stack, args, POLLING)
+        channel = OpenAIStreamEngine(channel_url, raw.llm.tokenize)
+        polled = OpenAIStreamEngine(polled_url, raw.llm.tokenize)
+        quiet = ModuleEngine(
+            CpaiClient(channel_url), Settings(poll_interval_s=QUIET_POLL_S), server_status(channel_url)["pid"]
+        )
+        engines: list[tuple[str, Any]] = [("raw", raw), ("polled", polled), ("channel", channel)]
+        if args.llama_server:
+            server = LlamaServerEngine(args.llama_server, args.model, args.threads, scratch / "llama-server.log")
+            stack.callback(server.close)
+            engines.append(("llama_server", server))
+        engines.append(("module_quiet", quiet))
+        for _, engine in engines:  # warm-up: first-call costs (connections, a module's first chat) are not measured
+            engine.chat(GENERATION_PROMPT, [], 8, fresh=True)
+        tokens = args.tokens
+        chats = [(name, lambda e=engine: e.chat(GENERATION_PROMPT, [], tokens, fresh=True)) for name, engine in engines]
+        _take_turns(chats, args.repeats, result)
+    return result
+
+
+def _streams_at_once(engine: OpenAIStreamEngine, streams: int, tokens: int) -> dict[str, Any]:
+    engine.flush()
+    started = time.perf_counter()
+    with ThreadPoolExecutor(streams) as pool:
+        runs = list(pool.map(lambda _: engine.chat(GENERATION_PROMPT, [], tokens, fresh=False), range(streams)))
+    elapsed = time.perf_counter() - started
+    for run in runs:
+        run.pop("text", None)
+    return {
+        "streams": runs,
+        "aggregate_tokens_per_second": round(sum(run["tokens"] for run in runs) / elapsed, 2),
+        "chunks": sum(run["chunks"] for run in runs),
+        "gap_median_ms": _median(runs, "gap_median_ms"),
+    }
+
+
+def measure_parallel(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
+    result: dict[str, list[dict[str, Any]]] = {"polled": [], "channel": []}
+    say(f"{args.streams} streams at once: starting the servers (channel, polled)")
+    parallel = {"CPAI_MODULE_LLAMA_PARALLEL": str(args.streams)}
+    with ExitStack() as stack:
+        channel_url, polled_url = _server(stack, args, **parallel), _server(stack, args, POLLING, **parallel)
+        vocabulary = Llama(str(args.model), vocab_only=True, verbose=False)  # to count the first chunk's tokens
+        stack.callback(vocabulary.close)
+        engines = []
+        for name, url in (("polled", polled_url), ("channel", channel_url)):
+            engine = OpenAIStreamEngine(url, vocabulary.tokenize)
+            engine.chat(GENERATION_PROMPT, [], 8, fresh=True)  # warm-up
+            engines.append((name, lambda e=engine: _streams_at_once(e, args.streams, args.tokens)))
+        _take_turns(engines, args.repeats, result)
     return result
 
 
@@ -166,15 +301,21 @@ def main(argv=None) -> int:
     load = machine.wait_until_idle(args.wait_idle, say)
     results: dict[str, Any] = {
         "when": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": commit(),
         "machine": machine.describe(),
         "load": load,
         "model": args.model.name,
+        "threads": args.threads,
         "tokens": args.tokens,
         "repeats": args.repeats,
-        "by_threads": {},
+        "streams": args.streams,
     }
-    for threads in args.threads:
-        results["by_threads"][str(threads)] = measure(args, threads)
+    with tempfile.TemporaryDirectory(prefix="openai-stream-bench-") as scratch:
+        results["single"] = measure_single(args, Path(scratch))
+    results["goals"] = single_goals(results["single"])
+    if args.streams:
+        results["parallel"] = measure_parallel(args)
+        results["goals"] += parallel_goals(results["parallel"], args.streams)
     text = report(results)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "openai_stream.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import statistics
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -14,6 +16,8 @@ class StreamRun:
     tokens: int  # chunks carrying text: one per token, as the module counts them
     tokens_per_second: float | None
     text: str
+    gap_median_ms: float | None  # between consecutive chunks carrying text: the cadence a reader sees
+    gap_p95_ms: float | None
 
 
 def tokens_per_second(tokens: int, first_at: float | None, last_at: float | None) -> float | None:
@@ -23,21 +27,30 @@ def tokens_per_second(tokens: int, first_at: float | None, last_at: float | None
     return (tokens - 1) / (last_at - first_at)
 
 
+def chunk_gaps(times: list[float]) -> dict[str, float | None]:
+    """The median and 95th percentile (nearest rank) of the gaps between chunks arriving at `times` (seconds), in ms."""
+    gaps = sorted((later - earlier) * 1000 for earlier, later in zip(times, times[1:]))
+    if not gaps:
+        return {"gap_median_ms": None, "gap_p95_ms": None}
+    p95 = gaps[max(0, math.ceil(0.95 * len(gaps)) - 1)]
+    return {"gap_median_ms": round(statistics.median(gaps), 2), "gap_p95_ms": round(p95, 2)}
+
+
 def time_stream(start: Callable[[], Iterable[dict[str, Any]]]) -> StreamRun:
     """Calls start() and reads the stream it returns to the end."""
     started = time.perf_counter()
-    first_at = last_at = None
-    parts = []
+    times, parts = [], []
     for chunk in start():
         choices = chunk.get("choices") or [{}]
         text = (choices[0].get("delta") or {}).get("content")
         if text:
-            last_at = time.perf_counter()
-            first_at = first_at or last_at
+            times.append(time.perf_counter())
             parts.append(text)
+    first_at, last_at = (times[0], times[-1]) if times else (None, None)
     return StreamRun(
         ttft_ms=None if first_at is None else (first_at - started) * 1000,
         tokens=len(parts),
         tokens_per_second=tokens_per_second(len(parts), first_at, last_at),
         text="".join(parts),
+        **chunk_gaps(times),
     )

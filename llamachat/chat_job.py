@@ -6,6 +6,8 @@ import time
 from enum import Enum
 from typing import Any
 
+from llamachat.reply_channel import ReplyChannel
+
 
 class StopReason(str, Enum):
     """How a chat ended: its result's stop_reason. A str, so it compares with and serialises as its value."""
@@ -23,8 +25,11 @@ STOP_REASON_OF_FINISH_REASON = {"stop": StopReason.COMPLETED, "length": StopReas
 
 
 class ChatJob:
-    def __init__(self, command_id: str, model: str, model_fallback: bool = False) -> None:
+    def __init__(
+        self, command_id: str, model: str, model_fallback: bool = False, channel: ReplyChannel | None = None
+    ) -> None:
         self.command_id = command_id
+        self.channel = channel  # under our standalone server: where each new piece of the reply goes at once
         self.model = model
         self.model_fallback = model_fallback
         self.reply = ""
@@ -65,6 +70,8 @@ class ChatJob:
             self.last_token_at, self._tokens_at_last = now, completion_tokens
         self.count_tokens(completion_tokens)
         self.reply += text
+        if text and self.channel is not None:  # after the append: a poll from now on sees the piece too
+            self.channel.text(self.command_id, len(self.reply) - len(text), text)
 
     def count_tokens(self, completion_tokens: int) -> None:
         self.completion_tokens = max(self.completion_tokens, completion_tokens)

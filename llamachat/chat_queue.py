@@ -105,10 +105,18 @@ class ChatQueue:
     workers run them."""
 
     def __init__(
-        self, capacity: int, result_ttl: float, slots: int = 1, clock: Callable[[], float] = time.monotonic
+        self,
+        capacity: int,
+        result_ttl: float,
+        slots: int = 1,
+        clock: Callable[[], float] = time.monotonic,
+        on_complete: Callable[[str], None] | None = None,
     ) -> None:
+        """on_complete(commandId): a chat has its result, however it ended (called holding the lock: it must not
+        wait)."""
         self.capacity, self.result_ttl, self.slots = capacity, result_ttl, slots
         self._clock = clock
+        self._on_complete = on_complete
         self._lock = threading.Condition()
         self._waiting: deque[QueuedChat] = deque()
         self._running: list[QueuedChat] = []
@@ -219,6 +227,8 @@ class ChatQueue:
         # Only the result is kept: a request may hold megabytes of history, and the job's reply is in the result.
         chat.state, chat.result, chat.request, chat.job = ChatState.COMPLETED, result, None, None
         chat.forget_at = self._clock() + self.result_ttl
+        if self._on_complete is not None:
+            self._on_complete(chat.command_id)
         self._finished.append(chat)
         while len(self._finished) > MAX_KEPT_RESULTS:
             self._forget(self._finished.popleft())

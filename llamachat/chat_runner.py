@@ -24,6 +24,7 @@ from llamachat.chat_request import INVALID_JSON_SCHEMA, ChatError, ChatRequest
 from llamachat.context_fit import ContextFitter, FitCancelled, FittedChat
 from llamachat.conversation_cache import ConversationCache
 from llamachat.kv_state import fingerprint
+from llamachat.reply_channel import ReplyChannel
 from llamachat.thread_policy import ThreadPolicy
 
 SHUTTING_DOWN = "The module is shutting down; the chat did not start"
@@ -32,8 +33,11 @@ SAVED_STOP_REASONS = (StopReason.COMPLETED, StopReason.LENGTH, StopReason.CANCEL
 
 
 class ChatRunner:
-    def __init__(self, report_error: Callable[[Exception, str], None]) -> None:
+    def __init__(
+        self, report_error: Callable[[Exception, str], None], reply_channel: ReplyChannel | None = None
+    ) -> None:
         self.report_error = report_error  # the SDK's: a bug goes to the server's log
+        self.reply_channel = reply_channel  # each chat's new text goes there too, under our standalone server
         self.llama_chat: LlamaChat | None = None  # None until load(), and again once stop() has run
         # Set by load(); a chat reaches them only once a model is loaded (run() asks _model() first).
         self.fitter: ContextFitter
@@ -81,7 +85,8 @@ class ChatRunner:
     def run(self, queued: QueuedChat) -> JSON:
         """Runs a chat: fits it on the llama thread, then generates there or, in parallel mode, in the decoder."""
         chat = self.llama_chat
-        job = ChatJob(queued.command_id, chat.model_name if chat else "", bool(chat and chat.fallback_reason))
+        model = chat.model_name if chat else ""
+        job = ChatJob(queued.command_id, model, bool(chat and chat.fallback_reason), self.reply_channel)
         queued.job = job
 
         def cancelled() -> bool:

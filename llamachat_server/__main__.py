@@ -88,6 +88,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "endpoints then accept any process of your user)",
     )
     parser.add_argument(
+        "--poll-replies",
+        action="store_true",
+        help="follow the module's chats for OpenAI clients by status polls only, as under CodeProject.AI Server "
+        "(several tokens a chunk), instead of the reply channel the launched module writes each token to",
+    )
+    parser.add_argument(
         "--allow-origin",
         action="append",
         default=[],
@@ -157,6 +163,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         data_dir=args.data_dir,
         log_level=args.log_level,
         launch_module=not args.no_module,
+        reply_channel=not args.poll_replies,
         allowed_origins=args.allow_origin,
         allowed_hosts=args.allow_host,
         api_keys=args.api_keys,

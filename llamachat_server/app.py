@@ -24,6 +24,7 @@ from .module_api import add_module_routes
 from .module_process import ModuleProcess, interpreter_command
 from .openai_api import add_openai_routes
 from .queues import RequestQueues
+from .reply_feed import ReplyFeed
 from .request_body import MAX_FILE_BODY_BYTES
 from .routes import RouteMap
 from .server_log import ServerLog
@@ -48,15 +49,17 @@ def create_app(config: ServerConfig) -> web.Application:
         queues.fail_taken(settings.queue, f"The {reason} before answering")
         commands.module_stopped(reason)
 
+    reply_feed = ReplyFeed(log) if config.reply_channel else None
     module = ModuleProcess(
         settings.name,
         interpreter_command(config.python, settings.start_file),
         str(settings.module_dir),
         log,
         on_exit=module_exited,
+        open_reply_channel=reply_feed.open if reply_feed else None,
     )
 
-    state = ServerState(config, settings, routes, queues, log, module, commands)
+    state = ServerState(config, settings, routes, queues, log, module, commands, reply_feed)
     origins = OriginPolicy(config.allowed_origins, state.hostname)
     # The origin policy's add_headers gives every answer an allowed page may read its CORS headers as it goes out
     # (errors from json_errors and streamed answers included).
@@ -225,6 +228,8 @@ async def serve(config: ServerConfig, stop: asyncio.Event, on_ready: Callable[[s
         await stop.wait()
     finally:
         await state.module.stop(lambda: state.queues.post(state.settings.queue, quit_payload(state.settings.module_id)))
+        if state.reply_feed is not None:
+            await state.reply_feed.close()
         state.queues.fail_all("The server is shutting down")  # clients still waiting hear why, at once
         await runner.cleanup()
         app[MODULE_ACCESS].close()

@@ -19,6 +19,7 @@ from enum import Enum
 from typing import Any, Callable
 
 from .server_log import MAX_ENTRY_CHARS, ServerLog, split_level_prefix
+from .settings import REPLY_CHANNEL_VARIABLE
 
 # How much of an output line is buffered; the log keeps less (MAX_ENTRY_CHARS), and the rest of a longer line
 # is read and dropped, so no line, however long, ends the supervisor.
@@ -66,7 +67,8 @@ def _isolation_options() -> dict:
 
 class ModuleProcess:
     """`on_exit(reason)` is called each time the module ends on its own, reason "module <name> stopped (exit
-    code <n>)"."""
+    code <n>)". `open_reply_channel()`, when given, opens a pipe for each launch and returns its write end's fd, which
+    the module inherits (and this process closes), or None for none (reply_feed.ReplyFeed.open)."""
 
     def __init__(
         self,
@@ -79,6 +81,7 @@ class ModuleProcess:
         max_restart_delay: float = 30.0,
         quit_grace: float = 2.0,
         terminate_grace: float = 2.0,
+        open_reply_channel: Callable[[], int | None] | None = None,
     ) -> None:
         self.name = name
         self.command = command
@@ -90,6 +93,7 @@ class ModuleProcess:
         self._max_restart_delay = max_restart_delay
         self._quit_grace = quit_grace
         self._terminate_grace = terminate_grace
+        self._open_reply_channel = open_reply_channel
 
         self.status = ModuleStatus.NOT_STARTED
         self.started: datetime | None = None
@@ -124,15 +128,22 @@ class ModuleProcess:
         self._log.add(message, level, category=self.name)
 
     async def _spawn(self) -> asyncio.subprocess.Process | None:
+        channel_fd = self._open_reply_channel() if self._open_reply_channel else None
+        # The variable names this launch's pipe or nothing: one inherited from the server's own environment would name
+        # some other file.
+        env = {name: value for name, value in self.env.items() if name != REPLY_CHANNEL_VARIABLE}
+        if channel_fd is not None:
+            env[REPLY_CHANNEL_VARIABLE] = str(channel_fd)
         try:
             return await asyncio.create_subprocess_exec(
                 *self.command,
                 cwd=self.cwd,
-                env=self.env,
+                env=env,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 limit=OUTPUT_LINE_LIMIT,
+                pass_fds=() if channel_fd is None else (channel_fd,),
                 **_isolation_options(),
             )
         except OSError as ex:
@@ -140,6 +151,9 @@ class ModuleProcess:
                 ModuleStatus.FAILED_START, f"Cannot start module {self.name} ({' '.join(self.command)}): {ex}", "error"
             )
             return None
+        finally:
+            if channel_fd is not None:  # the module holds it now: the pipe ends when the module does
+                os.close(channel_fd)
 
     async def _pipe_to_log(self, stream: asyncio.StreamReader, default_level: str) -> None:
         async for raw in output_lines(stream):

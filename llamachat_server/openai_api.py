@@ -1,8 +1,9 @@
 """The OpenAI-compatible endpoints, `POST /v1/chat/completions` and `GET /v1/models`, on top of the module's own
-protocol: the chat is posted to the module's queue as `POST /v1/text/chat` posts it, then followed with
-get_command_status through the same queue (a short interval while it runs) and stopped with cancel_command when the
-client goes away. The module stays the one engine, so its queue, metrics and cancel apply to every client: a chat
-waiting in the module's queue is followed like a running one that has no text yet.
+protocol: the chat is posted to the module's queue as `POST /v1/text/chat` posts it, then followed piece by piece
+through the reply channel the launched module writes to (reply_feed.py), with get_command_status through the same
+queue for its start, its end and whatever the channel misses (or, without a channel, by polls alone), and stopped with
+cancel_command when the client goes away. The module stays the one engine, so its queue, metrics and cancel apply to
+every client: a chat waiting in the module's queue is followed like a running one that has no text yet.
 """
 
 from __future__ import annotations
@@ -41,9 +42,14 @@ CHAT_ROUTE = "text/chat"
 # the server and the module's SDK loop) takes CPU from the model. bench/openai_stream.py on 2 cores, 2 threads: after
 # the first text, polls every 15 ms cost a sixth of the model's speed, every 50 ms ~7 %, every 100-120 ms ~3 %; every
 # 200 ms, with close polls once max_tokens is due (_next_poll_in), a 512-token stream ran at 0.97-0.99 x raw.
+# With the reply channel, polls are only for what it does not carry (a chat's start and end, its metrics), and no poll
+# runs while pieces come: see _follow.
 FIRST_TEXT_INTERVAL = 0.015
 REPLY_INTERVAL = 0.2  # five updates a second: a smooth enough stream
 DUE_INTERVAL = 0.005  # once max_tokens is due: a few cheap polls, so the last text is seen within ~5 ms
+# With the reply channel: how long a follower waits for the module's next line before it asks get_command_status all
+# the same (a chat waiting in the queue or evaluating its prompt, a line the module dropped while the pipe was full).
+CHANNEL_SILENCE = 1.0
 # The field of the module's refusal when its chat queue has no room (llamachat/chat_answers.py, docs/protocol.md).
 QUEUE_FULL_FIELD = "queue_full"
 UNFINISHED = ("queued", "running")  # a chat's commandStatus until it has ended
@@ -132,15 +138,64 @@ def _next_poll_in(status: dict, max_tokens: int | None) -> float:
     return min(REPLY_INTERVAL, max(DUE_INTERVAL, (max_tokens - done) / speed))
 
 
-async def _follow(state: ServerState, command_id: str, max_tokens: int | None) -> AsyncIterator[dict]:
-    """The chat's status as it runs, ending with its final one."""
-    module_id = state.settings.module_id
+async def _status(state: ServerState, command_id: str) -> dict:
+    return await _ask(state, f"{state.settings.module_id}/get_command_status", [("commandId", command_id)])
+
+
+async def _poll(state: ServerState, command_id: str, max_tokens: int | None) -> AsyncIterator[dict]:
+    """The chat's status by polls alone, as it runs, ending with its final one."""
     while True:
-        status = await _ask(state, f"{module_id}/get_command_status", [("commandId", command_id)])
+        status = await _status(state, command_id)
         yield status
         if status.get("commandStatus") not in UNFINISHED:
             return
         await asyncio.sleep(_next_poll_in(status, max_tokens))
+
+
+def _grown(reply: str, lines: list[dict]) -> tuple[list[str], bool]:
+    """The reply as each line's piece extends it, and whether the status must be asked now: a line says the chat has
+    ended, a piece is missing (the module dropped a line), or no line came."""
+    replies: list[str] = []
+    for line in lines:
+        if line.get("end"):
+            return replies, True
+        at, text = line["at"], line["text"]
+        if at > len(reply):
+            return replies, True
+        if at + len(text) > len(reply):  # a piece the last status had already is skipped
+            reply += text[len(reply) - at :]
+            replies.append(reply)
+    return replies, not lines
+
+
+async def _follow(
+    state: ServerState, command_id: str, max_tokens: int | None, by_piece: bool = True
+) -> AsyncIterator[dict]:
+    """The chat's status as it runs, ending with its final one. With the reply channel live (and `by_piece`), a
+    status for each piece of the reply as the module appends it (the last status asked, with the reply grown), and
+    statuses asked only at the start, at the end, to fill a gap, after CHANNEL_SILENCE, or by polls once the channel
+    has closed; without it, polled statuses."""
+    feed = state.reply_feed
+    if feed is None or not feed.live or not by_piece:
+        async for status in _poll(state, command_id, max_tokens):
+            yield status
+        return
+    with feed.follow(command_id) as pieces:
+        status = await _status(state, command_id)  # after subscribing: any piece this lacks comes as a line
+        yield status
+        reply = status.get("reply") or ""
+        while status.get("commandStatus") in UNFINISHED:
+            replies, ask = _grown(reply, await pieces.take(CHANNEL_SILENCE))
+            for reply in replies:
+                yield {**status, "commandStatus": "running", "reply": reply}
+            if pieces.closed:  # the module has ended, or the server is stopping: polls say what became of the chat
+                async for status in _poll(state, command_id, max_tokens):
+                    yield status
+                return
+            if ask:
+                status = await _status(state, command_id)
+                yield status
+                reply = max(reply, status.get("reply") or "", key=len)  # both are the start of the same reply
 
 
 def _finish_reason(status: dict) -> str:
@@ -158,7 +213,7 @@ def _finish_reason(status: dict) -> str:
 def _started(status: dict) -> bool:
     """Whether the chat is past the checks that can refuse it (its prompt fitted, its grammar parsed): generating,
     or over."""
-    return status.get("commandStatus") not in UNFINISHED or bool(status.get("prompt_tokens"))
+    return status.get("commandStatus") not in UNFINISHED or bool(status.get("prompt_tokens") or status.get("reply"))
 
 
 def _in_background(coroutine) -> asyncio.Task:
@@ -265,7 +320,8 @@ async def _stream(
 
     async def follow(index: int, command_id: str) -> None:
         try:
-            async for status in _follow(state, command_id, chat.max_tokens):
+            # The channel carries no log probabilities: a chat that asks for them is polled.
+            async for status in _follow(state, command_id, chat.max_tokens, by_piece=not chat.logprobs):
                 await updates.put((index, status))
         except ApiFailure as ex:  # the server's queue refused a poll, say: the reader raises it
             await updates.put((index, ex))

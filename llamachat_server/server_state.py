@@ -13,6 +13,7 @@ from aiohttp import web
 from .commands import CommandTracker
 from .module_process import ModuleProcess
 from .queues import RequestQueues
+from .reply_feed import ReplyFeed
 from .routes import RouteMap
 from .server_log import ServerLog
 from .settings import ModuleSettings
@@ -41,6 +42,9 @@ class ServerConfig:
     allowed_origins: list[str] = field(default_factory=list)  # web origins allowed beyond this machine's (cors.py)
     allowed_hosts: list[str] = field(default_factory=list)  # Host names allowed beyond this server's (host_check.py)
     api_keys: list[str] = field(default_factory=list)  # none: no key needed (api_keys.py)
+    # False: the OpenAI API follows chats by get_command_status polls only, as it must under the real server (the
+    # reply channel's "before", for bench/openai_stream.py and tests)
+    reply_channel: bool = True
 
 
 @dataclass
@@ -52,6 +56,7 @@ class ServerState:
     log: ServerLog
     module: ModuleProcess
     commands: CommandTracker
+    reply_feed: ReplyFeed | None = None  # the launched module's pieces of replies as they grow (reply_feed.py)
     hostname: str = field(default_factory=socket.gethostname)
 
     def is_our_module(self, module_id: str | None) -> bool:

@@ -19,6 +19,9 @@ from typing import Any
 import commentjson
 
 SETTINGS_FILENAME = "modulesettings.json"
+# Set only by our standalone server, never by the real one: the number of the inherited pipe the module writes its
+# replies' pieces to as they grow (docs/protocol.md §1.10). Here because both sides read it.
+REPLY_CHANNEL_VARIABLE = "LLAMACHAT_REPLY_CHANNEL_FD"
 
 
 class SettingsError(Exception):

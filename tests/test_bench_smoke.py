@@ -131,24 +131,36 @@ def test_threads_bench_measures_every_thread_choice_and_writes_its_files(smollm2
     assert "| module, adaptive, polled at the Explorer page's pace |" in report
 
 
-def test_openai_stream_bench_times_the_stream_beside_raw_and_writes_its_files(smollm2, tmp_path):
+def test_openai_stream_bench_times_the_cadence_with_and_without_the_channel_and_writes_its_files(smollm2, tmp_path):
     files = {"openai_stream.json", "openai_stream.md"}
-    args = ("--model", str(smollm2), "--threads", "1", "--repeats", "2", "--tokens", "8")
+    args = ("--model", str(smollm2), "--threads", "1", "--repeats", "2", "--tokens", "8", "--streams", "2")
     out = bench_results("bench.openai_stream", tmp_path / "results", files, *args)
-    measured = json.loads((out / "openai_stream.json").read_text())["by_threads"]["1"]
-    assert len(measured["raw"]) == len(measured["openai_stream"]) == len(measured["module_quiet"]) == 2
-    assert all(run["tokens"] == 8 and run["module_tokens_per_second"] > 0 for run in measured["module_quiet"])
-    for run in measured["openai_stream"]:
+    results = json.loads((out / "openai_stream.json").read_text())
+    assert results["commit"]
+    single = results["single"]
+    assert [len(single[name]) for name in ("raw", "polled", "channel", "module_quiet")] == [2, 2, 2, 2]
+    assert all(run["tokens"] == 8 and run["module_tokens_per_second"] > 0 for run in single["module_quiet"])
+    for run in single["polled"] + single["channel"]:
         # The client's count is the module's, and the module's own TTFT is read for the same chat.
         assert run["tokens"] == 8
-        assert run["chunks"] >= 1
+        assert 1 <= run["chunks"] <= 8 and run["tokens_per_chunk"] == round(8 / run["chunks"], 2)
         assert run["module_ttft_ms"] > 0
         assert abs(run["ttft_gap_ms"] - (run["ttft_ms"] - run["module_ttft_ms"])) < 0.11  # both rounded to 0.1 ms
-    assert set(measured["goals"]) == {"ttft_gap_ms", "ttft_gap_met", "speed_ratio", "speed_met"}
+        assert run["chunks"] == 1 or 0 <= run["gap_median_ms"] <= run["gap_p95_ms"]
+    for run in results["parallel"]["polled"] + results["parallel"]["channel"]:
+        assert [stream["tokens"] for stream in run["streams"]] == [8, 8]
+        assert run["aggregate_tokens_per_second"] > 0
+    assert {goal["detail"] for goal in results["goals"]} == {
+        "ours after: reply channel",
+        "ours before: polled (--poll-replies)",
+        "2 streams at once, reply channel",
+    }
+    assert all(isinstance(goal["met"], bool) for goal in results["goals"])
     report = (out / "openai_stream.md").read_text()
-    assert "| openai client, streamed from /v1/chat/completions |" in report
-    assert "| module, polled once a second (reference) |" in report
-    assert "stream ÷ that module: " in report
+    rows = ("| ours before: polled (--poll-replies) |", "| ours after: reply channel |", "| raw llama-cpp-python |")
+    assert all(row in report for row in rows)
+    assert "## 2 streams at once (CPAI_MODULE_LLAMA_PARALLEL=2)" in report
+    assert f"commit {results['commit']}" in report
 
 
 def test_concurrency_bench_compares_the_queue_with_the_batched_engine_and_writes_its_files(smollm2, tmp_path):

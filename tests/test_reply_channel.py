@@ -1,0 +1,133 @@
+"""The reply channel's two ends on real pipes: the module's writer (llamachat/reply_channel.py), which must never
+block decoding nor write a partial line, and the server's reader (llamachat_server/reply_feed.py), which hands each
+chat's lines to its followers; and how a follower merges pieces (openai_api._grown). The whole path, module to OpenAI
+client, is tests/test_openai_stream.py's."""
+
+import asyncio
+import json
+import os
+import tempfile
+
+import pytest
+
+from llamachat.chat_job import ChatJob
+from llamachat.chat_queue import ChatQueue
+from llamachat.reply_channel import ATOMIC_BYTES, ReplyChannel, ReplyChannelError
+from llamachat_server.openai_api import _grown
+from llamachat_server.reply_feed import ReplyFeed
+from llamachat_server.server_log import ServerLog
+from llamachat_server.settings import REPLY_CHANNEL_VARIABLE
+
+pytestmark = pytest.mark.skipif(os.name == "nt", reason="no reply channel on Windows: the server polls there")
+
+
+@pytest.fixture
+def pipe():
+    read_fd, write_fd = os.pipe()
+    yield read_fd, write_fd
+    for fd in (read_fd, write_fd):
+        try:
+            os.close(fd)
+        except OSError:  # a test closed it
+            pass
+
+
+def read_lines(fd) -> list[dict]:
+    os.set_blocking(fd, False)
+    data = b""
+    try:
+        while chunk := os.read(fd, 65536):
+            data += chunk
+    except BlockingIOError:
+        pass
+    return [json.loads(line) for line in data.splitlines()]
+
+
+def test_no_variable_is_no_channel_and_a_variable_that_names_no_pipe_is_refused(pipe):
+    assert ReplyChannel.from_environment({}) is None
+    assert ReplyChannel.from_environment({REPLY_CHANNEL_VARIABLE: ""}) is None
+    with pytest.raises(ReplyChannelError, match=REPLY_CHANNEL_VARIABLE):
+        ReplyChannel.from_environment({REPLY_CHANNEL_VARIABLE: "three"})
+    with tempfile.TemporaryFile() as file, pytest.raises(ReplyChannelError, match="not a pipe"):
+        ReplyChannel.from_environment({REPLY_CHANNEL_VARIABLE: str(file.fileno())})
+    read_fd, write_fd = pipe
+    os.close(read_fd)
+    with pytest.raises(ReplyChannelError):
+        ReplyChannel.from_environment({REPLY_CHANNEL_VARIABLE: str(read_fd)})  # closed
+    assert ReplyChannel.from_environment({REPLY_CHANNEL_VARIABLE: str(write_fd)}) is not None
+
+
+def test_a_job_writes_each_piece_at_its_offset_and_the_queue_an_end_when_the_chat_has_its_result(pipe):
+    read_fd, write_fd = pipe
+    channel = ReplyChannel.from_environment({REPLY_CHANNEL_VARIABLE: str(write_fd)})
+    queue = ChatQueue(capacity=2, result_ttl=60, on_complete=channel.ended)
+    chat = queue.add("chat-1", request=None, max_tokens=8)
+    queue.take()
+    job = ChatJob("chat-1", "model", channel=channel)
+    for piece, tokens in (("Once", 1), ("", 2), (" upon", 3), (" a tïme", 5)):
+        job.add_text(piece, tokens)
+    queue.finish(chat, job.finish("completed"))
+    lines = read_lines(read_fd)
+    assert lines == [
+        {"id": "chat-1", "at": 0, "text": "Once"},
+        {"id": "chat-1", "at": 4, "text": " upon"},
+        {"id": "chat-1", "at": 9, "text": " a tïme"},
+        {"id": "chat-1", "end": True},
+    ]
+    assert "".join(line.get("text", "") for line in lines) == job.reply
+
+
+def test_a_full_pipe_drops_lines_at_once_and_a_closed_one_is_left_alone(pipe):
+    read_fd, write_fd = pipe
+    channel = ReplyChannel.from_environment({REPLY_CHANNEL_VARIABLE: str(write_fd)})
+    written = 0
+    while channel.dropped == 0:  # nobody reads: the pipe fills, and the writer never waits
+        channel.text("chat", written, "x" * 100)
+        written += 100
+    lines = read_lines(read_fd)
+    assert all(len(line["text"]) == 100 for line in lines)  # each line whole
+    assert len(lines) == written // 100 - 1
+    channel.text("chat", written, "y" * ATOMIC_BYTES)  # too long to be written whole
+    assert channel.dropped == 2 and read_lines(read_fd) == []
+    os.close(read_fd)  # the server has gone
+    channel.text("chat", 0, "z")
+    channel.ended("chat")
+    assert channel.dropped == 2  # not dropped: no longer written at all
+
+
+def test_a_follower_merges_pieces_by_offset_and_asks_for_the_status_when_one_is_missing_or_the_chat_ends():
+    assert _grown("Once", [{"at": 0, "text": "Once"}, {"at": 4, "text": " upon"}]) == (["Once upon"], False)
+    assert _grown("Once up", [{"at": 4, "text": " upon"}, {"at": 9, "text": " a"}]) == (
+        ["Once upon", "Once upon a"],
+        False,
+    )
+    assert _grown("Once", [{"at": 9, "text": " a"}]) == ([], True)  # " upon" was dropped
+    assert _grown("Once", [{"at": 4, "text": " upon"}, {"end": True}]) == (["Once upon"], True)
+    assert _grown("Once", []) == ([], True)  # silence
+
+
+def test_the_feed_hands_each_chat_its_own_lines_and_closes_its_followers_when_the_module_ends():
+    log = ServerLog(echo=None)
+
+    async def scenario():
+        feed = ReplyFeed(log)
+        write_fd = feed.open()
+        with feed.follow("a") as a, feed.follow("b") as b:
+            os.write(write_fd, b'{"id":"a","at":0,"text":"Hi"}\n{"id":"b","end":true}\nnot json\n{"id":"a","at":"0"}\n')
+            os.write(write_fd, b'{"id":"c","at":0,"text":"nobody follows c"}\n{"id":"a","at":2,"text":"!"}\n')
+            first = await a.take(5)
+            got_a = first + (await a.take(5) if len(first) < 2 else [])
+            got_b = await b.take(5)
+            os.close(write_fd)  # the module has ended
+            assert await a.take(5) == [] and a.closed
+        assert not feed.live
+        with feed.follow("a") as late:
+            assert late.closed  # no channel: its follower polls
+        await feed.close()
+        return got_a, got_b
+
+    got_a, got_b = asyncio.run(scenario())
+    assert got_a == [{"id": "a", "at": 0, "text": "Hi"}, {"id": "a", "at": 2, "text": "!"}]
+    assert got_b == [{"id": "b", "end": True}]
+    warnings = [entry["entry"] for entry in log.list(count=10) if "reply channel" in entry["entry"]]
+    assert len(warnings) == 2  # the line that is not JSON, and the piece whose offset is not a number
