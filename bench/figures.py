@@ -25,8 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from . import concurrency_report, conversations_report, structured_report, threads_report
-from .openai_client import SPEED_GOAL, TTFT_GAP_GOAL_MS
+from . import concurrency_report, conversations_report, openai_stream, structured_report, threads_report
 from .report import goals_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -131,26 +130,6 @@ def conversations_paper(results: Results) -> list[str]:
     ]
 
 
-def openai_stream(results: Results) -> list[str]:
-    """bench.openai_stream: the stream against raw llama-cpp-python, per thread count."""
-    lines = [
-        f"| threads | client TTFT − module TTFT, ms (goal ≤ {TTFT_GAP_GOAL_MS:g}) | stream tokens/s ÷ raw "
-        f"(goal ≥ {SPEED_GOAL}) | stream ÷ the module polled once a second |",
-        "|---|---|---|---|",
-    ]
-    for threads, part in results["by_threads"].items():
-
-        def median(engine: str, key: str, part: dict[str, Any] = part) -> float | None:
-            return _median([run[key] for run in part.get(engine) or [] if run.get(key) is not None])
-
-        raw, stream, quiet = (median(e, "tokens_per_second") for e in ("raw", "openai_stream", "module_quiet"))
-        gap = median("openai_stream", "ttft_gap_ms")
-        ratio = f"{stream / raw:.3f} ({stream:.1f} vs {raw:.1f})" if stream and raw else "–"
-        quiet_ratio = f"{stream / quiet:.3f}" if stream and quiet else "–"
-        lines.append(f"| {threads} | {gap if gap is not None else '–'} | {ratio} | {quiet_ratio} |")
-    return lines
-
-
 def fit_time(results: Results) -> list[str]:
     """bench.fit_time: its targets, in ms."""
     lines = ["| Target | Measured ms | Limit ms | Met |", "|---|---|---|---|"]
@@ -228,7 +207,7 @@ VIEWS: dict[str, Callable[[Results], list[str]]] = {
     "threads": lambda r: threads_report.table(r) + ["", *threads_report.drops(r), *goals(r)],
     "concurrency": lambda r: concurrency_report.table(r) + ["", *goals(r)],
     "conversations:paper": conversations_paper,
-    "openai_stream": openai_stream,
+    "openai_stream": lambda r: openai_stream.cadence_table(r) + ["", *goals(r)],
     "fit_time": fit_time,
     "soak": soak,
     "security_limits": security_limits,

@@ -15,7 +15,6 @@ aggregate ≥ 0.97 × the polled one's; median gap within 1.5 × llama-server's.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 import tempfile
@@ -31,7 +30,6 @@ from tests.live_server import ROOT, running_server, server_status
 
 from . import machine
 from .console import say
-from .conversations import commit
 from .cpai_client import CpaiClient
 from .in_process import RawEngine
 from .llama_server import LlamaServerEngine
@@ -153,18 +151,10 @@ def _goal_lines(goals: list[dict[str, Any]], detail: str) -> list[str]:
     ]
 
 
-def report(results: dict[str, Any]) -> str:
+def cadence_table(results: dict[str, Any]) -> list[str]:
+    """One stream at a time, per engine: the report's table and docs' figures."""
     runs = results["single"]
     lines = [
-        "# The OpenAI-compatible stream: its cadence",
-        "",
-        f"{results['when']}, commit {results['commit']}, {results['machine']['cpu']} "
-        f"({results['machine']['logical_cpus']} logical CPUs), model {results['model']}, {results['threads']} "
-        f"threads, {results['tokens']} greedy tokens per chat, {results['repeats']} chats per engine taking turns, "
-        f"1-minute load {results['load']['load_1min']} before. Medians (min–max) over the chats; a chat's gap is the "
-        "median (or 95th percentile) of the gaps between its chunks that carry text, as the client reads them. "
-        "TTFT: from the call to the first text.",
-        "",
         "| engine | TTFT ms | tokens/s | chunks | tokens per chunk | median gap ms | p95 gap ms | module's TTFT ms |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -175,7 +165,24 @@ def report(results: dict[str, Any]) -> str:
                 for key in ("ttft_ms", "tokens_per_second", "chunks", "tokens_per_chunk", "gap_median_ms", "gap_p95_ms")
             ]
             lines.append(f"| {label} | {' | '.join(cells)} | {_cell(runs[name], 'module_ttft_ms')} |")
-    lines.append("")
+    return lines
+
+
+def report(results: dict[str, Any]) -> str:
+    runs = results["single"]
+    lines = [
+        "# The OpenAI-compatible stream: its cadence",
+        "",
+        f"{results['started_utc']}, commit {results['commit']}, {results['machine']['cpu']} "
+        f"({results['machine']['logical_cpus']} logical CPUs), model {results['model']}, {results['threads']} "
+        f"threads, {results['tokens']} greedy tokens per chat, {results['repeats']} chats per engine taking turns, "
+        f"1-minute load {results['load']['load_1min']} before. Medians (min–max) over the chats; a chat's gap is the "
+        "median (or 95th percentile) of the gaps between its chunks that carry text, as the client reads them. "
+        "TTFT: from the call to the first text.",
+        "",
+        *cadence_table(results),
+        "",
+    ]
     for name in ("channel", "polled"):
         lines += [f"Goals, {ENGINES[name]}:", "", *_goal_lines(results["goals"], ENGINES[name]), ""]
     quiet = _median(runs["module_quiet"], "module_tokens_per_second")
@@ -300,9 +307,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     load = machine.wait_until_idle(args.wait_idle, say)
     results: dict[str, Any] = {
-        "when": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": commit(),
-        "machine": machine.describe(),
+        **machine.provenance(),
         "load": load,
         "model": args.model.name,
         "threads": args.threads,
