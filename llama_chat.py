@@ -6,6 +6,7 @@ do_chat passes its keyword arguments on to llama-cpp-python's create_chat_comple
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Callable, cast
@@ -83,9 +84,15 @@ class _CountingLlama(Llama):
 
     def eval(self, tokens: Sequence[int]) -> None:
         drafted = min(self.drafter.pending, len(tokens) - 1) if self.drafter else 0
-        if not drafted:
+        started = time.perf_counter()
+        if drafted:
+            self._verify(tokens, drafted)
+        else:
             super().eval(tokens)
-            return
+        if self.drafter is not None and len(tokens) == drafted + 1:  # a step of the reply, not a prompt
+            self.drafter.timed(drafted, time.perf_counter() - started)
+
+    def _verify(self, tokens: Sequence[int], drafted: int) -> None:
         # The last token and its draft in one batch (far under n_batch), with logits for exactly the positions
         # sample() reads: Llama would compute them for every position only with logits_all, prompt included.
         assert self.drafter is not None

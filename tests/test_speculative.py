@@ -196,3 +196,20 @@ def test_drafting_adapts_its_length_and_pauses_while_it_does_not_pay():
         paused += 1
     assert paused == PAUSE_FIRST  # ...for PAUSE_FIRST tokens, and then it probes with one token
     assert drafter.pending == 1
+
+
+def test_drafting_stops_sooner_where_a_pass_of_drafted_tokens_costs_more():
+    ids = np.array(list(range(50)) * 2 + [0, 1, 2], dtype=np.intc)
+    cheap, dear = PromptLookup(16), PromptLookup(16)
+    for _ in range(30):  # one-token passes of 10 ms; a pass with 4 drafted tokens 11 ms here, 50 ms there
+        for drafter, verify_s in ((cheap, 0.011), (dear, 0.05)):
+            drafter.timed(0, 0.01)
+            drafter.timed(4, verify_s)
+    assert cheap.cost < 0.1 < 0.9 < dear.cost
+    for drafter in (cheap, dear):  # half of every draft accepted
+        for _ in range(3):
+            draft = drafter(ids)
+            for i in range(len(draft)):
+                drafter.checked(i < len(draft) // 2 or len(draft) == 1)
+    assert len(cheap(ids)) > 0  # half accepted pays where a drafted token costs a tenth of a pass...
+    assert len(dear(ids)) == 0  # ...and not where it costs nearly a whole one
