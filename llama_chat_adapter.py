@@ -119,6 +119,7 @@ class LlamaChat_adapter(ModuleRunner):
             model_dir=str(settings.model_dir),
             n_gpu_layers=self.n_gpu_layers,
             chat_format=settings.chat_format,
+            max_draft=settings.draft_tokens,
             verbose=self.log_verbosity == LogVerbosity.Loud,
         )
 

@@ -36,7 +36,6 @@ from llamachat.thread_policy import default_max_threads
 from tests.live_server import ROOT, rss_mb, running_server, server_status
 
 from . import conversations_report, machine
-from .__main__ import DEFAULT_MODEL
 from .cpai_client import ChatFailed, CpaiClient
 from .llama_server import LlamaServerEngine
 from .module_bench import chat_fields
@@ -44,6 +43,7 @@ from .report import conclude
 from .stats import summary
 from .workload import (
     CONVERSATION,
+    DEFAULT_MODEL,
     FLUSH_PROMPT,
     FLUSH_SYSTEM_PROMPT,
     N_CTX,

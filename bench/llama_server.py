@@ -29,6 +29,7 @@ class LlamaServerEngine:
         log_path: Path,
         start_timeout: float = 120.0,
         parallel: int = 1,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         self.port = free_port()
         self.log_path = log_path
@@ -53,6 +54,7 @@ class LlamaServerEngine:
             "127.0.0.1",
             "--port",
             str(self.port),
+            *extra_args,  # e.g. a speculative decoding type
         ]
         with open(log_path, "wb") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

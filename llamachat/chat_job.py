@@ -54,6 +54,8 @@ class ChatJob:
         self.error_code: str | None = None  # with an error: what kind, where a client may act on it
         self.error_param: str | None = None  # with an error: the input at fault
         self.logprobs: list[dict[str, Any]] | None = None  # with logprobs asked for: one entry per token
+        self.drafted_tokens = 0  # speculative decoding: tokens drafted from the conversation, and kept of them
+        self.accepted_tokens = 0
         self.threads: int | None = None  # llama.cpp's CPU threads now (the adaptive mode may change it mid-reply)
 
     def begin_inference(self, prompt_tokens: int, cached_tokens: int, dropped_turns: int) -> None:
@@ -105,6 +107,8 @@ class ChatJob:
             "time_to_first_token_ms": None if self.first_token_at is None else _ms(self.first_token_at - self.started),
             "elapsed_ms": _ms(now - self.started),
             "dropped_turns": self.dropped_turns,
+            "drafted_tokens": self.drafted_tokens,
+            "accepted_tokens": self.accepted_tokens,
             "threads": self.threads,
         }
 

@@ -202,6 +202,7 @@ class ChatRunner:
                 if job.logprobs is not None:
                     job.logprobs.extend(chat.token_logprobs[len(job.logprobs) :])
                 choice = chunk["choices"][0]
+                job.drafted_tokens, job.accepted_tokens = chat.drafted_tokens, chat.accepted_tokens
                 job.add_text(str(choice["delta"].get("content") or ""), chat.generated_tokens)
                 if finish_reason := choice.get("finish_reason"):
                     stop_reason = STOP_REASON_OF_FINISH_REASON.get(finish_reason, StopReason.COMPLETED)
@@ -214,6 +215,7 @@ class ChatRunner:
             if stream is not None:
                 stream.close()
         job.count_tokens(chat.generated_tokens)
+        job.drafted_tokens, job.accepted_tokens = chat.drafted_tokens, chat.accepted_tokens
         if cancelled():
             stop_reason, error = StopReason.CANCELLED, None
         return job.finish(stop_reason, error)

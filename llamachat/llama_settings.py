@@ -21,6 +21,7 @@ MODULE_DIR = Path(__file__).resolve().parent.parent  # the module folder, above 
 # The names of chat_template.TEMPLATES (tests/test_llama_settings.py keeps the two equal): chat_template imports
 # llama_cpp, which fetch_model.py cannot rely on while the server's setup is still installing packages.
 CHAT_FORMATS = ("chatml", "gemma", "phi3")
+MAX_DRAFT_TOKENS = 32
 # A Hugging Face repo id, "owner/name".
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -45,6 +46,7 @@ class LlamaSettings:
     cache_ram_mb: int  # CPAI_MODULE_LLAMA_CACHE_RAM_MB: conversations' KV states kept in RAM; 0 = none
     cache_disk_gb: float  # CPAI_MODULE_LLAMA_CACHE_DISK_GB: ... kept on disk, in cache_dir; 0 = none
     cache_dir: Path  # CPAI_MODULE_LLAMA_CACHE_DIR, made absolute as model_dir is (conversation_cache.py)
+    draft_tokens: int  # CPAI_MODULE_LLAMA_DRAFT_TOKENS: the most drafted per pass (prompt_lookup.py); 0 = none
 
     @classmethod
     def from_env(
@@ -131,7 +133,19 @@ class LlamaSettings:
                 "conversations' KV states",
                 "./conversation-cache",
             ),
+            draft_tokens=_draft_tokens(value("CPAI_MODULE_LLAMA_DRAFT_TOKENS")),
         )
+
+
+def _draft_tokens(raw: str) -> int:
+    # From 64 tokens of one sequence in a batch llama.cpp computes logits differently (tests/raw_reference.py).
+    number = int(raw) if raw.isdigit() else None
+    if number is None or number > MAX_DRAFT_TOKENS:
+        raise LlamaSettingsError(
+            f"CPAI_MODULE_LLAMA_DRAFT_TOKENS must be a whole number from 0 to {MAX_DRAFT_TOKENS}, not {raw!r} (the "
+            "most tokens drafted from the conversation and checked in one pass, e.g. 16; 0 = no speculative decoding)"
+        )
+    return number
 
 
 def _folder(name: str, raw: str, module_dir: Path, holds: str, example: str) -> Path:

@@ -26,6 +26,8 @@ METRICS = {
     "time_to_first_token_ms",
     "elapsed_ms",
     "dropped_turns",
+    "drafted_tokens",
+    "accepted_tokens",
     "threads",
 }
 

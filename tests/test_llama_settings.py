@@ -36,6 +36,7 @@ def as_environment(settings: LlamaSettings) -> dict[str, str]:
         "CPAI_MODULE_LLAMA_CACHE_RAM_MB": str(settings.cache_ram_mb),
         "CPAI_MODULE_LLAMA_CACHE_DISK_GB": f"{settings.cache_disk_gb:g}",
         "CPAI_MODULE_LLAMA_CACHE_DIR": str(settings.cache_dir),
+        "CPAI_MODULE_LLAMA_DRAFT_TOKENS": str(settings.draft_tokens),
     }
 
 
@@ -60,6 +61,7 @@ def test_defaults_are_what_the_server_passes_from_modulesettings(tmp_path):
     assert (settings.threads, settings.gpu_layers, settings.chat_format) == (0, -1, "")
     assert (settings.queue_size, settings.result_ttl, settings.parallel) == (16, 300, 1)
     assert (settings.cache_ram_mb, settings.cache_disk_gb, settings.cache_dir) == (512, 4, ROOT / "conversation-cache")
+    assert settings.draft_tokens == 16
 
 
 def test_the_environment_overrides_every_default(tmp_path):
@@ -78,6 +80,7 @@ def test_the_environment_overrides_every_default(tmp_path):
         "CPAI_MODULE_LLAMA_CACHE_RAM_MB": "0",
         "CPAI_MODULE_LLAMA_CACHE_DISK_GB": "0.5",
         "CPAI_MODULE_LLAMA_CACHE_DIR": str(tmp_path / "conversations"),
+        "CPAI_MODULE_LLAMA_DRAFT_TOKENS": "0",
     }
     settings = LlamaSettings.from_env(env, host=LINUX)
     assert as_environment(settings) == {**env, "CPAI_MODULE_LLAMA_THREADS": "3"}
@@ -182,6 +185,14 @@ def test_per_os_layers_change_the_defaults(tmp_path):
             "conversations' KV states, e.g. 4; 0 = none)",
         ),
         ("CPAI_MODULE_LLAMA_CACHE_DISK_GB", "nan", "at least 0, not 'nan'"),
+        (
+            "CPAI_MODULE_LLAMA_DRAFT_TOKENS",
+            "64",
+            "CPAI_MODULE_LLAMA_DRAFT_TOKENS must be a whole number from 0 to 32, not '64' (the most tokens drafted "
+            "from the conversation and checked in one pass, e.g. 16; 0 = no speculative decoding)",
+        ),
+        ("CPAI_MODULE_LLAMA_DRAFT_TOKENS", "-1", "from 0 to 32, not '-1'"),
+        ("CPAI_MODULE_LLAMA_DRAFT_TOKENS", "on", "from 0 to 32, not 'on'"),
         ("CPAI_MODULE_LLAMA_CACHE_DISK_GB", "inf", "at least 0, not 'inf'"),
         (
             "CPAI_MODULE_LLAMA_CHAT_FORMAT",
