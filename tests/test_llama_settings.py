@@ -61,7 +61,7 @@ def test_defaults_are_what_the_server_passes_from_modulesettings(tmp_path):
     assert (settings.threads, settings.gpu_layers, settings.chat_format) == (0, -1, "")
     assert (settings.queue_size, settings.result_ttl, settings.parallel) == (16, 300, 1)
     assert (settings.cache_ram_mb, settings.cache_disk_gb, settings.cache_dir) == (512, 4, ROOT / "conversation-cache")
-    assert settings.draft_tokens == 16
+    assert settings.draft_tokens == 0  # speculative decoding is off until it is shown to pay (docs/speculative.md)
 
 
 def test_the_environment_overrides_every_default(tmp_path):
