@@ -70,6 +70,17 @@ class RawModel:
         llm.eval(tokens[llm.n_tokens :])
         return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).copy()
 
+    def greedy_tokens(self, prompt_tokens: list[int], n: int) -> list[int]:
+        """Raw llama-cpp-python's greedy reply to prompt_tokens: up to n tokens, without the end-of-generation one."""
+        self.llm.reset()
+        tokens: list[int] = []
+        while len(tokens) < n:
+            token = int(np.argmax(self._logits_after(prompt_tokens + tokens)))
+            if token in self._eog:
+                break
+            tokens.append(token)
+        return tokens
+
     def _piece(self, token: int) -> bytes:
         if token not in self._pieces:
             self._pieces[token] = self.llm.detokenize([token])

@@ -33,8 +33,25 @@ GROUNDED = [
 OPEN = "Write a short poem about the sea."
 
 
+class FixedCostLookup(PromptLookup):
+    """Test double: a drafted token's cost pinned at nothing rather than timed. The timings of a loaded machine decide
+    when drafting pauses, so they would decide which replies here get drafts; with the cost pinned drafting pauses
+    only on a run of rejected drafts. test_drafting_stops_sooner_where_a_pass_of_drafted_tokens_costs_more checks
+    the timing itself."""
+
+    def __init__(self, max_draft: int) -> None:
+        super().__init__(max_draft)
+        self.cost = 0.0
+
+    def timed(self, drafted: int, seconds: float) -> None:
+        pass
+
+
 def load(path, max_draft):
-    return LlamaChat.from_file(path, n_ctx=1024, n_threads=2, max_draft=max_draft)
+    chat = LlamaChat.from_file(path, n_ctx=1024, n_threads=2, max_draft=max_draft)
+    if max_draft:
+        chat.llm.drafter = chat.llm.draft_model = FixedCostLookup(max_draft)
+    return chat
 
 
 @pytest.fixture(scope="module", params=[1, 4, 16], ids=lambda n: f"draft{n}")
@@ -67,6 +84,25 @@ def unspeculated(plain, prompt, max_tokens):
     return _UNSPECULATED[prompt, max_tokens]
 
 
+_LOOKUPS: dict[tuple[str, int], int] = {}
+
+
+def lookups(raw, chat, prompt, n):
+    """How many of raw llama-cpp-python's first n greedy reply tokens (this run, this machine) a one-token draft
+    from the conversation so far predicts. Whether a reply copies its prompt is the model's choice, which a machine's
+    numerics can flip; where raw's reply copies it, the module's drafts must get accepted."""
+    if (prompt, n) not in _LOOKUPS:
+        prompt_tokens = raw.chat_tokens(chat.messages(prompt))
+        reply = raw.greedy_tokens(prompt_tokens, n)
+        ids = np.array(prompt_tokens + reply, dtype=np.intc)
+        start = len(prompt_tokens)
+        _LOOKUPS[prompt, n] = sum(find_draft(ids[: start + i], 1).tolist() == [reply[i]] for i in range(len(reply)))
+    return _LOOKUPS[prompt, n]
+
+
+COPIES = 4  # raw's reply predicted this often: drafts cannot all miss (drafting pauses after about 7 misses)
+
+
 def departure(raw, chat, prompt, reply, finish_reason):
     return raw.greedy_departure(raw.chat_tokens(chat.messages(prompt)), reply, ended=finish_reason == "stop")
 
@@ -77,7 +113,7 @@ def test_greedy_replies_are_normal_decodings(drafting, plain, raw_smollm2, promp
     assert departure(raw_smollm2, drafting, prompt, reply, finish) is None, reply
     assert 0 <= drafting.accepted_tokens <= drafting.drafted_tokens
     assert drafting.generated_tokens <= 80
-    if prompt in GROUNDED:
+    if lookups(raw_smollm2, drafting, prompt, 80) >= COPIES:
         assert drafting.accepted_tokens > 0, (prompt, reply)
     # The same model with speculation off gives the same reply wherever the two paths do not meet a near-tie.
     normal, normal_finish = unspeculated(plain, prompt, 80)
@@ -85,11 +121,12 @@ def test_greedy_replies_are_normal_decodings(drafting, plain, raw_smollm2, promp
         assert departure(raw_smollm2, plain, prompt, normal, normal_finish) is None
 
 
-def test_max_tokens_counts_every_token_drafted_or_not(drafting):
+def test_max_tokens_counts_every_token_drafted_or_not(drafting, raw_smollm2):
     reply, finish = greedy(drafting, GROUNDED[1], max_tokens=7)
     assert finish == "length"
     assert drafting.generated_tokens == 7
-    assert drafting.accepted_tokens > 0  # the cap fell on drafted tokens
+    if lookups(raw_smollm2, drafting, GROUNDED[1], 7) >= 2:
+        assert drafting.accepted_tokens > 0  # the cap fell on drafted tokens
 
 
 def test_a_stop_string_ends_the_reply_inside_a_draft(drafting, plain, raw_smollm2):
@@ -102,22 +139,24 @@ def test_a_stop_string_ends_the_reply_inside_a_draft(drafting, plain, raw_smollm
     reason = "completed" if finish == "stop" else "length"
     tokens = raw_smollm2.chat_tokens(drafting.messages(prompt))
     assert raw_smollm2.stop_departure(tokens, reply, reason, stop, unstopped) is None
-    assert drafting.accepted_tokens > 0
+    if lookups(raw_smollm2, drafting, prompt, 40) >= COPIES:
+        assert drafting.accepted_tokens > 0
 
 
 def test_a_stream_closed_mid_reply_keeps_its_text_and_the_next_chat_continues_it(drafting, raw_smollm2):
-    # A cancel closes the stream between two tokens, maybe inside a draft; the KV cache then holds drafted
-    # positions past the reply, and the next turn, which reuses the cached prefix, must not read them as its own.
+    # A cancel closes the stream between two tokens, here the first after a draft was evaluated (accepted or not);
+    # the KV cache then holds drafted positions past the reply, and the next turn, which reuses the cached prefix,
+    # must not read them as its own.
     prompt = GROUNDED[0]
     stream = drafting.do_chat(prompt, temperature=0, max_tokens=80, stream=True, should_abort=lambda: False)
     pieces = []
     for chunk in stream:
         pieces.append(chunk["choices"][0]["delta"].get("content") or "")
-        if drafting.accepted_tokens >= 3:
+        if drafting.drafted_tokens:
             break
     stream.close()
     partial = "".join(pieces)
-    assert drafting.accepted_tokens >= 3 and partial
+    assert drafting.drafted_tokens > 0 and partial
     assert raw_smollm2.greedy_departure(raw_smollm2.chat_tokens(drafting.messages(prompt)), partial) is None
 
     history = [{"role": "user", "content": prompt}, {"role": "assistant", "content": partial}]
