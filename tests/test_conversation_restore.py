@@ -81,7 +81,7 @@ def test_a_restored_prefix_continues_exactly_as_that_prefix_evaluated_first(chat
     tokens = chat.tokenize_messages(chat.messages(LONG_PROMPT, None, HISTORY))
     assert len(tokens) > 300
     valid_for = fingerprint(chat.model_path, chat.llm, chat.n_ctx, 1)
-    for k in (BLOCK + 8, 150, 257, len(tokens) - 1):  # inside blocks and on none of their edges
+    for k in (BLOCK + 8, 257, len(tokens) - 1):  # inside blocks and on none of their edges
         chat.llm.reset()
         chat.llm.eval(tokens[:k])
         saved = chat.capture_state()
