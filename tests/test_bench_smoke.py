@@ -133,12 +133,12 @@ def test_threads_bench_measures_every_thread_choice_and_writes_its_files(smollm2
 
 def test_openai_stream_bench_times_the_cadence_with_and_without_the_channel_and_writes_its_files(smollm2, tmp_path):
     files = {"openai_stream.json", "openai_stream.md"}
-    args = ("--model", str(smollm2), "--threads", "1", "--repeats", "1", "--tokens", "8", "--streams", "2")
+    args = ("--model", str(smollm2), "--threads", "1", "--repeats", "2", "--tokens", "8", "--streams", "2")
     out = bench_results("bench.openai_stream", tmp_path / "results", files, *args)
     results = json.loads((out / "openai_stream.json").read_text())
     assert results["commit"]
     single = results["single"]
-    assert [len(single[name]) for name in ("raw", "polled", "channel", "module_quiet")] == [1, 1, 1, 1]
+    assert [len(single[name]) for name in ("raw", "polled", "channel", "module_quiet")] == [2, 2, 2, 2]
     assert all(run["tokens"] == 8 and run["module_tokens_per_second"] > 0 for run in single["module_quiet"])
     for run in single["polled"] + single["channel"]:
         # The client's count is the module's, and the module's own TTFT is read for the same chat.
