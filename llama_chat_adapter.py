@@ -35,6 +35,8 @@ SELFTEST_PROMPT = "How many planets are there in the solar system?"
 # How to fix "no model could be loaded", for the log, the status and a failed self-test.
 # Logged at start when the server passed a reply channel (tests look for it).
 REPLY_CHANNEL_NOTICE = "Each piece of a reply also goes to the server's reply channel as it is made"
+# How long a thread may hold the GIL while another waits for it (see initialise).
+GIL_SWITCH_SECONDS = 0.0005
 NO_MODEL_HINT = "install one with bash install.sh (install.bat on Windows) or python fetch_model.py [--small]"
 
 
@@ -84,6 +86,10 @@ class LlamaChat_adapter(ModuleRunner):
         # otherwise walked it for ~80 ms holding the GIL: the status poll that saw a reply's end waited for it (bench/:
         # the OpenAI stream's last chunk came ~15 ms late, 1 % of a 256-token reply's tokens/s).
         gc.freeze()
+        # A status poll runs ~1-2 ms of the SDK's Python on the main thread; when the llama thread comes back from
+        # llama_decode meanwhile, it waits for the GIL up to the switch interval (5 ms by default) before sampling.
+        # At 10 polls a second that cost the idle module ~5 % of raw llama-cpp-python's tokens/s (bench/threads.py).
+        sys.setswitchinterval(GIL_SWITCH_SECONDS)
         self._log_model(chat)
         self._start_workers()
 
