@@ -33,7 +33,7 @@ from llama_chat import LlamaChat
 from llamachat.conversation_cache import ConversationCache
 from llamachat.kv_state import fingerprint
 from llamachat.thread_policy import default_max_threads
-from tests.live_server import ROOT, rss_mb, running_server, server_status
+from tests.live_server import ROOT, poll, rss_mb, running_server, server_status
 
 from . import conversations_report, machine
 from .cpai_client import ChatFailed, CpaiClient
@@ -78,9 +78,11 @@ class Module:
     def __init__(self, base_url: str, poll_s: float) -> None:
         self.base_url, self.poll_s = base_url, poll_s
         self.client = CpaiClient(base_url)
+        self.chats = 0
 
     def chat(self, prompt: str, history: list[dict[str, str]], max_tokens: int, system_prompt: str = SYSTEM_PROMPT):
         trace = self.client.chat(chat_fields(prompt, history, max_tokens, system_prompt), self.poll_s)
+        self.chats += 1
         final = trace.final
         if not final.get("success"):
             raise ChatFailed(f"the chat failed: {final.get('error') or final}")
@@ -101,6 +103,19 @@ class Module:
 
     def status(self) -> dict[str, Any]:
         return server_status(self.base_url)
+
+    def cache_stats(self, on_disk: int | None = None) -> dict[str, Any]:
+        """The conversation cache's figures once they count every chat sent and, where on_disk is given, that many
+        conversations saved to disk (kept or evicted): the module reports its status every few seconds, and saves a
+        conversation after its chat has ended, so a fast machine reads them before they settle."""
+
+        def settled() -> dict[str, Any] | None:
+            stats = self.status()["statusData"]["conversationCache"]
+            counted = sum(stats["prefixSources"].values()) == self.chats
+            saved = on_disk is None or stats["diskEntries"] + stats["evictedFromDisk"] == on_disk
+            return stats if counted and saved else None
+
+        return poll(settled, 60, "the module's status to count every chat and saved conversation")
 
     def close(self) -> None:
         self.client.close()
@@ -201,7 +216,7 @@ def disk_bound(model: Path, threads: int, conversations: int, disk_mb: int, scra
             module.chat(f"Tell me one fact about the number {i + 1}, please, and why it matters.", [], 2)
             if i % 25 == 24:
                 largest = max(largest, folder_bytes(folder))
-        stats = module.status()["statusData"]["conversationCache"]
+        stats = module.cache_stats(on_disk=conversations)
         module.close()
     largest = max(largest, folder_bytes(folder))
     return {
@@ -356,7 +371,7 @@ def main(argv=None) -> int:
                 say(f"{users} users taking turns, {args.turns} turns each")
                 part = alternate(modules, users, args.turns, args.tokens, server if users <= 4 else None)
                 last = part.pop("histories")
-                part["cache"] = modules["cached"].status()["statusData"]["conversationCache"]
+                part["cache"] = modules["cached"].cache_stats()
                 results["alternation"][str(users)] = part
                 for key, pid in pids.items():
                     rss[key][f"after_{users}_users_mb"] = round(rss_mb(pid), 1)
