@@ -197,5 +197,6 @@ def test_a_truncated_gguf_gives_a_clear_error_naming_the_file(smollm2, tmp_path)
         assert truncated.name in answer["error"], answer
         status = server_status(base_url)
         assert status["status"] == "Started"
-        assert truncated.name in status["statusData"]["loadError"]
+        status_data = poll(lambda: server_status(base_url)["statusData"], 10, "the module's status data")
+        assert truncated.name in status_data["loadError"]
         assert requests.get(f"{base_url}/v1/server/status/ping", timeout=10).json()["success"] is True

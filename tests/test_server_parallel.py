@@ -30,7 +30,8 @@ def base_url(smollm2):
 
 
 def test_two_chats_decode_at_once_and_a_third_waits(base_url):
-    assert server_status(base_url)["statusData"]["parallelChats"] == 2
+    status_data = poll(lambda: server_status(base_url)["statusData"], 10, "the module's status data")
+    assert status_data["parallelChats"] == 2
     first, second = (start_chat(base_url, **LONG)["commandId"] for _ in range(2))
     third = start_chat(base_url, prompt=PROMPTS[0], max_tokens="8")
     try:

@@ -180,7 +180,8 @@ def test_launched_module_polls_answers_and_reports_unhindered(real_server, smoll
     status = server_status(real_server)
     assert status["status"] == "Started"
     assert status["requestCount"] > 0
-    assert status["statusData"]["model"] == smollm2.name  # updatemodulestatus from the module is accepted
+    status_data = poll(lambda: server_status(real_server)["statusData"], 10, "the module's status data")
+    assert status_data["model"] == smollm2.name  # updatemodulestatus from the module is accepted
 
 
 # ---- --no-module: processes of the server's own user ---------------------------------------------------
