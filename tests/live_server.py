@@ -111,6 +111,12 @@ def server_status(base_url: str, api_key: str | None = None) -> dict:
         return json.load(response)["statuses"][0]
 
 
+def reported_status_data(base_url: str) -> dict:
+    """The module's statusData, once it has sent one: it reports every 2 s, and the server may hear from its first
+    queue poll before its first status."""
+    return poll(lambda: server_status(base_url)["statusData"], 10, "the module's status data")
+
+
 def server_log_path(base_url: str) -> Path:
     return _log_paths[base_url]
 

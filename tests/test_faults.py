@@ -15,7 +15,7 @@ import psutil
 import pytest
 import requests
 
-from live_server import ROOT, ServerThread, poll, running_server, server_log_path, server_status
+from live_server import ROOT, ServerThread, poll, reported_status_data, running_server, server_log_path, server_status
 from llamachat_server.server_state import ServerConfig
 
 STORY = "Write a very long story about a lighthouse keeper and her cat. Describe every single day in detail."
@@ -197,6 +197,6 @@ def test_a_truncated_gguf_gives_a_clear_error_naming_the_file(smollm2, tmp_path)
         assert truncated.name in answer["error"], answer
         status = server_status(base_url)
         assert status["status"] == "Started"
-        status_data = poll(lambda: server_status(base_url)["statusData"], 10, "the module's status data")
+        status_data = reported_status_data(base_url)
         assert truncated.name in status_data["loadError"]
         assert requests.get(f"{base_url}/v1/server/status/ping", timeout=10).json()["success"] is True

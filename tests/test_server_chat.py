@@ -4,7 +4,7 @@ model. Response fields are checked against docs/protocol.md §2.2 field for fiel
 import pytest
 import requests
 
-from live_server import poll, running_server
+from live_server import poll, reported_status_data, running_server
 from module_harness import METRICS
 
 # What every answer that went through the module carries (the SDK adds the first six, the server the rest).
@@ -204,12 +204,12 @@ def test_bad_chat_input_is_refused_before_a_command_starts(base_url):
 
 
 def test_the_adaptive_default_shows_its_thread_count_in_the_status_and_the_log(smollm2):
-    from live_server import server_log_path, server_status
+    from live_server import server_log_path
     from llamachat.thread_policy import default_max_threads
 
     with running_server(smollm2, CPAI_MODULE_LLAMA_THREADS="0") as url:
         assert "adaptive threads (up to" in server_log_path(url).read_text()
-        status_data = poll(lambda: server_status(url)["statusData"], 10, "the module's status data")
+        status_data = reported_status_data(url)
         assert status_data["threadMode"] == "adaptive"
         assert 1 <= status_data["threads"] <= default_max_threads()
         ack = start_chat(url, prompt=STORY, max_tokens="24", temperature="0")

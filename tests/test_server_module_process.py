@@ -10,7 +10,7 @@ import psutil
 import pytest
 import requests
 
-from live_server import ROOT, poll, running_server, server_log_path, server_status
+from live_server import ROOT, poll, reported_status_data, running_server, server_log_path, server_status
 from llama_chat_adapter import _gpu_library
 
 STORY = "Write a very long story about a lighthouse keeper. Describe every day in detail."
@@ -72,7 +72,7 @@ def test_module_output_and_status_reach_the_server(base_url, smollm2):
     assert smollm2.name in using["entry"]
     assert using["level"] == "information"
     # The SDK posts its status every 2 s; LlamaChat adds its model to it, and the device this llama.cpp build uses.
-    status_data = poll(lambda: server_status(base_url)["statusData"], 10, "the module's status data")
+    status_data = reported_status_data(base_url)
     library = _gpu_library()  # "" for a llama.cpp built for the CPU only
     assert status_data["model"] == smollm2.name
     assert (status_data["inferenceDevice"], status_data["inferenceLibrary"]) == (

@@ -14,7 +14,7 @@ import requests
 from llama_cpp import Llama
 
 from json_schemas import SCHEMAS
-from live_server import poll, running_server, server_status
+from live_server import poll, reported_status_data, running_server, server_status
 from llama_chat import conversation
 from module_chat import LONG, cancel, follow, start_chat, status
 
@@ -30,7 +30,7 @@ def base_url(smollm2):
 
 
 def test_two_chats_decode_at_once_and_a_third_waits(base_url):
-    status_data = poll(lambda: server_status(base_url)["statusData"], 10, "the module's status data")
+    status_data = reported_status_data(base_url)
     assert status_data["parallelChats"] == 2
     first, second = (start_chat(base_url, **LONG)["commandId"] for _ in range(2))
     third = start_chat(base_url, prompt=PROMPTS[0], max_tokens="8")

@@ -23,7 +23,15 @@ from urllib.parse import urlparse
 import pytest
 import requests
 
-from live_server import ROOT, no_module_config, poll, running_server, serve_in_thread, server_status
+from live_server import (
+    ROOT,
+    no_module_config,
+    poll,
+    reported_status_data,
+    running_server,
+    serve_in_thread,
+    server_status,
+)
 from llamachat_server.host_check import HostCheck
 from llamachat_server.peer import find_peer_socket, owner_among, process_tree
 from llamachat_server.server_state import ServerConfig
@@ -164,7 +172,7 @@ def test_forged_status_and_log_do_not_reach_the_server_and_the_refusal_is_logged
     for method, path, form in MODULE_ENDPOINTS[2:] * 3:
         assert requests.request(method, f"{real_server}{path}", data=form, timeout=5).status_code == 403
     # The module's own status reports still arrive (every 2 s) and are not replaced by the forgery.
-    status_data = poll(lambda: server_status(real_server)["statusData"], 10, "the module's status data")
+    status_data = reported_status_data(real_server)
     assert status_data["model"] == smollm2.name
     entries = log_entries(real_server)
     assert not any(e["entry"] == "forged log entry" for e in entries)
@@ -180,7 +188,7 @@ def test_launched_module_polls_answers_and_reports_unhindered(real_server, smoll
     status = server_status(real_server)
     assert status["status"] == "Started"
     assert status["requestCount"] > 0
-    status_data = poll(lambda: server_status(real_server)["statusData"], 10, "the module's status data")
+    status_data = reported_status_data(real_server)
     assert status_data["model"] == smollm2.name  # updatemodulestatus from the module is accepted
 
 
