@@ -73,7 +73,10 @@ class ChatJob:
         self.count_tokens(completion_tokens)
         self.reply += text
         if text and self.channel is not None:  # after the append: a poll from now on sees the piece too
-            self.channel.text(self.command_id, len(self.reply) - len(text), text)
+            # With the metrics, the server can answer a status poll itself (llamachat_server/reply_feed.py); the
+            # lines carry no log probabilities, so a chat with them is left to the module's answers.
+            metrics = self.metrics() if self.logprobs is None else None
+            self.channel.text(self.command_id, len(self.reply) - len(text), text, metrics)
 
     def count_tokens(self, completion_tokens: int) -> None:
         self.completion_tokens = max(self.completion_tokens, completion_tokens)

@@ -1,7 +1,9 @@
 """ReplyChannel: the module's end of the reply channel, a pipe our standalone server opens when it launches the module
-(docs/protocol.md §1.10). The module writes a line for each piece of a reply as it is appended, and one as a chat
-ends, so that the server's OpenAI stream sends every token as it comes instead of asking for the status five times a
-second. Under the real CodeProject.AI Server the variable is not set: there is no channel, and the module is polled.
+(docs/protocol.md §1.10). The module writes a line for each piece of a reply as it is appended, with the chat's
+metrics then, and one as a chat ends, so that the server's OpenAI stream sends every token as it comes instead of
+asking for the status five times a second, and the server answers a client's status polls of a running chat without
+a round trip through this process. Under the real CodeProject.AI Server the variable is not set: there is no
+channel, and the module is polled.
 
 A write never waits: a line that does not fit in the pipe now (the server is behind) is dropped, and the server,
 finding a gap in the reply's offsets, or silence, asks get_command_status once to catch up. Lines are at most
@@ -50,9 +52,13 @@ class ReplyChannel:
         os.set_inheritable(fd, False)  # only this process writes to the server's channel
         return cls(fd)
 
-    def text(self, command_id: str, offset: int, text: str) -> None:
-        """`text` has just been appended to the chat's reply at character `offset`."""
-        self._write({"id": command_id, "at": offset, "text": text})
+    def text(self, command_id: str, offset: int, text: str, metrics: dict[str, object] | None = None) -> None:
+        """`text` has just been appended to the chat's reply at character `offset`; `metrics`, the chat's live
+        metrics now (ChatJob.metrics), when a status poll's answer holds nothing else that changes."""
+        record: dict[str, object] = {"id": command_id, "at": offset, "text": text}
+        if metrics is not None:
+            record["metrics"] = metrics
+        self._write(record)
 
     def ended(self, command_id: str) -> None:
         """The chat is over: its result is what get_command_status answers from now on."""

@@ -11,7 +11,7 @@ from .payload import PayloadError, build_payload
 from .queues import QueueError, RequestTimedOut
 from .request_body import MAX_FILE_BODY_BYTES, MAX_TEXT_BODY_BYTES, body_limit
 from .responses import error_response, is_openai_path, utc_timestamp
-from .routes import SYSTEM_COMMANDS, Route
+from .routes import STATUS_COMMAND, SYSTEM_COMMANDS, Route
 from .server_state import STATE, ServerState
 
 _NOT_RUNNING = (ModuleStatus.STOPPING, ModuleStatus.STOPPED)
@@ -50,11 +50,16 @@ def _lost_answer(state: ServerState, command: str, command_id: str, reason: str)
 async def ask_module(state: ServerState, route: Route, payload: dict) -> dict:
     """The module's answer; for a command the module lost when it stopped, the server's own. QueueError if none."""
     command_id = _command_id(payload) if route.command in SYSTEM_COMMANDS else None
+    feed = state.reply_feed
+    if feed is not None and route.command == STATUS_COMMAND and (live := feed.status(command_id)) is not None:
+        return live  # a running chat, as the module last answered and its reply channel has told since
     answer, failure = None, None
     if not state.commands.lost(command_id):
         try:
             answer = await state.queues.send_request(route.queue, payload)
             state.commands.saw_answer(answer)
+            if feed is not None:
+                feed.answered(command_id, route.command, answer)
         except RequestTimedOut as ex:
             failure = QueueError(f"{ex}: {why_no_answer(state)}")
         except QueueError as ex:

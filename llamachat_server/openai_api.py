@@ -33,6 +33,7 @@ from .openai_chat import (
 from .openai_tools import message_deltas
 from .payload import group_values
 from .queues import QueueError, RequestQueueFull
+from .reply_feed import extend
 from .request_body import MAX_TEXT_BODY_BYTES, JsonInputError, body_limit, parse_json, within_body_deadline
 from .server_state import STATE, ServerState
 
@@ -157,13 +158,11 @@ def _grown(reply: str, lines: list[dict]) -> tuple[list[str], bool]:
     ended, a piece is missing (the module dropped a line), or no line came."""
     replies: list[str] = []
     for line in lines:
-        if line.get("end"):
+        grown = None if line.get("end") else extend(reply, line["at"], line["text"])
+        if grown is None:
             return replies, True
-        at, text = line["at"], line["text"]
-        if at > len(reply):
-            return replies, True
-        if at + len(text) > len(reply):  # a piece the last status had already is skipped
-            reply += text[len(reply) - at :]
+        if len(grown) > len(reply):  # a piece the last status had already is skipped
+            reply = grown
             replies.append(reply)
     return replies, not lines
 

@@ -1,11 +1,15 @@
 """ReplyFeed: the server's end of the reply channel (docs/protocol.md §1.10). Each time the server launches the module
 it opens a pipe whose write end only that process inherits (its number in LLAMACHAT_REPLY_CHANNEL_FD), reads the
 module's lines on the event loop, and hands each chat's to whoever subscribed to its commandId: the OpenAI stream,
-which then sends every piece of the reply as it is made. Nobody subscribed: the line is dropped.
+which then sends every piece of the reply as it is made. It also keeps each running chat's reply and latest metrics,
+so that a client's get_command_status poll of a running chat is answered here (`status`), without the three HTTP
+exchanges through the module's process that slow its decoding.
 
-The lines are hints, never the record: a chat's reply and result stay what get_command_status answers. A follower
-merges pieces by their offsets and asks get_command_status whenever a piece is missing, the chat has ended, or the
-channel has gone quiet or closed. On Windows no pipe is passed (the fd cannot be handed over as simply): followers poll.
+The lines are hints, never the record: a chat's result stays what the module answers. A follower merges pieces by
+their offsets and asks get_command_status whenever a piece is missing, the chat has ended, or the channel has gone
+quiet or closed; `status` answers only from the module's own latest answer for the chat, updated by the lines that
+came after it, and leaves the poll to the module in those cases. On Windows no pipe is passed (the fd cannot be
+handed over as simply): followers poll, and so do clients.
 """
 
 from __future__ import annotations
@@ -16,12 +20,28 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from time import monotonic
 
 from .module_process import output_lines
+from .routes import STATUS_COMMAND
 from .server_log import ServerLog
 
 # A line is at most PIPE_BUF bytes (the module drops longer ones); more than this is not a line of the module's.
 LINE_LIMIT = 64 * 1024
+# With no line for this long, a running chat's status is the module's to answer: a chat evaluating its prompt, or
+# one whose end line was dropped while the pipe was full.
+LIVE_SILENCE = 1.0
+# Running chats whose status the server keeps: far more than the module runs at once. Past it the oldest is dropped
+# (a chat whose end line was lost would otherwise stay forever); its polls go to the module.
+MAX_LIVE_CHATS = 256
+
+
+def extend(reply: str, at: int, text: str) -> str | None:
+    """The reply with the piece `text` at offset `at` merged in (a part it already has is skipped), or None when the
+    piece starts past its end: one before it is missing."""
+    if at > len(reply):
+        return None
+    return reply + text[len(reply) - at :] if at + len(text) > len(reply) else reply
 
 
 def _well_formed(line: object) -> bool:
@@ -62,10 +82,41 @@ class ReplyPieces:
         return lines
 
 
+class LiveChat:
+    """What the server knows of one running chat: the module's latest get_command_status answer for it (the
+    envelope), and the reply and metrics as the lines since have grown them."""
+
+    def __init__(self) -> None:
+        self.reply = ""
+        self.answer: dict | None = None
+        self.metrics: dict | None = None  # from the latest line, when it is newer than the answer
+        self.heard = 0.0  # monotonic() of the latest line
+
+    def piece(self, at: int, text: str, metrics: object) -> None:
+        grown = extend(self.reply, at, text)
+        if grown is None:  # a line was dropped: until the module answers again, it answers
+            self.answer = self.metrics = None
+            return
+        self.reply, self.heard = grown, monotonic()
+        self.metrics = metrics if isinstance(metrics, dict) else None
+
+    def answered(self, answer: dict) -> None:
+        reply = answer.get("reply") or ""
+        if len(reply) >= len(self.reply):  # the answer is the newest word (both are the start of the same reply)
+            self.reply, self.metrics = reply, None
+        self.answer = dict(answer)
+
+    def status(self) -> dict | None:
+        if self.answer is None or self.metrics is None or monotonic() - self.heard > LIVE_SILENCE:
+            return None
+        return {**self.answer, **self.metrics, "reply": self.reply}
+
+
 class ReplyFeed:
     def __init__(self, log: ServerLog) -> None:
         self._log = log
         self._followers: dict[str, set[ReplyPieces]] = {}
+        self._live: dict[str, LiveChat] = {}
         self._reader: asyncio.Task | None = None
         self.live = False  # a module process holds the write end of a pipe being read now
 
@@ -93,6 +144,7 @@ class ReplyFeed:
             transport.close()
             if self._reader is asyncio.current_task():  # not when a newer module's pipe is read already
                 self.live = False
+                self._live.clear()
             for followers in self._followers.values():
                 for pieces in followers:
                     pieces.close()
@@ -105,8 +157,38 @@ class ReplyFeed:
         if not _well_formed(line):
             self._log.add(f"The module wrote a line the reply channel does not know: {raw[:100]!r}", "warning")
             return
-        for pieces in self._followers.get(line["id"], ()):
+        command_id = line["id"]
+        if line.get("end"):
+            self._live.pop(command_id, None)
+        else:
+            self._live_chat(command_id).piece(line["at"], line["text"], line.get("metrics"))
+        for pieces in self._followers.get(command_id, ()):
             pieces.put(line)
+
+    def _live_chat(self, command_id: str) -> LiveChat:
+        chat = self._live.get(command_id)
+        if chat is None:
+            if len(self._live) >= MAX_LIVE_CHATS:
+                del self._live[next(iter(self._live))]
+            chat = self._live[command_id] = LiveChat()
+        return chat
+
+    def status(self, command_id: str | None) -> dict | None:
+        """get_command_status's answer for a running chat, from the module's latest answer and the lines since; None
+        when only the module can answer (no answer of its yet, a line missing, silence, a chat with log
+        probabilities, or one that is not running)."""
+        chat = self._live.get(command_id or "") if self.live else None
+        return chat.status() if chat is not None else None
+
+    def answered(self, command_id: str | None, command: str, answer: dict) -> None:
+        """The module's answer to `command` for the chat `command_id`, as relayed to a client."""
+        if not command_id:
+            return
+        if command == STATUS_COMMAND and answer.get("success") and answer.get("commandStatus") == "running":
+            if self.live:
+                self._live_chat(command_id).answered(answer)
+        else:  # over, queued, unknown, or being cancelled: polls go to the module until its answer says running
+            self._live.pop(command_id, None)
 
     @contextmanager
     def follow(self, command_id: str) -> Iterator[ReplyPieces]:

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from .settings import ModuleSettings, lookup
 
 # Every module also answers these two, for long-running commands (docs/protocol.md §2.1).
-SYSTEM_COMMANDS = ("get_command_status", "cancel_command")
+STATUS_COMMAND = "get_command_status"
+SYSTEM_COMMANDS = (STATUS_COMMAND, "cancel_command")
 
 
 @dataclass(frozen=True)

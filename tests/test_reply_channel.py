@@ -3,6 +3,8 @@ block decoding nor write a partial line, and the server's reader (llamachat_serv
 chat's lines to its followers; and how a follower merges pieces (openai_api._grown). The whole path, module to OpenAI
 client, is tests/test_openai_stream.py's."""
 
+from __future__ import annotations
+
 import asyncio
 import json
 import os
@@ -13,6 +15,7 @@ import pytest
 from llamachat.chat_job import ChatJob
 from llamachat.chat_queue import ChatQueue
 from llamachat.reply_channel import ATOMIC_BYTES, ReplyChannel, ReplyChannelError
+from llamachat_server import reply_feed
 from llamachat_server.openai_api import _grown
 from llamachat_server.reply_feed import ReplyFeed
 from llamachat_server.server_log import ServerLog
@@ -68,6 +71,7 @@ def test_a_job_writes_each_piece_at_its_offset_and_the_queue_an_end_when_the_cha
         job.add_text(piece, tokens)
     queue.finish(chat, job.finish("completed"))
     lines = read_lines(read_fd)
+    metrics = [line.pop("metrics") for line in lines[:3]]
     assert lines == [
         {"id": "chat-1", "at": 0, "text": "Once"},
         {"id": "chat-1", "at": 4, "text": " upon"},
@@ -75,6 +79,18 @@ def test_a_job_writes_each_piece_at_its_offset_and_the_queue_an_end_when_the_cha
         {"id": "chat-1", "end": True},
     ]
     assert "".join(line.get("text", "") for line in lines) == job.reply
+    # Each piece carries the metrics a poll would have seen just after it: what changes in a running chat's status.
+    assert [m["completion_tokens"] for m in metrics] == [1, 3, 5]
+    assert metrics[-1].keys() == job.metrics().keys() == job.status().keys() - {"success", "reply"}
+
+
+def test_a_chat_with_log_probabilities_writes_its_pieces_without_metrics(pipe):
+    read_fd, write_fd = pipe
+    channel = ReplyChannel.from_environment({REPLY_CHANNEL_VARIABLE: str(write_fd)})
+    job = ChatJob("chat-2", "model", channel=channel)
+    job.logprobs = []  # a status holds them, and a line has no room for them: the module answers its polls
+    job.add_text("Hi", 1)
+    assert read_lines(read_fd) == [{"id": "chat-2", "at": 0, "text": "Hi"}]
 
 
 def test_a_full_pipe_drops_lines_at_once_and_a_closed_one_is_left_alone(pipe):
@@ -131,3 +147,77 @@ def test_the_feed_hands_each_chat_its_own_lines_and_closes_its_followers_when_th
     assert got_b == [{"id": "b", "end": True}]
     warnings = [entry["entry"] for entry in log.list(count=10) if "reply channel" in entry["entry"]]
     assert len(warnings) == 2  # the line that is not JSON, and the piece whose offset is not a number
+
+
+RUNNING_ANSWER = {
+    "success": True,
+    "commandId": "a",
+    "commandStatus": "running",
+    "message": "The long running command is still in progress",
+    "moduleId": "LlamaChat",
+    "reply": "Once",
+    "completion_tokens": 1,
+}
+
+
+def piece(at: int, text: str, tokens: int | None = None) -> bytes:
+    metrics = {} if tokens is None else {"metrics": {"completion_tokens": tokens}}
+    return json.dumps({"id": "a", "at": at, "text": text, **metrics}).encode() + b"\n"
+
+
+def test_the_feed_answers_a_running_chats_status_from_the_modules_last_answer_and_the_lines_since(monkeypatch):
+    """Polls of a running chat cost the module nothing while its lines keep the server's answer current; whatever
+    the lines cannot vouch for (no answer yet, a gap, silence, the end, a cancel) is the module's to answer."""
+    clock = [100.0]
+    monkeypatch.setattr(reply_feed, "monotonic", lambda: clock[0])  # silence without waiting for it
+
+    async def settle(feed: ReplyFeed, write_fd: int, data: bytes) -> None:
+        with feed.follow("a") as pieces:
+            os.write(write_fd, data)
+            got = []
+            while len(got) < data.count(b"\n"):
+                got += await pieces.take(5)
+
+    async def scenario():
+        feed = ReplyFeed(ServerLog(echo=None))
+        write_fd = feed.open()
+        assert feed.status("a") is None
+        await settle(feed, write_fd, piece(0, "Once", 1))
+        assert feed.status("a") is None  # no answer of the module's yet: the envelope is its to give
+        feed.answered("a", "get_command_status", RUNNING_ANSWER)
+        assert feed.status("a") is None  # the module's answer is the newest word
+        await settle(feed, write_fd, piece(4, " upon", 2) + piece(9, " a", 3))
+        assert feed.status("a") == {**RUNNING_ANSWER, "reply": "Once upon a", "completion_tokens": 3}
+        feed.answered("a", "get_command_status", {**RUNNING_ANSWER, "reply": "Once upon", "completion_tokens": 2})
+        assert feed.status("a")["reply"] == "Once upon a"  # an answer behind the lines never shortens the reply
+        clock[0] += reply_feed.LIVE_SILENCE + 0.1
+        assert feed.status("a") is None  # silence: the module says what has become of the chat
+        await settle(feed, write_fd, piece(11, " time", 4))
+        assert feed.status("a")["reply"] == "Once upon a time"
+        await settle(feed, write_fd, piece(30, "!", 6))  # the piece at 16 was dropped
+        assert feed.status("a") is None
+        feed.answered("a", "get_command_status", {**RUNNING_ANSWER, "reply": "Once upon a time, there", "x": 1})
+        await settle(feed, write_fd, piece(23, " was", 7))
+        grown = {"reply": "Once upon a time, there was", "completion_tokens": 7}
+        assert feed.status("a") == {**RUNNING_ANSWER, "x": 1, **grown}
+        await settle(feed, write_fd, piece(27, " a", None))  # a chat with log probabilities: no metrics
+        assert feed.status("a") is None
+        await settle(feed, write_fd, piece(29, " king", 9))
+        assert feed.status("a") is not None
+        feed.answered("a", "cancel_command", {"success": True, "commandStatus": "cancelled"})
+        assert feed.status("a") is None  # being cancelled: the module's answers say when it has stopped
+        feed.answered("a", "get_command_status", RUNNING_ANSWER)
+        await settle(feed, write_fd, piece(4, " upon", 2) + b'{"id":"a","end":true}\n')
+        assert feed.status("a") is None  # over: the result is the module's
+        feed.answered("a", "get_command_status", RUNNING_ANSWER)
+        await settle(feed, write_fd, piece(4, " upon", 2))
+        assert feed.status("a") is not None
+        os.close(write_fd)  # the module has ended
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while feed.live and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        assert not feed.live and feed.status("a") is None
+        await feed.close()
+
+    asyncio.run(scenario())

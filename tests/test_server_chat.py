@@ -106,6 +106,34 @@ def test_form_chat_streams_a_growing_reply(base_url):
     assert [len(p) for p in partials] == sorted(len(p) for p in partials)
 
 
+def test_the_server_answers_polls_of_a_running_chat_from_the_reply_channel(base_url):
+    """While the module's reply channel brings each piece of the reply with its metrics, the server answers a
+    running chat's polls itself: the module's latest answer, updated by the lines since (so it keeps that answer's
+    requestId). Every answer is as the module's would be, and the reply and its token count only grow."""
+    ack = start_chat(base_url, prompt=STORY, max_tokens=LONG, temperature="0")
+    running = []
+
+    def answered_by_the_server():
+        answer = status(base_url, ack["commandId"])
+        assert answer["commandStatus"] == "running", answer
+        running.append(answer)
+        return len({a["requestId"] for a in running}) < len(running)
+
+    poll(answered_by_the_server, 60, "a poll the server answered itself", interval=0.01)
+    post(base_url, "LlamaChat/cancel_command", commandId=ack["commandId"])
+    _, final = follow(base_url, ack["commandId"])
+    for answer in running:
+        assert_fields(answer, RUNNING_FIELDS)
+        assert answer["success"] is True
+        assert answer["message"] == "The long running command is still in progress"
+        assert answer["command"] == "get_command_status"
+        assert answer["commandId"] == ack["commandId"]
+        assert final["reply"].startswith(answer["reply"])
+    assert [len(a["reply"]) for a in running] == sorted(len(a["reply"]) for a in running)
+    tokens = [a["completion_tokens"] for a in running]
+    assert tokens == sorted(tokens) and tokens[-1] <= final["completion_tokens"]
+
+
 def test_form_chat_completes_with_every_field(base_url):
     ack = start_chat(base_url, prompt="List the colours of the rainbow.", max_tokens="40", temperature="0")
     running, final = follow(base_url, ack["commandId"])
