@@ -90,8 +90,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--poll-replies",
         action="store_true",
-        help="follow the module's chats for OpenAI clients by status polls only, as under CodeProject.AI Server "
-        "(several tokens a chunk), instead of the reply channel the launched module writes each token to",
+        help="no reply channel: follow the module's chats for OpenAI clients by status polls only (several tokens "
+        "a chunk), and pass every client's status poll to the module, as CodeProject.AI Server does, instead of "
+        "using the channel the launched module writes each token to",
     )
     parser.add_argument(
         "--allow-origin",

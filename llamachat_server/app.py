@@ -229,7 +229,7 @@ async def serve(config: ServerConfig, stop: asyncio.Event, on_ready: Callable[[s
     finally:
         await state.module.stop(lambda: state.queues.post(state.settings.queue, quit_payload(state.settings.module_id)))
         if state.reply_feed is not None:
-            await state.reply_feed.close()
+            state.reply_feed.close()
         state.queues.fail_all("The server is shutting down")  # clients still waiting hear why, at once
         await runner.cleanup()
         app[MODULE_ACCESS].close()

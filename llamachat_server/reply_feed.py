@@ -22,12 +22,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from time import monotonic
 
-from .module_process import output_lines
 from .routes import STATUS_COMMAND
 from .server_log import ServerLog
 
 # A line is at most PIPE_BUF bytes (the module drops longer ones); more than this is not a line of the module's.
 LINE_LIMIT = 64 * 1024
+READ_BYTES = 64 * 1024  # a pipe's default capacity on Linux: one read empties it
 # With no line for this long, a running chat's status is the module's to answer: a chat evaluating its prompt, or
 # one whose end line was dropped while the pipe was full.
 LIVE_SILENCE = 1.0
@@ -113,41 +113,71 @@ class LiveChat:
 
 
 class ReplyFeed:
+    """Reads the pipe while a stream follows a chat (a wake-up per token is then the point); otherwise only when a
+    status poll needs what it holds, so that a chat nobody streams costs the server nothing per token. A pipe left
+    unread fills, and the module then drops its lines: a gap that sends the next poll to the module."""
+
     def __init__(self, log: ServerLog) -> None:
         self._log = log
         self._followers: dict[str, set[ReplyPieces]] = {}
         self._live: dict[str, LiveChat] = {}
-        self._reader: asyncio.Task | None = None
-        self.live = False  # a module process holds the write end of a pipe being read now
+        self._fd: int | None = None  # the read end of the launched module's pipe
+        self._partial = b""  # the start of a line whose end is still in the pipe
+        self._watched = False  # the event loop reads the pipe as lines come
+        self.live = False  # a module process may hold the write end of the pipe read here
 
     def open(self) -> int | None:
         """A new pipe for the module about to be launched: the write end's fd, to pass to it and close here once it
         is launched; None on Windows."""
         if sys.platform == "win32":
             return None
+        self._ended()  # a module launched before has gone: its pipe is done with
         read_fd, write_fd = os.pipe()
-        self._reader = asyncio.create_task(self._read(read_fd))
-        self.live = True
+        os.set_blocking(read_fd, False)
+        self._fd, self._partial, self.live = read_fd, b"", True
+        self._watch(bool(self._followers))
         return write_fd
 
-    async def _read(self, read_fd: int) -> None:
-        """Reads the module's lines until it ends (its write end closes with it), then wakes every follower."""
+    def _watch(self, on: bool) -> None:
+        if self._fd is None or on == self._watched:
+            return
         loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=LINE_LIMIT)
-        transport, _ = await loop.connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", buffering=0)
-        )
-        try:
-            async for raw in output_lines(reader):
+        if on:
+            loop.add_reader(self._fd, self._drain)
+        else:
+            loop.remove_reader(self._fd)
+        self._watched = on
+
+    def _drain(self) -> None:
+        """Delivers every whole line the pipe holds now; at its end (the module has gone), ends the channel."""
+        while self._fd is not None:
+            try:
+                data = os.read(self._fd, READ_BYTES)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._ended()
+                return
+            *lines, self._partial = (self._partial + data).split(b"\n")
+            if len(self._partial) > LINE_LIMIT:  # no line of the module's: its end is skipped as a line of its own
+                lines.append(self._partial[:LINE_LIMIT])
+                self._partial = b""
+            for raw in lines:
                 self._deliver(raw)
-        finally:
-            transport.close()
-            if self._reader is asyncio.current_task():  # not when a newer module's pipe is read already
-                self.live = False
-                self._live.clear()
-            for followers in self._followers.values():
-                for pieces in followers:
-                    pieces.close()
+
+    def _ended(self) -> None:
+        """The module's pipe is closed (it has ended, or a new one replaces it): followers poll from now on."""
+        if self._fd is not None:
+            self._watch(False)
+            os.close(self._fd)
+            self._fd = None
+        self.live = False
+        self._live.clear()
+        for followers in self._followers.values():
+            for pieces in followers:
+                pieces.close()
 
     def _deliver(self, raw: bytes) -> None:
         try:
@@ -177,6 +207,7 @@ class ReplyFeed:
         """get_command_status's answer for a running chat, from the module's latest answer and the lines since; None
         when only the module can answer (no answer of its yet, a line missing, silence, a chat with log
         probabilities, or one that is not running)."""
+        self._drain()
         chat = self._live.get(command_id or "") if self.live else None
         return chat.status() if chat is not None else None
 
@@ -193,10 +224,12 @@ class ReplyFeed:
     @contextmanager
     def follow(self, command_id: str) -> Iterator[ReplyPieces]:
         """The lines of the chat `command_id` from now on, while the block runs."""
+        self._drain()  # what the pipe holds already is from before: it goes to the running chats' status only
         pieces = ReplyPieces()
         if not self.live:
             pieces.close()
         self._followers.setdefault(command_id, set()).add(pieces)
+        self._watch(True)
         try:
             yield pieces
         finally:
@@ -204,9 +237,8 @@ class ReplyFeed:
             followers.discard(pieces)
             if not followers:
                 del self._followers[command_id]
+            self._watch(bool(self._followers))
 
-    async def close(self) -> None:
-        """After the module has stopped: ends the last reader, if its pipe is still open."""
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
+    def close(self) -> None:
+        """After the module has stopped: closes the last pipe, if it is still open."""
+        self._ended()

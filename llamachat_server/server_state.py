@@ -42,8 +42,8 @@ class ServerConfig:
     allowed_origins: list[str] = field(default_factory=list)  # web origins allowed beyond this machine's (cors.py)
     allowed_hosts: list[str] = field(default_factory=list)  # Host names allowed beyond this server's (host_check.py)
     api_keys: list[str] = field(default_factory=list)  # none: no key needed (api_keys.py)
-    # False: the OpenAI API follows chats by get_command_status polls only, as it must under the real server (the
-    # reply channel's "before", for bench/openai_stream.py and tests)
+    # False: no reply channel; the OpenAI API follows chats by get_command_status polls only, and every poll goes to
+    # the module, as under the real server (the channel's "before", for bench/openai_stream.py and tests)
     reply_channel: bool = True
 
 
