@@ -74,8 +74,9 @@ class ReplyPieces:
         """The lines that have come since the last take, waiting up to `timeout` s for one; [] on silence or close."""
         if not self._lines and not self.closed:
             try:
-                await asyncio.wait_for(self._arrived.wait(), timeout)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(timeout):  # once a token: no task of its own, unlike wait_for
+                    await self._arrived.wait()
+            except TimeoutError:
                 pass
         lines, self._lines = self._lines, []
         self._arrived.clear()
@@ -166,6 +167,8 @@ class ReplyFeed:
                 self._partial = b""
             for raw in lines:
                 self._deliver(raw)
+            if len(data) < READ_BYTES:  # the pipe is empty now: no read that would only fail
+                return
 
     def _ended(self) -> None:
         """The module's pipe is closed (it has ended, or a new one replaces it): followers poll from now on."""
