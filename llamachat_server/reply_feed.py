@@ -97,9 +97,9 @@ class LiveChat:
         grown = extend(self.reply, at, text)
         if grown is None:  # a line was dropped: until the module answers again, it answers
             self.answer = self.metrics = None
-            return
-        self.reply, self.heard = grown, monotonic()
-        self.metrics = metrics if isinstance(metrics, dict) else None
+        elif len(grown) > len(self.reply):  # a line the latest answer covers has older metrics than that answer
+            self.reply, self.heard = grown, monotonic()
+            self.metrics = metrics if isinstance(metrics, dict) else None
 
     def answered(self, answer: dict) -> None:
         reply = answer.get("reply") or ""

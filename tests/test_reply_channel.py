@@ -197,6 +197,8 @@ def test_the_feed_answers_a_running_chats_status_from_the_modules_last_answer_an
         await settle(feed, write_fd, piece(30, "!", 6))  # the piece at 16 was dropped
         assert feed.status("a") is None
         feed.answered("a", "get_command_status", {**RUNNING_ANSWER, "reply": "Once upon a time, there", "x": 1})
+        await settle(feed, write_fd, piece(16, ", there", 6))  # written before that answer: its metrics are older
+        assert feed.status("a") is None
         await settle(feed, write_fd, piece(23, " was", 7))
         grown = {"reply": "Once upon a time, there was", "completion_tokens": 7}
         assert feed.status("a") == {**RUNNING_ANSWER, "x": 1, **grown}
