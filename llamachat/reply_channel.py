@@ -16,6 +16,7 @@ import json
 import os
 import select
 import stat
+import time
 from collections.abc import Mapping
 
 from llamachat_server.settings import REPLY_CHANNEL_VARIABLE
@@ -55,7 +56,9 @@ class ReplyChannel:
     def text(self, command_id: str, offset: int, text: str, metrics: dict[str, object] | None = None) -> None:
         """`text` has just been appended to the chat's reply at character `offset`; `metrics`, the chat's live
         metrics now (ChatJob.metrics), when a status poll's answer holds nothing else that changes."""
-        record: dict[str, object] = {"id": command_id, "at": offset, "text": text}
+        # "t": when, on the machine's monotonic clock (the server's too), so the server can tell stale lines it reads
+        # late from fresh ones.
+        record: dict[str, object] = {"id": command_id, "at": offset, "text": text, "t": time.monotonic()}
         if metrics is not None:
             record["metrics"] = metrics
         self._write(record)

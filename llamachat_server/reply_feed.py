@@ -91,15 +91,16 @@ class LiveChat:
         self.reply = ""
         self.answer: dict | None = None
         self.metrics: dict | None = None  # from the latest line, when it is newer than the answer
-        self.heard = 0.0  # monotonic() of the latest line
+        self.heard = 0.0  # monotonic() when the latest line was written
 
-    def piece(self, at: int, text: str, metrics: object) -> None:
+    def piece(self, at: int, text: str, metrics: object, written: object) -> None:
         grown = extend(self.reply, at, text)
         if grown is None:  # a line was dropped: until the module answers again, it answers
             self.answer = self.metrics = None
         elif len(grown) > len(self.reply):  # a line the latest answer covers has older metrics than that answer
-            self.reply, self.heard = grown, monotonic()
-            self.metrics = metrics if isinstance(metrics, dict) else None
+            self.reply, self.metrics = grown, metrics if isinstance(metrics, dict) else None
+            # When the module wrote it: a line read late (the pipe is read lazily) is as old as that.
+            self.heard = written if isinstance(written, float) else monotonic()
 
     def answered(self, answer: dict) -> None:
         reply = answer.get("reply") or ""
@@ -167,8 +168,6 @@ class ReplyFeed:
                 self._partial = b""
             for raw in lines:
                 self._deliver(raw)
-            if len(data) < READ_BYTES:  # the pipe is empty now: no read that would only fail
-                return
 
     def _ended(self) -> None:
         """The module's pipe is closed (it has ended, or a new one replaces it): followers poll from now on."""
@@ -194,7 +193,7 @@ class ReplyFeed:
         if line.get("end"):
             self._live.pop(command_id, None)
         else:
-            self._live_chat(command_id).piece(line["at"], line["text"], line.get("metrics"))
+            self._live_chat(command_id).piece(line["at"], line["text"], line.get("metrics"), line.get("t"))
         for pieces in self._followers.get(command_id, ()):
             pieces.put(line)
 
@@ -219,8 +218,9 @@ class ReplyFeed:
         if not command_id:
             return
         if command == STATUS_COMMAND and answer.get("success") and answer.get("commandStatus") == "running":
-            if self.live:
-                self._live_chat(command_id).answered(answer)
+            chat = self._live.get(command_id)  # made by its lines only: an answer that comes late makes none
+            if chat is not None:
+                chat.answered(answer)
         else:  # over, queued, unknown, or being cancelled: polls go to the module until its answer says running
             self._live.pop(command_id, None)
 

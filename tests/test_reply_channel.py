@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import tempfile
+import time
 
 import pytest
 
@@ -70,8 +71,11 @@ def test_a_job_writes_each_piece_at_its_offset_and_the_queue_an_end_when_the_cha
     for piece, tokens in (("Once", 1), ("", 2), (" upon", 3), (" a tïme", 5)):
         job.add_text(piece, tokens)
     queue.finish(chat, job.finish("completed"))
+    before = time.monotonic()
     lines = read_lines(read_fd)
     metrics = [line.pop("metrics") for line in lines[:3]]
+    stamps = [line.pop("t") for line in lines[:3]]
+    assert stamps == sorted(stamps) and stamps[-1] <= before  # when written, on the clock the server reads too
     assert lines == [
         {"id": "chat-1", "at": 0, "text": "Once"},
         {"id": "chat-1", "at": 4, "text": " upon"},
@@ -90,7 +94,9 @@ def test_a_chat_with_log_probabilities_writes_its_pieces_without_metrics(pipe):
     job = ChatJob("chat-2", "model", channel=channel)
     job.logprobs = []  # a status holds them, and a line has no room for them: the module answers its polls
     job.add_text("Hi", 1)
-    assert read_lines(read_fd) == [{"id": "chat-2", "at": 0, "text": "Hi"}]
+    assert [{k: v for k, v in line.items() if k != "t"} for line in read_lines(read_fd)] == [
+        {"id": "chat-2", "at": 0, "text": "Hi"}
+    ]
 
 
 def test_a_full_pipe_drops_lines_at_once_and_a_closed_one_is_left_alone(pipe):
@@ -160,9 +166,10 @@ RUNNING_ANSWER = {
 }
 
 
-def piece(at: int, text: str, tokens: int | None = None) -> bytes:
+def piece(at: int, text: str, tokens: int | None = None, chat: str = "a", written: float | None = None) -> bytes:
     metrics = {} if tokens is None else {"metrics": {"completion_tokens": tokens}}
-    return json.dumps({"id": "a", "at": at, "text": text, **metrics}).encode() + b"\n"
+    stamp = {} if written is None else {"t": written}
+    return json.dumps({"id": chat, "at": at, "text": text, **metrics, **stamp}).encode() + b"\n"
 
 
 def test_the_feed_answers_a_running_chats_status_from_the_modules_last_answer_and_the_lines_since(monkeypatch):
@@ -171,8 +178,8 @@ def test_the_feed_answers_a_running_chats_status_from_the_modules_last_answer_an
     clock = [100.0]
     monkeypatch.setattr(reply_feed, "monotonic", lambda: clock[0])  # silence without waiting for it
 
-    async def settle(feed: ReplyFeed, write_fd: int, data: bytes) -> None:
-        with feed.follow("a") as pieces:
+    async def settle(feed: ReplyFeed, write_fd: int, data: bytes, chat: str = "a") -> None:
+        with feed.follow(chat) as pieces:
             os.write(write_fd, data)
             got = []
             while len(got) < data.count(b"\n"):
@@ -208,16 +215,31 @@ def test_the_feed_answers_a_running_chats_status_from_the_modules_last_answer_an
         assert feed.status("a") is not None
         feed.answered("a", "cancel_command", {"success": True, "commandStatus": "cancelled"})
         assert feed.status("a") is None  # being cancelled: the module's answers say when it has stopped
-        feed.answered("a", "get_command_status", RUNNING_ANSWER)
-        await settle(feed, write_fd, piece(4, " upon", 2) + b'{"id":"a","end":true}\n')
-        assert feed.status("a") is None  # over: the result is the module's
-        feed.answered("a", "get_command_status", RUNNING_ANSWER)
-        await settle(feed, write_fd, piece(4, " upon", 2))
-        assert feed.status("a") is not None
-        os.write(write_fd, piece(9, " a", 3))  # nobody follows the chat: the pipe is read when a poll needs it
-        assert feed.status("a")["reply"] == "Once upon a"
-        os.close(write_fd)  # the module has ended
-        assert feed.status("a") is None and not feed.live
+        feed.answered("a", "get_command_status", RUNNING_ANSWER)  # sent before the cancel, come late
+        await settle(feed, write_fd, piece(34, " who", 10))
+        assert feed.status("a") is None  # that late answer left nothing to answer from
+
+        b_running = {**RUNNING_ANSWER, "commandId": "b", "reply": "Hi"}
+        await settle(feed, write_fd, piece(0, "Hi", 1, "b"), "b")
+        feed.answered("b", "get_command_status", b_running)
+        await settle(feed, write_fd, piece(2, "!", 2, "b", written=clock[0]), "b")
+        assert feed.status("b")["reply"] == "Hi!"
+        # Read long after the module wrote it (nobody read the pipe meanwhile): the chat may have ended since, its
+        # end line dropped from a full pipe.
+        await settle(feed, write_fd, piece(3, " Bye", 3, "b", written=clock[0] - reply_feed.LIVE_SILENCE - 1), "b")
+        assert feed.status("b") is None
+        await settle(feed, write_fd, piece(7, ".", 4, "b") + b'{"id":"b","end":true}\n', "b")
+        assert feed.status("b") is None  # over: the result is the module's
+        feed.answered("b", "get_command_status", b_running)
+        assert feed.status("b") is None
+
+        await settle(feed, write_fd, piece(0, "Yo", 1, "c"), "c")
+        feed.answered("c", "get_command_status", {**RUNNING_ANSWER, "commandId": "c", "reply": "Yo"})
+        os.write(write_fd, piece(2, "!", 2, "c"))  # nobody follows the chat: the pipe is read when a poll needs it
+        assert feed.status("c")["reply"] == "Yo!"
+        os.write(write_fd, piece(3, "?", 3, "c"))
+        os.close(write_fd)  # the module has ended, a line of its still unread: the read goes on to the pipe's end
+        assert feed.status("c") is None and not feed.live
         feed.close()
 
     asyncio.run(scenario())
