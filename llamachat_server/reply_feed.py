@@ -28,8 +28,8 @@ from .server_log import ServerLog
 # A line is at most PIPE_BUF bytes (the module drops longer ones); more than this is not a line of the module's.
 LINE_LIMIT = 64 * 1024
 READ_BYTES = 64 * 1024  # a pipe's default capacity on Linux: one read empties it
-# With no line for this long, a running chat's status is the module's to answer: a chat evaluating its prompt, or
-# one whose end line was dropped while the pipe was full.
+# When the latest line was written longer ago than this, a running chat's status is the module's to answer: a chat
+# evaluating its prompt, or one whose end line was dropped while the pipe was full.
 LIVE_SILENCE = 1.0
 # Running chats whose status the server keeps: far more than the module runs at once. Past it the oldest is dropped
 # (a chat whose end line was lost would otherwise stay forever); its polls go to the module.
