@@ -104,9 +104,10 @@ class ChatRunner:
             return job.finish(StopReason.ERROR, str(ex), ex.code, ex.param)
         except FitCancelled:
             return job.finish(StopReason.CANCELLED)
-        if self.cache is not None and job.stop_reason in SAVED_STOP_REASONS:
-            # Queued behind the chat, on the llama thread, after its client can see that it ended.
-            self.llama_thread.submit(self._save)
+        if self.cache is not None and chat is not None and job.stop_reason in SAVED_STOP_REASONS:
+            # Queued behind the chat, on the llama thread, after its client can see that it ended; with the model it
+            # ran on, which close() frees only behind this save, however soon stop() comes.
+            self.llama_thread.submit(self._save, chat)
         return result
 
     def _model(self) -> LlamaChat:
@@ -131,9 +132,8 @@ class ChatRunner:
                 raise ChatError(str(ex), "json_schema", INVALID_JSON_SCHEMA) from None
         return self.fitter.fit(request, cancelled), extra
 
-    def _save(self) -> None:
-        chat = self.llama_chat
-        if self.cache is None or chat is None:  # cleanup() closed the model meanwhile
+    def _save(self, chat: LlamaChat) -> None:
+        if self.cache is None:
             return
         try:
             self.cache.save(*chat.capture_state())
