@@ -12,7 +12,8 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 
 from aiohttp import web
 
@@ -169,7 +170,7 @@ def _grown(reply: str, lines: list[dict]) -> tuple[list[str], bool]:
 
 async def _follow(
     state: ServerState, command_id: str, max_tokens: int | None, by_piece: bool = True
-) -> AsyncIterator[dict]:
+) -> AsyncGenerator[dict, None]:
     """The chat's status as it runs, ending with its final one. With the reply channel live (and `by_piece`), a
     status for each piece of the reply as the module appends it (the last status asked, with the reply grown), and
     statuses asked only at the start, at the end, to fill a gap, after CHANNEL_SILENCE, or by polls once the channel
@@ -315,48 +316,60 @@ async def _stream(
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", COMMAND_ID_HEADER: command_ids[0]}
     )
+    latest: dict[int, dict] = {}
+    async with aclosing(_statuses(state, command_ids, chat)) as statuses:
+        try:
+            while len(latest) < len(command_ids) or not all(_started(status) for status in latest.values()):
+                index, latest[index] = await statuses.__anext__()
+            for status in latest.values():
+                if status.get("commandStatus") not in UNFINISHED and not status.get("success"):
+                    _finish_reason(status)  # raises the chat's error as an HTTP answer
+            await response.prepare(request)
+            await _send_choices(response, chat, latest, statuses, response_id, created, model, fingerprint)
+        except ConnectionResetError:  # the client closed the connection between two chunks
+            for command_id in command_ids:
+                _cancel_in_background(state, command_id)  # a finished chat stays as it was
+    return response
+
+
+async def _statuses(
+    state: ServerState, command_ids: list[str], chat: ChatCompletionRequest
+) -> AsyncGenerator[tuple[int, dict], None]:
+    """Every choice's chat's statuses as they come, as (the choice's index, status); ApiFailure when following one
+    fails (the server's queue refused a poll, say). One chat's are read straight from its follower: a task and a queue
+    in between would cost a wake-up more per token."""
+    by_piece = not chat.logprobs  # the channel carries no log probabilities: a chat that asks for them is polled
+    if len(command_ids) == 1:
+        async with aclosing(_follow(state, command_ids[0], chat.max_tokens, by_piece)) as statuses:
+            async for status in statuses:
+                yield 0, status
+        return
     updates: asyncio.Queue[tuple[int, dict | ApiFailure]] = asyncio.Queue()
 
     async def follow(index: int, command_id: str) -> None:
         try:
-            # The channel carries no log probabilities: a chat that asks for them is polled.
-            async for status in _follow(state, command_id, chat.max_tokens, by_piece=not chat.logprobs):
+            async for status in _follow(state, command_id, chat.max_tokens, by_piece):
                 await updates.put((index, status))
-        except ApiFailure as ex:  # the server's queue refused a poll, say: the reader raises it
+        except ApiFailure as ex:
             await updates.put((index, ex))
 
     followers = [asyncio.ensure_future(follow(i, command_id)) for i, command_id in enumerate(command_ids)]
-    latest: dict[int, dict] = {}
     try:
-        while len(latest) < len(command_ids) or not all(_started(status) for status in latest.values()):
-            index, latest[index] = await _next_update(updates)
-        for status in latest.values():
-            if status.get("commandStatus") not in UNFINISHED and not status.get("success"):
-                _finish_reason(status)  # raises the chat's error as an HTTP answer
-        await response.prepare(request)
-        await _send_choices(response, chat, latest, updates, response_id, created, model, fingerprint)
-    except ConnectionResetError:  # the client closed the connection between two chunks
-        for command_id in command_ids:
-            _cancel_in_background(state, command_id)  # a finished chat stays as it was
+        while True:
+            index, update = await updates.get()
+            if isinstance(update, ApiFailure):
+                raise update
+            yield index, update
     finally:
         for follower in followers:
             follower.cancel()
-    return response
-
-
-async def _next_update(updates: asyncio.Queue[tuple[int, dict | ApiFailure]]) -> tuple[int, dict]:
-    """The next status of a choice's chat; ApiFailure when following it failed."""
-    index, status = await updates.get()
-    if isinstance(status, ApiFailure):
-        raise status
-    return index, status
 
 
 async def _send_choices(
     response: web.StreamResponse,
     chat: ChatCompletionRequest,
     latest: dict[int, dict],
-    updates: asyncio.Queue,
+    statuses: AsyncIterator[tuple[int, dict]],
     response_id: str,
     created: int,
     model: str,
@@ -377,7 +390,7 @@ async def _send_choices(
         for index in range(len(latest)):
             await send(piece(index, {"role": "assistant", "content": ""}, logprobs=[] if chat.logprobs else None))
         while len(finals) < len(latest):
-            index, status = waiting.pop(0) if waiting else await _next_update(updates)
+            index, status = waiting.pop(0) if waiting else await statuses.__anext__()
             reply, entries = status.get("reply") or "", status.get("logprobs")
             if len(reply) > sent[index] and chat.tools is None:  # calls are sent once complete, below
                 new_logprobs = entries[sent_logprobs[index] :] if entries is not None else None
