@@ -2,7 +2,6 @@
 its OpenAI-compatible streaming API."""
 
 import http.client
-import json
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,7 +9,7 @@ from typing import Any
 
 from tests.live_server import free_port, log_tail, poll, stop_process
 
-from .stream_timing import time_stream
+from .stream_timing import StreamRefused, sse_chunks, time_stream
 from .workload import N_CTX, SAMPLING, chat_messages
 
 
@@ -84,22 +83,10 @@ class LlamaServerEngine:
 
     def stream(self, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """POSTs an OpenAI chat completion body with stream: true; yields its chunks."""
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
         try:
-            connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
-            response = connection.getresponse()
-            if response.status != 200:
-                raise LlamaServerFailed(f"llama-server answered HTTP {response.status}: {response.read()[:300]!r}")
-            for line in response:  # server-sent events: "data: {chunk}" lines, then "data: [DONE]"
-                data = line.decode("utf-8").strip()
-                if not data.startswith("data:"):
-                    continue
-                data = data[len("data:") :].strip()
-                if data == "[DONE]":
-                    return
-                yield json.loads(data)
-        finally:
-            connection.close()
+            yield from sse_chunks(self.port, body)
+        except StreamRefused as ex:
+            raise LlamaServerFailed(f"llama-server answered {ex}") from None
 
     def chat(self, prompt: str, history: list[dict[str, str]], max_tokens: int, fresh: bool) -> dict[str, Any]:
         body = {

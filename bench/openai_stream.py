@@ -9,7 +9,9 @@ each chat starting with nothing cached. Writes openai_stream.json and openai_str
 
 Goals (issue 23, with the channel): median gap ≤ 3 × raw's time per token, p95 gap ≤ 50 ms, ≤ 2 tokens per chunk;
 stream tokens/s ≥ 0.97 × raw; first chunk ≤ the module's TTFT + 20 ms; in parallel the same per-stream cadence and an
-aggregate ≥ 0.97 × the polled one's; median gap within 1.5 × llama-server's.
+aggregate ≥ 0.97 × the polled one's; median gap within 1.5 × llama-server's. Each stream is read through the `openai`
+package, as users read it, and, as llama-server is, with json alone: the package's own work per chunk (~0.6 ms here)
+runs on the cores llama.cpp computes on and slows any server's stream, so the speed goal is judged on the second.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from .cpai_client import CpaiClient
 from .in_process import RawEngine
 from .llama_server import LlamaServerEngine
 from .module_bench import ModuleEngine
-from .openai_client import OpenAIStreamEngine
+from .openai_client import OpenAIStreamEngine, PlainStreamEngine
 from .stats import summary
 from .workload import DEFAULT_MODEL, GENERATION_PROMPT, N_CTX, NO_CONVERSATION_CACHE, Settings
 
@@ -49,11 +51,15 @@ LLAMA_SERVER_GOAL = 1.5  # × llama-server's median gap
 ONE_TOKEN_A_CHUNK = ("raw", "llama_server")  # their streams: a chunk per token (time_stream counts chunks)
 ENGINES = {
     "raw": "raw llama-cpp-python",
-    "llama_server": "llama-server --parallel 1",
+    "llama_server": "llama-server --parallel 1, read with json alone",
+    "llama_server_openai": "llama-server --parallel 1, through the openai package",
     "polled": "ours before: polled (--poll-replies)",
     "channel": "ours after: reply channel",
+    "channel_plain": "ours after: reply channel, read with json alone",
     "module_quiet": "module, polled once a second (reference)",
 }
+# Each of our streams against llama-server's read by the same client.
+SAME_CLIENT = {"channel": "llama_server_openai", "polled": "llama_server_openai", "channel_plain": "llama_server"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -106,9 +112,8 @@ def _goal(name: str, value: float | None, limit: float, detail: str, at_most: bo
 def single_goals(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """The issue's goals for each of our two streams: the channel must meet them; the polled one shows why."""
     raw_gap, raw_speed = _median(runs["raw"], "gap_median_ms"), _median(runs["raw"], "tokens_per_second")
-    server_gap = _median(runs.get("llama_server", []), "gap_median_ms")
     goals = []
-    for name in ("channel", "polled"):
+    for name in ("channel", "channel_plain", "polled"):
         stream, detail = runs[name], ENGINES[name]
         gap = _median(stream, "gap_median_ms")
         speed = _ratio(_median(stream, "tokens_per_second"), raw_speed)
@@ -117,10 +122,14 @@ def single_goals(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
             _goal("p95 gap ms", _median(stream, "gap_p95_ms"), P95_GOAL_MS, detail),
             _goal("tokens per chunk", _median(stream, "tokens_per_chunk"), TOKENS_PER_CHUNK_GOAL, detail),
             _goal("stream tokens/s ÷ raw", speed, SPEED_GOAL, detail, at_most=False),
-            _goal("first chunk − module TTFT, ms", _median(stream, "ttft_gap_ms"), TTFT_GAP_GOAL_MS, detail),
         ]
-        if server_gap:
-            goals.append(_goal("median gap ÷ llama-server's", _ratio(gap, server_gap), LLAMA_SERVER_GOAL, detail))
+        if name != "channel_plain":  # its reader asks the module for nothing
+            goals.append(
+                _goal("first chunk − module TTFT, ms", _median(stream, "ttft_gap_ms"), TTFT_GAP_GOAL_MS, detail)
+            )
+        if server_gap := _median(runs.get(SAME_CLIENT[name], []), "gap_median_ms"):
+            goal = "median gap ÷ llama-server's, read by the same client"
+            goals.append(_goal(goal, _ratio(gap, server_gap), LLAMA_SERVER_GOAL, detail))
     return goals
 
 
@@ -183,18 +192,34 @@ def report(results: dict[str, Any]) -> str:
         *cadence_table(results),
         "",
     ]
-    for name in ("channel", "polled"):
+    for name in ("channel", "channel_plain", "polled"):
         lines += [f"Goals, {ENGINES[name]}:", "", *_goal_lines(results["goals"], ENGINES[name]), ""]
     quiet = _median(runs["module_quiet"], "module_tokens_per_second")
     raw, channel = _median(runs["raw"], "tokens_per_second"), _median(runs["channel"], "module_tokens_per_second")
     lines += [
         f"- the module polled once a second ÷ raw: {_ratio(quiet, raw)}; the module's own tokens/s with the channel ÷ "
         f"that: {_ratio(channel, quiet)}",
+        *_client_cost(runs),
         "",
     ]
     if results.get("parallel"):
         lines += _parallel_report(results)
     return "\n".join(lines)
+
+
+def _client_cost(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """What the `openai` package's own work per chunk costs a stream on the same cores: each server's tokens/s read
+    through it ÷ read with json alone."""
+
+    def speed(name: str) -> float | None:
+        return _median(runs.get(name, []), "tokens_per_second")
+
+    ours = _ratio(speed("channel"), speed("channel_plain"))
+    theirs = _ratio(speed("llama_server_openai"), speed("llama_server"))
+    return [
+        f"- the openai package's share, tokens/s through it ÷ read with json alone: ours {ours}, "
+        f"llama-server's {theirs}"
+    ]
 
 
 def _parallel_report(results: dict[str, Any]) -> list[str]:
@@ -252,15 +277,22 @@ def measure_single(args: argparse.Namespace, scratch: Path) -> dict[str, list[di
         stack.callback(raw.close)
         channel_url, polled_url = _server(stack, args), _server(stack, args, POLLING)
         channel = OpenAIStreamEngine(channel_url, raw.llm.tokenize)
+        channel_plain = PlainStreamEngine(channel_url)
         polled = OpenAIStreamEngine(polled_url, raw.llm.tokenize)
         quiet = ModuleEngine(
             CpaiClient(channel_url), Settings(poll_interval_s=QUIET_POLL_S), server_status(channel_url)["pid"]
         )
-        engines: list[tuple[str, Any]] = [("raw", raw), ("polled", polled), ("channel", channel)]
+        engines: list[tuple[str, Any]] = [
+            ("raw", raw),
+            ("polled", polled),
+            ("channel", channel),
+            ("channel_plain", channel_plain),
+        ]
         if args.llama_server:
             server = LlamaServerEngine(args.llama_server, args.model, args.threads, scratch / "llama-server.log")
             stack.callback(server.close)
-            engines.append(("llama_server", server))
+            server_openai = OpenAIStreamEngine(f"http://127.0.0.1:{server.port}", raw.llm.tokenize)
+            engines += [("llama_server", server), ("llama_server_openai", server_openai)]
         engines.append(("module_quiet", quiet))
         for _, engine in engines:  # warm-up: first-call costs (connections, a module's first chat) are not measured
             engine.chat(GENERATION_PROMPT, [], 8, fresh=True)

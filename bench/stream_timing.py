@@ -1,11 +1,14 @@
-"""Times a stream of OpenAI-style chat chunks (llama-cpp-python's and llama-server's) as its reader sees it."""
+"""Times a stream of OpenAI-style chat chunks (llama-cpp-python's and llama-server's) as its reader sees it, and reads
+an OpenAI-compatible server's stream with as little work per chunk as a client can do (`sse_chunks`)."""
 
 from __future__ import annotations
 
+import http.client
+import json
 import math
 import statistics
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -54,3 +57,28 @@ def time_stream(start: Callable[[], Iterable[dict[str, Any]]]) -> StreamRun:
         text="".join(parts),
         **chunk_gaps(times),
     )
+
+
+class StreamRefused(RuntimeError):
+    """The server answered the chat with another HTTP status than 200."""
+
+
+def sse_chunks(port: int, body: dict[str, Any], timeout: float = 120.0) -> Iterator[dict[str, Any]]:
+    """POSTs an OpenAI chat completion body with stream: true to the server on loopback `port`; yields its chunks,
+    decoded with json alone (the `openai` package spends several times this per chunk, on the same cores)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        if response.status != 200:
+            raise StreamRefused(f"HTTP {response.status}: {response.read()[:300]!r}")
+        for line in response:  # server-sent events: "data: {chunk}" lines, then "data: [DONE]"
+            data = line.decode("utf-8").strip()
+            if not data.startswith("data:"):
+                continue
+            data = data[len("data:") :].strip()
+            if data == "[DONE]":
+                return
+            yield json.loads(data)
+    finally:
+        connection.close()

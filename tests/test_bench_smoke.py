@@ -138,7 +138,7 @@ def test_openai_stream_bench_times_the_cadence_with_and_without_the_channel_and_
     results = json.loads((out / "openai_stream.json").read_text())
     assert results["commit"]
     single = results["single"]
-    assert [len(single[name]) for name in ("raw", "polled", "channel", "module_quiet")] == [2, 2, 2, 2]
+    assert [len(single[name]) for name in ("raw", "polled", "channel", "channel_plain", "module_quiet")] == [2] * 5
     assert all(run["tokens"] == 8 and run["module_tokens_per_second"] > 0 for run in single["module_quiet"])
     for run in single["polled"] + single["channel"]:
         # The client's count is the module's, and the module's own TTFT is read for the same chat.
@@ -147,17 +147,21 @@ def test_openai_stream_bench_times_the_cadence_with_and_without_the_channel_and_
         assert run["module_ttft_ms"] > 0
         assert abs(run["ttft_gap_ms"] - (run["ttft_ms"] - run["module_ttft_ms"])) < 0.11  # both rounded to 0.1 ms
         assert run["chunks"] == 1 or 0 <= run["gap_median_ms"] <= run["gap_p95_ms"]
+    for run in single["channel_plain"]:  # read with json alone: the tokens from the usage chunk
+        assert run["tokens"] == 8 and 1 <= run["chunks"] <= 8 and run["tokens_per_chunk"] == round(8 / run["chunks"], 2)
     for run in results["parallel"]["polled"] + results["parallel"]["channel"]:
         assert [stream["tokens"] for stream in run["streams"]] == [8, 8]
         assert run["aggregate_tokens_per_second"] > 0
     assert {goal["detail"] for goal in results["goals"]} == {
         "ours after: reply channel",
+        "ours after: reply channel, read with json alone",
         "ours before: polled (--poll-replies)",
         "2 streams at once, reply channel",
     }
     assert all(isinstance(goal["met"], bool) for goal in results["goals"])
     report = (out / "openai_stream.md").read_text()
     rows = ("| ours before: polled (--poll-replies) |", "| ours after: reply channel |", "| raw llama-cpp-python |")
+    assert "| ours after: reply channel, read with json alone |" in report
     assert all(row in report for row in rows)
     assert "## 2 streams at once (CPAI_MODULE_LLAMA_PARALLEL=2)" in report
     assert f"commit {results['commit']}" in report
