@@ -12,12 +12,13 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from .client_api import ask_module, why_no_answer
+from .live_writer import LiveWriter
 from .module_process import ModuleStatus
 from .openai_chat import (
     FINISH_REASON_OF_STOP_REASON,
@@ -169,12 +170,17 @@ def _grown(reply: str, lines: list[dict]) -> tuple[list[str], bool]:
 
 
 async def _follow(
-    state: ServerState, command_id: str, max_tokens: int | None, by_piece: bool = True
+    state: ServerState,
+    command_id: str,
+    max_tokens: int | None,
+    by_piece: bool = True,
+    write: Callable[[str], bool] | None = None,
 ) -> AsyncGenerator[dict, None]:
     """The chat's status as it runs, ending with its final one. With the reply channel live (and `by_piece`), a
     status for each piece of the reply as the module appends it (the last status asked, with the reply grown), and
     statuses asked only at the start, at the end, to fill a gap, after CHANNEL_SILENCE, or by polls once the channel
-    has closed; without it, polled statuses."""
+    has closed; without it, polled statuses. `write`, when given, sends a piece to the client on the pipe reader's
+    callback (LiveWriter.write): a piece it sends yields no status, and the reply of the next status includes it."""
     feed = state.reply_feed
     if feed is None or not feed.live or not by_piece:
         async for status in _poll(state, command_id, max_tokens):
@@ -182,10 +188,25 @@ async def _follow(
         return
     with feed.follow(command_id) as pieces:
         status = await _status(state, command_id)  # after subscribing: any piece this lacks comes as a line
-        yield status
         reply = status.get("reply") or ""
+        yield status
+        if write is not None:
+
+            def direct(line: dict) -> bool:
+                nonlocal reply
+                grown = None if line.get("end") else extend(reply, line["at"], line["text"])
+                if grown is None:  # the end, or a piece after a missing one: the status is asked
+                    return False
+                if len(grown) > len(reply):
+                    if not write(grown[len(reply) :]):
+                        return False
+                    reply = grown
+                return True
+
+            pieces.direct = direct
         while status.get("commandStatus") in UNFINISHED:
-            replies, ask = _grown(reply, await pieces.take(CHANNEL_SILENCE))
+            lines = await pieces.take(CHANNEL_SILENCE)
+            replies, ask = _grown(reply, lines)  # the reply as it is now: `direct` may have grown it meanwhile
             for reply in replies:
                 yield {**status, "commandStatus": "running", "reply": reply}
             if pieces.closed:  # the module has ended, or the server is stopping: polls say what became of the chat
@@ -194,8 +215,8 @@ async def _follow(
                 return
             if ask:
                 status = await _status(state, command_id)
-                yield status
                 reply = max(reply, status.get("reply") or "", key=len)  # both are the start of the same reply
+                yield {**status, "reply": reply}
 
 
 def _finish_reason(status: dict) -> str:
@@ -316,8 +337,12 @@ async def _stream(
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", COMMAND_ID_HEADER: command_ids[0]}
     )
+    live = None
+    if len(command_ids) == 1 and chat.tools is None and not chat.logprobs and request.version >= HttpVersion11:
+        response.enable_chunked_encoding()  # as aiohttp would for HTTP/1.1; LiveWriter frames its chunks so too
+        live = LiveWriter(request, response)
     latest: dict[int, dict] = {}
-    async with aclosing(_statuses(state, command_ids, chat)) as statuses:
+    async with aclosing(_statuses(state, command_ids, chat, live)) as statuses:
         try:
             while len(latest) < len(command_ids) or not all(_started(status) for status in latest.values()):
                 index, latest[index] = await statuses.__anext__()
@@ -325,7 +350,7 @@ async def _stream(
                 if status.get("commandStatus") not in UNFINISHED and not status.get("success"):
                     _finish_reason(status)  # raises the chat's error as an HTTP answer
             await response.prepare(request)
-            await _send_choices(response, chat, latest, statuses, response_id, created, model, fingerprint)
+            await _send_choices(response, chat, latest, statuses, live, response_id, created, model, fingerprint)
         except ConnectionResetError:  # the client closed the connection between two chunks
             for command_id in command_ids:
                 _cancel_in_background(state, command_id)  # a finished chat stays as it was
@@ -333,14 +358,15 @@ async def _stream(
 
 
 async def _statuses(
-    state: ServerState, command_ids: list[str], chat: ChatCompletionRequest
+    state: ServerState, command_ids: list[str], chat: ChatCompletionRequest, live: LiveWriter | None
 ) -> AsyncGenerator[tuple[int, dict], None]:
     """Every choice's chat's statuses as they come, as (the choice's index, status); ApiFailure when following one
-    fails (the server's queue refused a poll, say). One chat's are read straight from its follower: a task and a queue
-    in between would cost a wake-up more per token."""
+    fails (the server's queue refused a poll, say). One chat's are read straight from its follower (a task and a queue
+    in between would cost a wake-up more per token), and with `live` its pieces mostly go to the client directly."""
     by_piece = not chat.logprobs  # the channel carries no log probabilities: a chat that asks for them is polled
     if len(command_ids) == 1:
-        async with aclosing(_follow(state, command_ids[0], chat.max_tokens, by_piece)) as statuses:
+        write = live.write if live is not None else None
+        async with aclosing(_follow(state, command_ids[0], chat.max_tokens, by_piece, write)) as statuses:
             async for status in statuses:
                 yield 0, status
         return
@@ -370,12 +396,14 @@ async def _send_choices(
     chat: ChatCompletionRequest,
     latest: dict[int, dict],
     statuses: AsyncIterator[tuple[int, dict]],
+    live: LiveWriter | None,
     response_id: str,
     created: int,
     model: str,
     fingerprint: str,
 ) -> None:
-    """The chunks of every choice as its chat's statuses come, from the latest seen so far."""
+    """The chunks of every choice as its chat's statuses come, from the latest seen so far; with `live`, once those
+    are sent, most pieces of the reply go out through it instead."""
 
     async def send(event: dict) -> None:
         await response.write(f"data: {json.dumps(event)}\n\n".encode())
@@ -384,13 +412,23 @@ async def _send_choices(
         return chunk(response_id, created, model, fingerprint, delta, finish_reason, logprobs, index=index)
 
     sent, sent_logprobs = [0] * len(latest), [0] * len(latest)
+
+    def sent_live(text: str) -> dict:  # the one choice's piece that LiveWriter sends now
+        sent[0] += len(text)
+        return piece(0, {"content": text})
+
     finals: dict[int, dict] = {}
     waiting = sorted(latest.items())
     try:
         for index in range(len(latest)):
             await send(piece(index, {"role": "assistant", "content": ""}, logprobs=[] if chat.logprobs else None))
         while len(finals) < len(latest):
-            index, status = waiting.pop(0) if waiting else await statuses.__anext__()
+            if waiting:
+                index, status = waiting.pop(0)
+            else:
+                if live is not None:  # everything before the pieces to come has been sent
+                    live.start(sent_live)
+                index, status = await statuses.__anext__()
             reply, entries = status.get("reply") or "", status.get("logprobs")
             if len(reply) > sent[index] and chat.tools is None:  # calls are sent once complete, below
                 new_logprobs = entries[sent_logprobs[index] :] if entries is not None else None

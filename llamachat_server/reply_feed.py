@@ -18,7 +18,7 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from time import monotonic
 
@@ -55,14 +55,20 @@ def _well_formed(line: object) -> bool:
 
 
 class ReplyPieces:
-    """One follower's lines for its chat, in order, since it subscribed; `closed` once the channel has gone."""
+    """One follower's lines for its chat, in order, since it subscribed; `closed` once the channel has gone. A line
+    that `direct` (when set) takes, on the pipe reader's callback, is not queued: the follower has dealt with it."""
 
     def __init__(self) -> None:
         self._lines: list[dict] = []
         self._arrived = asyncio.Event()
+        self._heard = monotonic()  # when the latest line came, taken directly or not
+        self.direct: Callable[[dict], bool] | None = None
         self.closed = False
 
     def put(self, line: dict) -> None:
+        self._heard = monotonic()
+        if self.direct is not None and self.direct(line):
+            return
         self._lines.append(line)
         self._arrived.set()
 
@@ -71,10 +77,15 @@ class ReplyPieces:
         self._arrived.set()
 
     async def take(self, timeout: float) -> list[dict]:
-        """The lines that have come since the last take, waiting up to `timeout` s for one; [] on silence or close."""
-        if not self._lines and not self.closed:
+        """The lines queued since the last take, waiting for one until no line has come for `timeout` s (lines taken
+        directly count); [] on that silence, or on close."""
+        quiet_since = monotonic()
+        while not self._lines and not self.closed:
+            left = max(self._heard, quiet_since) + timeout - monotonic()
+            if left <= 0:
+                break
             try:
-                async with asyncio.timeout(timeout):  # once a token: no task of its own, unlike wait_for
+                async with asyncio.timeout(left):  # no task of its own, unlike wait_for
                     await self._arrived.wait()
             except TimeoutError:
                 pass

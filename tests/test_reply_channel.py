@@ -10,13 +10,14 @@ import json
 import os
 import tempfile
 import time
+from types import SimpleNamespace
 
 import pytest
 
 from llamachat.chat_job import ChatJob
 from llamachat.chat_queue import ChatQueue
 from llamachat.reply_channel import ATOMIC_BYTES, ReplyChannel, ReplyChannelError
-from llamachat_server import reply_feed
+from llamachat_server import openai_api, reply_feed
 from llamachat_server.openai_api import _grown
 from llamachat_server.reply_feed import ReplyFeed
 from llamachat_server.server_log import ServerLog
@@ -126,6 +127,79 @@ def test_a_follower_merges_pieces_by_offset_and_asks_for_the_status_when_one_is_
     assert _grown("Once", [{"at": 9, "text": " a"}]) == ([], True)  # " upon" was dropped
     assert _grown("Once", [{"at": 4, "text": " upon"}, {"end": True}]) == (["Once upon"], True)
     assert _grown("Once", []) == ([], True)  # silence
+
+
+def test_a_stream_sends_pieces_from_the_reader_while_it_can_and_the_rest_through_statuses_in_order(monkeypatch):
+    """openai_api._follow with a LiveWriter's `write`: a piece that extends the reply sent so far goes to the client
+    from the pipe's reader (no status, no poll of the module); one it refuses, one after a gap, and the end go through
+    the follower's statuses. Together they give the client the module's reply once, in order. The module's answers
+    are scripted (a stand-in for its get_command_status: what matters here is when they are asked)."""
+    answers = iter(
+        [
+            {"commandStatus": "running", "reply": "Once"},
+            {"commandStatus": "running", "reply": "Once upon a time,"},  # asked after the gap
+            {"commandStatus": "completed", "reply": "Once upon a time, there"},  # asked after the end line
+        ]
+    )
+    asked = []
+
+    async def scripted_status(state, command_id):
+        asked.append(command_id)
+        return next(answers)
+
+    monkeypatch.setattr(openai_api, "_status", scripted_status)
+    sent: list[tuple[str, str]] = []  # ("written", piece) from the reader, ("status", reply) from the follower
+    accepting = [True]
+
+    def write(text: str) -> bool:
+        if accepting[0]:
+            sent.append(("written", text))
+        return accepting[0]
+
+    async def until(condition) -> None:
+        deadline = time.monotonic() + 10
+        while not condition():
+            assert time.monotonic() < deadline, "the pipe's line never reached the follower"
+            await asyncio.sleep(0.005)
+
+    async def scenario():
+        feed = ReplyFeed(ServerLog(echo=None))
+        write_fd = feed.open()
+        statuses = openai_api._follow(SimpleNamespace(reply_feed=feed), "a", None, write=write)
+
+        async def next_status():
+            status = await statuses.__anext__()
+            sent.append(("status", status["reply"]))
+            return status
+
+        await next_status()  # "Once"
+        following = asyncio.ensure_future(next_status())
+        os.write(write_fd, piece(4, " upon"))
+        await until(lambda: ("written", " upon") in sent)
+        assert asked == ["a"] and not following.done()  # the reader sent it: no status, no poll
+        accepting[0] = False  # the connection is full, say
+        os.write(write_fd, piece(9, " a"))
+        assert (await following)["reply"] == "Once upon a"
+        accepting[0] = True
+        following = asyncio.ensure_future(next_status())
+        os.write(write_fd, piece(16, ","))  # the piece at 11 was dropped
+        assert (await following)["reply"] == "Once upon a time,"
+        following = asyncio.ensure_future(next_status())
+        os.write(write_fd, piece(17, " there"))
+        await until(lambda: ("written", " there") in sent)
+        os.write(write_fd, b'{"id":"a","end":true}\n')
+        assert (await following)["commandStatus"] == "completed"
+        with pytest.raises(StopAsyncIteration):
+            await statuses.__anext__()
+        feed.close()
+
+    asyncio.run(scenario())
+    assert len(asked) == 3
+    client = ""  # what the client got: each written piece, and what each status adds to that
+    for kind, text in sent:
+        client += text if kind == "written" else text[len(client) :]
+    assert client == "Once upon a time, there"
+    assert [text for kind, text in sent if kind == "written"] == [" upon", " there"]
 
 
 def test_the_feed_hands_each_chat_its_own_lines_and_closes_its_followers_when_the_module_ends():
