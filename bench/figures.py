@@ -208,6 +208,7 @@ VIEWS: dict[str, Callable[[Results], list[str]]] = {
     "concurrency": lambda r: concurrency_report.table(r) + ["", *goals(r)],
     "conversations:paper": conversations_paper,
     "openai_stream": lambda r: openai_stream.cadence_table(r) + ["", *goals(r)],
+    "openai_stream:cadence": openai_stream.cadence_table,
     "fit_time": fit_time,
     "soak": soak,
     "security_limits": security_limits,

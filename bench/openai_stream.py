@@ -200,6 +200,7 @@ def report(results: dict[str, Any]) -> str:
         f"- the module polled once a second ÷ raw: {_ratio(quiet, raw)}; the module's own tokens/s with the channel ÷ "
         f"that: {_ratio(channel, quiet)}",
         *_client_cost(runs),
+        *_per_turn(runs),
         "",
     ]
     if results.get("parallel"):
@@ -220,6 +221,18 @@ def _client_cost(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
         f"- the openai package's share, tokens/s through it ÷ read with json alone: ours {ours}, "
         f"llama-server's {theirs}"
     ]
+
+
+def _per_turn(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Each stream's tokens/s ÷ raw's in the same turn, the median over the turns: a machine whose speed drifts during
+    the run moves both alike."""
+    raw = [run.get("tokens_per_second") for run in runs["raw"]]
+    cells = []
+    for name in ("channel", "channel_plain", "llama_server_openai", "llama_server", "polled"):
+        ratios = [_ratio(run.get("tokens_per_second"), speed) for run, speed in zip(runs.get(name, []), raw)]
+        if (median := summary(ratios)["median"]) is not None:
+            cells.append(f"{ENGINES[name]} {median:.3f}")
+    return [f"- tokens/s ÷ raw's in the same turn, median over the turns: {'; '.join(cells)}"]
 
 
 def _parallel_report(results: dict[str, Any]) -> list[str]:
