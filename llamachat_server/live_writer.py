@@ -3,9 +3,9 @@ delivers it, so that a token costs the server one wake-up and the write of one c
 no queue, no generators in between: bench/results/openai_stream.md).
 
 Only for what can be sent on the spot: a single choice's plain text, once everything before it has gone through the
-handler's ordinary writes, over HTTP/1.1 chunked encoding, while the connection takes data. Whatever it cannot write
-now (`write` answers False) takes the ordinary way through the handler's task, which waits for a slow client and
-finds a gone one.
+handler's ordinary writes, over HTTP/1.1 chunked encoding, while the connection's writes are not paused. Whatever it
+cannot write now (`write` answers False) takes the ordinary way through the handler's task, which aiohttp holds back
+for a slow client and which finds a gone one. (aiohttp does not count these chunks in the response's body_length.)
 """
 
 from __future__ import annotations
@@ -14,10 +14,6 @@ import json
 from collections.abc import Callable
 
 from aiohttp import web
-
-# While more than this waits in the connection's buffer (the client reads slowly), pieces take the handler's way,
-# which waits for the buffer to drain: aiohttp's own limit for a write.
-WRITE_BUFFER_LIMIT = 0x10000
 
 
 class LiveWriter:
@@ -31,12 +27,12 @@ class LiveWriter:
         self._event = event
 
     def write(self, text: str) -> bool:
-        """Sends `text`, the reply's next piece, as a chunk now; False when it cannot (not started, or the connection
-        is closing or full): the piece then goes the ordinary way."""
+        """Sends `text`, the reply's next piece, as a chunk now; False when it cannot (not started, the connection
+        closing, or its writes paused while the client catches up): the piece then goes the ordinary way."""
         transport = self._request.transport
         if self._event is None or not self._response.chunked or transport is None or transport.is_closing():
             return False
-        if transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
+        if self._request.protocol.writing_paused:
             return False
         data = f"data: {json.dumps(self._event(text))}\n\n".encode()
         # HTTP/1.1 chunked framing, as aiohttp writes each chunk of the response (enable_chunked_encoding).

@@ -338,8 +338,8 @@ async def _stream(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", COMMAND_ID_HEADER: command_ids[0]}
     )
     live = None
-    if len(command_ids) == 1 and chat.tools is None and not chat.logprobs and request.version >= HttpVersion11:
-        response.enable_chunked_encoding()  # as aiohttp would for HTTP/1.1; LiveWriter frames its chunks so too
+    if len(command_ids) == 1 and chat.tools is None and not chat.logprobs and request.version == HttpVersion11:
+        response.enable_chunked_encoding()  # as aiohttp would for HTTP/1.1 (only): LiveWriter frames its chunks so too
         live = LiveWriter(request, response)
     latest: dict[int, dict] = {}
     async with aclosing(_statuses(state, command_ids, chat, live)) as statuses:
@@ -432,8 +432,10 @@ async def _send_choices(
             reply, entries = status.get("reply") or "", status.get("logprobs")
             if len(reply) > sent[index] and chat.tools is None:  # calls are sent once complete, below
                 new_logprobs = entries[sent_logprobs[index] :] if entries is not None else None
-                await send(piece(index, {"content": reply[sent[index] :]}, logprobs=new_logprobs))
+                new_text = reply[sent[index] :]
+                # Counted before the write, which may wait for a slow client: LiveWriter may send on meanwhile.
                 sent[index], sent_logprobs[index] = len(reply), len(entries or [])
+                await send(piece(index, {"content": new_text}, logprobs=new_logprobs))
             if status.get("commandStatus") not in UNFINISHED:
                 message, reason = _message(chat, status)
                 if chat.tools is not None:

@@ -67,8 +67,12 @@ class ReplyPieces:
 
     def put(self, line: dict) -> None:
         self._heard = monotonic()
-        if self.direct is not None and self.direct(line):
-            return
+        if self.direct is not None:
+            try:
+                if self.direct(line):
+                    return
+            except Exception:  # on the pipe's reader: the other chats' lines must still be delivered
+                self.direct = None  # the follower takes this line and the next ones the ordinary way
         self._lines.append(line)
         self._arrived.set()
 

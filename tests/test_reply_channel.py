@@ -202,6 +202,83 @@ def test_a_stream_sends_pieces_from_the_reader_while_it_can_and_the_rest_through
     assert [text for kind, text in sent if kind == "written"] == [" upon", " there"]
 
 
+def test_a_piece_the_live_writer_sends_while_a_write_waits_for_the_client_is_not_sent_again():
+    """openai_api._send_choices counts the text of a write before the write, which may wait for a slow client: a
+    piece the LiveWriter sends meanwhile adds to that count, and the next status sends only what comes after it.
+    The response is a stand-in whose write waits when told to: loopback's socket buffers grow to megabytes, more than
+    a test's reply fills, so a real client cannot make aiohttp wait at will."""
+
+    class PausingResponse:
+        def __init__(self) -> None:
+            self.sent: list[str] = []  # each chunk's text, in the order it reached the connection
+            self.paused: asyncio.Future | None = None
+
+        async def write(self, data: bytes) -> None:
+            if data.startswith(b"data: {"):
+                self.sent.append(json.loads(data[len(b"data: ") :])["choices"][0]["delta"].get("content") or "")
+            if self.paused is not None:
+                await self.paused
+
+        async def write_eof(self) -> None:
+            pass
+
+    class StartedLive:  # what LiveWriter.start is given: the chunk of a piece it sends
+        def start(self, event) -> None:
+            self.event = event
+
+    async def scenario():
+        response, live, updates = PausingResponse(), StartedLive(), asyncio.Queue()
+
+        async def statuses():
+            while True:
+                yield 0, await updates.get()
+
+        chat = SimpleNamespace(logprobs=False, tools=None, include_usage=False)
+        latest = {0: {"commandStatus": "running", "reply": "Once"}}
+        sending = asyncio.ensure_future(
+            openai_api._send_choices(response, chat, latest, statuses(), live, "id", 0, "m", "f")
+        )
+
+        async def until_sent(text: str) -> None:
+            deadline = time.monotonic() + 10
+            while response.sent[-1:] != [text]:
+                assert time.monotonic() < deadline and not sending.done(), f"{text!r} was never sent"
+                await asyncio.sleep(0.001)
+
+        await until_sent("Once")
+        response.paused = asyncio.get_running_loop().create_future()
+        await updates.put({"commandStatus": "running", "reply": "Once upon"})
+        await until_sent(" upon")  # the handler's write of " upon" now waits for the client
+        response.sent.append(live.event(" a")["choices"][0]["delta"]["content"])  # the LiveWriter sends meanwhile
+        response.paused.set_result(None)
+        response.paused = None
+        await updates.put(
+            {"commandStatus": "completed", "success": True, "stop_reason": "completed", "reply": "Once upon a"}
+        )
+        await asyncio.wait_for(sending, 10)
+        return response.sent
+
+    assert "".join(asyncio.run(scenario())) == "Once upon a"
+
+
+def test_a_direct_taker_that_fails_leaves_its_lines_to_the_follower():
+    """`direct` runs on the pipe's reader: should it raise, the line (and the next ones) are queued for the follower,
+    and the reader goes on delivering."""
+
+    def broken(line: dict) -> bool:
+        raise ConnectionError("the connection broke mid-write")
+
+    async def scenario():
+        pieces = reply_feed.ReplyPieces()
+        pieces.direct = broken
+        pieces.put({"id": "a", "at": 0, "text": "Once"})
+        pieces.put({"id": "a", "at": 4, "text": " upon"})
+        return pieces.direct, await pieces.take(5)
+
+    direct, lines = asyncio.run(scenario())
+    assert direct is None and [line["text"] for line in lines] == ["Once", " upon"]
+
+
 def test_the_feed_hands_each_chat_its_own_lines_and_closes_its_followers_when_the_module_ends():
     log = ServerLog(echo=None)
 
