@@ -21,9 +21,9 @@ from .workload import FLUSH_PROMPT, FLUSH_SYSTEM_PROMPT, SAMPLING, chat_messages
 
 TTFT_GAP_GOAL_MS = 60.0
 SPEED_GOAL = 0.97  # × raw llama-cpp-python's tokens/s
-# What OpenAI's API has no field for goes in extra_body, as llama.cpp's servers take it.
 # A chat with another system prompt: the next finds (almost) none of its prompt cached.
 FLUSH_MESSAGES = [{"role": "system", "content": FLUSH_SYSTEM_PROMPT}, {"role": "user", "content": FLUSH_PROMPT}]
+# What OpenAI's API has no field for goes in extra_body, as llama.cpp's servers take it.
 EXTRA_SAMPLING = {name: SAMPLING[name] for name in ("top_k", "min_p", "repeat_penalty")}
 
 
