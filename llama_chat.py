@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, cast
 
 import llama_cpp
+import numpy as np
 from llama_cpp import CreateChatCompletionResponse, CreateChatCompletionStreamResponse, Llama, LlamaGrammar
 from llama_cpp.llama_chat_format import chat_formatter_to_chat_completion_handler
 
@@ -69,6 +70,30 @@ class ModelLoadError(RuntimeError):
 ChunkStream = Generator[CreateChatCompletionStreamResponse, None, None]
 _NO_CALLBACK = llama_cpp.ggml_abort_callback(0)  # a NULL function pointer: llama.cpp then never asks
 
+# Flash attention computes each token's attention row on its own, so on the CPU a token's logits come out the same,
+# bit for bit, whether it is evaluated alone or behind others in a batch (a verified draft, docs/speculative.md);
+# without it llama.cpp's attention matmul changes kernels with the batch and moves them by up to ~0.9. It is llama.cpp's
+# own default (auto) wherever a backend has it. Tests and benches give raw llama-cpp-python the same, like for like.
+ENGINE_OPTIONS: dict[str, Any] = {"flash_attn": True}
+
+
+def plain_llama(model_path: str | os.PathLike, n_ctx: int, n_threads: int, **options: Any) -> Llama:
+    """llama-cpp-python's own Llama with the module's engine options: what tests and benches compare the module with."""
+    return Llama(
+        model_path=str(model_path),
+        n_ctx=n_ctx,
+        n_threads=n_threads,
+        n_threads_batch=n_threads,
+        verbose=False,
+        **ENGINE_OPTIONS,
+        **options,
+    )
+
+
+# What the draft probe (_CountingLlama.invariant_draft) evaluates: ordinary text, repeated to the length it needs.
+_PROBE_TEXT = b"The quick brown fox jumps over the lazy dog, and the dog sleeps on in the warm afternoon sun. "
+_PROBE_PREFIX = 8  # tokens evaluated in one batch before the steps compared, so the steps attend to a prompt
+
 
 class _CountingLlama(Llama):
     """Llama that counts the tokens it generates. Streamed chunks are not tokens: llama-cpp-python holds back the
@@ -94,20 +119,54 @@ class _CountingLlama(Llama):
             self.drafter.timed(drafted, time.perf_counter() - started)
 
     def _verify(self, tokens: Sequence[int], drafted: int) -> None:
-        # The last token and its draft in one batch (far under n_batch), with logits for exactly the positions
-        # sample() reads: Llama would compute them for every position only with logits_all, prompt included.
         assert self.drafter is not None
         self.drafter.pending = 0
+        self._decode_outputs(tokens, drafted + 1)
+        self.drafted_tokens += drafted
+
+    def _decode_outputs(self, tokens: Sequence[int], outputs: int) -> None:
+        """Evaluates tokens behind those already evaluated, in one batch (far under n_batch), with logits for the
+        last `outputs` of them: for a draft, exactly the positions sample() reads, where Llama would compute them for
+        every position only with logits_all, prompt included."""
         self._ctx.kv_cache_seq_rm(-1, self.n_tokens, -1)
         n_past = self.n_tokens
         self._batch.set_batch(batch=tokens, n_past=n_past, logits_all=False)
-        for i in range(len(tokens) - drafted - 1, len(tokens)):
+        for i in range(len(tokens) - outputs, len(tokens)):
             self._batch.batch.logits[i] = True
         self._ctx.decode(self._batch)
         self.input_ids[n_past : n_past + len(tokens)] = tokens
         self.n_tokens += len(tokens)
         self._requires_eval = False
-        self.drafted_tokens += drafted
+
+    def invariant_draft(self, most: int) -> int:
+        """The longest draft, up to `most` tokens, whose verification gives every position the very logits, bit for
+        bit, that a one-token step gives it with this model, build, backend and CPU: a batch of the last token and
+        up to that many drafted ones, against the same tokens evaluated one at a time. Within it a greedy reply with
+        drafts is the one without; llama.cpp switches kernels at batch sizes of its own (e.g. a weight layout that
+        multiplies 4 rows at once, measured here on Q4_K), which the drafts then stay under."""
+        needed = _PROBE_PREFIX + most + 1
+        sample = self.tokenize(_PROBE_TEXT * needed, add_bos=False)[:needed]
+        prefix, steps = sample[:_PROBE_PREFIX], sample[_PROBE_PREFIX:]
+        n_vocab = self.n_vocab()
+
+        def logits(index: int) -> np.ndarray:
+            return np.ctypeslib.as_array(self._ctx.get_logits_ith(index), shape=(n_vocab,)).copy()
+
+        self.reset()
+        self.eval(prefix)
+        alone = []
+        for token in steps:
+            self.eval([token])
+            alone.append(logits(-1))
+        longest = most
+        for size in range(2, len(steps) + 1):
+            self.n_tokens = len(prefix)  # the batch replaces the steps behind the prefix, which stays in the KV cache
+            self._decode_outputs(steps[:size], size)
+            if not all(np.array_equal(logits(i), alone[i]) for i in range(size)):
+                longest = size - 2
+                break
+        self.reset()
+        return longest
 
     def _init_sampler(self, *args: Any, grammar: LlamaGrammar | None = None, **kwargs: Any) -> Any:
         """llama-cpp-python's chain, with the grammar checked on the chain's pick rather than run over the whole
@@ -150,7 +209,12 @@ class LlamaChat:
         """max_draft: the most tokens drafted from the conversation for one pass (speculative decoding,
         prompt_lookup.py); 0 = none, the module's setting CPAI_MODULE_LLAMA_DRAFT_TOKENS gives it."""
         options: dict[str, Any] = dict(
-            n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads, n_gpu_layers=n_gpu_layers, verbose=verbose
+            n_ctx=n_ctx,
+            n_threads=n_threads,
+            n_threads_batch=n_threads,
+            n_gpu_layers=n_gpu_layers,
+            verbose=verbose,
+            **ENGINE_OPTIONS,
         )
         tried: list[str] = []
         self.fallback_reason: str | None = None
@@ -190,7 +254,9 @@ class LlamaChat:
         self.system_role = self.template.supports_system_role()
         self.renders_tools = self.template.renders_tools()
         self.llm.chat_handler = chat_formatter_to_chat_completion_handler(self.template)
-        self.llm.drafter = PromptLookup(max_draft) if max_draft else None
+        # Drafts only as long as this machine verifies them exactly (0: none); probed once, at load.
+        self.max_draft = self.llm.invariant_draft(max_draft) if max_draft else 0
+        self.llm.drafter = PromptLookup(self.max_draft) if self.max_draft else None
         self.llm.draft_model = self.llm.drafter
 
         # llama.cpp polls the abort callback between graph nodes, so a cancel also stops the evaluation of a long

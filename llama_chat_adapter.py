@@ -90,7 +90,7 @@ class LlamaChat_adapter(ModuleRunner):
         # llama_decode meanwhile, it waits for the GIL up to the switch interval (5 ms by default) before sampling.
         # At 10 polls a second that cost the idle module ~5 % of raw llama-cpp-python's tokens/s (bench/threads.py).
         sys.setswitchinterval(GIL_SWITCH_SECONDS)
-        self._log_model(chat)
+        self._log_model(chat, settings.draft_tokens)
         self._start_workers()
 
     def _open_reply_channel(self) -> ReplyChannel | None:
@@ -135,7 +135,7 @@ class LlamaChat_adapter(ModuleRunner):
         self.inference_library = library if self.inference_device == "GPU" else ""
         self.can_use_GPU = bool(library)
 
-    def _log_model(self, chat: LlamaChat) -> None:
+    def _log_model(self, chat: LlamaChat, drafts_asked: int) -> None:
         if chat.fallback_reason:
             self._log(
                 "warning",
@@ -150,6 +150,14 @@ class LlamaChat_adapter(ModuleRunner):
             f"with {chat.template_source}"
             f"{'' if chat.system_role else '; the system prompt goes into the first user turn'}",
         )
+        if drafts_asked:
+            capped = (
+                ""
+                if chat.max_draft == drafts_asked
+                else f" (CPAI_MODULE_LLAMA_DRAFT_TOKENS asks for {drafts_asked}, but this machine's llama.cpp computes "
+                "a longer draft's logits otherwise than a one-token step's, which could change a reply)"
+            )
+            self._log("info", f"Speculative decoding: drafts of up to {chat.max_draft} tokens{capped}")
 
     def _start_workers(self) -> None:
         """The queue's workers, one per chat that may decode at a time."""
@@ -242,6 +250,7 @@ class LlamaChat_adapter(ModuleRunner):
             "threads": self.runner.threads.threads,
             "threadMode": self.runner.threads.mode,
             "gpuLayers": self.n_gpu_layers,
+            "draftTokens": chat.max_draft,  # speculative decoding: the most drafted a pass, as probed at load
             "parallelChats": self.chats.slots,
             "conversationCache": self.runner.cache.stats() if self.runner.cache else None,
             **self._queue_status(),

@@ -3,9 +3,7 @@
 from pathlib import Path
 from typing import Any
 
-from llama_cpp import Llama
-
-from llama_chat import LlamaChat
+from llama_chat import LlamaChat, plain_llama
 
 from .stream_timing import time_stream
 from .workload import N_CTX, SAMPLING, SYSTEM_PROMPT, chat_messages
@@ -15,7 +13,7 @@ class RawEngine:
     """llama-cpp-python's create_chat_completion with the GGUF's own chat template: what the module is built on."""
 
     def __init__(self, model: Path, threads: int) -> None:
-        self.llm = Llama(model_path=str(model), n_ctx=N_CTX, n_threads=threads, n_threads_batch=threads, verbose=False)
+        self.llm = plain_llama(model, N_CTX, threads)
 
     def chat(self, prompt: str, history: list[dict[str, str]], max_tokens: int, fresh: bool) -> dict[str, Any]:
         if fresh:

@@ -32,8 +32,8 @@ class LlamaServerEngine:
     ) -> None:
         self.port = free_port()
         self.log_path = log_path
-        # `parallel` slots of N_CTX tokens each, the model's own Jinja chat template and no flash attention (as
-        # llama-cpp-python's default): as close to the module's engine as it goes.
+        # `parallel` slots of N_CTX tokens each, the model's own Jinja chat template and flash attention (as the
+        # module's engine, llama_chat.ENGINE_OPTIONS): as close to the module's engine as it goes.
         command = [
             str(binary),
             "-m",
@@ -48,7 +48,7 @@ class LlamaServerEngine:
             str(parallel),
             "--jinja",
             "-fa",
-            "off",
+            "on",
             "--host",
             "127.0.0.1",
             "--port",

@@ -21,11 +21,10 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from llama_cpp import Llama
 from llama_cpp.llama_chat_format import chat_formatter_to_chat_completion_handler
 from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
-from llama_chat import LlamaChat, conversation
+from llama_chat import LlamaChat, conversation, plain_llama
 from llamachat.chat_template import choose_template
 from llamachat.llama_settings import LlamaSettings
 from llamachat.thread_policy import default_max_threads
@@ -45,14 +44,7 @@ Run = Callable[[str, int], dict[str, Any]]  # (prompt, max_tokens) -> a timed st
 def raw_engine(model: Path, threads: int, draft_model: Any = None) -> tuple[Run, Callable[[], None]]:
     """llama-cpp-python's own chat completion, on the module's chat template (and messages, as conversation() makes
     them); with a draft_model, llama-cpp-python's speculative decoding."""
-    llm = Llama(
-        model_path=str(model),
-        n_ctx=N_CTX,
-        n_threads=threads,
-        n_threads_batch=threads,
-        draft_model=draft_model,
-        verbose=False,
-    )
+    llm = plain_llama(model, N_CTX, threads, draft_model=draft_model)
     template = choose_template(llm, None).template
     llm.chat_handler = chat_formatter_to_chat_completion_handler(template)
     system_role = template.supports_system_role()

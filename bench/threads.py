@@ -22,6 +22,7 @@ from typing import Any, Callable
 import llama_cpp
 from llama_cpp import Llama
 
+from llama_chat import plain_llama
 from llamachat.thread_policy import default_max_threads
 from tests.live_server import ROOT, running_server
 
@@ -245,7 +246,7 @@ def main(argv=None) -> int:
         "module_adaptive": {"CPAI_MODULE_LLAMA_THREADS": "0"},
     }
     with ExitStack() as stack:
-        llm = Llama(model_path=str(args.model), n_ctx=N_CTX, n_threads=cores, n_threads_batch=cores, verbose=False)
+        llm = plain_llama(args.model, N_CTX, cores)
         stack.callback(llm.close)
         engines: dict[str, Callable] = {"raw_all": RawFixed(llm, cores), "raw_one": RawFixed(llm, 1)}
         say(f"starting python -m llamachat_server for {', '.join(modules)}")

@@ -18,14 +18,17 @@ import numpy as np
 from llama_cpp import Llama
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+from llama_chat import plain_llama
+
 # How far (in logits) below raw llama-cpp-python's top token a greedy reply's token may be. Measured on SmolLM2 Q4_1
-# (AVX2, llama-cpp-python 0.3.36): a token's logits are bit-identical with 1 or 2 threads, alone or beside three other
-# sequences in a batch, and with its prompt evaluated whole or in chunks, as long as no batch holds 64 or more tokens
-# of one sequence; from 64 on llama.cpp computes differently, and the same tokens' logits move by up to 1.34 (0.69 at
-# the last prompt token). The module meets both: a chat's prompt whole (up to 512 tokens a batch), or after a cached
-# prefix computed in another batch. The top two of a greedy reply were as close as 0.004 apart, while a token of
-# another chat's reply lies some 10 logits below the top. 1.5 covers the first and still fails the second
-# (test_batch_decoder.py and test_server_parallel.py check that a reply to another prompt fails).
+# (AVX2, llama-cpp-python 0.3.36, flash attention as llama_chat.ENGINE_OPTIONS): a token's logits are bit-identical with
+# 1 or 2 threads, alone or beside three other sequences in a batch, and with its prompt evaluated whole, in chunks or
+# one token at a time, as long as no batch holds 64 or more tokens of one sequence; from 64 on llama.cpp computes
+# differently, and the same tokens' logits move by up to 1.34 (0.69 at the last prompt token). The module meets both: a
+# chat's prompt whole (up to 512 tokens a batch), or after a cached prefix computed in another batch. The top two of a
+# greedy reply were as close as 0.004 apart, while a token of another chat's reply lies some 10 logits below the top.
+# 1.5 covers the first and still fails the second (test_batch_decoder.py and test_server_parallel.py check that a reply
+# to another prompt fails).
 TOLERANCE = 1.5
 
 
@@ -33,9 +36,7 @@ class RawModel:
     """One llama_cpp.Llama on a GGUF with a chat template, used only through llama-cpp-python's own API."""
 
     def __init__(self, model_path: Path, n_ctx: int = 2048, n_threads: int = 1) -> None:
-        self.llm = Llama(
-            model_path=str(model_path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads, verbose=False
-        )
+        self.llm = plain_llama(model_path, n_ctx, n_threads)
         model = self.llm._model
         self._template = Jinja2ChatFormatter(
             template=self.llm.metadata["tokenizer.chat_template"],

@@ -477,3 +477,20 @@ def test_adaptive_threads_leave_a_busy_core_to_the_process_using_it(smollm2):
         busy.kill()
         busy.wait()
         adaptive.cleanup()
+
+
+def test_speculative_decoding_says_how_long_its_drafts_may_be(gemma3, capsys):
+    monkeypatch = pytest.MonkeyPatch()
+    drafting = load_adapter(monkeypatch, gemma3, CPAI_MODULE_LLAMA_DRAFT_TOKENS="16")
+    monkeypatch.undo()
+    try:
+        # As long as this machine verifies drafts exactly (probed at load): Gemma 3's Q4_K weights limit it on some.
+        longest = drafting.module_status()["draftTokens"]
+        assert longest == drafting.runner.llama_chat.max_draft
+        assert 0 <= longest <= 16
+        assert f"Speculative decoding: drafts of up to {longest} tokens" in capsys.readouterr().out
+        final = run_chat(drafting, prompt="Repeat: one two three four five six", max_tokens=16, temperature=0)
+        assert final["success"]
+        assert 0 <= final["accepted_tokens"] <= final["drafted_tokens"]
+    finally:
+        drafting.cleanup()

@@ -11,7 +11,7 @@ import pytest
 from llama_cpp import Llama, LlamaGrammar
 
 from json_schemas import SCHEMAS
-from llama_chat import LlamaChat
+from llama_chat import LlamaChat, plain_llama
 from llamachat.json_grammar import json_grammar
 
 N_CTX = 1024
@@ -35,7 +35,7 @@ def ours(smollm2):
 @pytest.fixture(scope="module")
 def theirs(smollm2):
     # Plain llama-cpp-python, one thread like ours: the same numerics, so any difference is the sampling's.
-    llm = Llama(model_path=str(smollm2), n_ctx=N_CTX, n_threads=1, n_threads_batch=1, verbose=False)
+    llm = plain_llama(smollm2, N_CTX, 1)
     yield llm
     llm.close()
 

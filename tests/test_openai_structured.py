@@ -17,6 +17,7 @@ from llama_cpp import Llama
 from pydantic import BaseModel, Field
 
 from json_schemas import SCHEMAS
+from llama_chat import plain_llama
 from llamachat.model_file import SMALL_MODEL_FILENAME
 from module_chat import follow, start_chat
 
@@ -125,7 +126,7 @@ def test_logprobs_are_raw_llama_cpp_pythons_token_for_token(openai_client, smoll
         model=MODEL, messages=SAY_HI, max_tokens=12, temperature=0, logprobs=True, top_logprobs=5
     )
     ours = answer.choices[0].logprobs.content
-    raw = Llama(model_path=str(smollm2), n_ctx=2048, n_threads=1, logits_all=True, verbose=False)
+    raw = plain_llama(smollm2, 2048, 1, logits_all=True)
     expected = raw.create_chat_completion(messages=SAY_HI, max_tokens=12, temperature=0, logprobs=True, top_logprobs=5)[
         "choices"
     ][0]["logprobs"]["content"]
