@@ -26,7 +26,6 @@ from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
 from llama_chat import LlamaChat, conversation, plain_llama
 from llamachat.chat_template import choose_template
-from llamachat.llama_settings import LlamaSettings
 from llamachat.thread_policy import default_max_threads
 from tests.live_server import ROOT
 
@@ -58,9 +57,7 @@ def raw_engine(model: Path, threads: int, draft_model: Any = None) -> tuple[Run,
     return run, llm.close
 
 
-def module_engine(model: Path, threads: int, max_draft: int) -> tuple[Run, Callable[[], None]]:
-    chat = LlamaChat.from_file(model, n_ctx=N_CTX, n_threads=threads, max_draft=max_draft)
-
+def module_engine(chat: LlamaChat) -> tuple[Run, Callable[[], None]]:
     def run(prompt: str, max_tokens: int) -> dict[str, Any]:
         chat.llm.reset()
         timed = time_stream(
@@ -80,7 +77,6 @@ def server_engine(binary: Path, model: Path, threads: int, log: Path, *args: str
 
 def measure(args: argparse.Namespace, model: Path, results: dict[str, Any]) -> dict[str, Any]:
     prompts = {**{f"grounded/{k}": v for k, v in GROUNDED.items()}, **{f"open/{k}": v for k, v in OPEN_ENDED.items()}}
-    max_draft = LlamaSettings.from_env({}).draft_tokens
     rows: dict[str, dict[str, list[dict[str, Any]]]] = {name: {} for name in prompts}
     with ExitStack() as stack:
         engines: dict[str, Run] = {}
@@ -90,7 +86,9 @@ def measure(args: argparse.Namespace, model: Path, results: dict[str, Any]) -> d
             stack.callback(made[1])
 
         add("raw", raw_engine(model, args.threads))
-        add("module", module_engine(model, args.threads, max_draft))
+        # Drafts as long as the module's probe allows on this machine (docs/speculative.md): chat.max_draft.
+        chat = LlamaChat.from_file(model, n_ctx=N_CTX, n_threads=args.threads, max_draft=args.draft_tokens)
+        add("module", module_engine(chat))
         add("prompt_lookup", raw_engine(model, args.threads, LlamaPromptLookupDecoding()))
         if args.llama_server:
             logs = Path(stack.enter_context(tempfile.TemporaryDirectory()))
@@ -104,7 +102,7 @@ def measure(args: argparse.Namespace, model: Path, results: dict[str, Any]) -> d
                 for engine in names[turn % len(names) :] + names[: turn % len(names)]:  # each engine leads in turn
                     rows[name].setdefault(engine, []).append(engines[engine](prompt, args.tokens))
             say(f"{model.name}: repeat {repeat + 1} of {args.repeats} done")
-    return {"model": model.name, "max_draft": max_draft, "prompts": rows}
+    return {"model": model.name, "draft_tokens": args.draft_tokens, "max_draft": chat.max_draft, "prompts": rows}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=128, help="max_tokens of every reply")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=default_max_threads(), help="CPU threads of every engine")
+    parser.add_argument(
+        "--draft-tokens", type=int, default=16, help="the module's CPAI_MODULE_LLAMA_DRAFT_TOKENS (its docs' value)"
+    )
     parser.add_argument("--llama-server", type=Path, help="llama.cpp's llama-server binary (with --spec-type)")
     machine.add_wait_idle_option(parser)
     args = parser.parse_args(argv)

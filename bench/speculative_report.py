@@ -107,7 +107,7 @@ def markdown(results: dict[str, Any]) -> str:
         present = [e for e in ENGINES if any(e in runs for runs in model["prompts"].values())]
         lines += [
             "",
-            f"## {model['model']} (drafts of up to {model['max_draft']} tokens)",
+            f"## {model['model']} (drafts of up to {model['max_draft']} tokens{_capped(model)})",
             "",
             "| Prompt | " + " | ".join(f"{e} tok/s" for e in present) + " | module / raw | TTFT ms raw / module "
             "| accepted / drafted | same text |",
@@ -165,3 +165,8 @@ def chart(results: dict[str, Any], path: Path) -> None:
 
 def write(results: dict[str, Any], out_dir: Path) -> list[Path]:
     return write_files(results, out_dir, "speculative", "speculative.png", markdown, chart)
+
+
+def _capped(model: dict[str, Any]) -> str:
+    asked = model.get("draft_tokens", model["max_draft"])  # runs before the probe asked for what they got
+    return "" if asked == model["max_draft"] else f" of {asked} asked: the probe's cap on this machine"
