@@ -164,7 +164,7 @@ def chart(results: dict[str, Any], path: Path) -> None:
 
 
 def write(results: dict[str, Any], out_dir: Path) -> list[Path]:
-    return write_files(results, out_dir, "speculative", "speculative.png", markdown, chart)
+    return write_files(results, out_dir, "speculative", markdown, ("speculative.png", chart))
 
 
 def _capped(model: dict[str, Any]) -> str:
