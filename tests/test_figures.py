@@ -94,3 +94,15 @@ def test_the_command_line_check_fails_on_a_stale_block_and_the_rewrite_fixes_it(
     assert document.read_text().count("old") == 1  # --check changes nothing
     assert figures.main([]) == 0
     assert figures.main(["--check"]) == 0
+
+
+@pytest.mark.parametrize("stem", ["results", "concurrency", "conversations", "structured", "threads", "speculative"])
+def test_each_benchmark_writes_its_report_from_its_committed_results(stem, tmp_path):
+    # bench/ is outside mypy's files: a report that falls behind a shared helper fails only here, not after a long run.
+    import importlib
+
+    module = importlib.import_module("bench.report" if stem == "results" else f"bench.{stem}_report")
+    results = json.loads((figures.RESULTS_DIR / f"{stem}.json").read_text(encoding="utf-8"))
+    written = module.write(results, tmp_path)
+    assert {path.name for path in written} >= {f"{stem}.json", f"{stem}.md"}
+    assert all(path.stat().st_size for path in written)
