@@ -15,6 +15,7 @@ import llama_cpp
 import numpy as np
 from llama_cpp import CreateChatCompletionResponse, CreateChatCompletionStreamResponse, Llama, LlamaGrammar
 from llama_cpp.llama_chat_format import chat_formatter_to_chat_completion_handler
+from llama_cpp.llama_tokenizer import LlamaTokenizer
 
 from llamachat import kv_state
 from llamachat.chat_template import choose_template
@@ -24,6 +25,7 @@ from llamachat.llama_log import LLAMA_LOG
 from llamachat.model_file import SMALL_MODEL_FILENAME, quick_problem, small_model_chosen
 from llamachat.prompt_lookup import PromptLookup
 from llamachat.token_logprobs import logprobs_entry
+from llamachat.token_pieces import TokenPieces
 
 DEFAULT_SYSTEM_PROMPT = (
     "You're a helpful assistant who answers questions the user asks of you concisely and accurately."
@@ -107,6 +109,15 @@ class _CountingLlama(Llama):
     drafter: PromptLookup | None = None
     drafted_tokens = 0
     accepted_tokens = 0
+    _pieces: TokenPieces | None = None
+
+    def detokenize(self, tokens: list[int], prev_tokens: list[int] | None = None, special: bool = False) -> bytes:
+        """llama-cpp-python's detokenize, from pieces kept once asked for (llamachat/token_pieces.py)."""
+        if not isinstance(self.tokenizer_, LlamaTokenizer):  # a tokenizer of the caller's: its own detokenize
+            return super().detokenize(tokens, prev_tokens, special)
+        if self._pieces is None:
+            self._pieces = TokenPieces(self._model.vocab)
+        return self._pieces.detokenize(tokens, special)
 
     def eval(self, tokens: Sequence[int]) -> None:
         drafted = min(self.drafter.pending, len(tokens) - 1) if self.drafter else 0

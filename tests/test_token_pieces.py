@@ -1,0 +1,51 @@
+"""TokenPieces gives llama-cpp-python's detokenize, from pieces asked of llama.cpp once: every token of both test
+models' vocabularies, special or not, alone and in sequences (the beginning-of-sentence quirk included), and pieces
+longer than llama-cpp-python's 32-byte buffer whole, where it loses them."""
+
+import ctypes
+
+import llama_cpp
+import pytest
+from llama_cpp import Llama
+
+from llamachat.token_pieces import TokenPieces
+
+
+@pytest.fixture(scope="module", params=["smollm2", "gemma3"])
+def vocabulary(request):
+    llm = Llama(str(request.getfixturevalue(request.param)), vocab_only=True, verbose=False)
+    yield llm
+    llm.close()
+
+
+def full_piece(llm: Llama, token: int, special: bool) -> bytes:
+    """The token's whole text, with a buffer large enough for any piece."""
+    buffer = ctypes.create_string_buffer(1024)
+    size = llama_cpp.llama_token_to_piece(llm._model.vocab, token, buffer, len(buffer), 0, special)
+    return buffer.raw[:size]
+
+
+@pytest.mark.parametrize("special", [False, True])
+def test_every_token_alone_is_the_text_llama_cpp_gives_it(vocabulary, special):
+    pieces = TokenPieces(vocabulary._model.vocab)
+    for token in range(vocabulary.n_vocab()):
+        expected = full_piece(vocabulary, token, special)
+        if token == vocabulary.token_bos() and expected.startswith(b" "):
+            expected = expected[1:]
+        assert pieces.detokenize([token], special) == expected, token
+        # llama-cpp-python's buffer is 32 bytes: 0.3.36 gives a longer piece (SmolLM2: "\n" and 32+ spaces) as b"".
+        if len(expected) <= 32:
+            assert vocabulary._model.detokenize([token], special) == expected, token
+
+
+@pytest.mark.parametrize("special", [False, True])
+def test_a_reply_is_detokenized_as_llama_cpp_python_does_it(vocabulary, special):
+    text = "Héllo, wörld! 你好 🦙 — <b>markup</b>\n\tdef f(x):\n        return x ** 2  # twice ✓ " * 20
+    tokens = vocabulary.tokenize(text.encode(), add_bos=False, special=True)
+    pieces = TokenPieces(vocabulary._model.vocab)
+    for start, end in [(0, len(tokens)), (3, 40), (0, 1), (5, 5)]:
+        part = tokens[start:end]
+        assert pieces.detokenize(part, special) == vocabulary.detokenize(part, special=special)
+    with_bos = [vocabulary.token_bos(), *vocabulary.tokenize(b" leading space", add_bos=False)]
+    assert pieces.detokenize(with_bos, special) == vocabulary.detokenize(with_bos, special=special)
+    assert pieces.detokenize(tokens, special) == vocabulary.detokenize(tokens, special=special)  # now from the cache
