@@ -113,7 +113,7 @@ class _CountingLlama(Llama):
 
     def detokenize(self, tokens: list[int], prev_tokens: list[int] | None = None, special: bool = False) -> bytes:
         """llama-cpp-python's detokenize, from pieces kept once asked for (llamachat/token_pieces.py)."""
-        if not isinstance(self.tokenizer_, LlamaTokenizer):  # a tokenizer of the caller's: its own detokenize
+        if type(self.tokenizer_) is not LlamaTokenizer:  # a tokenizer of the caller's: its own detokenize
             return super().detokenize(tokens, prev_tokens, special)
         if self._pieces is None:
             self._pieces = TokenPieces(self._model.vocab)

@@ -2,7 +2,8 @@
 the whole reply so far after every token; the module's Llama (llama_chat._CountingLlama) does it from pieces kept once
 asked for (llamachat/token_pieces.py). This streams the same greedy reply, of each length, from llama-cpp-python's own
 Llama and from the module's, taking turns, and times the calls to detokenize within it: ms per generated token, and
-their share of the reply's time. The end-of-generation token is barred so that every reply runs to its length.
+their share of the reply's time. The end-of-sequence token is barred so that the reply runs to its length (one
+that ends otherwise stops the bench).
 Writes detokenize.json and detokenize.md.
 """
 
@@ -48,15 +49,18 @@ def timed_reply(llm: Llama, tokens: int) -> dict[str, float]:
     llm.detokenize = counted  # type: ignore[method-assign]  # the streaming loop calls self.detokenize
     llm.reset()
     messages = [{"role": "user", "content": GENERATION_PROMPT}]
+    finish_reason = None
     started = time.perf_counter()
     try:
         stream = llm.create_chat_completion(
             messages=messages, max_tokens=tokens, temperature=0, stream=True, logit_bias={llm.token_eos(): -100.0}
         )
-        for _ in stream:
-            pass
+        for chunk in stream:
+            finish_reason = chunk["choices"][0]["finish_reason"] or finish_reason
     finally:
         del llm.detokenize
+    if finish_reason != "length":  # ended before `tokens` tokens: the time per token below would be wrong
+        raise SystemExit(f"the reply ended ({finish_reason}) before {tokens} tokens")
     return {"ms_per_token": spent * 1000 / tokens, "percent": 100 * spent / (time.perf_counter() - started)}
 
 

@@ -1,7 +1,8 @@
 """TokenPieces: each token's text, asked of llama.cpp once and kept, so that detokenizing a reply costs a lookup per
 token. llama-cpp-python's streaming loop detokenizes the whole reply so far after every token (to find stop strings
-and incomplete characters), a foreign call per token of it: measured with SmolLM2, 0.2 ms at 128 tokens of reply and
-0.7 ms at 256, against ~12 ms for the model's step, and growing with the reply.
+and incomplete characters), a foreign call per token of it, so its cost per token grows with the reply: with SmolLM2,
+3.6 % of a 256-token reply's time and 10 % of a 1024-token one's, where this takes 0.4 % and 0.6 %
+(bench/results/detokenize.md).
 
 It also gives pieces longer than 32 bytes whole, where llama-cpp-python 0.3.36 gives them as nothing: SmolLM2 has 47
 such tokens (a newline and 32 spaces or more: indented code), Gemma 3 379.
@@ -26,9 +27,9 @@ class TokenPieces:
     def detokenize(self, tokens: Sequence[int], special: bool = False) -> bytes:
         """What llama-cpp-python's LlamaModel.detokenize gives (long pieces whole): the pieces joined, without the
         leading space a beginning-of-sentence token's text starts with."""
-        pieces = self._pieces[special]
-        text = b"".join([pieces.get(token) or self._piece(token, special) for token in tokens])
-        if tokens and tokens[0] == self._bos and text[:1] == b" ":
+        pieces = self._pieces[bool(special)]
+        text = b"".join([pieces[token] if token in pieces else self._piece(token, special) for token in tokens])
+        if len(tokens) > 0 and tokens[0] == self._bos and text[:1] == b" ":
             return text[1:]
         return text
 
@@ -40,5 +41,5 @@ class TokenPieces:
             buffer = ctypes.create_string_buffer(-size)
             size = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0, special)
         piece = buffer.raw[:size]
-        self._pieces[special][token] = piece
+        self._pieces[bool(special)][token] = piece
         return piece

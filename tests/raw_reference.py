@@ -12,8 +12,10 @@ chat, a skipped or repeated token, or text that is not the model's fails.
 
 from __future__ import annotations
 
+import ctypes
 from pathlib import Path
 
+import llama_cpp
 import numpy as np
 from llama_cpp import Llama
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -32,6 +34,14 @@ from llama_chat import plain_llama
 TOLERANCE = 1.5
 
 
+def full_piece(llm: Llama, token: int, special: bool = False) -> bytes:
+    """The token's whole text as llama.cpp gives it: llama-cpp-python 0.3.36's detokenize gives a piece longer than its
+    32-byte buffer as b"" (SmolLM2: a newline and 32 spaces or more), which the module's gives whole."""
+    buffer = ctypes.create_string_buffer(1024)
+    size = llama_cpp.llama_token_to_piece(llm._model.vocab, token, buffer, len(buffer), 0, special)
+    return buffer.raw[:size]
+
+
 class RawModel:
     """One llama_cpp.Llama on a GGUF with a chat template, used only through llama-cpp-python's own API."""
 
@@ -47,8 +57,6 @@ class RawModel:
         self._pieces: dict[int, bytes] = {}
 
     def _is_eog(self, token: int) -> bool:
-        import llama_cpp
-
         return bool(llama_cpp.llama_vocab_is_eog(self.llm._model.vocab, token))
 
     def close(self) -> None:
@@ -84,7 +92,7 @@ class RawModel:
 
     def _piece(self, token: int) -> bytes:
         if token not in self._pieces:
-            self._pieces[token] = self.llm.detokenize([token])
+            self._pieces[token] = full_piece(self.llm, token)
         return self._pieces[token]
 
     def greedy_departure(

@@ -2,13 +2,11 @@
 models' vocabularies, special or not, alone and in sequences (the beginning-of-sentence quirk included), and pieces
 longer than llama-cpp-python's 32-byte buffer whole, where it loses them."""
 
-import ctypes
-
-import llama_cpp
 import pytest
 from llama_cpp import Llama
 
 from llamachat.token_pieces import TokenPieces
+from raw_reference import full_piece
 
 
 @pytest.fixture(scope="module", params=["smollm2", "gemma3"])
@@ -16,13 +14,6 @@ def vocabulary(request):
     llm = Llama(str(request.getfixturevalue(request.param)), vocab_only=True, verbose=False)
     yield llm
     llm.close()
-
-
-def full_piece(llm: Llama, token: int, special: bool) -> bytes:
-    """The token's whole text, with a buffer large enough for any piece."""
-    buffer = ctypes.create_string_buffer(1024)
-    size = llama_cpp.llama_token_to_piece(llm._model.vocab, token, buffer, len(buffer), 0, special)
-    return buffer.raw[:size]
 
 
 @pytest.mark.parametrize("special", [False, True])
