@@ -1,9 +1,9 @@
 """python -m bench.detokenize: what detokenizing costs a streamed reply. llama-cpp-python's streaming loop detokenizes
-the whole reply so far after every token; the module's Llama (llama_chat._CountingLlama) does it from pieces kept once
-asked for (llamachat/token_pieces.py). This streams the same greedy reply, of each length, from llama-cpp-python's own
-Llama and from the module's, taking turns, and times the calls to detokenize within it: ms per generated token, and
-their share of the reply's time. The end-of-sequence token is barred so that the reply runs to its length (one
-that ends otherwise stops the bench).
+the whole reply so far after every token; LlamaChat's Llama (llama_chat._CountingLlama) does it from pieces
+kept once asked for (llamachat/token_pieces.py). This streams the same greedy reply, of each length, from
+llama-cpp-python's own Llama and from the module's, taking turns, and times the calls to detokenize within it: ms per
+generated token, and their share of the reply's time. The end-of-sequence token is barred so that the reply runs to its
+length (one that ends otherwise stops the bench).
 Writes detokenize.json and detokenize.md.
 """
 
@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from llama_cpp import Llama
 
-from llama_chat import ENGINE_OPTIONS, _CountingLlama
+from llama_chat import LlamaChat, plain_llama
 from tests.live_server import ROOT
 
 from . import machine
@@ -28,7 +28,6 @@ from .stats import summary
 from .workload import GENERATION_PROMPT
 
 LENGTHS = (256, 1024)
-ENGINES = {"llama_cpp_python": Llama, "module": _CountingLlama}
 PERCENT_GOAL = 1.0  # the module's detokenizing: at most this much of a reply's time, at every length
 
 
@@ -79,25 +78,17 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats,
         "load": machine.wait_until_idle(args.wait_idle, say),
     }
-    engines = {
-        name: cls(
-            model_path=str(args.model),
-            n_ctx=max(LENGTHS) + 256,
-            n_threads=args.threads,
-            n_threads_batch=args.threads,
-            verbose=False,
-            **ENGINE_OPTIONS,
-        )
-        for name, cls in ENGINES.items()
-    }
+    n_ctx = max(LENGTHS) + 256
+    module = LlamaChat.from_file(args.model, n_ctx=n_ctx, n_threads=args.threads)
+    engines = {"llama_cpp_python": plain_llama(args.model, n_ctx, args.threads), "module": module.llm}
     runs: dict[str, dict[str, list[dict[str, float]]]] = {str(n): {name: [] for name in engines} for n in LENGTHS}
     for length in LENGTHS:
         for i in range(args.repeats):
             for name, llm in list(engines.items())[:: 1 if i % 2 == 0 else -1]:  # turns, alternating their order
                 runs[str(length)][name].append(timed_reply(llm, length))
                 say(f"{length} tokens, {name} {i + 1}/{args.repeats}: {runs[str(length)][name][-1]}")
-    for llm in engines.values():
-        llm.close()
+    engines["llama_cpp_python"].close()
+    module.close()
     results["replies"] = {
         length: {
             name: {key: summary([run[key] for run in r]) for key in ("ms_per_token", "percent")}
