@@ -1,7 +1,7 @@
 """TokenPieces: each token's text, asked of llama.cpp once and kept, so that detokenizing a reply costs a lookup per
 token. llama-cpp-python's streaming loop detokenizes the whole reply so far after every token (to find stop strings
 and incomplete characters), a foreign call per token of it, so its cost per token grows with the reply: with SmolLM2,
-2.7 % of a 256-token reply's time and 7.9 % of a 1024-token one's, where this takes 0.3 % and 0.6 %
+3.8 % of a 256-token reply's time and 9.1 % of a 1024-token one's, where this takes 0.4 % and 0.7 %
 (bench/results/detokenize.md).
 
 It also gives pieces longer than 32 bytes whole, where llama-cpp-python 0.3.36 gives them as nothing: SmolLM2 has 47
