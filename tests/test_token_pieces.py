@@ -5,13 +5,14 @@ longer than llama-cpp-python's 32-byte buffer whole, where it loses them."""
 import pytest
 from llama_cpp import Llama
 
+from llama_chat import _CountingLlama
 from llamachat.token_pieces import TokenPieces
 from raw_reference import full_piece
 
 
 @pytest.fixture(scope="module", params=["smollm2", "gemma3"])
-def vocabulary(request):
-    llm = Llama(str(request.getfixturevalue(request.param)), vocab_only=True, verbose=False)
+def vocabulary(request, smollm2, gemma3):  # both named here: the tests belong to the model layer (conftest.py)
+    llm = Llama(str({"smollm2": smollm2, "gemma3": gemma3}[request.param]), vocab_only=True, verbose=False)
     yield llm
     llm.close()
 
@@ -40,3 +41,14 @@ def test_a_reply_is_detokenized_as_llama_cpp_python_does_it(vocabulary, special)
     with_bos = [vocabulary.token_bos(), *vocabulary.tokenize(b" leading space", add_bos=False)]
     assert pieces.detokenize(with_bos, special) == vocabulary.detokenize(with_bos, special=special)
     assert pieces.detokenize(tokens, special) == vocabulary.detokenize(tokens, special=special)  # now from the cache
+
+
+def test_the_modules_llama_detokenizes_long_pieces_whole(smollm2):
+    module = _CountingLlama(str(smollm2), vocab_only=True, verbose=False)
+    try:
+        code = b"def f():\n" + b" " * 40 + b"return 1"
+        tokens = module.tokenize(code, add_bos=False)
+        assert any(len(full_piece(module, token)) > 32 for token in tokens)  # a piece llama-cpp-python loses
+        assert module.detokenize(tokens) == code
+    finally:
+        module.close()
