@@ -8,11 +8,16 @@ Engines, in this process on the same GGUF and threads, greedy, each prompt evalu
 and with --llama-server PATH, llama.cpp's llama-server without and with --spec-type ngram-simple (its prompt lookup),
 over its streaming HTTP API. Every engine gets the module's chat template and messages, so the greedy texts compare.
 Engines take turns within each prompt of each repeat; the results name the commit they measured.
+
+Before the chats, what a pass costs with the module's Llama: a batch of the last token and d drafted ones against a
+one-token step, behind a grounded prompt. That bounds what any drafting can gain on this machine and model: a pass
+whose d drafts are all accepted yields d + 1 tokens in the time of t(1 + d) / t(1) one-token steps.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -75,6 +80,31 @@ def server_engine(binary: Path, model: Path, threads: int, log: Path, *args: str
     return (lambda prompt, max_tokens: server.chat(prompt, [], max_tokens, fresh=True)), server.close
 
 
+PASS_SIZES = (1, 2, 3, 5, 9, 17)  # tokens in a pass: the last token and 0, 1, 2, 4, 8, 16 drafted ones
+PASS_REPEATS = 20
+PASS_CONTEXT = 200  # tokens already in the KV cache, about a grounded prompt's length
+
+
+def pass_costs(chat: LlamaChat) -> dict[str, float]:
+    """Median milliseconds of a pass of each size in PASS_SIZES, logits at every position (as a verification asks),
+    behind PASS_CONTEXT tokens of a grounded prompt."""
+    llm = chat.llm
+    text = next(iter(GROUNDED.values())).encode()
+    tokens = llm.tokenize(text * (1 + (PASS_CONTEXT + max(PASS_SIZES)) // len(llm.tokenize(text))))
+    times: dict[str, float] = {}
+    for size in PASS_SIZES:
+        samples = []
+        for _ in range(PASS_REPEATS):
+            llm.reset()
+            llm.eval(tokens[:PASS_CONTEXT])
+            started = time.perf_counter()
+            llm._decode_outputs(tokens[PASS_CONTEXT : PASS_CONTEXT + size], size)
+            samples.append((time.perf_counter() - started) * 1000)
+        times[str(size)] = round(statistics.median(samples), 2)
+    llm.reset()
+    return times
+
+
 def measure(args: argparse.Namespace, model: Path, results: dict[str, Any]) -> dict[str, Any]:
     prompts = {**{f"grounded/{k}": v for k, v in GROUNDED.items()}, **{f"open/{k}": v for k, v in OPEN_ENDED.items()}}
     rows: dict[str, dict[str, list[dict[str, Any]]]] = {name: {} for name in prompts}
@@ -89,6 +119,8 @@ def measure(args: argparse.Namespace, model: Path, results: dict[str, Any]) -> d
         # Drafts as long as the module's probe allows on this machine (docs/speculative.md): chat.max_draft.
         chat = LlamaChat.from_file(model, n_ctx=N_CTX, n_threads=args.threads, max_draft=args.draft_tokens)
         add("module", module_engine(chat))
+        pass_ms = pass_costs(chat)
+        say(f"{model.name}: pass ms by tokens in it {pass_ms}")
         add("prompt_lookup", raw_engine(model, args.threads, LlamaPromptLookupDecoding()))
         if args.llama_server:
             logs = Path(stack.enter_context(tempfile.TemporaryDirectory()))
@@ -102,7 +134,13 @@ def measure(args: argparse.Namespace, model: Path, results: dict[str, Any]) -> d
                 for engine in names[turn % len(names) :] + names[: turn % len(names)]:  # each engine leads in turn
                     rows[name].setdefault(engine, []).append(engines[engine](prompt, args.tokens))
             say(f"{model.name}: repeat {repeat + 1} of {args.repeats} done")
-    return {"model": model.name, "draft_tokens": args.draft_tokens, "max_draft": chat.max_draft, "prompts": rows}
+    return {
+        "model": model.name,
+        "draft_tokens": args.draft_tokens,
+        "max_draft": chat.max_draft,
+        "pass_ms": pass_ms,
+        "prompts": rows,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
