@@ -91,7 +91,7 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
 
         grounded = _geomean(_ratios(model, "grounded", "module"))
         best = ceiling(model)
-        bound = "" if best is None else f"; {best}× if every draft were accepted (below)"
+        bound = "" if best is None else f"; at most {best}× here, with every draft accepted"
         goal(
             "grounded tokens/s, module / raw",
             grounded,
