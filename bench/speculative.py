@@ -87,22 +87,22 @@ PASS_CONTEXT = 200  # tokens already in the KV cache, about a grounded prompt's 
 
 def pass_costs(chat: LlamaChat) -> dict[str, float]:
     """Median milliseconds of a pass of each size in PASS_SIZES, logits at every position (as a verification asks),
-    behind PASS_CONTEXT tokens of a grounded prompt."""
+    behind PASS_CONTEXT tokens of a grounded prompt; the sizes take turns within each repeat."""
     llm = chat.llm
     text = next(iter(GROUNDED.values())).encode()
-    tokens = llm.tokenize(text * (1 + (PASS_CONTEXT + max(PASS_SIZES)) // len(llm.tokenize(text))))
-    times: dict[str, float] = {}
-    for size in PASS_SIZES:
-        samples = []
-        for _ in range(PASS_REPEATS):
+    needed = PASS_CONTEXT + max(PASS_SIZES)
+    tokens = llm.tokenize(text * (1 + needed // len(llm.tokenize(text))))
+    assert len(tokens) >= needed, f"{len(tokens)} tokens for passes that need {needed}"
+    samples: dict[int, list[float]] = {size: [] for size in PASS_SIZES}
+    for _ in range(PASS_REPEATS):
+        for size in PASS_SIZES:
             llm.reset()
             llm.eval(tokens[:PASS_CONTEXT])
             started = time.perf_counter()
             llm._decode_outputs(tokens[PASS_CONTEXT : PASS_CONTEXT + size], size)
-            samples.append((time.perf_counter() - started) * 1000)
-        times[str(size)] = round(statistics.median(samples), 2)
+            samples[size].append((time.perf_counter() - started) * 1000)
     llm.reset()
-    return times
+    return {str(size): round(statistics.median(times), 2) for size, times in samples.items()}
 
 
 def measure(args: argparse.Namespace, model: Path, results: dict[str, Any]) -> dict[str, Any]:
@@ -139,6 +139,7 @@ def measure(args: argparse.Namespace, model: Path, results: dict[str, Any]) -> d
         "draft_tokens": args.draft_tokens,
         "max_draft": chat.max_draft,
         "pass_ms": pass_ms,
+        "pass_context": PASS_CONTEXT,
         "prompts": rows,
     }
 

@@ -75,8 +75,8 @@ def full_acceptance(model: dict[str, Any]) -> dict[int, tuple[float, float]]:
 
 
 def ceiling(model: dict[str, Any]) -> float | None:
-    """The most any drafting can gain here within the module's longest draft: every draft accepted, at its best
-    length."""
+    """The most any drafting can gain here within the module's longest draft: every draft accepted, at the best of
+    the lengths measured (PASS_SIZES)."""
     gains = [gain for d, (_, gain) in full_acceptance(model).items() if d <= model["max_draft"]]
     return max(gains) if gains else None
 
@@ -205,7 +205,8 @@ def _pass_table(model: dict[str, Any]) -> list[str]:
         rows.append(f"| {d} | {model['pass_ms'][str(d + 1)]} | {c} | {gain}×{over} |")
     return [
         "",
-        f"What a pass costs here (a one-token step: {model['pass_ms']['1']} ms, behind a 200-token prompt):",
+        f"What a pass costs here (a one-token step: {model['pass_ms']['1']} ms, "
+        f"behind a {model['pass_context']}-token prompt):",
         "",
         "| drafted tokens d | pass ms | c: a drafted token's cost, part of a step | speed-up if all d are accepted |",
         "|---|---|---|---|",
