@@ -65,12 +65,12 @@ def mistral_estimate(counts: dict[str, int], extra_cost: float) -> float | None:
 def full_acceptance(model: dict[str, Any]) -> dict[int, tuple[float, float]]:
     """By drafted tokens d: (c, the extra cost of a drafted token as a part of a one-token pass; the speed-up of a
     pass whose d drafts are all accepted, d + 1 tokens in the time of t(1 + d) / t(1) one-token steps)."""
-    times = {int(size): ms for size, ms in model.get("pass_ms", {}).items()}  # runs before it have none
-    one = times.get(1)
+    times = {int(size): ms for size, ms in model["pass_ms"].items()}
+    one = times[1]
     return {
         size - 1: (round((ms - one) / one / (size - 1), 2), round(size * one / ms, 2))
         for size, ms in times.items()
-        if one and size > 1
+        if size > 1
     }
 
 
@@ -196,11 +196,8 @@ def write(results: dict[str, Any], out_dir: Path) -> list[Path]:
 
 
 def _pass_table(model: dict[str, Any]) -> list[str]:
-    passes = full_acceptance(model)
-    if not passes:
-        return []
     rows = []
-    for d, (c, gain) in passes.items():
+    for d, (c, gain) in full_acceptance(model).items():
         over = " (over the module's longest draft here)" if d > model["max_draft"] else ""
         rows.append(f"| {d} | {model['pass_ms'][str(d + 1)]} | {c} | {gain}×{over} |")
     return [
